@@ -1,0 +1,123 @@
+"""Datasets with a known manifold: images sampled from a VAE decoder, so T_x is exact.
+
+Recipe (Bordt et al. 2023, MNIST32): train a VAE on real digits; train a labeler on the VAE's
+*reconstructions*; sample z ~ N(0, I), x = decoder(z), p = softmax(labeler(x)); accept with probability
+max(p)², label = argmax p. The dataset stores X, Y and Z; tangent spaces follow exactly from
+(decoder, Z) and are recomputed on demand (storing them at 256×256 would take gigabytes).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data.base import ImageDataset
+from ..errors import InputError
+from ..geometry import TangentSpace, tangent_space
+from ..models import GenerativeModel, ModelCache, TrainConfig, accuracy, cache_key, get_classifier, state_fingerprint
+
+__all__ = ["KnownManifoldConfig", "KnownManifold", "make_known_manifold", "upsampled_decoder"]
+
+
+@dataclass(frozen=True)
+class KnownManifoldConfig:
+    """How many images to sample, and the labeler's training."""
+
+    n_train: int = 60000
+    n_test: int = 10000
+    labeler_arch: str = "lenet"
+    labeler_epochs: int = 3
+    batch_size: int = 512
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def upsampled_decoder(decoder: Callable[[torch.Tensor], torch.Tensor], size: int = 256) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The decoder followed by bilinear upsampling to ``size``×``size`` (the MNIST256 variant)."""
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(decoder(z), size=(size, size), mode="bilinear", align_corners=False)
+
+    return decode
+
+
+@dataclass
+class KnownManifold:
+    """A generated dataset with its generator: ``train``/``test`` (x, y, z) and ``generative`` (decode: z → x)."""
+
+    train: ImageDataset
+    test: ImageDataset
+    generative: GenerativeModel
+    labeler_accuracy: float
+    acceptance_rate: float
+
+    @property
+    def latent_dim(self) -> int:
+        assert self.train.z is not None
+        return self.train.z.shape[1]
+
+    def tangent_space(self, data: ImageDataset, **kwargs) -> TangentSpace:
+        """Exact tangent spaces of every image of ``data`` (from its stored latent codes)."""
+        if data.z is None:
+            raise InputError(f"dataset {data.name!r} stores no latent codes z; tangent spaces need a generated dataset.")
+        dev = next(self.generative.parameters()).device
+        return tangent_space(self.generative.decode, data.z.to(dev), **kwargs)
+
+
+@torch.no_grad()
+def _sample(generative: GenerativeModel, labeler: torch.nn.Module, n: int, batch: int, g: torch.Generator, progress: bool, desc: str):
+    xs, ys, zs, drawn = [], [], [], 0
+    bar = tqdm(total=n, desc=desc, leave=False, disable=not progress, unit="img")
+    dev = next(generative.parameters()).device
+    have = 0
+    while have < n:
+        z = torch.randn(batch, generative.latent_dim, generator=g).to(dev)
+        x = generative.decode(z)
+        p = F.softmax(labeler(x), dim=1)
+        conf, label = p.max(1)
+        keep = torch.rand(batch, generator=g).to(dev) < conf**2
+        drawn += batch
+        xs.append(x[keep].cpu()); ys.append(label[keep].cpu()); zs.append(z[keep].cpu())
+        have += int(keep.sum())
+        bar.update(int(keep.sum()))
+    bar.close()
+    x, y, z = torch.cat(xs)[:n], torch.cat(ys)[:n], torch.cat(zs)[:n]
+    return x, y, z, n / drawn
+
+
+def make_known_manifold(
+    real: ImageDataset,
+    generative: GenerativeModel,
+    config: KnownManifoldConfig = KnownManifoldConfig(),
+    *,
+    cache: ModelCache | None = None,
+    progress: bool = True,
+) -> KnownManifold:
+    """Sample a labelled dataset from ``generative``'s decoder (cached by generator weights and config)."""
+    key = cache_key(config.to_dict(), state_fingerprint(generative), real.fingerprint())
+    generative.eval()
+    hit = cache.load("known-manifold", key) if cache is not None else None
+    if hit is None:
+        with torch.no_grad():
+            recon = ImageDataset(torch.cat([generative.reconstruct(real.x[i : i + 512]) for i in range(0, len(real), 512)]),
+                                 real.y, name=f"{real.name}-reconstructions", classes=real.classes)
+        fit, val = recon.split(0.1, seed=config.seed)
+        labeler, _ = get_classifier(fit, config.labeler_arch, TrainConfig(epochs=config.labeler_epochs, seed=config.seed),
+                                    cache=cache, progress=progress)
+        acc = accuracy(labeler, val)
+        g = torch.Generator().manual_seed(config.seed)
+        x, y, z, rate = _sample(generative, labeler, config.n_train + config.n_test, config.batch_size, g, progress, "sampling known-manifold data")
+        hit = {"x": x, "y": y, "z": z, "labeler_accuracy": acc, "acceptance_rate": rate}
+        if cache is not None:
+            cache.save("known-manifold", key, hit)
+    x, y, z = hit["x"], hit["y"], hit["z"]
+    nt = config.n_train
+    name = f"known-{real.name}"
+    train = ImageDataset(x[:nt], y[:nt], name=f"{name}-train", classes=real.classes, z=z[:nt])
+    test = ImageDataset(x[nt:], y[nt:], name=f"{name}-test", classes=real.classes, z=z[nt:])
+    return KnownManifold(train, test, generative, float(hit["labeler_accuracy"]), float(hit["acceptance_rate"]))

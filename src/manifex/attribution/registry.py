@@ -1,0 +1,90 @@
+"""Explainers by name: a declared table of methods, aliases and defaults, and ``explain``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..errors import InputError
+from .core import Target
+from .methods import Explainer, Gradient, InputXGradient, IntegratedGradients, SmoothGrad
+
+__all__ = ["METHODS", "ALIASES", "make_explainer", "explain", "method_names"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How to build one named method: a factory taking (model, **options), its defaults, a description."""
+
+    factory: Callable[..., Explainer]
+    description: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def _smoothgrad(model, *, base: str = "gradient", **options) -> Explainer:
+    inner_keys = {"steps", "method", "baseline", "multiply_by_inputs"}
+    inner_opts = {k: options.pop(k) for k in list(options) if k in inner_keys}
+    return SmoothGrad(make_explainer(model, base, **inner_opts), **options)
+
+
+METHODS: dict[str, MethodSpec] = {
+    "gradient": MethodSpec(Gradient, "signed gradient of the target logit"),
+    "input_x_gradient": MethodSpec(InputXGradient, "input times gradient"),
+    "integrated_gradients": MethodSpec(IntegratedGradients, "Integrated Gradients, zero baseline", {"steps": 50}),
+    "integrated_gradients_path": MethodSpec(
+        IntegratedGradients, "path-averaged gradient (IG without multiplying by the input, as the seed)",
+        {"steps": 50, "multiply_by_inputs": False},
+    ),
+    "smoothgrad": MethodSpec(_smoothgrad, "SmoothGrad over the gradient (sigma absolute)", {"sigma": 0.02, "n_samples": 25}),
+    "smoothgrad_sq": MethodSpec(_smoothgrad, "SmoothGrad² (mean of squared gradients)", {"sigma": 0.02, "n_samples": 25, "kind": "smoothgrad_sq"}),
+    "vargrad": MethodSpec(_smoothgrad, "VarGrad (variance of noisy gradients)", {"sigma": 0.02, "n_samples": 25, "kind": "vargrad"}),
+}
+
+ALIASES: dict[str, str] = {
+    "grad": "gradient",
+    "saliency": "gradient",
+    "ixg": "input_x_gradient",
+    "gxi": "input_x_gradient",
+    "inputxgradient": "input_x_gradient",
+    "ig": "integrated_gradients",
+    "ig_path": "integrated_gradients_path",
+    "sg": "smoothgrad",
+}
+
+
+def method_names() -> list[str]:
+    return sorted(METHODS)
+
+
+def _canonical(name: str) -> str:
+    key = name.lower().replace("-", "_").replace(" ", "_")
+    key = ALIASES.get(key, key)
+    if key not in METHODS:
+        raise InputError(f"unknown method {name!r}; choose one of {', '.join(method_names())} (aliases: {', '.join(sorted(ALIASES))}).")
+    return key
+
+
+def make_explainer(model: Callable[[torch.Tensor], torch.Tensor], method: str, **options: Any) -> Explainer:
+    """Build the explainer registered as ``method`` (name or alias), defaults overridden by ``options``."""
+    spec = METHODS[_canonical(method)]
+    try:
+        return spec.factory(model, **{**spec.defaults, **options})
+    except TypeError as e:
+        raise InputError(f"bad option for method {method!r}: {e}") from None
+
+
+def explain(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    target: Target = None,
+    *,
+    method: str = "gradient",
+    create_graph: bool = False,
+    **options: Any,
+) -> torch.Tensor:
+    """Attribution of ``target`` for ``x`` (N, ...) by the named ``method``; same shape as ``x``.
+
+    >>> explain(model, x, target=y, method="ig", steps=32)
+    """
+    return make_explainer(model, method, **options).attribute(x, target, create_graph=create_graph)

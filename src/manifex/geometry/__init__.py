@@ -1,0 +1,17 @@
+"""Geometry of generated data manifolds: tangent spaces, projections, alignment, dimension."""
+from .projection import (
+    alignment,
+    decompose,
+    estimate_dimension,
+    project,
+    random_baseline,
+    tangent_coefficients,
+    tangent_mass,
+)
+from .tangent import TangentSpace, decoder_jacobian, default_rtol, tangent_space
+
+__all__ = [
+    "TangentSpace", "tangent_space", "decoder_jacobian", "default_rtol",
+    "alignment", "random_baseline", "tangent_coefficients", "project", "decompose", "tangent_mass",
+    "estimate_dimension",
+]

@@ -1,0 +1,23 @@
+"""Models: classifiers, generative models (encode/decode interface), training, cache."""
+from .cache import ModelCache, cache_key, default_cache_dir
+from .classifiers import CLASSIFIERS, MLP, ClassifierConfig, LeNet, SmallResNet, SmallVGG, build_classifier
+from .generative import VAE, ConvAutoencoder, GenerativeConfig, GenerativeModel, build_generative
+from .training import (
+    AdversarialConfig,
+    GenerativeTrainConfig,
+    TrainConfig,
+    accuracy,
+    fit_classifier,
+    fit_generative,
+    pgd_l2,
+    predict,
+)
+from .zoo import get_classifier, get_generative, state_fingerprint
+
+__all__ = [
+    "ModelCache", "cache_key", "default_cache_dir",
+    "CLASSIFIERS", "MLP", "ClassifierConfig", "LeNet", "SmallResNet", "SmallVGG", "build_classifier",
+    "VAE", "ConvAutoencoder", "GenerativeConfig", "GenerativeModel", "build_generative",
+    "AdversarialConfig", "GenerativeTrainConfig", "TrainConfig", "accuracy", "fit_classifier", "fit_generative",
+    "pgd_l2", "predict", "get_classifier", "get_generative", "state_fingerprint",
+]

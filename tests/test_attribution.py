@@ -1,0 +1,754 @@
+"""Tests of the attribution engine (``manifex.attribution``).
+
+Every explainer is held to one generated contract (a table of ``(name, factory)`` parametrised over, in the
+style of Captum's ``tests/attr/test_targets.py``): batch invariance, target handling, dtypes, model-state
+protection and errors. Then correctness against Captum 0.9, invariants (IG completeness, x * gradient)
+and second-order behaviour (``create_graph=True``) against finite differences.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from manifex.attribution import (
+    ALIASES,
+    METHODS,
+    Gradient,
+    InputXGradient,
+    IntegratedGradients,
+    SmoothGrad,
+    explain,
+    integration_rule,
+    make_explainer,
+    method_names,
+    preserve_model_state,
+)
+from manifex.errors import InputError, ModelError
+
+try:  # Captum is a test extra; the reference comparisons are skipped without it.
+    import captum.attr as captum_attr
+except ImportError:  # pragma: no cover
+    captum_attr = None
+
+needs_captum = pytest.mark.skipif(captum_attr is None, reason="captum is not installed")
+quiet_captum = pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients")
+
+F64 = torch.float64
+N = 4
+TIGHT = dict(rtol=1e-8, atol=1e-10)  # same maths, different chunking / summation order
+CAPTUM = dict(rtol=1e-5, atol=1e-7)  # against the reference implementation, float64
+HOOK_ATTRS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+# --------------------------------------------------------------------------------------------------------
+# models and data
+
+
+def make_cnn(size: int = 8, act: type[nn.Module] = nn.ReLU, dtype: torch.dtype = F64, seed: int = 0) -> nn.Module:
+    """conv-act-conv-act-maxpool-flatten-linear, input (1, size, size), 10 classes."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), act(),
+            nn.Conv2d(4, 6, 3, padding=1), act(),
+            nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(6 * (size // 2) ** 2, 10),
+        )
+    return net.to(dtype).eval()
+
+
+def make_mlp(act: type[nn.Module] = nn.Tanh, dtype: torch.dtype = F64, seed: int = 1, dropout: float = 0.0) -> nn.Module:
+    """flatten-linear-act-linear on (1, 8, 8) inputs, 10 classes (optionally with a Dropout)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        layers = [nn.Flatten(), nn.Linear(64, 16), act()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(16, 10))
+        net = nn.Sequential(*layers)
+    return net.to(dtype).eval()
+
+
+MODELS = {
+    "cnn": lambda dtype=F64: make_cnn(dtype=dtype),
+    "mlp": lambda dtype=F64: make_mlp(dtype=dtype),
+}
+
+
+def make_x(n: int = N, size: int = 8, dtype: torch.dtype = F64, seed: int = 123) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, size, size, generator=g, dtype=F64).to(dtype)
+
+
+Y = torch.tensor([3, 0, 7, 3])
+
+
+# --------------------------------------------------------------------------------------------------------
+# the explainer table: every explainer below is held to the same contract
+
+EXPLAINERS = [
+    ("gradient", lambda m: Gradient(m)),
+    ("input_x_gradient", lambda m: InputXGradient(m)),
+    ("ig_gausslegendre", lambda m: IntegratedGradients(m, steps=12)),
+    (
+        "ig_trapezoid_path_baseline_ibs7",
+        lambda m: IntegratedGradients(
+            m, steps=9, method="riemann_trapezoid", baseline=0.25, multiply_by_inputs=False, internal_batch_size=7
+        ),
+    ),
+    ("smoothgrad_ibs7", lambda m: SmoothGrad(Gradient(m), sigma=0.1, n_samples=6, internal_batch_size=7)),
+    (
+        "smoothgrad_sq_relative_ixg",
+        lambda m: SmoothGrad(InputXGradient(m), sigma=0.05, relative=True, n_samples=5, kind="smoothgrad_sq"),
+    ),
+    ("vargrad_ig", lambda m: SmoothGrad(IntegratedGradients(m, steps=4), sigma=0.1, n_samples=4, kind="vargrad")),
+    ("registry_ig", lambda m: make_explainer(m, "ig", steps=8)),
+    ("registry_sg", lambda m: make_explainer(m, "sg", n_samples=4, sigma=0.05)),
+]
+IDS = [name for name, _ in EXPLAINERS]
+# methods whose attribution is evaluated pointwise at x (no path / noise), so a target callable that
+# depends on the model output (argmax) picks the same class as the precomputed tensor target.
+POINTWISE = {"gradient", "input_x_gradient"}
+# smooth in x (the relative-sigma noise scale depends on x without a gradient path, by design)
+SMOOTH_IN_X = [(n, f) for n, f in EXPLAINERS if "relative" not in n]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models are tiny: intra-op threads only add overhead (and thrash on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, **tol) -> None:
+    torch.testing.assert_close(a, b, **(tol or TIGHT))
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything an explanation must leave as it found it."""
+    return dict(
+        training=[m.training for m in model.modules()],
+        requires_grad=[p.requires_grad for p in model.parameters()],
+        hooks=[{a: list(getattr(m, a).items()) for a in HOOK_ATTRS} for m in model.modules()],
+        state={k: v.detach().clone() for k, v in model.state_dict().items()},
+        grads=[p.grad for p in model.parameters()],
+    )
+
+
+def assert_same_state(before: dict, after: dict) -> None:
+    assert after["training"] == before["training"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["hooks"] == before["hooks"]
+    assert after["state"].keys() == before["state"].keys()
+    for k in before["state"]:
+        assert torch.equal(after["state"][k], before["state"][k]), k
+    assert all(g is None for g in after["grads"]), "an explanation accumulated .grad on parameters"
+
+
+# --------------------------------------------------------------------------------------------------------
+# the contract
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
+def test_batched_equals_per_example(name, factory, kind):
+    model = MODELS[kind]()
+    x = make_x()
+    x0 = x.clone()
+    expl = factory(model)
+    batched = expl(x, Y)
+    single = torch.cat([expl(x[i : i + 1], Y[i : i + 1]) for i in range(N)])
+    assert batched.shape == x.shape and batched.dtype == x.dtype
+    assert torch.isfinite(batched).all()
+    close(batched, single)
+    # the same holds for one class index for the whole batch
+    close(expl(x, 5), torch.cat([expl(x[i : i + 1], 5) for i in range(N)]))
+    assert torch.equal(x, x0), "the explainer modified its input"
+
+
+@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
+def test_tensor_target_equals_int_loop(name, factory):
+    model = make_cnn()
+    x = make_x()
+    expl = factory(model)
+    by_tensor = expl(x, Y)
+    by_int = torch.cat([expl(x[i : i + 1], int(Y[i])) for i in range(N)])
+    close(by_tensor, by_int)
+    # any integer dtype, and a 0-dim tensor meaning one class for all
+    close(expl(x, Y.to(torch.int32)), by_tensor)
+    close(expl(x, torch.tensor(7)), expl(x, 7))
+
+
+@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
+def test_callable_index_target_equals_tensor_target(name, factory):
+    model = make_cnn()
+    x = make_x()
+    expl = factory(model)
+    const = lambda out: torch.full((out.shape[0],), 6, dtype=torch.int32)  # noqa: E731
+    close(expl(x, const), expl(x, torch.full((N,), 6)))
+    if name in POINTWISE:
+        predicted = model(x).argmax(1)
+        close(expl(x, lambda out: out.argmax(1)), expl(x, predicted))
+
+
+@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
+def test_callable_float_score_target(name, factory):
+    """A callable returning (N,) float scores explains those scores (here the log-probability of class 2)."""
+    model = make_cnn()
+    x = make_x()
+    picked = factory(model)(x, lambda out: out.log_softmax(1)[:, 2])
+    wrapped = factory(lambda inp: model(inp).log_softmax(1))(x, 2)  # a plain callable model
+    assert picked.shape == x.shape and torch.isfinite(picked).all()
+    close(picked, wrapped)
+    assert not torch.allclose(picked, factory(model)(x, 2)), "the score callable was ignored"
+
+
+@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
+def test_float32_and_float64(name, factory):
+    results = {}
+    for dtype in (torch.float32, F64):
+        x = make_x(dtype=dtype)
+        out = factory(make_cnn(dtype=dtype))(x, Y)
+        assert out.dtype == dtype and out.shape == x.shape
+        assert torch.isfinite(out).all()
+        results[dtype] = out
+    if isinstance(factory(make_cnn()), SmoothGrad):
+        return  # the random draws themselves depend on the dtype: only dtype/shape are comparable
+    scale = results[F64].abs().max()
+    close(results[torch.float32].double(), results[F64], rtol=1e-3, atol=1e-3 * float(scale))
+
+
+def _stateful_model() -> tuple[nn.Module, list[int]]:
+    """A model in train() mode with a Dropout, some frozen parameters and three kinds of hooks."""
+    model = make_mlp(dropout=0.5)
+    model.train()
+    model[1].bias.requires_grad_(False)
+    model[-1].weight.requires_grad_(False)
+    calls = []
+    model[1].register_forward_hook(lambda mod, inp, out: calls.append(1))
+    model[1].register_forward_pre_hook(lambda mod, inp: None)
+    model[-1].register_full_backward_hook(lambda mod, gin, gout: None)
+    return model, calls
+
+
+@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
+def test_model_state_unchanged(name, factory):
+    model, calls = _stateful_model()
+    before = snapshot(model)
+    x = make_x()
+    out = factory(model)(x, Y)
+    assert out.shape == x.shape
+    assert calls, "user hooks must stay active during the explanation"
+    assert_same_state(before, snapshot(model))
+    assert model.training and model[-2].training
+
+
+@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
+def test_model_state_unchanged_when_the_call_raises(name, factory):
+    model, _ = _stateful_model()
+    before = snapshot(model)
+    with pytest.raises(InputError, match="target indices"):
+        factory(model)(make_x(), 10)
+    assert_same_state(before, snapshot(model))
+
+
+class _MutatingModel(nn.Module):
+    """A forward that flips train/eval, freezes a parameter and registers a hook on every call."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.net = make_mlp()
+        self.fail = fail
+
+    def forward(self, x):
+        self.eval()
+        self.net[-1].weight.requires_grad_(False)
+        self.net[1].register_forward_hook(lambda *args: None)
+        self.register_forward_pre_hook(lambda *args: None)
+        if self.fail:
+            raise RuntimeError("forward failed")
+        return self.net(x)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
+def test_state_restored_after_a_mutating_forward(name, factory, fail):
+    model = _MutatingModel(fail=fail).train()
+    before = snapshot(model)
+    if fail:
+        with pytest.raises(RuntimeError, match="forward failed"):
+            factory(model)(make_x(), Y)
+    else:
+        factory(model)(make_x(), Y)
+    assert_same_state(before, snapshot(model))
+
+
+@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
+def test_input_requiring_grad_is_left_alone(name, factory):
+    model = make_cnn()
+    x = make_x().requires_grad_(True)
+    out = factory(model)(x, Y)
+    assert x.grad is None
+    assert not out.requires_grad, "without create_graph the attribution must be detached"
+    close(out, factory(model)(x.detach(), Y))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_preserve_model_state_on_plain_callable_and_exception():
+    with preserve_model_state(lambda x: x):  # not a module: nothing to do
+        pass
+    model = make_mlp().train()
+    before = snapshot(model)
+    with pytest.raises(KeyError):
+        with preserve_model_state(model):
+            model.eval()
+            model[1].weight.requires_grad_(False)
+            model[1].register_forward_hook(lambda *a: None)
+            raise KeyError("boom")
+    assert_same_state(before, snapshot(model))
+
+
+# --------------------------------------------------------------------------------------------------------
+# errors
+
+
+@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
+def test_target_errors(name, factory):
+    expl = factory(make_cnn())
+    x = make_x()
+    for bad in (10, -1, torch.tensor([0, 1, 10, 2]), torch.tensor([0, -1, 2, 2])):
+        with pytest.raises(InputError, match=r"\[0, 9\]"):
+            expl(x, bad)
+    for bad in (torch.zeros(N + 1, dtype=torch.long), torch.zeros(N, 1, dtype=torch.long)):
+        with pytest.raises(InputError, match="shape"):
+            expl(x, bad)
+    with pytest.raises(InputError, match="integer class indices"):
+        expl(x, torch.zeros(N))
+    with pytest.raises(InputError, match="callable target"):
+        expl(x, lambda out: out[:, :2])
+    with pytest.raises(InputError, match="target"):
+        expl(x, None)  # 10 outputs per example: a target is required
+    with pytest.raises(InputError, match="int, a tensor or a callable"):
+        expl(x, "3")
+
+
+@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
+def test_input_errors(name, factory):
+    expl = factory(make_cnn())
+    x = make_x()
+    with pytest.raises(InputError, match="floating-point"):
+        expl(x.long(), Y)
+    for value in (float("nan"), float("inf")):
+        bad = x.clone()
+        bad[2, 0, 3, 3] = value
+        with pytest.raises(InputError, match=r"NaN/inf.*examples \[2\]"):
+            expl(bad, Y)
+    with pytest.raises(InputError, match="batch"):
+        expl(torch.randn(8, dtype=F64), 1)
+    with pytest.raises(InputError, match="torch.Tensor"):
+        expl(x.numpy(), Y)
+
+
+class _Detaching(nn.Module):
+    def __init__(self, frozen: bool) -> None:
+        super().__init__()
+        self.net = make_cnn()
+        self.net.requires_grad_(not frozen)
+
+    def forward(self, x):
+        return self.net(x.detach())
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
+def test_model_without_gradient_path_raises_model_error(name, factory, frozen):
+    model = _Detaching(frozen)
+    before = snapshot(model)
+    with pytest.raises(ModelError):
+        factory(model)(make_x(), Y)
+    assert_same_state(before, snapshot(model))
+
+
+def test_other_models_without_gradient_path():
+    w = nn.Parameter(torch.randn(10, dtype=F64))
+    ignores_input = lambda x: w.expand(x.shape[0], 10) * 1.0  # noqa: E731
+    with pytest.raises(ModelError, match="does not depend"):
+        Gradient(ignores_input)(make_x(), 1)
+    cnn = make_cnn()
+
+    def no_grad_forward(x):
+        with torch.no_grad():
+            return cnn(x)
+
+    with pytest.raises(ModelError, match="no gradient path"):
+        IntegratedGradients(no_grad_forward, steps=4)(make_x(), Y)
+
+
+def test_scalar_output_models():
+    cnn = make_cnn()
+    x = make_x()
+    one_score = lambda inp: cnn(inp)[:, 4]  # noqa: E731  (N,)
+    column = lambda inp: cnn(inp)[:, 4:5]  # noqa: E731  (N, 1)
+    close(Gradient(one_score)(x), Gradient(cnn)(x, 4))
+    close(Gradient(column)(x), Gradient(cnn)(x, 4))
+    with pytest.raises(InputError, match="target=None"):
+        Gradient(one_score)(x, 4)
+
+
+def test_constructor_errors():
+    cnn = make_cnn()
+    with pytest.raises(InputError, match="callable"):
+        Gradient("not a model")
+    with pytest.raises(InputError, match="steps"):
+        IntegratedGradients(cnn, steps=0)
+    with pytest.raises(InputError, match="steps"):
+        IntegratedGradients(cnn, steps=1, method="riemann_trapezoid")
+    with pytest.raises(InputError, match="unknown integration method"):
+        IntegratedGradients(cnn, method="simpson")
+    with pytest.raises(InputError, match="internal_batch_size"):
+        IntegratedGradients(cnn, internal_batch_size=0)
+    with pytest.raises(InputError, match="baseline"):
+        IntegratedGradients(cnn, baseline=torch.zeros(3, 3))(make_x(), Y)
+    with pytest.raises(InputError, match="wraps a manifex Explainer"):
+        SmoothGrad(cnn)
+    for bad in (dict(sigma=-0.1), dict(sigma=float("nan")), dict(n_samples=0), dict(kind="median")):
+        with pytest.raises(InputError):
+            SmoothGrad(Gradient(cnn), **bad)
+
+
+# --------------------------------------------------------------------------------------------------------
+# registry
+
+
+def test_unknown_method_lists_the_names():
+    with pytest.raises(InputError) as info:
+        explain(make_cnn(), make_x(), Y, method="deeplift")
+    message = str(info.value)
+    assert "deeplift" in message
+    for name in method_names():
+        assert name in message
+    for alias in ALIASES:
+        assert alias in message
+
+
+@pytest.mark.parametrize("alias", sorted(ALIASES))
+def test_aliases_resolve(alias):
+    cnn = make_cnn()
+    x = make_x()
+    canonical = ALIASES[alias]
+    expl = make_explainer(cnn, alias)
+    assert type(expl) is type(make_explainer(cnn, canonical))
+    close(explain(cnn, x, Y, method=alias), explain(cnn, x, Y, method=canonical))
+
+
+def test_alias_types_and_spelling():
+    cnn = make_cnn()
+    assert type(make_explainer(cnn, "ig")) is IntegratedGradients
+    assert type(make_explainer(cnn, "sg")) is SmoothGrad
+    assert type(make_explainer(cnn, "grad")) is Gradient
+    assert type(make_explainer(cnn, "ixg")) is InputXGradient
+    assert type(make_explainer(cnn, "Integrated-Gradients")) is IntegratedGradients
+    assert type(make_explainer(cnn, "Input X Gradient")) is InputXGradient
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_every_registered_method_runs(method):
+    cnn = make_cnn()
+    x = make_x()
+    out = explain(cnn, x, Y, method=method)
+    assert out.shape == x.shape and out.dtype == x.dtype and torch.isfinite(out).all()
+
+
+def test_registry_defaults_and_options():
+    cnn = make_cnn()
+    x = make_x()
+    close(explain(cnn, x, Y, method="ig", steps=8), IntegratedGradients(cnn, steps=8)(x, Y))
+    close(
+        explain(cnn, x, Y, method="ig_path", steps=8),
+        IntegratedGradients(cnn, steps=8, multiply_by_inputs=False)(x, Y),
+    )
+    sg = make_explainer(cnn, "sg", base="ig", steps=3, n_samples=2)
+    assert isinstance(sg.inner, IntegratedGradients) and sg.inner.steps == 3 and sg.n_samples == 2
+    assert make_explainer(cnn, "vargrad").kind == "vargrad"
+    assert make_explainer(cnn, "smoothgrad_sq").kind == "smoothgrad_sq"
+    with pytest.raises(InputError, match="bad option"):
+        make_explainer(cnn, "gradient", steps=3)
+    with pytest.raises(InputError, match="bad option"):
+        make_explainer(cnn, "sg", colour="red")
+    assert set(METHODS) == set(method_names())
+
+
+# --------------------------------------------------------------------------------------------------------
+# correctness against Captum 0.9 (float64)
+
+
+@needs_captum
+@quiet_captum
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_gradient_matches_captum_saliency(kind):
+    model = MODELS[kind]()
+    x = make_x()
+    ref = captum_attr.Saliency(model).attribute(x, target=Y, abs=False)
+    close(Gradient(model)(x, Y), ref, **CAPTUM)
+    close(explain(model, x, Y, method="saliency"), ref, **CAPTUM)
+
+
+@needs_captum
+@quiet_captum
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_input_x_gradient_matches_captum(kind):
+    model = MODELS[kind]()
+    x = make_x()
+    ref = captum_attr.InputXGradient(model).attribute(x, target=Y)
+    close(InputXGradient(model)(x, Y), ref, **CAPTUM)
+
+
+@needs_captum
+@pytest.mark.parametrize("internal_batch_size", [None, 7])
+@pytest.mark.parametrize("multiply_by_inputs", [True, False])
+@pytest.mark.parametrize(
+    "method", ["gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle"]
+)
+def test_integrated_gradients_matches_captum(method, multiply_by_inputs, internal_batch_size):
+    model = make_cnn()
+    x = make_x()
+    baseline = 0.3 * make_x(seed=7)  # non-zero, per example
+    steps = 10
+    ref = captum_attr.IntegratedGradients(model, multiply_by_inputs=multiply_by_inputs).attribute(
+        x, baselines=baseline, target=Y, n_steps=steps, method=method, internal_batch_size=internal_batch_size
+    )
+    if method == "riemann_trapezoid":
+        # Captum's trapezoid weights are [1/2n, 1/n, ..., 1/n, 1/2n]: they sum to (n-1)/n, not 1, so its
+        # integral is short by that factor. manifex uses the true trapezoid rule (weights sum to 1).
+        ref = ref * steps / (steps - 1)
+    ours = IntegratedGradients(
+        model,
+        steps=steps,
+        method=method,
+        baseline=baseline,
+        multiply_by_inputs=multiply_by_inputs,
+        **({} if internal_batch_size is None else {"internal_batch_size": internal_batch_size}),
+    )(x, Y)
+    close(ours, ref, **CAPTUM)
+
+
+@needs_captum
+def test_integrated_gradients_scalar_and_shared_baseline_match_captum():
+    model = make_cnn()
+    x = make_x()
+    ig = captum_attr.IntegratedGradients(model)
+    ref = ig.attribute(x, baselines=0.5, target=Y, n_steps=8)
+    close(IntegratedGradients(model, steps=8, baseline=0.5)(x, Y), ref, **CAPTUM)
+    shared = make_x(n=1, seed=9)[0]  # one baseline (1, 8, 8) for every example
+    ref = ig.attribute(x, baselines=shared.expand_as(x), target=Y, n_steps=8)
+    close(IntegratedGradients(model, steps=8, baseline=shared)(x, Y), ref, **CAPTUM)
+
+
+class _GivenNoise(SmoothGrad):
+    """SmoothGrad fed explicit noise of shape (n_samples, *x.shape) (to compare with Captum's draws)."""
+
+    def __init__(self, explainer, noise, **kw):
+        super().__init__(explainer, n_samples=noise.shape[0], **kw)
+        self.given = noise
+
+    def _noise(self, x):
+        return self.given
+
+
+@needs_captum
+@pytest.mark.parametrize("kind", ["smoothgrad", "smoothgrad_sq", "vargrad"])
+@pytest.mark.parametrize("inner", ["saliency", "input_x_gradient"])
+def test_smoothgrad_matches_captum_noise_tunnel(kind, inner):
+    model = make_cnn()
+    x = make_x()
+    n, sigma = 6, 0.2
+    base = captum_attr.Saliency(model) if inner == "saliency" else captum_attr.InputXGradient(model)
+    kwargs = {"abs": False} if inner == "saliency" else {}
+    with torch.random.fork_rng():
+        torch.manual_seed(2024)
+        ref = captum_attr.NoiseTunnel(base).attribute(
+            x, nt_type=kind, nt_samples=n, stdevs=sigma, target=Y, **kwargs
+        )
+        # Captum 0.9 draws all its noise with one torch.normal(0, float32 stdev tensor) call, example-major
+        # (input.repeat_interleave(n)); reproduce exactly that draw and reorder it sample-major.
+        torch.manual_seed(2024)
+        std = torch.tensor(sigma).repeat((N * n, *x.shape[1:]))
+        noise = torch.normal(0, std).to(F64).reshape(N, n, *x.shape[1:]).transpose(0, 1)
+    ours = _GivenNoise(Gradient(model) if inner == "saliency" else InputXGradient(model), noise, kind=kind)(x, Y)
+    close(ours, ref, **CAPTUM)
+
+
+# --------------------------------------------------------------------------------------------------------
+# SmoothGrad against a manual loop over the same noise
+
+
+@pytest.mark.parametrize("relative", [False, True])
+@pytest.mark.parametrize("kind", ["smoothgrad", "smoothgrad_sq", "vargrad"])
+@pytest.mark.parametrize("inner", [Gradient, InputXGradient, lambda m: IntegratedGradients(m, steps=3)])
+def test_smoothgrad_equals_manual_loop(inner, kind, relative):
+    model = make_cnn()
+    x = make_x()
+    sg = SmoothGrad(inner(model), sigma=0.1, n_samples=5, relative=relative, kind=kind, seed=3, internal_batch_size=6)
+    noise = sg._noise(x)
+    assert noise.shape == (5, *x.shape)
+    samples = torch.stack([inner(model)(x + noise[k], Y) for k in range(5)])
+    expected = {
+        "smoothgrad": samples.mean(0),
+        "smoothgrad_sq": (samples**2).mean(0),
+        "vargrad": samples.var(0, unbiased=False),
+    }[kind]
+    close(sg(x, Y), expected)
+
+
+def test_smoothgrad_noise_and_seed():
+    model = make_cnn()
+    x = make_x()
+    sg = SmoothGrad(Gradient(model), sigma=0.2, n_samples=7, seed=11)
+    noise = sg._noise(x)
+    assert noise.dtype == x.dtype
+    close(noise, sg._noise(x), rtol=0, atol=0)  # reproducible
+    assert abs(float(noise.std()) - 0.2) < 0.05
+    # relative sigma: the same draws scaled by each example's value range
+    rel = SmoothGrad(Gradient(model), sigma=0.2, n_samples=7, seed=11, relative=True)._noise(x)
+    span = (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))).view(1, N, 1, 1, 1)
+    close(rel, noise * span)
+    # same seed same result, other seed other result, no seed: the global generator
+    close(sg(x, Y), SmoothGrad(Gradient(model), sigma=0.2, n_samples=7, seed=11)(x, Y), rtol=0, atol=0)
+    assert not torch.allclose(sg(x, Y), SmoothGrad(Gradient(model), sigma=0.2, n_samples=7, seed=12)(x, Y))
+    unseeded = SmoothGrad(Gradient(model), sigma=0.2, n_samples=3, seed=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        a = unseeded(x, Y)
+        torch.manual_seed(5)
+        b = unseeded(x, Y)
+    close(a, b, rtol=0, atol=0)
+
+
+def test_smoothgrad_with_zero_sigma_is_the_inner_explainer():
+    model = make_cnn()
+    x = make_x()
+    for inner in (Gradient(model), InputXGradient(model), IntegratedGradients(model, steps=5)):
+        close(SmoothGrad(inner, sigma=0.0, n_samples=3)(x, Y), inner(x, Y))
+        close(SmoothGrad(inner, sigma=0.0, n_samples=3, kind="smoothgrad_sq")(x, Y), inner(x, Y) ** 2)
+        var = SmoothGrad(inner, sigma=0.0, n_samples=3, kind="vargrad")(x, Y)
+        close(var, torch.zeros_like(x), rtol=0, atol=1e-14)
+
+
+# --------------------------------------------------------------------------------------------------------
+# invariants
+
+
+@pytest.mark.parametrize("baseline", [0.0, 0.4])
+@pytest.mark.parametrize("kind", ["softplus_mlp", "relu_cnn"])
+def test_integrated_gradients_completeness(kind, baseline):
+    model = make_mlp(act=nn.Softplus) if kind == "softplus_mlp" else make_cnn()
+    x = make_x()
+    attr = IntegratedGradients(model, steps=200, baseline=baseline)(x, Y)
+    with torch.no_grad():
+        idx = torch.arange(N)
+        gap = model(x)[idx, Y] - model(torch.full_like(x, baseline))[idx, Y]
+    total = attr.reshape(N, -1).sum(1)
+    if kind == "softplus_mlp":  # smooth integrand: Gauss-Legendre converges fast (far below 1e-3)
+        close(total, gap, rtol=1e-8, atol=1e-10)
+    else:  # ReLU/max-pool kinks make the integrand piecewise constant: O(1/steps) quadrature error
+        close(total, gap, rtol=2e-2, atol=1e-3 * float(gap.abs().max()))
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_input_x_gradient_is_x_times_gradient(kind):
+    model = MODELS[kind]()
+    x = make_x()
+    close(InputXGradient(model)(x, Y), x * Gradient(model)(x, Y), rtol=0, atol=0)
+
+
+def test_integrated_gradients_path_times_delta():
+    model = make_cnn()
+    x = make_x()
+    b = 0.2 * make_x(seed=4)
+    path = IntegratedGradients(model, steps=7, baseline=b, multiply_by_inputs=False)(x, Y)
+    full = IntegratedGradients(model, steps=7, baseline=b)(x, Y)
+    close(full, path * (x - b))
+    # one step of the left Riemann rule is the gradient at the baseline
+    left1 = IntegratedGradients(model, steps=1, method="riemann_left", baseline=b, multiply_by_inputs=False)
+    close(left1(x, Y), Gradient(model)(b, Y))
+
+
+@pytest.mark.parametrize(
+    "method", ["gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle"]
+)
+def test_integration_rules(method):
+    for steps in (2, 5, 16):
+        alphas, weights = integration_rule(steps, method)
+        assert len(alphas) == len(weights) == steps
+        assert all(0.0 <= a <= 1.0 for a in alphas)
+        assert math.isclose(sum(weights), 1.0, rel_tol=1e-12)
+        # integral of t over [0, 1]: exact for every rule except the one-sided Riemann sums
+        approx = sum(a * w for a, w in zip(alphas, weights))
+        if method in ("gausslegendre", "riemann_trapezoid", "riemann_middle"):
+            assert math.isclose(approx, 0.5, rel_tol=1e-12)
+    alphas, weights = integration_rule(6, "gausslegendre")  # exact for degree 2n - 1 = 11
+    assert math.isclose(sum(a**11 * w for a, w in zip(alphas, weights)), 1 / 12, rel_tol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------------
+# second order (create_graph=True)
+
+
+def test_relu_network_second_derivative_is_zero():
+    model = make_cnn()
+    for p in list(model.parameters())[:2]:  # also with some frozen parameters
+        p.requires_grad_(False)
+    x = make_x().requires_grad_(True)
+    v = make_x(seed=5)
+    g = explain(model, x, Y, method="gradient", create_graph=True)
+    assert g.requires_grad
+    close(g.detach(), Gradient(model)(x.detach(), Y), rtol=0, atol=0)
+    (hv,) = torch.autograd.grad((g * v).sum(), x, allow_unused=True)
+    assert hv is None or torch.count_nonzero(hv) == 0
+    assert x.grad is None and all(p.grad is None for p in model.parameters())
+
+
+def test_softplus_hessian_vector_product_matches_finite_differences():
+    model = make_mlp(act=nn.Softplus)
+    x0 = make_x()
+    v = make_x(seed=5)
+    x = x0.clone().requires_grad_(True)
+    g = Gradient(model)(x, Y, create_graph=True)
+    (hv,) = torch.autograd.grad((g * v).sum(), x)
+    assert hv.abs().max() > 1e-3, "a Softplus network has a non-zero Hessian"
+    h = 1e-5
+    fd = (Gradient(model)(x0 + h * v, Y) - Gradient(model)(x0 - h * v, Y)) / (2 * h)  # H v (H symmetric)
+    close(hv, fd, rtol=1e-5, atol=1e-5 * float(fd.abs().max()))
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,factory", SMOOTH_IN_X, ids=[n for n, _ in SMOOTH_IN_X])
+def test_second_order_matches_finite_differences(name, factory):
+    """d/dx <E(x), v> along a direction u equals the central difference of <E(x), v> (Softplus model)."""
+    model = make_mlp(act=nn.Softplus)
+    expl = factory(model)
+    x0, v, u = make_x(), make_x(seed=5), make_x(seed=6)
+    x = x0.clone().requires_grad_(True)
+    attr = expl(x, Y, create_graph=True)
+    close(attr.detach(), expl(x0, Y))
+    (dx,) = torch.autograd.grad((attr * v).sum(), x)
+    h = 1e-5
+    f = lambda z: float((expl(z, Y) * v).sum())  # noqa: E731
+    fd = (f(x0 + h * u) - f(x0 - h * u)) / (2 * h)
+    assert math.isclose(float((dx * u).sum()), fd, rel_tol=1e-5, abs_tol=1e-8)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
+def test_create_graph_without_input_grad(name, factory):
+    """create_graph=True on an input that does not require grad: same values, no error, no .grad."""
+    model = make_cnn()
+    x = make_x()
+    out = factory(model)(x, Y, create_graph=True)
+    close(out.detach(), factory(model)(x, Y))
+    assert all(p.grad is None for p in model.parameters())
