@@ -1,0 +1,31 @@
+"""manifex — the geometry of neural-network explanations.
+
+Shared core: :mod:`manifex.data`, :mod:`manifex.models`, :mod:`manifex.geometry`, :mod:`manifex.attribution`.
+Systems on top: :mod:`manifex.alignment` (more to come). The CLI (``manifex``) is a thin layer over these.
+
+>>> import manifex
+>>> T = manifex.tangent_space(vae.decode, z)            # (N, k) latent codes -> tangent bases
+>>> E = manifex.explain(model, x, target=y, method="smoothgrad")
+>>> manifex.alignment(E, T)                              # (N,) scores in [0, 1]; compare random_baseline(k, d)
+"""
+from .attribution import explain, make_explainer
+from .errors import DataError, InputError, ManifexError, ModelError, RankDeficientWarning
+from .geometry import (
+    TangentSpace,
+    alignment,
+    decompose,
+    estimate_dimension,
+    project,
+    random_baseline,
+    tangent_mass,
+    tangent_space,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "explain", "make_explainer",
+    "DataError", "InputError", "ManifexError", "ModelError", "RankDeficientWarning",
+    "TangentSpace", "alignment", "decompose", "estimate_dimension", "project", "random_baseline", "tangent_mass",
+    "tangent_space", "__version__",
+]

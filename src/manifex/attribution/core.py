@@ -6,6 +6,7 @@ it takes ``create_graph`` so that explanations can themselves be differentiated 
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Callable, Iterator, Union
 
 import torch
@@ -43,6 +44,10 @@ def select_target(output: torch.Tensor, target: Target) -> torch.Tensor:
                 "a (N,) tensor of indices, or a callable."
             )
         return flat[:, 0]
+    if isinstance(target, bool):
+        raise InputError("target must be a class index, not a bool.")
+    if isinstance(target, numbers.Integral):
+        target = int(target)
     if isinstance(target, int):
         idx = torch.full((n,), target, dtype=torch.long, device=output.device)
     elif isinstance(target, torch.Tensor):
@@ -97,17 +102,12 @@ def target_gradient(
         (grad,) = torch.autograd.grad(scores.sum(), inp, create_graph=create_graph, allow_unused=True)
     if grad is None:
         raise ModelError("the model output does not depend on its input; the gradient is undefined.")
-    if create_graph and not grad.requires_grad and x.requires_grad:
-        raise ModelError(
-            "create_graph=True but the gradient is not differentiable: the model is piecewise linear "
-            "in a way autograd cannot differentiate twice, or a non-differentiable op sits on the path."
-        )
     return grad, scores.detach() if not create_graph else scores
 
 
 @contextlib.contextmanager
 def preserve_model_state(model: object) -> Iterator[None]:
-    """Restore train/eval flags, ``requires_grad`` of every parameter and the hook dicts afterwards.
+    """Restore train/eval flags, ``requires_grad`` of every parameter, buffers and the hook dicts afterwards.
 
     Also restores them when the body raises, so a failed explanation never leaves hooks behind.
     """
@@ -120,6 +120,8 @@ def preserve_model_state(model: object) -> Iterator[None]:
     req = [p.requires_grad for p in params]
     hook_attrs = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
     hooks = [{a: dict(getattr(m, a, {})) for a in hook_attrs} for m in modules]
+    # Buffers (e.g. BatchNorm running statistics) change when a model in train mode runs forward.
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
         yield
     finally:
@@ -132,3 +134,7 @@ def preserve_model_state(model: object) -> Iterator[None]:
                     current.update(saved)
         for p, r in zip(params, req):
             p.requires_grad_(r)
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape:
+                    b.copy_(saved)

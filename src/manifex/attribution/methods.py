@@ -62,15 +62,33 @@ class Explainer:
         dev = model_device(self.model)
         if dev is not None and x.device != dev:
             x = x.to(dev)
+        if isinstance(self.model, nn.Module):
+            dtypes = {p.dtype for p in self.model.parameters() if p.is_floating_point()}
+            if dtypes and x.dtype not in dtypes:
+                raise InputError(f"inputs have dtype {x.dtype} but the model's parameters are {sorted(map(str, dtypes))}; "
+                                 f"convert one of them (x.to({sorted(map(str, dtypes))[0]}) or model.to(x.dtype)).")
         if isinstance(target, torch.Tensor):
             target = target.to(x.device)
         with preserve_model_state(self.model):
+            target = self._fix_target(x, target)
             out = self._attribute(x, target, create_graph)
         # Without create_graph the result must not carry a partial graph back to ``x`` (x * grad would
         # otherwise differentiate as if the gradient were constant: a silently wrong derivative).
         return out if create_graph else out.detach()
 
     __call__ = attribute
+
+    def _fix_target(self, x: torch.Tensor, target: Target) -> Target:
+        """Resolve a callable that picks class indices once, at ``x``: methods that evaluate the model at
+        other points (IG paths, noisy copies) then explain the same class throughout, as Captum does.
+        Callables that return float scores stay callables."""
+        if not callable(target) or isinstance(target, torch.Tensor):
+            return target
+        with torch.no_grad():
+            picked = target(self.model(x))
+        if isinstance(picked, torch.Tensor) and not picked.is_floating_point():
+            return picked
+        return target
 
     def _attribute(self, x: torch.Tensor, target: Target, create_graph: bool) -> torch.Tensor:
         raise NotImplementedError

@@ -1,0 +1,467 @@
+"""Figures and the HTML report of an alignment run (Bordt et al. 2023).
+
+``write_report(result, out_dir)`` writes, into one folder that can be copied or zipped as a whole:
+
+- ``density.png``: score densities per method, one panel per model, with the random line √(k/d);
+- ``summary.png``: mean score per method, grouped by model, with the seed's numbers as markers;
+- ``parts_<model>.png``: examples split into tangent and orthogonal parts (each part normalised on its
+  own, clipped at the 99.5% quantile, blue-white-red);
+- ``tangent_mass.png``: per-pixel tangent mass diag(U Uᵀ), which sums to k;
+- ``metrics.json`` and ``report.html`` (inline CSS, relative image links, no external assets).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from ..viz import ABSOLUTE_CMAP, as_image, image_grid, save_figure, to_numpy
+from .result import AlignmentResult
+
+__all__ = ["alignment_figures", "write_report", "MAX_EXAMPLES"]
+
+#: Most examples shown in the parts grids and the tangent-mass figure.
+MAX_EXAMPLES = 6
+_TEMPLATE = "align.html.j2"
+_RANDOM_GREY = "#8a8a8a"
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _finite(x: Any) -> np.ndarray:
+    a = to_numpy(x).ravel()
+    return a[np.isfinite(a)]
+
+
+def _methods(result: AlignmentResult) -> list[str]:
+    """Methods in first-seen order over all models."""
+    seen: list[str] = []
+    for per_model in result.scores.values():
+        for method in per_model:
+            if method not in seen:
+                seen.append(method)
+    return seen
+
+
+def _method_colours(methods: list[str]) -> dict[str, str]:
+    """One colour per method, the same in every figure; "random" is grey."""
+    from matplotlib import colormaps
+
+    palette = [colormaps["tab10"](i) for i in range(10)]
+    palette = [p for i, p in enumerate(palette) if i != 7]  # tab10's grey is reserved for "random"
+    colours: dict[str, str] = {}
+    i = 0
+    for m in methods:
+        if m == "random":
+            colours[m] = _RANDOM_GREY
+        else:
+            r, g, b, _ = palette[i % len(palette)]
+            colours[m] = f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}"
+            i += 1
+    return colours
+
+
+def _safe_name(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", model) or "model"
+
+
+def _accuracy(result: AlignmentResult, model: str) -> float | None:
+    acc = result.metrics.get("models", {}).get(model, {}).get("accuracy")
+    return float(acc) if isinstance(acc, (int, float)) else None
+
+
+def _score_stats(result: AlignmentResult) -> dict[str, dict[str, dict[str, float]]]:
+    """model → method → {mean, median, std, n}: from ``metrics["scores"]`` where present, else the tensors."""
+    given = result.metrics.get("scores", {}) or {}
+    stats: dict[str, dict[str, dict[str, float]]] = {}
+    for model, per_model in result.scores.items():
+        stats[model] = {}
+        for method, scores in per_model.items():
+            s = given.get(model, {}).get(method)
+            if not s or "mean" not in s:
+                a = _finite(scores)
+                s = {
+                    "mean": float(a.mean()) if a.size else math.nan,
+                    "median": float(np.median(a)) if a.size else math.nan,
+                    "std": float(a.std()) if a.size else math.nan,
+                    "n": int(a.size),
+                }
+            stats[model][method] = {k: s.get(k, math.nan) for k in ("mean", "median", "std", "n")}
+    return stats
+
+
+# --------------------------------------------------------------------------------------------- figures
+def _density_figure(result: AlignmentResult, colours: dict[str, str]) -> Figure:
+    from scipy.stats import gaussian_kde
+
+    models = list(result.scores)
+    fig = Figure(figsize=(4.6 * len(models) + 0.4, 3.5), layout="constrained")
+    axes = fig.subplots(1, len(models), squeeze=False, sharey=True)[0]
+    grid = np.linspace(0.0, 1.0, 401)
+    bins = np.linspace(0.0, 1.0, 51)
+    for ax, model in zip(axes, models):
+        kde_peak = 0.0
+        hist_drawn: list[tuple[str, float]] = []
+        for method, scores in result.scores[model].items():
+            a = _finite(scores)
+            c = colours[method]
+            if a.size == 0:
+                continue
+            density = None
+            if a.size > 1 and float(a.std()) > 1e-12:
+                try:
+                    density = gaussian_kde(a)(grid)
+                except (np.linalg.LinAlgError, ValueError):
+                    density = None
+            if density is not None:
+                ax.fill_between(grid, density, color=c, alpha=0.18, linewidth=0)
+                ax.plot(grid, density, color=c, lw=1.8, label=f"{method} (mean {a.mean():.3f})")
+                kde_peak = max(kde_peak, float(density.max()))
+            else:  # constant (or single) scores: a KDE is undefined, draw the histogram
+                ax.hist(a, bins=bins, density=True, color=c, alpha=0.55, edgecolor=c,
+                        label=f"{method} (constant {a.mean():.3f})")
+                hist_drawn.append((method, float(a.mean())))
+        ax.axvline(result.baseline, color="black", ls="--", lw=1.2, label=f"random √(k/d) = {result.baseline:.3f}")
+        if kde_peak > 0 and hist_drawn:
+            ax.set_ylim(0, kde_peak * 1.25)  # keep a constant method's spike from flattening the curves
+        acc = _accuracy(result, model)
+        ax.set_title(model + (f"  (accuracy {acc:.1%})" if acc is not None and acc <= 1 else ""), fontsize=11)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("alignment ‖P_T E‖ / ‖E‖")
+        ax.grid(alpha=0.25)
+        ax.legend(fontsize=8, frameon=False, loc="upper right")
+    axes[0].set_ylabel("density")
+    return fig
+
+
+def _summary_figure(result: AlignmentResult, stats: dict, colours: dict[str, str]) -> Figure:
+    models = list(result.scores)
+    methods = _methods(result)
+    seed = result.metrics.get("seed_reference") or {}
+    fig = Figure(figsize=(max(4.5, 1.2 + 0.55 * len(methods) * len(models) + 0.6 * len(models)), 3.8), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(methods))
+    seed_labelled = False
+    labelled: set[str] = set()
+    top = result.baseline
+    for i, model in enumerate(models):
+        for j, method in enumerate(methods):
+            s = stats[model].get(method)
+            if s is None or not math.isfinite(s["mean"]):
+                continue
+            x = i - 0.4 + width * (j + 0.5)
+            std = s["std"] if math.isfinite(s["std"]) else 0.0
+            ax.bar(x, s["mean"], width * 0.9, yerr=std, color=colours[method], capsize=2,
+                   error_kw={"lw": 0.8, "alpha": 0.6}, label=None if method in labelled else method)
+            labelled.add(method)
+            ax.text(x, s["mean"] + std + 0.015, f"{s['mean']:.2f}", ha="center", va="bottom", fontsize=7)
+            top = max(top, s["mean"] + std)
+            ref = seed.get(model, {}).get(method) if isinstance(seed.get(model), dict) else None
+            if isinstance(ref, (int, float)):
+                ax.scatter([x], [ref], marker="D", s=36, color="black", edgecolor="white", zorder=5,
+                           label=None if seed_labelled else "seed reference")
+                seed_labelled = True
+                top = max(top, float(ref))
+    ax.axhline(result.baseline, color="black", ls="--", lw=1.1, label=f"random √(k/d) = {result.baseline:.3f}")
+    ax.set_xticks(range(len(models)), models)
+    ax.set_ylabel("mean alignment ‖P_T E‖ / ‖E‖")
+    ax.set_ylim(0, min(1.05, top + 0.12) if top <= 1 else top * 1.1)
+    ax.grid(axis="y", alpha=0.25)
+    ax.set_axisbelow(True)
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("Mean alignment per method (error bars: ±1 std)", fontsize=11)
+    return fig
+
+
+def _parts_figure(result: AlignmentResult, model: str, m: int) -> Figure:
+    parts = result.parts[model]
+    methods = list(parts)
+    kinds = ["image"] + ["signed"] * (2 * len(methods))
+    col_titles = ["image"]
+    for method in methods:
+        col_titles += [f"{method}\ntangent", f"{method}\northogonal"]
+    labels = to_numpy(result.labels).ravel() if result.labels is not None else None
+    rows = []
+    for i in range(m):
+        row: list[Any] = [result.images[i]]
+        for method in methods:
+            tangent, orthogonal = parts[method]
+            row += [tangent[i], orthogonal[i]]
+        rows.append(row)
+    row_titles = [f"label {int(labels[i])}" for i in range(m)] if labels is not None and labels.size >= m else None
+    return image_grid(rows, kinds=kinds, col_titles=col_titles, row_titles=row_titles, shared_scale=False,
+                      clip_quantile=0.995,
+                      title=f"{model}: tangent part P_T E and orthogonal part E − P_T E "
+                            "(each part normalised on its own, 99.5% clip; red +, blue −)")
+
+
+def _tangent_mass_figure(result: AlignmentResult, m: int) -> Figure:
+    mass = [to_numpy(result.tangent_mass[i]) for i in range(m)]
+    mass = [x.sum(axis=0) if x.ndim == 3 else x for x in mass]  # channels summed: the map then sums to k
+    vmax = max(float(np.quantile(x, 0.995)) for x in mass) or 1.0
+    rows = [[result.images[i] for i in range(m)], mass]
+    fig = Figure(figsize=(1.6 * m + 1.0, 3.9), layout="constrained")
+    axes = fig.subplots(2, m, squeeze=False)
+    im = None
+    for j in range(m):
+        for r in range(2):
+            ax = axes[r][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+        img = as_image(rows[0][j])
+        axes[0][j].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+        im = axes[1][j].imshow(mass[j], cmap=ABSOLUTE_CMAP, vmin=0.0, vmax=vmax, interpolation="nearest")
+        axes[1][j].set_title(f"Σ = {mass[j].sum():.2f}", fontsize=8)
+    axes[0][0].set_ylabel("image", fontsize=9)
+    axes[1][0].set_ylabel("tangent mass", fontsize=9)
+    cb = fig.colorbar(im, ax=[axes[1][j] for j in range(m)], location="right", shrink=0.9, aspect=12)
+    cb.ax.tick_params(labelsize=7)
+    fig.suptitle(f"Per-pixel tangent mass diag(U Uᵀ): where the manifold can move; each map sums to k = {result.k}",
+                 fontsize=10)
+    return fig
+
+
+def alignment_figures(result: AlignmentResult, out_dir: Path) -> dict[str, Path]:
+    """Write the report's PNGs into ``out_dir``; returns {"density", "summary", "parts_<model>", "tangent_mass"} → path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colours = _method_colours(_methods(result))
+    stats = _score_stats(result)
+    paths: dict[str, Path] = {}
+    paths["summary"] = save_figure(_summary_figure(result, stats, colours), out_dir / "summary.png")
+    paths["density"] = save_figure(_density_figure(result, colours), out_dir / "density.png")
+    m = min(MAX_EXAMPLES, int(result.images.shape[0]))
+    if m > 0:
+        for model in result.parts:
+            if result.parts[model]:
+                name = f"parts_{_safe_name(model)}"
+                paths[name] = save_figure(_parts_figure(result, model, m), out_dir / f"{name}.png")
+        if result.tangent_mass is not None and int(result.tangent_mass.shape[0]) >= m:
+            paths["tangent_mass"] = save_figure(_tangent_mass_figure(result, m), out_dir / "tangent_mass.png")
+    return paths
+
+
+# --------------------------------------------------------------------------------------------- HTML
+@lru_cache(maxsize=1)
+def _environment():
+    import jinja2
+
+    try:
+        loader: jinja2.BaseLoader = jinja2.PackageLoader("manifex", "reports/templates")
+    except (ValueError, ImportError):  # unusual installs (zip, namespace package): fall back to the file system
+        loader = jinja2.FileSystemLoader(str(Path(__file__).parents[1] / "reports" / "templates"))
+    env = jinja2.Environment(loader=loader, autoescape=True, trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = _fmt_num
+    return env
+
+
+def _fmt_num(v: Any, digits: int = 3) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "–"
+        return f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return str(v)
+
+
+def _fmt_seconds(v: float) -> str:
+    if v < 60:
+        return f"{v:.1f} s"
+    if v < 3600:
+        return f"{int(v // 60)} min {v % 60:.0f} s"
+    return f"{int(v // 3600)} h {int(v % 3600 // 60)} min"
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out += _flatten(v, key + " / ")
+        else:
+            out.append((key, v))
+    return out
+
+
+def _fmt_timing(key: str, v: Any) -> str:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return _fmt_seconds(float(v))  # timings are seconds by convention
+    return str(v)
+
+
+def _mix(hex_from: str, hex_to: str, t: float) -> str:
+    t = min(1.0, max(0.0, t))
+    a = [int(hex_from[i:i + 2], 16) for i in (1, 3, 5)]
+    b = [int(hex_to[i:i + 2], 16) for i in (1, 3, 5)]
+    return "#" + "".join(f"{round(x + (y - x) * t):02x}" for x, y in zip(a, b))
+
+
+def _score_cell(v: float) -> dict[str, str]:
+    """Background for a score in [0, 1]: white → deep blue."""
+    if not math.isfinite(v):
+        return {"bg": "#ffffff", "fg": "#222"}
+    return {"bg": _mix("#f3f7fd", "#1e4e9c", v), "fg": "#ffffff" if v > 0.55 else "#14213d"}
+
+
+def _ratio_cell(r: float) -> dict[str, str]:
+    """Background for a ratio to the baseline: grey at 1× (random), green as it grows (log scale, 10× = full)."""
+    if not math.isfinite(r) or r <= 0:
+        return {"bg": "#ffffff", "fg": "#222"}
+    t = math.log10(r) if r > 1 else 0.0
+    if r < 1:
+        return {"bg": "#fbe9e7", "fg": "#8a1c0f"}
+    return {"bg": _mix("#eeeeee", "#1b7a43", t), "fg": "#ffffff" if t > 0.55 else "#1d2b21"}
+
+
+def _headline(stats: dict) -> str | None:
+    """"Robust model's gradients are 2.1× more aligned than the standard model's", when both models exist."""
+    if "standard" not in stats or "robust" not in stats:
+        return None
+    common = [m for m in stats["standard"] if m in stats["robust"] and m != "random"]
+    if not common:
+        return None
+    method = "gradient" if "gradient" in common else common[0]
+    s, r = stats["standard"][method]["mean"], stats["robust"][method]["mean"]
+    if not (math.isfinite(s) and math.isfinite(r)) or s <= 0 or r <= 0:
+        return None
+    what = "gradients" if method == "gradient" else f"{method} explanations"
+    ratio = r / s
+    if ratio >= 1:
+        return f"Robust model's {what} are {ratio:.1f}× more aligned than the standard model's"
+    return f"Robust model's {what} are {1 / ratio:.1f}× less aligned than the standard model's"
+
+
+def _context(result: AlignmentResult, figures: dict[str, Path]) -> dict[str, Any]:
+    metrics = result.metrics
+    stats = _score_stats(result)
+    baseline = result.baseline
+    seed = metrics.get("seed_reference") or {}
+    models = list(result.scores)
+    methods = _methods(result)
+    colours = _method_colours(methods)
+    models_info = metrics.get("models") or {}
+    dataset = metrics.get("dataset") or {}
+
+    cards: list[dict[str, str]] = [
+        {"label": "manifold dimension k", "value": f"{result.k:,}", "sub": "tangent space rank"},
+        {"label": "input dimension d", "value": f"{result.d:,}", "sub": "pixels × channels"},
+        {"label": "random baseline √(k/d)", "value": f"{baseline:.3f}", "sub": "what a random direction gets"},
+    ]
+    for model in models:
+        acc = models_info.get(model, {}).get("accuracy")
+        if isinstance(acc, (int, float)):
+            cards.append({"label": f"{model} accuracy", "value": f"{acc:.2%}" if acc <= 1 else f"{acc:.2f}",
+                          "sub": "test set"})
+    for model in models:
+        method = "gradient" if "gradient" in stats[model] else next(iter(stats[model]), None)
+        if method is None:
+            continue
+        mean = stats[model][method]["mean"]
+        ref = seed.get(model, {}).get(method) if isinstance(seed.get(model), dict) else None
+        sub = f"{mean / baseline:.1f}× random" if baseline > 0 and math.isfinite(mean) else ""
+        if isinstance(ref, (int, float)):
+            sub += f" · seed {ref:.3f} ({mean - ref:+.3f})"
+        cards.append({"label": f"{model} · mean {method} score", "value": _fmt_num(mean), "sub": sub, "accent": "1"})
+
+    table = []
+    for model in models:
+        for method in methods:
+            s = stats[model].get(method)
+            if s is None:
+                continue
+            ratio = s["mean"] / baseline if baseline > 0 else math.nan
+            ref = seed.get(model, {}).get(method) if isinstance(seed.get(model), dict) else None
+            table.append({
+                "model": model, "method": method, "colour": colours[method],
+                "mean": _fmt_num(s["mean"]), "median": _fmt_num(s["median"]), "std": _fmt_num(s["std"]),
+                "n": _fmt_num(s["n"]) if isinstance(s["n"], (int, float)) else "–",
+                "ratio": f"{ratio:.2f}×" if math.isfinite(ratio) else "–",
+                "seed": f"{ref:.3f}" if isinstance(ref, (int, float)) else "",
+                "bar": f"{100 * min(1.0, max(0.0, s['mean'])):.1f}" if math.isfinite(s["mean"]) else "0",
+                "mean_style": _score_cell(s["mean"]), "median_style": _score_cell(s["median"]),
+                "ratio_style": _ratio_cell(ratio),
+            })
+
+    model_keys: list[str] = []
+    for info in models_info.values():
+        for k, v in (info or {}).items():
+            if not isinstance(v, (dict, list)) and k not in model_keys:
+                model_keys.append(k)
+    model_rows = []
+    for model, info in models_info.items():
+        cells = []
+        for k in model_keys:
+            v = (info or {}).get(k)
+            if v is None:
+                cells.append("")
+            elif k == "accuracy" and isinstance(v, (int, float)) and v <= 1:
+                cells.append(f"{v:.2%}")
+            elif "second" in k and isinstance(v, (int, float)):
+                cells.append(_fmt_seconds(float(v)))
+            else:
+                cells.append(_fmt_num(v))
+        model_rows.append({"model": model, "cells": cells})
+
+    config = metrics.get("config")
+    command = None
+    if isinstance(config, dict):
+        command = config.get("command")
+    command = command or metrics.get("command")
+    name = lambda key: figures[key].name if key in figures else None  # noqa: E731
+    n_scores = max((int(s["n"]) for per in stats.values() for s in per.values()
+                    if isinstance(s["n"], (int, float)) and math.isfinite(s["n"])), default=0)
+    return {
+        "title": f"Alignment report · {dataset.get('name', 'dataset')}" if dataset else "Alignment report",
+        "headline": _headline(stats),
+        "subtitle": (f"How much of each explanation lies in the data manifold's tangent space — "
+                     f"{n_scores:,} test images, {len(models)} model{'s' if len(models) != 1 else ''}, "
+                     f"{len(methods)} methods"),
+        "findings": [str(f) for f in (metrics.get("findings") or [])],
+        "cards": cards,
+        "k": result.k, "d": result.d, "baseline": f"{baseline:.3f}",
+        "dataset": [(k, _fmt_num(v) if not isinstance(v, (list, tuple)) else "×".join(map(str, v)))
+                    for k, v in dataset.items() if not isinstance(v, dict)],
+        "methods": [{"name": m, "colour": colours[m]} for m in methods],
+        "table": table,
+        "model_keys": [k.replace("_", " ") for k in model_keys],
+        "model_rows": model_rows,
+        "summary_png": name("summary"),
+        "density_png": name("density"),
+        "parts": [{"model": m, "png": name(f"parts_{_safe_name(m)}")} for m in result.parts
+                  if f"parts_{_safe_name(m)}" in figures],
+        "tangent_mass_png": name("tangent_mass"),
+        "timings": [(k, _fmt_timing(k, v)) for k, v in _flatten(metrics.get("timings") or {})],
+        "command": str(command) if command else None,
+        "config": json.dumps(config, indent=2, default=str, ensure_ascii=False) if config else None,
+    }
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):  # numpy arrays/scalars, torch tensors
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def write_report(result: AlignmentResult, out_dir: Path) -> Path:
+    """Write the figures, ``metrics.json`` and ``report.html`` into ``out_dir``; returns the HTML's path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = alignment_figures(result, out_dir)
+    with open(out_dir / "metrics.json", "w", encoding="utf-8") as f:
+        json.dump(result.metrics, f, indent=2, default=_json_default)
+    html = _environment().get_template(_TEMPLATE).render(**_context(result, figures))
+    path = out_dir / "report.html"
+    path.write_text(html, encoding="utf-8")
+    return path

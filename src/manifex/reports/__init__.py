@@ -1,0 +1,1 @@
+"""HTML report templates (Jinja2) shared by the systems' report writers."""
