@@ -146,7 +146,7 @@ def main() -> None:
 
     print("manifex tangent-space benchmark: forward-mode JVP + batched SVD vs the seed's per-pixel backward loop")
     print(f"python {platform.python_version()} | torch {torch.__version__} | numpy {np.__version__} | scipy {scipy.__version__}")
-    print(f"torch threads: {torch.get_num_threads()} (intra-op, torch default) | CPU cores: {os.cpu_count()} | "
+    print(f"torch threads: {torch.get_num_threads()} (intra-op, {'set by --threads' if args.threads is not None else 'torch default'}) | CPU cores: {os.cpu_count()} | "
           f"load average at start (1/5/15 min): {loadavg()}")
     print(f"decoder: VAE decoder k={k} -> 256 -> 256 -> 512 -> 32x4x4 -> 3x ConvTranspose2d -> sigmoid, "
           f"RANDOM INIT (torch.manual_seed({args.seed})), eval, float32; 256x256 = + bilinear F.interpolate")

@@ -5,7 +5,6 @@ for a single image, then ``scipy.linalg.orth`` — run here in float64 on a few 
 """
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 
@@ -82,6 +81,11 @@ def _single_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)  # every test starts from the same global RNG state
+
+
 @pytest.fixture(scope="module")
 def decoder() -> VAEDecoder:
     return make_decoder()
@@ -126,7 +130,7 @@ def max_angle(A: np.ndarray, B: np.ndarray) -> float:
 
 
 def test_exact_vs_per_pixel_backward_reference_float64():
-    dec64 = copy.deepcopy(make_decoder(seed=3)).double()
+    dec64 = make_decoder(seed=3).double()
     z = torch.randn(2, K, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     T = tangent_space(dec64, z)
     assert T.basis.dtype == torch.float64 and T.singular_values.dtype == torch.float64
@@ -281,8 +285,8 @@ def test_decoder_not_batch_first_raises_model_error(decoder):
 @pytest.mark.parametrize(
     "z",
     [
-        torch.randn(K),  # missing batch dimension
-        torch.randn(2, K, 1),  # too many dimensions
+        torch.ones(K),  # missing batch dimension
+        torch.ones(2, K, 1),  # too many dimensions
         torch.zeros(0, K),  # empty batch
         torch.ones(2, K, dtype=torch.long),  # not floating point
     ],

@@ -49,7 +49,10 @@ def _synthetic_result() -> AlignmentResult:
         "d": D,
         "baseline": baseline,
         "dataset": {"name": "synthetic <8x8>", "n_train": 100, "n_test": N, "image_shape": [C, H, W]},
-        "models": {"standard": {"accuracy": 0.991, "train_seconds": 12.5}, "robust": {"accuracy": 0.978, "train_seconds": 95.0}},
+        "tangent_rank": {"min": K - 1, "max": K, "mean": K - 0.1},
+        "generative": {"arch": "vae", "latent_dim": K, "train_seconds": None, "cached": True},
+        "models": {"standard": {"accuracy": 0.991, "train_seconds": 12.5, "cached": False, "epochs": 3},
+                   "robust": {"accuracy": 0.978, "train_seconds": None, "cached": True, "epochs": 3}},
         "scores": {
             model: {
                 method: {"mean": float(s.mean()), "median": float(s.median()), "std": float(s.std()), "n": N}
@@ -58,7 +61,8 @@ def _synthetic_result() -> AlignmentResult:
             for model, per in scores.items()
         },
         "seed_reference": SEED_REFERENCE,
-        "timings": {"tangent_seconds": 1.25, "attribution_seconds": 3.5, "total_seconds": 130.0},
+        "timings": {"tangent_seconds": 1.25, "tangent_seconds_per_image": 0.025,
+                    "attribution_seconds": {m: {meth: 0.5 for meth in METHODS} for m in MODELS}, "total_seconds": 130.0},
         "findings": ["Robust gradients are more aligned.", "SmoothGrad beats the gradient <b>here</b>."],
         "config": {"command": "manifex align --dataset synthetic", "seed": 0},
     }
@@ -132,7 +136,7 @@ def test_image_grid_shared_scale(tmp_path):
     abs_lims = {axes[i * 3 + 2].images[0].get_clim() for i in range(2)}
     assert len(signed_lims) == 1 and len(abs_lims) == 1
     lo, hi = signed_lims.pop()
-    assert lo == -hi > 0
+    assert hi == -lo > 0
     assert abs_lims.pop()[0] == 0.0
     # without sharing each map gets its own scale
     fig2 = image_grid(rows, kinds=["image", "signed", "absolute"], shared_scale=False)

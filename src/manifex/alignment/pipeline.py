@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..attribution import make_explainer
+from ..attribution import canonical_method, make_explainer
 from ..data import ImageDataset, load_dataset
 from ..errors import InputError
 from ..geometry import TangentSpace, alignment, decompose, random_baseline, tangent_mass, tangent_space
@@ -99,6 +99,7 @@ def run_alignment(cfg: AlignConfig = AlignConfig(), *, cache: ModelCache | None 
     """Run the alignment experiment and return scores, example decompositions and metrics."""
     if cfg.n_samples < 2:
         raise InputError(f"n_samples must be >= 2, got {cfg.n_samples}.")
+    methods = list(dict.fromkeys(canonical_method(m) for m in cfg.methods))  # validate before any training
     cache = cache or ModelCache()
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -132,7 +133,7 @@ def run_alignment(cfg: AlignConfig = AlignConfig(), *, cache: ModelCache | None 
     for model_name, model in models.items():
         scores[model_name], parts[model_name], timings[model_name] = {}, {}, {}
         mkey = model_info[model_name]["key"]
-        for method in tqdm(list(cfg.methods) + ["random"], desc=f"attributions ({model_name})", disable=not progress, leave=False):
+        for method in tqdm(methods + ["random"], desc=f"attributions ({model_name})", disable=not progress, leave=False):
             key = cache_key(mkey, data_key, method, cfg.seed)
             hit = cache.load("attribution", key)
             if hit is None:

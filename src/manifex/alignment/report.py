@@ -96,46 +96,72 @@ def _score_stats(result: AlignmentResult) -> dict[str, dict[str, dict[str, float
 
 
 # --------------------------------------------------------------------------------------------- figures
-def _density_figure(result: AlignmentResult, colours: dict[str, str]) -> Figure:
+_SCORE_LABEL = r"alignment $\|P_T E\| \,/\, \|E\|$"
+
+
+def _densities(a: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
+    """Gaussian KDE of the scores on ``grid``; None when undefined (constant or single scores)."""
     from scipy.stats import gaussian_kde
 
+    if a.size < 2 or float(a.std()) <= 1e-12:
+        return None
+    try:
+        return gaussian_kde(a)(grid)
+    except (np.linalg.LinAlgError, ValueError):
+        return None
+
+
+def _density_figure(result: AlignmentResult, colours: dict[str, str]) -> Figure:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     models = list(result.scores)
-    fig = Figure(figsize=(4.6 * len(models) + 0.4, 3.5), layout="constrained")
-    axes = fig.subplots(1, len(models), squeeze=False, sharey=True)[0]
     grid = np.linspace(0.0, 1.0, 401)
     bins = np.linspace(0.0, 1.0, 51)
+    curves = {model: {method: (_finite(s), None) for method, s in per.items()} for model, per in result.scores.items()}
+    curves = {model: {method: (a, _densities(a, grid)) for method, (a, _) in per.items()} for model, per in curves.items()}
+    # The random method's density is a narrow spike at √(k/d) (the dashed line says the same); scale the
+    # y axis to the explanation methods and let that spike (and constant-score histograms) run off the top.
+    peaks = [float(dens.max()) for per in curves.values() for m, (_, dens) in per.items() if dens is not None and m != "random"]
+    ymax = 1.2 * max(peaks) if peaks else None
+
+    fig = Figure(figsize=(4.4 * len(models) + 0.4, 3.7), layout="constrained")
+    axes = fig.subplots(1, len(models), squeeze=False, sharey=True)[0]
+    clipped: set[str] = set()
+    handles: dict[str, Any] = {}
     for ax, model in zip(axes, models):
-        kde_peak = 0.0
-        hist_drawn: list[tuple[str, float]] = []
-        for method, scores in result.scores[model].items():
-            a = _finite(scores)
-            c = colours[method]
+        for method, (a, density) in curves[model].items():
             if a.size == 0:
                 continue
-            density = None
-            if a.size > 1 and float(a.std()) > 1e-12:
-                try:
-                    density = gaussian_kde(a)(grid)
-                except (np.linalg.LinAlgError, ValueError):
-                    density = None
+            c = colours[method]
             if density is not None:
                 ax.fill_between(grid, density, color=c, alpha=0.18, linewidth=0)
-                ax.plot(grid, density, color=c, lw=1.8, label=f"{method} (mean {a.mean():.3f})")
-                kde_peak = max(kde_peak, float(density.max()))
+                ax.plot(grid, density, color=c, lw=1.8)
+                handles.setdefault(method, Line2D([], [], color=c, lw=1.8))
+                peak = float(density.max())
             else:  # constant (or single) scores: a KDE is undefined, draw the histogram
-                ax.hist(a, bins=bins, density=True, color=c, alpha=0.55, edgecolor=c,
-                        label=f"{method} (constant {a.mean():.3f})")
-                hist_drawn.append((method, float(a.mean())))
-        ax.axvline(result.baseline, color="black", ls="--", lw=1.2, label=f"random √(k/d) = {result.baseline:.3f}")
-        if kde_peak > 0 and hist_drawn:
-            ax.set_ylim(0, kde_peak * 1.25)  # keep a constant method's spike from flattening the curves
+                counts, _, _ = ax.hist(a, bins=bins, density=True, color=c, alpha=0.55, edgecolor=c)
+                handles.setdefault(method, Patch(color=c, alpha=0.55))
+                peak = float(np.max(counts))
+            if ymax is not None and peak > ymax:
+                clipped.add(method)
+            # the mean as a small triangle on the x axis
+            ax.plot([float(a.mean())], [0.0], marker="^", ms=8, color=c, clip_on=False, zorder=6,
+                    markeredgecolor="white", markeredgewidth=0.6, transform=ax.get_xaxis_transform())
+        ax.axvline(result.baseline, color="black", ls="--", lw=1.2)
         acc = _accuracy(result, model)
         ax.set_title(model + (f"  (accuracy {acc:.1%})" if acc is not None and acc <= 1 else ""), fontsize=11)
         ax.set_xlim(0, 1)
-        ax.set_xlabel("alignment ‖P_T E‖ / ‖E‖")
+        ax.set_xlabel(_SCORE_LABEL)
         ax.grid(alpha=0.25)
-        ax.legend(fontsize=8, frameon=False, loc="upper right")
+    if ymax is not None:
+        axes[0].set_ylim(0, ymax)
     axes[0].set_ylabel("density")
+    labels = [m + (" (off scale)" if m in clipped else "") for m in handles]
+    legend_handles = list(handles.values()) + [Line2D([], [], color="black", ls="--", lw=1.2),
+                                               Line2D([], [], color="grey", marker="^", ls="", ms=7)]
+    labels += [f"random √(k/d) = {result.baseline:.3f}", "mean"]
+    fig.legend(legend_handles, labels, loc="outside lower center", ncols=min(len(labels), 6), frameon=False, fontsize=8.5)
     return fig
 
 
@@ -169,7 +195,7 @@ def _summary_figure(result: AlignmentResult, stats: dict, colours: dict[str, str
                 top = max(top, float(ref))
     ax.axhline(result.baseline, color="black", ls="--", lw=1.1, label=f"random √(k/d) = {result.baseline:.3f}")
     ax.set_xticks(range(len(models)), models)
-    ax.set_ylabel("mean alignment ‖P_T E‖ / ‖E‖")
+    ax.set_ylabel("mean " + _SCORE_LABEL)
     ax.set_ylim(0, min(1.05, top + 0.12) if top <= 1 else top * 1.1)
     ax.grid(axis="y", alpha=0.25)
     ax.set_axisbelow(True)
@@ -223,7 +249,7 @@ def _tangent_mass_figure(result: AlignmentResult, m: int) -> Figure:
     axes[1][0].set_ylabel("tangent mass", fontsize=9)
     cb = fig.colorbar(im, ax=[axes[1][j] for j in range(m)], location="right", shrink=0.9, aspect=12)
     cb.ax.tick_params(labelsize=7)
-    fig.suptitle(f"Per-pixel tangent mass diag(U Uᵀ): where the manifold can move; each map sums to k = {result.k}",
+    fig.suptitle(f"Per-pixel tangent mass diag(U Uᵀ) — each map sums to k = {result.k}",
                  fontsize=10)
     return fig
 
@@ -263,8 +289,10 @@ def _environment():
 
 
 def _fmt_num(v: Any, digits: int = 3) -> str:
-    if isinstance(v, bool) or v is None:
-        return str(v)
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, int):
         return f"{v:,}"
     if isinstance(v, float):
@@ -274,7 +302,15 @@ def _fmt_num(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def _pretty_key(key: str) -> str:
+    """"tangent_seconds_per_image" → "tangent time per image"."""
+    key = re.sub(r"_seconds\b", " time", str(key))
+    return key.replace("_", " ")
+
+
 def _fmt_seconds(v: float) -> str:
+    if v < 1:
+        return f"{v * 1000:.1f} ms"
     if v < 60:
         return f"{v:.1f} s"
     if v < 3600:
@@ -293,7 +329,7 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def _fmt_timing(key: str, v: Any) -> str:
+def _fmt_timing(v: Any) -> str:
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return _fmt_seconds(float(v))  # timings are seconds by convention
     return str(v)
@@ -341,6 +377,14 @@ def _headline(stats: dict) -> str | None:
     return f"Robust model's {what} are {1 / ratio:.1f}× less aligned than the standard model's"
 
 
+def _rank_note(rank: Any) -> str:
+    if isinstance(rank, dict) and isinstance(rank.get("min"), (int, float)) and isinstance(rank.get("max"), (int, float)):
+        if rank["min"] == rank["max"]:
+            return f"tangent space rank {rank['max']} for every image"
+        return f"tangent space rank {rank['min']}–{rank['max']} (mean {rank.get('mean', math.nan):.2f})"
+    return "tangent space rank"
+
+
 def _context(result: AlignmentResult, figures: dict[str, Path]) -> dict[str, Any]:
     metrics = result.metrics
     stats = _score_stats(result)
@@ -353,7 +397,7 @@ def _context(result: AlignmentResult, figures: dict[str, Path]) -> dict[str, Any
     dataset = metrics.get("dataset") or {}
 
     cards: list[dict[str, str]] = [
-        {"label": "manifold dimension k", "value": f"{result.k:,}", "sub": "tangent space rank"},
+        {"label": "manifold dimension k", "value": f"{result.k:,}", "sub": _rank_note(metrics.get("tangent_rank"))},
         {"label": "input dimension d", "value": f"{result.d:,}", "sub": "pixels × channels"},
         {"label": "random baseline √(k/d)", "value": f"{baseline:.3f}", "sub": "what a random direction gets"},
     ]
@@ -387,7 +431,6 @@ def _context(result: AlignmentResult, figures: dict[str, Path]) -> dict[str, Any
                 "n": _fmt_num(s["n"]) if isinstance(s["n"], (int, float)) else "–",
                 "ratio": f"{ratio:.2f}×" if math.isfinite(ratio) else "–",
                 "seed": f"{ref:.3f}" if isinstance(ref, (int, float)) else "",
-                "bar": f"{100 * min(1.0, max(0.0, s['mean'])):.1f}" if math.isfinite(s["mean"]) else "0",
                 "mean_style": _score_cell(s["mean"]), "median_style": _score_cell(s["median"]),
                 "ratio_style": _ratio_cell(ratio),
             })
@@ -429,18 +472,20 @@ def _context(result: AlignmentResult, figures: dict[str, Path]) -> dict[str, Any
         "findings": [str(f) for f in (metrics.get("findings") or [])],
         "cards": cards,
         "k": result.k, "d": result.d, "baseline": f"{baseline:.3f}",
-        "dataset": [(k, _fmt_num(v) if not isinstance(v, (list, tuple)) else "×".join(map(str, v)))
+        "dataset": [(_pretty_key(k), _fmt_num(v) if not isinstance(v, (list, tuple)) else "×".join(map(str, v)))
                     for k, v in dataset.items() if not isinstance(v, dict)],
         "methods": [{"name": m, "colour": colours[m]} for m in methods],
         "table": table,
-        "model_keys": [k.replace("_", " ") for k in model_keys],
+        "model_keys": [_pretty_key(k) for k in model_keys],
         "model_rows": model_rows,
         "summary_png": name("summary"),
         "density_png": name("density"),
         "parts": [{"model": m, "png": name(f"parts_{_safe_name(m)}")} for m in result.parts
                   if f"parts_{_safe_name(m)}" in figures],
         "tangent_mass_png": name("tangent_mass"),
-        "timings": [(k, _fmt_timing(k, v)) for k, v in _flatten(metrics.get("timings") or {})],
+        "generative": [(_pretty_key(k), _fmt_seconds(float(v)) if "second" in k and isinstance(v, (int, float)) else _fmt_num(v))
+                       for k, v in (metrics.get("generative") or {}).items() if not isinstance(v, (dict, list))],
+        "timings": [(_pretty_key(k), _fmt_timing(v)) for k, v in _flatten(metrics.get("timings") or {})],
         "command": str(command) if command else None,
         "config": json.dumps(config, indent=2, default=str, ensure_ascii=False) if config else None,
     }

@@ -10,7 +10,7 @@ from ..errors import InputError
 from .core import Target
 from .methods import Explainer, Gradient, InputXGradient, IntegratedGradients, SmoothGrad
 
-__all__ = ["METHODS", "ALIASES", "make_explainer", "explain", "method_names"]
+__all__ = ["METHODS", "ALIASES", "make_explainer", "explain", "method_names", "canonical_method"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,11 @@ ALIASES: dict[str, str] = {
 
 def method_names() -> list[str]:
     return sorted(METHODS)
+
+
+def canonical_method(name: str) -> str:
+    """The registry name for a method name or alias (raises InputError listing the choices)."""
+    return _canonical(name)
 
 
 def _canonical(name: str) -> str:

@@ -1,0 +1,97 @@
+"""End-to-end: `manifex align` on tiny embedded data, resume from cache, and clear CLI errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from manifex.cli import main
+
+TINY = [
+    "--dataset", "known:digits8", "--samples", "16", "--n-train", "200", "--n-test", "32",
+    "--vae-epochs", "2", "--epochs", "1", "--robust-epochs", "1", "--robust-steps", "2",
+    "--methods", "gradient,smoothgrad,ig_path", "--quiet",
+]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("align")
+    cache, out = root / "cache", root / "out"
+    torch.set_num_threads(1)
+    res = CliRunner().invoke(main, ["align", *TINY, "--out", str(out), "--cache-dir", str(cache)])
+    assert res.exit_code == 0, res.output
+    return root, cache, out, res
+
+
+def test_align_writes_report_metrics_and_figures(first_run):
+    _, _, out, res = first_run
+    for name in ("report.html", "metrics.json", "density.png", "tangent_mass.png", "parts_standard.png", "parts_robust.png"):
+        assert (out / name).stat().st_size > 0, name
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["k"] == 10 and m["d"] == 64
+    assert m["baseline"] == pytest.approx((10 / 64) ** 0.5)
+    assert set(m["scores"]) == {"standard", "robust"}
+    for per in m["scores"].values():
+        assert set(per) == {"gradient", "smoothgrad", "integrated_gradients_path", "random"}
+        for s in per.values():
+            assert 0.0 <= s["mean"] <= 1.0 and s["n"] == 16
+    for info in m["models"].values():
+        assert 0.0 <= info["accuracy"] <= 1.0
+    html = (out / "report.html").read_text()
+    assert "smoothgrad" in html and "report: " in res.output
+
+
+def test_rerun_reuses_models_and_attributions(first_run):
+    root, cache, out, _ = first_run
+    before = json.loads((out / "metrics.json").read_text())
+    out2 = root / "out2"
+    res = CliRunner().invoke(main, ["align", *TINY, "--out", str(out2), "--cache-dir", str(cache)])
+    assert res.exit_code == 0, res.output
+    after = json.loads((out2 / "metrics.json").read_text())
+    assert after["generative"]["cached"] is True
+    assert all(info["cached"] for info in after["models"].values())
+    assert after["scores"] == before["scores"]
+    # attribution timings come from the cache, so they are identical, not re-measured
+    assert after["timings"]["attribution_seconds"] == before["timings"]["attribution_seconds"]
+
+
+def test_missing_dataset_file_is_a_clear_error(tmp_path):
+    res = CliRunner().invoke(main, ["align", "--dataset", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "o"), "--quiet"])
+    assert res.exit_code == 2
+    assert "error:" in res.output and "nope.npz" in res.output
+
+
+class Blob(dict):
+    """A picklable object that torch.load(weights_only=True) refuses."""
+
+
+def test_untrusted_pickle_needs_opt_in(tmp_path):
+    path = tmp_path / "mnist32.pt"
+    torch.save((torch.zeros(2, 1, 32, 32), torch.zeros(2, dtype=torch.long), Blob()), path)
+    res = CliRunner().invoke(main, ["align", "--dataset", str(path), "--out", str(tmp_path / "o"), "--quiet",
+                                    "--cache-dir", str(tmp_path / "c")])
+    assert res.exit_code == 2
+    assert "--trust-pickle" in res.output
+
+
+def test_unknown_method_lists_choices(tmp_path):
+    res = CliRunner().invoke(main, ["align", *TINY, "--methods", "gradient,nonsense", "--out", str(tmp_path / "o"),
+                                    "--cache-dir", str(tmp_path / "c")])
+    assert res.exit_code == 2
+    assert "nonsense" in res.output and "integrated_gradients" in res.output
+
+
+def test_methods_command_lists_registry():
+    res = CliRunner().invoke(main, ["methods"])
+    assert res.exit_code == 0
+    assert "smoothgrad" in res.output and "aliases" in res.output
+
+
+def test_help_teaches():
+    res = CliRunner().invoke(main, ["align", "--help"])
+    assert res.exit_code == 0
+    assert "tangent space" in res.output and "--trust-pickle" in res.output
