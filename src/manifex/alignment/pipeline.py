@@ -46,11 +46,11 @@ class AlignConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     n_samples: int = 300
     classifier: str = "lenet"
-    classifier_epochs: int = 3
+    classifier_epochs: int = 10
     robust: bool = True
     robust_epochs: int = 2
-    robust_steps: int = 10
-    robust_epsilons: tuple[float, ...] = (1.0, 4.0, 8.0)
+    robust_steps: int = 7
+    robust_epsilons: tuple[float, ...] = (0.5, 1.0, 2.0)
     generative: str = "vae"
     latent_dim: int = 10
     generative_epochs: int = 20

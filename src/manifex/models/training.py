@@ -149,6 +149,12 @@ def _run_epochs(
         if sched is not None and "scheduler" in partial:
             sched.load_state_dict(partial["scheduler"])
         start, history = int(partial["epoch"]), list(partial["history"])
+        # Restore the global RNG stream (dropout masks, VAE noise) so a resumed run matches an uninterrupted one.
+        if "rng_state" in partial:
+            torch.set_rng_state(partial["rng_state"])
+        cuda_states = partial.get("cuda_rng_state")
+        if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
     dev = next(model.parameters()).device
     t0 = time.perf_counter()
     for epoch in range(start, epochs):
@@ -170,7 +176,12 @@ def _run_epochs(
             sched.step()
         history.append(total / max(count, 1))
         if cache is not None and epoch + 1 < epochs:
-            payload = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history}
+            payload = {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history,
+                "rng_state": torch.get_rng_state(),
+            }
+            if torch.cuda.is_available():
+                payload["cuda_rng_state"] = torch.cuda.get_rng_state_all()
             if sched is not None:
                 payload["scheduler"] = sched.state_dict()
             cache.save(name, key, payload, partial=True)
