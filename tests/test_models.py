@@ -125,7 +125,7 @@ def test_lenet_too_small_image() -> None:
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 16, 16), (3, 16, 16), (1, 32, 32)], ids=lambda s: "x".join(map(str, s)))
 def test_vae_interface(shape: tuple[int, int, int]) -> None:
     torch.manual_seed(0)
-    vae = VAE(shape, latent_dim=5).eval()
+    vae = VAE(shape, latent_dim=5).eval().requires_grad_(False)
     assert vae.latent_dim == 5 and vae.image_shape == shape
     x = torch.rand(4, *shape)
     z = vae.encode(x)
@@ -225,7 +225,7 @@ def test_vae_kl_term_nonnegative(digits: ImageDataset) -> None:
 @pytest.mark.parametrize("shape,channels", [((1, 16, 16), 4), ((3, 32, 32), 2), ((1, 8, 12), 3)])
 def test_conv_autoencoder_flattened_spatial_latent(shape: tuple[int, int, int], channels: int) -> None:
     torch.manual_seed(0)
-    ae = build_generative(GenerativeConfig("autoencoder", shape, channels)).eval()
+    ae = build_generative(GenerativeConfig("autoencoder", shape, channels)).eval().requires_grad_(False)
     assert isinstance(ae, ConvAutoencoder)
     c, h, w = shape
     assert ae.latent_dim == channels * (h // 4) * (w // 4)
@@ -444,3 +444,33 @@ def test_generative_training_resumes_after_interrupt(tmp_path, monkeypatch: pyte
     ref, ref_info = get_generative(digits, "vae", 3, cfg, cache=ModelCache(tmp_path / "ref"), progress=False)
     assert info["history"] == ref_info["history"]
     assert _state_equal(model, ref)
+
+
+def test_fit_classifier_default_key_never_resumes_another_run(tmp_path, monkeypatch: pytest.MonkeyPatch, digits: ImageDataset, digits_other: ImageDataset) -> None:
+    """fit_classifier with a cache but no key: a partial checkpoint is resumed only by the same data and model."""
+    cfg = TrainConfig(epochs=2, batch_size=50)
+    cache = ModelCache(tmp_path)
+
+    def fresh(arch: str = "mlp") -> nn.Module:
+        torch.manual_seed(0)
+        return build_classifier(ClassifierConfig(arch, (1, 8, 8), 10))
+
+    with monkeypatch.context() as mp:
+        _interrupt_at_epoch(mp, 2)
+        with pytest.raises(KeyboardInterrupt):
+            fit_classifier(fresh(), digits, cfg, cache=cache, progress=False)
+    (partial,) = tmp_path.glob("*.partial.pt")
+    first_epoch = torch.load(partial, weights_only=True)["history"]
+    # Other data (or another architecture) with the same TrainConfig trains from scratch.
+    other = fit_classifier(fresh(), digits_other, cfg, cache=cache, progress=False)
+    assert other["history"] == fit_classifier(fresh(), digits_other, cfg, progress=False)["history"]
+    assert other["history"][0] != first_epoch[0]
+    fit_classifier(fresh("lenet"), digits, cfg, cache=cache, progress=False)
+    # The same run resumes, and finishing removes its partial checkpoint.
+    model = fresh()
+    resumed = fit_classifier(model, digits, cfg, cache=cache, progress=False)
+    assert resumed["history"][0] == first_epoch[0] and len(resumed["history"]) == 2
+    ref = fresh()
+    assert resumed["history"] == fit_classifier(ref, digits, cfg, progress=False)["history"]
+    assert _state_equal(model, ref)
+    assert not list(tmp_path.glob("*.partial.pt"))

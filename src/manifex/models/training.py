@@ -120,6 +120,14 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     raise InputError(f"optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}.")
 
 
+def _default_key(cfg: TrainConfig | GenerativeTrainConfig, model: nn.Module, data: ImageDataset) -> str:
+    """Checkpoint key when the caller gives none: training config, architecture, initial weights and data,
+    so that a partial checkpoint is only ever resumed by the same training run."""
+    from .zoo import state_fingerprint  # zoo imports this module
+
+    return cache_key(cfg.to_dict(), type(model).__name__, state_fingerprint(model), data.fingerprint())
+
+
 def _batches(n: int, batch_size: int, g: torch.Generator) -> list[torch.Tensor]:
     return list(torch.randperm(n, generator=g).split(batch_size))
 
@@ -185,6 +193,8 @@ def _run_epochs(
             if sched is not None:
                 payload["scheduler"] = sched.state_dict()
             cache.save(name, key, payload, partial=True)
+    if cache is not None:
+        cache.path(name, key, partial=True).unlink(missing_ok=True)  # finished: nothing left to resume
     model.eval()
     return {"history": history, "train_seconds": time.perf_counter() - t0}
 
@@ -219,7 +229,7 @@ def fit_classifier(
 
     return _run_epochs(
         model, data, epochs=cfg.epochs, batch_size=cfg.batch_size, opt=opt, sched=sched, step_loss=step_loss,
-        seed=cfg.seed, cache=cache, name=name, key=key or cache_key(cfg.to_dict()), progress=progress,
+        seed=cfg.seed, cache=cache, name=name, key=key or _default_key(cfg, model, data), progress=progress,
         desc="robust classifier" if adv else "classifier",
     )
 
@@ -244,7 +254,7 @@ def fit_generative(
 
     return _run_epochs(
         model, data, epochs=cfg.epochs, batch_size=cfg.batch_size, opt=opt, sched=None, step_loss=step_loss,
-        seed=cfg.seed, cache=cache, name=name, key=key or cache_key(cfg.to_dict()), progress=progress, desc="generative model",
+        seed=cfg.seed, cache=cache, name=name, key=key or _default_key(cfg, model, data), progress=progress, desc="generative model",
     )
 
 
