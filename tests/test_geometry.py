@@ -377,7 +377,8 @@ def test_alignment_accepts_plain_tensors_and_basis_tensor(tangent):
 
 @pytest.mark.parametrize(
     "shape",
-    [(16, 1, 16, 16), (15, 1, SIDE, SIDE), (16, 3, SIDE, SIDE), (16,)],
+    # (N, H, W, 1) is channels-last: same size, other layout, so it must be refused, not reshaped
+    [(16, 1, 16, 16), (15, 1, SIDE, SIDE), (16, 3, SIDE, SIDE), (16,), (16, SIDE, SIDE, 1)],
 )
 def test_alignment_wrong_shape_raises_input_error(tangent, shape):
     with pytest.raises(InputError):

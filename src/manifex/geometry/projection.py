@@ -32,7 +32,8 @@ def _check_attribution(E: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     check_tensor(E, "attribution E", min_ndim=2)
     expected = (basis.shape[0], *basis.shape[2:])
     if tuple(E.shape) != expected:
-        if E.shape[0] == basis.shape[0] and E[0].numel() == math.prod(basis.shape[2:]):
+        # Accept only the flat form (N, d); any other reshape (e.g. channels-last) would silently scramble pixels.
+        if E.dim() == 2 and E.shape[0] == basis.shape[0] and E.shape[1] == math.prod(basis.shape[2:]):
             return check_finite(E.reshape(expected), "attribution E")
         raise InputError(
             f"attribution E must have shape {expected} (one attribution per tangent space, shaped like the "

@@ -76,11 +76,38 @@ def _plan(n: int, k: int, max_rows: int) -> tuple[int, int]:
     return 1, max_rows
 
 
+def _jvp_rows(decoder: Decoder, zb: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+    """Directional derivatives of ``decoder`` at ``zb`` (nb, k) along ``dirs`` (m, k): (nb, m, *x_shape).
+
+    First choice: ``vmap`` over the m directions, so the decoder's primal forward runs once per sample
+    (about 2× faster than repeating z). Decoders that vmap cannot trace fall back to stacking the
+    (sample, direction) pairs along the batch axis, which any batch-independent decoder supports.
+    """
+    nb, m = zb.shape[0], dirs.shape[0]
+    try:
+        jv = torch.func.vmap(lambda t: torch.func.jvp(decoder, (zb,), (t,))[1])(dirs[:, None, :].expand(m, nb, -1))
+        jv = jv.transpose(0, 1)
+    except Exception:
+        try:
+            x, flat = torch.func.jvp(decoder, (zb.repeat_interleave(m, dim=0),), (dirs.repeat(nb, 1),))
+        except Exception as e:  # the decoder is arbitrary user code: translate into a clear error
+            raise ModelError(
+                f"forward-mode differentiation of the decoder failed ({type(e).__name__}: {e}); the decoder must be "
+                "a differentiable torch function of z (no NumPy, no in-place ops on inputs, no .item())."
+            ) from e
+        if not isinstance(flat, torch.Tensor) or flat.shape[0] != nb * m:
+            raise ModelError("the decoder must map z (N, k) to a batch-first tensor (N, ...).")
+        jv = flat.reshape(nb, m, *flat.shape[1:])
+    if jv.dim() < 2 or jv.shape[0] != nb:
+        raise ModelError("the decoder must map z (N, k) to a batch-first tensor (N, ...).")
+    return jv.detach()
+
+
 def decoder_jacobian(decoder: Decoder, z: torch.Tensor, *, max_rows: int = 256, progress: bool = False) -> torch.Tensor:
     """Jacobian rows ``J[i, j] = ∂decoder(z_i)/∂z_ij`` as a tensor (N, k, *x_shape), by forward-mode AD.
 
-    Each forward pass stacks (sample, direction) pairs along the batch axis and pushes one-hot tangents
-    through ``torch.func.jvp``; ``max_rows`` bounds that batch, hence the memory of a pass.
+    Each pass pushes one-hot tangents through ``torch.func.jvp`` for a chunk of (sample, direction) pairs;
+    ``max_rows`` bounds the pairs per pass, hence the memory of a pass.
     The decoder must treat batch rows independently (e.g. BatchNorm in eval mode).
     """
     check_tensor(z, "z", ndim=2)
@@ -101,20 +128,10 @@ def decoder_jacobian(decoder: Decoder, z: torch.Tensor, *, max_rows: int = 256, 
         zb = z[b0 : b0 + per_batch].detach()
         dirs = eye[j0 : j0 + per_dir]
         nb, m = zb.shape[0], dirs.shape[0]
-        primal = zb.repeat_interleave(m, dim=0)
-        tangent = dirs.repeat(nb, 1)
-        try:
-            x, jv = torch.func.jvp(decoder, (primal,), (tangent,))
-        except Exception as e:  # the decoder is arbitrary user code: translate into a clear error
-            raise ModelError(
-                f"forward-mode differentiation of the decoder failed ({type(e).__name__}: {e}); the decoder must be "
-                "a differentiable torch function of z (no NumPy, no in-place ops on inputs, no .item())."
-            ) from e
-        if not isinstance(x, torch.Tensor) or x.shape[0] != primal.shape[0]:
-            raise ModelError("the decoder must map z (N, k) to a batch-first tensor (N, ...).")
+        jv = _jvp_rows(decoder, zb, dirs)
         if out is None:
-            out = torch.empty((n, k, *x.shape[1:]), dtype=jv.dtype, device=jv.device)
-        out[b0 : b0 + nb, j0 : j0 + m] = jv.detach().reshape(nb, m, *x.shape[1:])
+            out = torch.empty((n, k, *jv.shape[2:]), dtype=jv.dtype, device=jv.device)
+        out[b0 : b0 + nb, j0 : j0 + m] = jv
     assert out is not None
     return out
 
