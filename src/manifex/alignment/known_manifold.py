@@ -7,9 +7,11 @@ max(p)², label = argmax p. The dataset stores X, Y and Z; tangent spaces follow
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -55,6 +57,39 @@ class KnownManifold:
     generative: GenerativeModel
     labeler_accuracy: float
     acceptance_rate: float
+    size: int | None = None  # None: the decoder's own resolution; else bilinear upsampling to size×size
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z (N, k) → images (N, C, H, W) of this dataset (upsampled when ``size`` is set)."""
+        x = self.generative.decode(z)
+        if self.size is not None:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return x
+
+    def upsampled(self, size: int = 256) -> "KnownManifold":
+        """The MNIST256 variant: the same latent codes and labels, images and decoder upsampled bilinearly.
+
+        Images are materialised (N·size² floats each split); tangent spaces are recomputed on demand by
+        :meth:`tangent_space` rather than stored (10 × 65,536 floats per image at 256×256).
+        """
+        if size < 1:
+            raise InputError(f"size must be positive, got {size}.")
+        up = lambda t: F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)  # noqa: E731
+        with torch.no_grad():
+            train = replace(self.train, x=up(self.train.x), name=f"{self.train.name}-{size}")
+            test = replace(self.test, x=up(self.test.x), name=f"{self.test.name}-{size}")
+        return replace(self, train=train, test=test, size=size)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``x_train, y_train, z_train, x_test, y_test, z_test`` to an ``.npz`` (no pickles)."""
+        path = Path(path)
+        arrays = {}
+        for split, data in (("train", self.train), ("test", self.test)):
+            arrays[f"x_{split}"] = data.x.numpy()
+            arrays[f"y_{split}"] = data.y.numpy()
+            arrays[f"z_{split}"] = data.z.numpy()
+        np.savez_compressed(path, **arrays)
+        return path
 
     @property
     def latent_dim(self) -> int:
@@ -66,7 +101,7 @@ class KnownManifold:
         if data.z is None:
             raise InputError(f"dataset {data.name!r} stores no latent codes z; tangent spaces need a generated dataset.")
         dev = next(self.generative.parameters()).device
-        return tangent_space(self.generative.decode, data.z.to(dev), **kwargs)
+        return tangent_space(self.decode, data.z.to(dev), **kwargs)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..attribution import canonical_method, make_explainer
 from ..data import ImageDataset, load_dataset
-from ..errors import InputError
+from ..errors import InputError, check_pixel_range
 from ..geometry import TangentSpace, alignment, decompose, random_baseline, tangent_mass, tangent_space
 from ..models import (
     AdversarialConfig,
@@ -116,6 +116,7 @@ def run_alignment(cfg: AlignConfig = AlignConfig(), *, cache: ModelCache | None 
                                                 device=cfg.device, progress=progress)
         model_info["robust"] = {"accuracy": accuracy(models["robust"], test), **info}
 
+    check_pixel_range(test.x, f"images of {cfg.dataset}")  # the classifiers and VAE work on [0, 1]
     n = min(cfg.n_samples, len(test))
     sample = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed))[:n])
     x, y = sample.x.to(cfg.device), sample.y.to(cfg.device)
