@@ -136,14 +136,15 @@ def make_known_manifold(
     """Sample a labelled dataset from ``generative``'s decoder (cached by generator weights and config)."""
     key = cache_key(config.to_dict(), state_fingerprint(generative), real.fingerprint())
     generative.eval()
+    dev = next(generative.parameters()).device
     hit = cache.load("known-manifold", key) if cache is not None else None
     if hit is None:
         with torch.no_grad():
-            recon = ImageDataset(torch.cat([generative.reconstruct(real.x[i : i + 512]) for i in range(0, len(real), 512)]),
+            recon = ImageDataset(torch.cat([generative.reconstruct(real.x[i : i + 512].to(dev)).cpu() for i in range(0, len(real), 512)]),
                                  real.y, name=f"{real.name}-reconstructions", classes=real.classes)
         fit, val = recon.split(0.1, seed=config.seed)
         labeler, _ = get_classifier(fit, config.labeler_arch, TrainConfig(epochs=config.labeler_epochs, seed=config.seed),
-                                    cache=cache, progress=progress)
+                                    cache=cache, device=dev, progress=progress)
         acc = accuracy(labeler, val)
         g = torch.Generator().manual_seed(config.seed)
         x, y, z, rate = _sample(generative, labeler, config.n_train + config.n_test, config.batch_size, g, progress, "sampling known-manifold data")

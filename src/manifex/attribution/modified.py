@@ -146,10 +146,14 @@ class GradCAM(Explainer):
             with torch.no_grad():  # discover the layer's output shape and check it is usable
                 self.model(x)
             self._check_layer_outputs(outputs)
-            shape = outputs[0].shape
-            outputs.clear()
-            probe.append(torch.zeros(shape, dtype=outputs_dtype(shape, x), device=x.device, requires_grad=True))
-            grad, _ = target_gradient(lambda p: self.model(x), probe[0], target, create_graph=create_graph)
+            first = outputs.pop()
+
+            def run(p: torch.Tensor) -> torch.Tensor:  # target_gradient passes its own leaf copy of the probe
+                probe[:] = [p]
+                return self.model(x)
+
+            zeros = torch.zeros(first.shape, dtype=first.dtype, device=first.device)
+            grad, _ = target_gradient(run, zeros, target, create_graph=create_graph)
         finally:
             handle.remove()
         self._check_layer_outputs(outputs)
@@ -186,10 +190,6 @@ class GradCAM(Explainer):
 
     def __repr__(self) -> str:
         return f"GradCAM(layer={self.layer_name!r}, relu={self.relu}, upsample_mode={self.upsample_mode!r})"
-
-
-def outputs_dtype(shape: torch.Size, x: torch.Tensor) -> torch.dtype:
-    return x.dtype
 
 
 class _GradCAMLayerMap(Explainer):
