@@ -19,19 +19,23 @@ __all__ = ["GuidedBackprop", "GradCAM"]
 
 
 class _PositiveGradient(torch.autograd.Function):
-    """Identity forward; backward lets only positive gradients through (the guided-backprop rule).
+    """Identity forward; backward lets only positive gradients through (the guided-backprop rule), but only
+    while ``patch`` is active, i.e. during the backward pass that computes the explanation.
 
-    The backward is built from differentiable ops, so ``create_graph=True`` can differentiate through it.
+    Differentiating the explanation afterwards (``create_graph=True``) must see the network's true
+    Jacobian in the forward graph: a rule that also fired in that second pass would clamp second-order
+    gradients too, giving a wrong derivative. The clamp recorded in the first pass stays differentiable.
     The forward returns a copy so that later in-place ops on the activation cannot corrupt the graph.
     """
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, y: torch.Tensor, patch: ReLUPatch) -> torch.Tensor:
+        ctx.patch = patch
         return y.clone()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.clamp(min=0)
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return (grad.clamp(min=0) if ctx.patch.active else grad), None
 
 
 class _GuidedReLU(ReLUPatch):
@@ -40,11 +44,11 @@ class _GuidedReLU(ReLUPatch):
     relu_types = (nn.ReLU, SmoothReLU)
 
     def _module_output(self, module, x, y):
-        return _PositiveGradient.apply(y)
+        return _PositiveGradient.apply(y, self)
 
     def _functional_output(self, x):
         # F.relu dispatches to any mode below ours, e.g. an enclosing beta_smooth turns it into softplus.
-        return _PositiveGradient.apply(F.relu(x))
+        return _PositiveGradient.apply(F.relu(x), self)
 
 
 class GuidedBackprop(Explainer):
@@ -55,9 +59,10 @@ class GuidedBackprop(Explainer):
     them), or raise ModelError (``"error"``), or stay plain (``"ignore"``). Inside ``beta_smooth`` (or on a
     :func:`beta_smoothed` copy) the rule applies to the softplus: ``σ(β z) · max(g, 0)``.
 
-    Second order: ``create_graph=True`` works, but on a ReLU network the result is piecewise constant in
-    ``x`` (its derivative is zero almost everywhere), exactly like the plain gradient; it is meaningful
-    under β-smoothing, where it is smooth except where an upstream gradient changes sign.
+    Second order: with ``create_graph=True`` the result is the exact derivative of the map x ↦ GBP(x) (the
+    rule acts only in the backward pass that computes the explanation). On a ReLU network that map is
+    piecewise constant, so its derivative is zero almost everywhere, as for the plain gradient; under
+    β-smoothing it is smooth except where an upstream gradient changes sign (a kink of the max(g, 0)).
     """
 
     name = "guided_backprop"
@@ -78,12 +83,12 @@ class GuidedBackprop(Explainer):
         return f"GuidedBackprop(functional={self.functional!r})"
 
 
-def _layer_candidates(model: nn.Module, limit: int = 12) -> str:
-    """Some valid layer names, convolutional layers first (the last one is the usual Grad-CAM layer)."""
+def _layer_candidates(model: nn.Module, limit: int = 12, conv_only: bool = False) -> str:
+    """Some valid layer names, convolutional layers first, last one first (the usual Grad-CAM layer)."""
     named = [(n, m) for n, m in model.named_modules() if n]
     conv = [f"{n} ({type(m).__name__})" for n, m in named if isinstance(m, nn.modules.conv._ConvNd)]
     other = [f"{n} ({type(m).__name__})" for n, m in named if not isinstance(m, nn.modules.conv._ConvNd)]
-    names = conv[::-1] + other
+    names = conv[::-1] + ([] if conv_only and conv else other)
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more if names else "(the model has no submodules)"
 
@@ -174,7 +179,7 @@ class GradCAM(Explainer):
         if out.dim() != 4:
             raise ModelError(
                 f"Grad-CAM needs a convolutional layer with output (N, C, h, w), but {where} outputs shape "
-                f"{tuple(out.shape)}; choose a convolutional layer, e.g. one of: {_layer_candidates(self.model, 6)}."
+                f"{tuple(out.shape)}; choose a convolutional layer, e.g. one of: {_layer_candidates(self.model, 6, conv_only=True)}."
             )
 
     def _attribute(self, x, target, create_graph):

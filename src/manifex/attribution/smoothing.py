@@ -154,7 +154,7 @@ class ReLUPatch:
                 self._handles.append(module.register_forward_pre_hook(self._push))
                 self._handles.append(module.register_forward_hook(self._pop, always_call=True, prepend=True))
             if isinstance(module, self.relu_types):
-                self._handles.append(module.register_forward_pre_hook(self._save_input))
+                self._handles.append(module.register_forward_pre_hook(self._save_input, with_kwargs=True))
                 self._handles.append(module.register_forward_hook(self._replace_output))
 
     def remove(self) -> None:
@@ -191,13 +191,20 @@ class ReLUPatch:
         if not self._stack:
             self._exit_mode()
 
-    def _save_input(self, module: nn.Module, args: tuple) -> tuple | None:
-        if not args or not isinstance(args[0], torch.Tensor):
+    def _save_input(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if args and isinstance(args[0], torch.Tensor):
+            x = args[0]
+        elif isinstance(kwargs.get("input"), torch.Tensor):
+            x = kwargs["input"]
+        else:
             return None
-        self._saved_inputs.setdefault(id(module), []).append(args[0])
-        if getattr(module, "inplace", False):
-            return (args[0].clone(), *args[1:])  # let the in-place ReLU overwrite a copy
-        return None
+        self._saved_inputs.setdefault(id(module), []).append(x)
+        if not getattr(module, "inplace", False):
+            return None
+        # let the in-place ReLU overwrite a copy: the replacement is computed from the untouched input
+        if args and args[0] is x:
+            return (x.clone(), *args[1:]), kwargs
+        return args, {**kwargs, "input": x.clone()}
 
     def _replace_output(self, module: nn.Module, args: tuple, output: Any) -> Any:
         saved = self._saved_inputs.get(id(module))
@@ -211,7 +218,8 @@ class ReLUPatch:
             return func(*args, **kwargs)
         if self.functional == "error":
             name = self._names.get(id(inner), "?") if inner is not None else "?"
-            raise ModelError(_functional_message([_describe(name, inner)] if inner is not None else ["?"]))
+            where = [_describe(name, inner)] if inner is not None else ["?"]
+            raise ModelError(_functional_message(where, "pass functional='handle', which swaps functional calls too"))
         x = args[0]
         if func in _INPLACE_RELU_FUNCTIONS or kwargs.get("inplace", False):
             x.copy_(self._functional_output(x.clone()))  # in-place semantics, graph through the clone
@@ -219,11 +227,11 @@ class ReLUPatch:
         return self._functional_output(x)
 
 
-def _functional_message(where: list[str]) -> str:
+def _functional_message(where: list[str], alternative: str) -> str:
     return (
         f"the forward of {', '.join(where)} calls a functional ReLU (F.relu / torch.relu / Tensor.relu / relu_) "
         "that module hooks cannot see; make it an nn.ReLU module (self.act = nn.ReLU() in __init__, "
-        "self.act(x) in forward), or use beta_smooth(..., functional='handle') which swaps functional calls too."
+        f"self.act(x) in forward), or {alternative}."
     )
 
 
@@ -304,7 +312,8 @@ def beta_smoothed(model: nn.Module, beta: float, *, threshold: float = 20.0, exa
         calls = functional_relu_calls(smoothed, example_input)
         if calls:
             named = dict(smoothed.named_modules())
-            raise ModelError(_functional_message([_describe(n, named[n]) for n in calls]))
+            where = [_describe(n, named[n]) for n in calls]
+            raise ModelError(_functional_message(where, "use `with beta_smooth(model, beta):`, which swaps functional calls too"))
     return smoothed
 
 
