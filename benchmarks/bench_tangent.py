@@ -32,31 +32,20 @@ import torch.nn.functional as F
 
 try:
     from manifex.geometry import alignment, decompose, decoder_jacobian, tangent_space
+    from manifex.models import VAE
+    from manifex.alignment import upsampled_decoder
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
     from manifex.geometry import alignment, decompose, decoder_jacobian, tangent_space
+    from manifex.models import VAE
+    from manifex.alignment import upsampled_decoder
 
 
-class VAEDecoder(nn.Module):
-    def __init__(self, k: int = 10, upsample: int | None = None):
-        super().__init__()
-        self.fc = nn.Sequential(
-            nn.Linear(k, 256), nn.ReLU(),
-            nn.Linear(256, 256), nn.ReLU(),
-            nn.Linear(256, 512), nn.ReLU(),
-        )
-        self.deconv = nn.Sequential(
-            nn.ConvTranspose2d(32, 32, 4, stride=2, padding=1), nn.ReLU(),
-            nn.ConvTranspose2d(32, 32, 4, stride=2, padding=1), nn.ReLU(),
-            nn.ConvTranspose2d(32, 1, 4, stride=2, padding=1),
-        )
-        self.upsample = upsample
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = torch.sigmoid(self.deconv(self.fc(z).view(-1, 32, 4, 4)))
-        if self.upsample is not None:
-            x = F.interpolate(x, size=self.upsample, mode="bilinear", align_corners=False)
-        return x
+def make_decoders(k: int) -> tuple[nn.Module, object]:
+    """The seed's VAE decoder (manifex's VAE, random init) and the same followed by bilinear upsampling to 256."""
+    torch.manual_seed(0)
+    dec = VAE((1, 32, 32), latent_dim=k).decoder.eval()
+    return dec, upsampled_decoder(dec, 256)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -160,9 +149,7 @@ def main() -> None:
     print()
 
     torch.manual_seed(args.seed)
-    dec32 = VAEDecoder(k).eval()
-    dec256 = VAEDecoder(k, upsample=256).eval()
-    dec256.load_state_dict(dec32.state_dict())  # same weights, plus the upsampling
+    dec32, dec256 = make_decoders(k)
     z32 = torch.randn(n32, k)
     z256 = torch.randn(n256, k)
 

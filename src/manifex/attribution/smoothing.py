@@ -90,7 +90,8 @@ class _FunctionalReLUMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _RELU_FUNCTIONS:
+        # a mode orphaned on the stack (its patch gone, or another mode left on top of it) stays inert
+        if func in _RELU_FUNCTIONS and self.patch._mode is self:
             return self.patch._on_functional(func, args, kwargs)
         return func(*args, **kwargs)
 
@@ -120,6 +121,7 @@ class ReLUPatch:
         self._saved_inputs: dict[int, list[torch.Tensor]] = {}
         self._mode: _FunctionalReLUMode | None = None
         self._names: dict[int, str] = {}
+        self._active = False
 
     # -- overridden by subclasses ---------------------------------------------------------------------
     def _module_output(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -131,11 +133,13 @@ class ReLUPatch:
     # -- installation ---------------------------------------------------------------------------------
     @property
     def active(self) -> bool:
-        return bool(self._handles)
+        """True between ``__enter__`` and ``__exit__`` (hooks installed)."""
+        return self._active
 
     def __enter__(self) -> "ReLUPatch":
         if self.active:
             raise RuntimeError(f"this {type(self).__name__} is already active; patches are not re-entrant.")
+        self._active = True
         try:
             self._install()
         except BaseException:
@@ -162,6 +166,7 @@ class ReLUPatch:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._active = False
         self._stack.clear()
         self._saved_inputs.clear()
         self._exit_mode()
