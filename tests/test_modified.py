@@ -10,15 +10,13 @@ per-example targets, model state unchanged after success and after errors), then
 """
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from manifex.attribution import Gradient
-from manifex.attribution.modified import GradCAM, GuidedBackprop
+from manifex.attribution.modified import GradCAM, GuidedBackprop, last_conv_layer
 from manifex.attribution.smoothing import (
     BetaSmoothing,
     SmoothedExplainer,
@@ -106,7 +104,7 @@ class Block(nn.Module):
 
 
 def functional_and_module_nets(call: str) -> tuple[nn.Module, nn.Module]:
-    """Two nets sharing weights: ``block`` calls a functional ReLU / the same layers with ``nn.ReLU``."""
+    """Two nets sharing weights: blocks "1" and "2" call functional ReLUs / the same layers with ``nn.ReLU``."""
     mlp = make_mlp()
     functional = nn.Sequential(nn.Flatten(), Block(mlp[1], call), Block(mlp[3], "F.relu"), mlp[5])
     return functional, mlp
@@ -400,6 +398,9 @@ def test_gradcam_layer_by_name_or_module_and_repr():
     # an in-place ReLU after the layer must not overwrite the activations Grad-CAM reads
     torch.testing.assert_close(GradCAM(make_cnn(inplace=True), "2")(x, y), GradCAM(net, "2")(x, y), **TIGHT)
     assert "layer='2'" in repr(GradCAM(net, net[2]))
+    assert last_conv_layer(net) == "2" and GradCAM(net).layer_name == "2"  # default: the last convolutional layer
+    with pytest.raises(InputError, match="no convolutional layer"):
+        GradCAM(make_mlp())
 
 
 def test_guided_backprop_handles_functional_relus():

@@ -8,7 +8,7 @@ Systems on top: :mod:`manifex.alignment` (more to come). The CLI (``manifex``) i
 >>> E = manifex.explain(model, x, target=y, method="smoothgrad")
 >>> manifex.alignment(E, T)                              # (N,) scores in [0, 1]; compare random_baseline(k, d)
 """
-from .attribution import explain, make_explainer
+from .attribution import beta_smooth, beta_smoothed, explain, make_explainer
 from .errors import DataError, InputError, ManifexError, ModelError, RankDeficientWarning
 from .geometry import (
     TangentSpace,
@@ -24,7 +24,7 @@ from .geometry import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "explain", "make_explainer",
+    "explain", "make_explainer", "beta_smooth", "beta_smoothed",
     "DataError", "InputError", "ManifexError", "ModelError", "RankDeficientWarning",
     "TangentSpace", "alignment", "decompose", "estimate_dimension", "project", "random_baseline", "tangent_mass",
     "tangent_space", "__version__",

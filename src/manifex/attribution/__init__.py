@@ -1,10 +1,24 @@
 """Attribution engine: explainers sharing one gradient path (``target_gradient``) and a registry."""
 from .core import Target, preserve_model_state, select_target, target_gradient
 from .methods import Explainer, Gradient, InputXGradient, IntegratedGradients, SmoothGrad, integration_rule
+from .modified import GradCAM, GuidedBackprop, last_conv_layer
+from .smoothing import (
+    BetaSmoothing,
+    SmoothedExplainer,
+    SmoothReLU,
+    beta_smooth,
+    beta_smoothed,
+    count_relus,
+    functional_relu_calls,
+    set_smooth_beta,
+)
 from .registry import ALIASES, METHODS, canonical_method, explain, make_explainer, method_names
 
 __all__ = [
     "Target", "preserve_model_state", "select_target", "target_gradient",
     "Explainer", "Gradient", "InputXGradient", "IntegratedGradients", "SmoothGrad", "integration_rule",
+    "GradCAM", "GuidedBackprop", "last_conv_layer",
+    "BetaSmoothing", "SmoothedExplainer", "SmoothReLU", "beta_smooth", "beta_smoothed", "count_relus",
+    "functional_relu_calls", "set_smooth_beta",
     "ALIASES", "METHODS", "canonical_method", "explain", "make_explainer", "method_names",
 ]

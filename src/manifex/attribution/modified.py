@@ -15,7 +15,7 @@ from .core import Target, target_gradient
 from .methods import Explainer, Model
 from .smoothing import FunctionalPolicy, ReLUPatch, SmoothReLU
 
-__all__ = ["GuidedBackprop", "GradCAM"]
+__all__ = ["GuidedBackprop", "GradCAM", "last_conv_layer"]
 
 
 class _PositiveGradient(torch.autograd.Function):
@@ -93,11 +93,23 @@ def _layer_candidates(model: nn.Module, limit: int = 12, conv_only: bool = False
     return ", ".join(names[:limit]) + more if names else "(the model has no submodules)"
 
 
+def last_conv_layer(model: nn.Module) -> str:
+    """Qualified name of the last convolutional module in registration order (the usual Grad-CAM layer).
+
+    Registration order is usually, not necessarily, execution order; name the layer when in doubt.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    if not names:
+        raise InputError(f"the model has no convolutional layer; pass GradCAM a layer explicitly: {_layer_candidates(model)}.")
+    return names[-1]
+
+
 UpsampleMode = Literal["bilinear", "bicubic", "nearest", "area"]
 
 
 class GradCAM(Explainer):
-    """Grad-CAM (Selvaraju et al., 2017) at a convolutional ``layer`` (a submodule or its qualified name).
+    """Grad-CAM (Selvaraju et al., 2017) at a convolutional ``layer`` (a submodule or its qualified name;
+    default: :func:`last_conv_layer`).
 
     With ``A`` the layer output (N, C, h, w) and ``α_c`` the spatial mean of ∂score/∂A_c, the map is
     ``relu(Σ_c α_c A_c)`` (N, 1, h, w) (:meth:`layer_map`; ``relu=False`` keeps the sign). ``attribute``
@@ -109,13 +121,13 @@ class GradCAM(Explainer):
 
     name = "gradcam"
 
-    def __init__(self, model: Model, layer: nn.Module | str, *, relu: bool = True, upsample_mode: UpsampleMode = "bilinear") -> None:
+    def __init__(self, model: Model, layer: nn.Module | str | None = None, *, relu: bool = True, upsample_mode: UpsampleMode = "bilinear") -> None:
         super().__init__(model)
         if not isinstance(model, nn.Module):
             raise InputError(f"GradCAM reads an inner layer and needs an nn.Module, got {type(model).__name__}.")
         if upsample_mode not in ("bilinear", "bicubic", "nearest", "area"):
             raise InputError(f"upsample_mode must be 'bilinear', 'bicubic', 'nearest' or 'area', got {upsample_mode!r}.")
-        self.layer, self.layer_name = self._resolve_layer(model, layer)
+        self.layer, self.layer_name = self._resolve_layer(model, last_conv_layer(model) if layer is None else layer)
         self.relu, self.upsample_mode = relu, upsample_mode
 
     @staticmethod

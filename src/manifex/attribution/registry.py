@@ -9,6 +9,7 @@ import torch
 from ..errors import InputError
 from .core import Target
 from .methods import Explainer, Gradient, InputXGradient, IntegratedGradients, SmoothGrad
+from .modified import GradCAM, GuidedBackprop
 
 __all__ = ["METHODS", "ALIASES", "make_explainer", "explain", "method_names", "canonical_method"]
 
@@ -39,9 +40,14 @@ METHODS: dict[str, MethodSpec] = {
     "smoothgrad": MethodSpec(_smoothgrad, "SmoothGrad over the gradient (sigma absolute)", {"sigma": 0.02, "n_samples": 25}),
     "smoothgrad_sq": MethodSpec(_smoothgrad, "SmoothGrad² (mean of squared gradients)", {"sigma": 0.02, "n_samples": 25, "kind": "smoothgrad_sq"}),
     "vargrad": MethodSpec(_smoothgrad, "VarGrad (variance of noisy gradients)", {"sigma": 0.02, "n_samples": 25, "kind": "vargrad"}),
+    "guided_backprop": MethodSpec(GuidedBackprop, "Guided Backprop: only positive gradients pass each ReLU backward"),
+    "gradcam": MethodSpec(GradCAM, "Grad-CAM at a conv layer (layer=name or module; default the last conv), upsampled"),
 }
 
 ALIASES: dict[str, str] = {
+    "gbp": "guided_backprop",
+    "guidedbackprop": "guided_backprop",
+    "grad_cam": "gradcam",
     "grad": "gradient",
     "saliency": "gradient",
     "ixg": "input_x_gradient",
