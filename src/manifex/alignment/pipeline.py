@@ -135,14 +135,15 @@ def run_alignment(cfg: AlignConfig = AlignConfig(), *, cache: ModelCache | None 
         scores[model_name], parts[model_name], timings[model_name] = {}, {}, {}
         mkey = model_info[model_name]["key"]
         for method in tqdm(methods + ["random"], desc=f"attributions ({model_name})", disable=not progress, leave=False):
-            key = cache_key(mkey, data_key, method, cfg.seed)
+            explainer = None if method == "random" else make_explainer(model, method)
+            # repr(explainer) holds its options (steps, sigma, ...): changing a default invalidates the cache entry
+            key = cache_key(mkey, data_key, method, repr(explainer), cfg.seed)
             hit = cache.load("attribution", key)
             if hit is None:
                 t0 = time.perf_counter()
-                if method == "random":
+                if explainer is None:
                     E = torch.randn(x.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(x)
                 else:
-                    explainer = make_explainer(model, method)
                     E = torch.cat([explainer(x[i : i + cfg.batch_size], y[i : i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)])
                 hit = {"E": E.cpu(), "seconds": torch.tensor(time.perf_counter() - t0)}
                 cache.save_tensors("attribution", key, hit)

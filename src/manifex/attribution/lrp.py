@@ -419,6 +419,9 @@ def _has_own_parameters(module: nn.Module) -> bool:
 Selector = Union[type, tuple, str, "re.Pattern[str]", Callable[[str, nn.Module], bool]]
 
 
+_REGEX_SYNTAX = set("\\^$*+?{}[]|()")
+
+
 def _matches(selector: Selector, name: str, module: nn.Module) -> bool:
     if isinstance(selector, type) or (isinstance(selector, tuple) and all(isinstance(s, type) for s in selector)):
         return isinstance(module, selector)
@@ -427,10 +430,13 @@ def _matches(selector: Selector, name: str, module: nn.Module) -> bool:
     if isinstance(selector, str):
         if name == selector:
             return True
-        try:
-            return re.fullmatch(selector, name) is not None
-        except re.error:
-            return False
+        # a string with regex syntax (other than the dots of qualified names) is a pattern for the whole name
+        if _REGEX_SYNTAX & set(selector):
+            try:
+                return re.fullmatch(selector, name) is not None
+            except re.error:
+                return False
+        return False
     return bool(selector(name, module))
 
 
@@ -456,7 +462,8 @@ class Composite:
     """Maps layers to rules; the first matching entry wins.
 
     ``rules``: ``[(selector, rule), ...]``; a selector is a module type, a tuple of types, a qualified
-    module name from ``named_modules()`` (exact, or a regex matching the whole name), or a callable
+    module name from ``named_modules()`` ("features.0"; a string with regex syntax such as
+    ``r"features\.\d+"`` or an ``re.compile`` pattern must match the whole name), or a callable
     ``(name, module) -> bool``. ``first_layer``: a rule for the first Linear/Conv layer in module order
     (takes precedence). ``defaults=True`` appends ``Pass`` for activations/dropout and ``Norm`` for
     average pooling. A rule on a container covers everything inside it.
