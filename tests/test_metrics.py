@@ -193,9 +193,9 @@ def test_pearson_constant_map_is_nan_with_zero_gradient():
     b[0] = 0.25
     b.requires_grad_(True)
     r = pearson(a, b)
-    assert math.isnan(float(r[0])) and math.isfinite(float(r[1]))
-    r[1].backward()
-    assert bool(torch.isfinite(b.grad).all())
+    assert math.isnan(float(r[0].detach())) and math.isfinite(float(r[1].detach()))
+    r.nansum().backward()
+    assert bool(torch.isfinite(b.grad).all()) and bool((b.grad[0] == 0).all()) and bool(b.grad[1].abs().sum() > 0)
     with np.errstate(invalid="ignore", divide="ignore"):
         assert np.isnan(np.corrcoef(a[0].flatten().numpy(), b[0].detach().flatten().numpy())[0, 1])
 
@@ -265,7 +265,9 @@ def test_ssim_identity_symmetry_range_and_noise_order():
         scores.append(s)
     for lower, higher in zip(scores[1:], scores[:-1]):
         assert bool((lower < higher).all())
-    assert float(ssim(a, -a).max()) < 0  # anti-correlated maps score below zero
+    assert float(ssim(a, 1 - a).max()) < 0  # inverted structure, similar mean: below zero
+    # the formula's quirk (documented): negating a map flips both the luminance and the structure term
+    assert float(ssim(a, -a).min()) > 0.9
 
 
 def test_ssim_on_normalised_maps_float32():
@@ -290,7 +292,8 @@ def test_ssim_gradcheck():
     g = _gen(7)
     a = torch.rand(2, 12, 13, generator=g, dtype=F64)
     b = (a + 0.2 * torch.randn(a.shape, generator=g, dtype=F64)).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda y: ssim(a, y, data_range=torch.tensor([1.0, 2.0], dtype=F64)), (b,))
+    rng = torch.tensor([1.0, 2.0], dtype=F64)
+    assert torch.autograd.gradcheck(lambda y: ssim(a, y, data_range=rng), (b,), fast_mode=True)
 
 
 def test_ssim_errors():

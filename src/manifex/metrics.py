@@ -176,6 +176,10 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float | torch.Tensor | No
     - a positive float, or a tensor of shape ``(N,)`` with one positive value per example.
 
     Differentiable in ``a`` and ``b``.
+
+    Beware of sign: ``ssim(h, -h)`` can be close to +1 (for maps whose local means are far from zero),
+    because negating a map flips the sign of both the luminance and the structure term. Compare signed
+    maps with :func:`pearson` too, or use ``ssim`` on ``normalize_map(h, "abs_sum")``.
     """
     a, b = _check_pair(a, b, ("a", "b"), ndim=(3, 4))
     if a.dim() == 3:
