@@ -554,6 +554,30 @@ def test_project_resnet_with_both_canonizers_conserves():
     assert torch.isfinite(LRP(model)(x, Y)).all()
 
 
+class _Reused(nn.Module):
+    """One Softplus module applied twice (the hooks fire once per call)."""
+
+    def __init__(self, shared: bool) -> None:
+        super().__init__()
+        seeded(30)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+        self.act1 = nn.Softplus()
+        self.act2 = self.act1 if shared else nn.Softplus()
+
+    def forward(self, x):
+        return self.fc3(self.act2(self.fc2(self.act1(self.fc1(x)))))
+
+
+def test_reused_modules_and_a_single_layer_model():
+    x = randn(3, 6, seed=31)
+    composite = Composite.uniform(Epsilon(0.01))
+    close(LRP(_Reused(True).to(F64), composite)(x, T3), LRP(_Reused(False).to(F64), composite)(x, T3))
+    seeded(32)
+    linear = nn.Linear(6, 4, bias=False).to(F64)
+    relevance = LRP(linear, Composite.uniform(Epsilon(0.0)))(x, T3)
+    close(relevance, x * linear.weight[T3])
+
+
 def test_inplace_activations_equal_out_of_place():
     x = randn(4, 1, 8, 8, seed=21)
     for composite in (EpsilonPlus(), epsilon0()):
@@ -716,6 +740,11 @@ def test_convenience_classes_equal_their_composites():
         assert explainer.name == name and isinstance(explainer, LRP)
         close(explainer(x, Y), LRP(model, composite)(x, Y))
     assert LRP.name == "lrp"
+    # repr states every option (the alignment pipeline keys its attribution cache on it)
+    assert repr(LRPEpsilon(model, epsilon=0.1)) != repr(LRPEpsilon(model, epsilon=0.2))
+    assert repr(LRPEpsilonGammaBox(model, low=-1.0)) != repr(LRPEpsilonGammaBox(model, low=-2.0))
+    assert repr(LRP(model, canonizers=())) != repr(LRP(model))
+    assert repr(GammaByBlock((0.5, 0.1))) != repr(GammaByBlock((0.5, 0.2)))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -737,6 +766,12 @@ def test_composite_selectors_first_match_wins():
     assert rules["1"] == Flat() and rules["8"] == Flat()
     assert isinstance(rules["5"], Norm)  # a default
     assert "2" not in rules and "6" not in rules  # max pooling and flatten: plain gradient
+    # plain names are exact ("block1.conv1" does not match "block1_conv1"); regex syntax makes a pattern
+    by_name = nn.Module()
+    by_name.add_module("block1_conv1", nn.Linear(2, 2))
+    by_name.add_module("block2", nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
+    assert Composite([("block1.conv1", Flat()), ("block2.0", Gamma())], defaults=False).assign(by_name) == {"block2.0": Gamma()}
+    assert Composite([(r"block2\.\d", Gamma())], defaults=False).assign(by_name).keys() == {"block2.0", "block2.1"}
     defaults = Composite([(nn.Conv2d, Gamma())]).assign(model)
     assert defaults["1"] == Pass() and isinstance(defaults["5"], Norm) and "7" not in defaults
     assert Composite([(nn.Conv2d, Gamma())], defaults=False).assign(model).keys() == {"0", "3"}

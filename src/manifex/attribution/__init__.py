@@ -1,6 +1,21 @@
 """Attribution engine: explainers sharing one gradient path (``target_gradient``) and a registry."""
 from .core import Target, preserve_model_state, select_target, target_gradient
 from .methods import Explainer, Gradient, InputXGradient, IntegratedGradients, SmoothGrad, integration_rule
+from .lrp import (
+    LRP,
+    BatchNormFolding,
+    Composite,
+    EpsilonAlpha2Beta1,
+    EpsilonGammaBox,
+    EpsilonPlus,
+    LRPEpsilon,
+    LRPEpsilonGammaBox,
+    LRPEpsilonPlus,
+    LRPGamma,
+    LRPZPlus,
+    ResidualSum,
+    vgg16_gamma_preset,
+)
 from .modified import GradCAM, GuidedBackprop, last_conv_layer
 from .smoothing import (
     BetaSmoothing,
@@ -17,6 +32,8 @@ from .registry import ALIASES, METHODS, canonical_method, explain, make_explaine
 __all__ = [
     "Target", "preserve_model_state", "select_target", "target_gradient",
     "Explainer", "Gradient", "InputXGradient", "IntegratedGradients", "SmoothGrad", "integration_rule",
+    "LRP", "BatchNormFolding", "Composite", "EpsilonAlpha2Beta1", "EpsilonGammaBox", "EpsilonPlus", "LRPEpsilon",
+    "LRPEpsilonGammaBox", "LRPEpsilonPlus", "LRPGamma", "LRPZPlus", "ResidualSum", "vgg16_gamma_preset",
     "GradCAM", "GuidedBackprop", "last_conv_layer",
     "BetaSmoothing", "SmoothedExplainer", "SmoothReLU", "beta_smooth", "beta_smoothed", "count_relus",
     "functional_relu_calls", "set_smooth_beta",

@@ -218,6 +218,8 @@ class LinearRule(Rule):
                     outputs, handles, [term.sign * ratio for term in terms],
                     create_graph=create_graph, allow_unused=True,
                 )
+                if not create_graph:
+                    handles = [h.detach() for h in handles]
                 part = sum(h * g for h, g in zip(handles, grads) if g is not None)
                 part = coefficient * part if coefficient != 1 else part
                 total = part if total is None else total + part
@@ -463,7 +465,7 @@ class Composite:
 
     ``rules``: ``[(selector, rule), ...]``; a selector is a module type, a tuple of types, a qualified
     module name from ``named_modules()`` ("features.0"; a string with regex syntax such as
-    ``r"features\.\d+"`` or an ``re.compile`` pattern must match the whole name), or a callable
+    ``"block[12].conv1"``, or an ``re.compile`` pattern, must match the whole name), or a callable
     ``(name, module) -> bool``. ``first_layer``: a rule for the first Linear/Conv layer in module order
     (takes precedence). ``defaults=True`` appends ``Pass`` for activations/dropout and ``Norm`` for
     average pooling. A rule on a container covers everything inside it.
@@ -518,10 +520,14 @@ class Composite:
                 out[name] = rule
         return out
 
-    def __repr__(self) -> str:
+    def _options_repr(self) -> str:
         rules = ", ".join(f"({_selector_repr(s)}, {r!r})" for s, r in self.rules)
         first = f", first_layer={self.first_layer!r}" if self.first_layer is not None else ""
-        return f"{type(self).__name__}(rules=[{rules}]{first})"
+        defaults = "" if self.defaults else ", defaults=False"
+        return f"rules=[{rules}]{first}{defaults}"
+
+    def __repr__(self) -> str:  # complete: used in cache keys
+        return f"{type(self).__name__}({self._options_repr()})"
 
 
 def _selector_repr(selector: Any) -> str:
@@ -608,7 +614,9 @@ class GammaByBlock(Composite):
         return special
 
     def __repr__(self) -> str:
-        return f"GammaByBlock(gammas={self.gammas}, classifier_gamma={self.classifier_gamma})"
+        pools = ", ".join(t.__name__ for t in self.pool_types)
+        return (f"GammaByBlock(gammas={self.gammas}, classifier_gamma={self.classifier_gamma}, "
+                f"stabilizer={self.stabilizer}, pool_types=({pools},), {self._options_repr()})")
 
 
 def vgg16_gamma_preset(*, stabilizer: float = 1e-6, first_layer: Rule | None = None) -> GammaByBlock:
@@ -960,7 +968,8 @@ class ResidualSum(Canonizer):
             stack.clear()
 
     def __repr__(self) -> str:
-        return f"ResidualSum(selector={self.selector!r})" if self.selector is not None else "ResidualSum()"
+        selector = "" if self.selector is None else f"{_selector_repr(self.selector)}, "
+        return f"ResidualSum({selector}stabilizer={self.stabilizer})"
 
 
 # --------------------------------------------------------------------------------------------------------

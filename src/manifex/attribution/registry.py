@@ -9,6 +9,7 @@ import torch
 from ..errors import InputError
 from .core import Target
 from .methods import Explainer, Gradient, InputXGradient, IntegratedGradients, SmoothGrad
+from .lrp import LRP, LRPEpsilon, LRPEpsilonGammaBox, LRPEpsilonPlus, LRPGamma, LRPZPlus
 from .modified import GradCAM, GuidedBackprop
 
 __all__ = ["METHODS", "ALIASES", "make_explainer", "explain", "method_names", "canonical_method"]
@@ -42,9 +43,21 @@ METHODS: dict[str, MethodSpec] = {
     "vargrad": MethodSpec(_smoothgrad, "VarGrad (variance of noisy gradients)", {"sigma": 0.02, "n_samples": 25, "kind": "vargrad"}),
     "guided_backprop": MethodSpec(GuidedBackprop, "Guided Backprop: only positive gradients pass each ReLU backward"),
     "gradcam": MethodSpec(GradCAM, "Grad-CAM at a conv layer (layer=name or module; default the last conv), upsampled"),
+    "lrp": MethodSpec(LRP, "LRP, EpsilonPlus composite (z+ on conv, ε on dense); BatchNorm folded, residual sums split"),
+    "lrp_epsilon": MethodSpec(LRPEpsilon, "LRP-ε on every Linear/Conv layer", {"epsilon": 1e-6}),
+    "lrp_gamma": MethodSpec(LRPGamma, "LRP-γ on every Linear/Conv layer", {"gamma": 0.25}),
+    "lrp_alpha1beta0": MethodSpec(LRPZPlus, "LRP-α1β0 (z+) on every Linear/Conv layer"),
+    "lrp_epsilon_gamma_box": MethodSpec(
+        LRPEpsilonGammaBox, "LRP: z^B first layer (pixels in [low, high]), γ on conv, ε on dense",
+        {"low": 0.0, "high": 1.0, "epsilon": 1e-6, "gamma": 0.25},
+    ),
+    "lrp_epsilon_plus": MethodSpec(LRPEpsilonPlus, "LRP: z+ on conv, ε on dense layers", {"epsilon": 1e-6}),
 }
 
 ALIASES: dict[str, str] = {
+    "lrp_zplus": "lrp_alpha1beta0",
+    "lrp_z_plus": "lrp_alpha1beta0",
+    "lrp_egb": "lrp_epsilon_gamma_box",
     "gbp": "guided_backprop",
     "guidedbackprop": "guided_backprop",
     "grad_cam": "gradcam",
