@@ -760,3 +760,13 @@ def test_create_graph_without_input_grad(name, factory):
     out = factory(model)(x, Y, create_graph=True)
     close(out.detach(), factory(model)(x, Y))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_create_graph_on_a_path_without_second_derivative_warns():
+    """An explanation that cannot depend on x (affine model, frozen weights) says so instead of silently
+    returning a constant that an optimiser would differentiate to zero."""
+    model = nn.Linear(4, 3).double().requires_grad_(False)
+    x = torch.randn(2, 4, dtype=F64, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="does not depend differentiably"):
+        g = Gradient(model)(x, 1, create_graph=True)
+    torch.testing.assert_close(g, model.weight[1].expand(2, 4))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import warnings
 from typing import Callable, Iterator, Union
 
 import torch
@@ -102,6 +103,14 @@ def target_gradient(
         (grad,) = torch.autograd.grad(scores.sum(), inp, create_graph=create_graph, allow_unused=True)
     if grad is None:
         raise ModelError("the model output does not depend on its input; the gradient is undefined.")
+    if create_graph and x.requires_grad and not grad.requires_grad:
+        warnings.warn(
+            "create_graph=True, but the explanation does not depend differentiably on the input: its input "
+            "derivative is zero or undefined (an affine model, or a non-differentiable op on the path). "
+            "For ReLU networks, smooth the model first (manifex.beta_smooth).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return grad, scores.detach() if not create_graph else scores
 
 
