@@ -17,10 +17,11 @@ BatchNorm/Dropout do not couple the examples either.
 
 Defaults = the research settings (RESEARCH.md §2): |relevance| summed over channels and normalised to sum 1,
 w = 1e11 and γ = 1e-5 (the seed's 1e11 · MSE(map) + 1e6 · MSE(softmax)), Adam lr 2e-4, 1500 iterations,
-start at x, clamp to the pixel box, no norm budget. Those were tuned for 224×224 images: the map term of a
-d-pixel image scales like 1/d² (maps sum to 1), so on small images the output term is relatively much
-weaker; raise ``gamma`` there (e.g. 1e-9 · d² is the seed's balance at d = 224²... see the README) and a
-larger ``lr`` is needed for pixels in [0, 1] on small images (the tests use lr 1e-2 on 8×8 digits).
+start at x, clamp to the pixel box, no norm budget. They were tuned for 224×224 maps and 1000 classes. A
+map that sums to 1 over d pixels makes the map term scale like 1/d² and the output term scales like 1/K, so
+on other sizes the seed's balance is γ = 1e-5 · (K / 1000) · (224² / d)² (:func:`research_gamma`: 0.06 for
+8×8 maps and 10 classes, 2.4e-4 for 32×32); with the raw 1e-5 a small model's prediction is barely
+protected. Small images also need a larger ``lr`` than 2e-4 (the tests use 1e-2 on 8×8 digits).
 
 Gradient-type explanations of a ReLU network are piecewise constant in x (their input gradient is zero),
 so the attack cannot move them: use ``beta_growth=(10, 100)``, which replaces every ReLU by softplus(β)
@@ -53,6 +54,7 @@ __all__ = [
     "prepare_maps",
     "DEFAULT_MAP_WEIGHT",
     "DEFAULT_GAMMA",
+    "research_gamma",
 ]
 
 #: Weight of the map term (the seed's prefactor of MSE(explanation)).
@@ -62,6 +64,14 @@ DEFAULT_GAMMA = 1e-5
 
 Box = tuple[float | torch.Tensor, float | torch.Tensor]
 Norm = Literal["linf", "l2"]
+
+
+def research_gamma(map_pixels: int, num_classes: int) -> float:
+    """γ that gives the seed's balance of map and output terms (γ = 1e-5 at 224² map pixels, 1000 classes)
+    for maps of ``map_pixels`` = H·W pixels and ``num_classes`` outputs: 1e-5 · (K/1000) · (224²/d)²."""
+    _check_number("map_pixels", map_pixels, low=1, inclusive=True, integer=True)
+    _check_number("num_classes", num_classes, low=2, inclusive=True, integer=True)
+    return DEFAULT_GAMMA * (num_classes / 1000) * (224 * 224 / map_pixels) ** 2
 
 
 class ExplanationGradientWarning(UserWarning):
@@ -205,9 +215,10 @@ def _resolve_explainer(model: nn.Module, explainer: Explainer | str, options: di
 
 def _check_target_map(target_map: object, x: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
-    accepted = f"({n}, {h}, {w}), ({n}, 1, {h}, {w}) or ({n}, {c}, {h}, {w})"
+    shapes = list(dict.fromkeys([(n, h, w), (n, 1, h, w), (n, c, h, w)]))
+    accepted = ", ".join(map(str, shapes[:-1])) + f" or {shapes[-1]}"
     t = check_tensor(target_map, "target_map")
-    if t.shape not in ((n, h, w), (n, 1, h, w), (n, c, h, w)):
+    if tuple(t.shape) not in shapes:
         raise InputError(
             f"target_map has shape {tuple(t.shape)}; accepted shapes are {accepted} (one map per example: reduced "
             "over channels, or a raw explanation shaped like x)."
@@ -324,15 +335,17 @@ def manipulate(
     or (N, C, H, W) (e.g. the raw explanation of another image); it is reduced like the explanations.
     ``target``: the class explained (int or (N,)); default the model's prediction at ``x``, kept fixed.
 
-    Loss weights: ``map_weight`` · MSE(map) + ``gamma`` · ``map_weight`` · MSE(softmax), means per example.
-    ``lr``, ``iterations``: Adam. ``box``: the valid input range (low, high) as numbers or tensors
-    broadcastable to one input, e.g. ``normalized_box(mean, std)`` for a model that normalises internally
-    nothing but reads normalised inputs; ``x`` must lie in it; ``None`` disables clamping.
+    Loss weights: ``map_weight`` · MSE(map) + ``gamma`` · ``map_weight`` · MSE(softmax), means per example
+    (see :func:`research_gamma` for images smaller than 224²). ``lr``, ``iterations``: Adam.
+    ``box``: the valid input range (low, high), numbers or tensors broadcastable to one input; ``x`` must
+    lie in it; ``None`` disables clamping. For a model that reads normalised inputs ``(p − mean) / std``
+    pass the [0, 1] pixel box in that space: ``box=normalized_box(mean, std)``.
     ``epsilon``/``norm``: optional per-example budget ‖x_adv − x‖ ≤ ε (``"linf"`` or ``"l2"``, in the
     units of x), projected after each step. ``signed``: compare signed channel sums instead of normalised
     |relevance|; with ``preserve_relevance`` each target is rescaled to the original explanation's total
     relevance (the fork's setting). ``beta_growth=(β0, β1)``: softplus(β) instead of ReLU during the attack,
-    β growing geometrically from β0 to β1. ``stop_pcc``: an example stops (its x_adv is frozen) once the
+    β growing geometrically from β0 to β1 (the reference output g(x) is then taken at the current β, so the
+    output term measures the change caused by the perturbation, not by the smoothing). ``stop_pcc``: an example stops (its x_adv is frozen) once the
     Pearson correlation of its ReLU-model map with the target reaches it, checked every ``check_every``
     steps. ``eval_mode``: run the model in eval mode (restored afterwards). ``callback(step)`` is called
     after every step with an :class:`AttackStep`; returning True stops all examples. ``progress``: tqdm bar.
@@ -535,7 +548,7 @@ def _optimise(
                 break
             if not bool(active.any()):
                 break
-    history = {k: torch.stack(v, dim=1) if v else nan[:, None][:, :0] for k, v in records.items()}
+    history = {k: torch.stack(v, dim=1) if v else x.new_empty(n, 0) for k, v in records.items()}
     return x_adv.detach(), iters, stopped.cpu(), history, torch.tensor(steps, dtype=torch.long)
 
 

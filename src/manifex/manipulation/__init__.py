@@ -1,0 +1,26 @@
+"""Explanation manipulation (Dombrowski et al., 2019): the batched attack :func:`manipulate` and
+resumable campaigns over (original, target) pairs :func:`run_campaign`.
+
+>>> from manifex.manipulation import manipulate, pairs_from_dataset, run_campaign
+>>> res = manipulate(model, "gradient", x, target_map, beta_growth=(10, 100))
+>>> res.pcc()["after"]                                    # (N,) similarity of the manipulated maps to the targets
+>>> run_campaign(model, "input_x_gradient", pairs_from_dataset(data, 100), "runs/attack", lr=1e-2)
+"""
+from .attack import (
+    DEFAULT_GAMMA,
+    DEFAULT_MAP_WEIGHT,
+    AttackStep,
+    ExplanationGradientWarning,
+    ManipulationResult,
+    manipulate,
+    normalized_box,
+    prepare_maps,
+    research_gamma,
+)
+from .campaign import CampaignSummary, PairSet, pairs_from_csv, pairs_from_dataset, read_results, run_campaign
+
+__all__ = [
+    "manipulate", "ManipulationResult", "AttackStep", "ExplanationGradientWarning", "normalized_box",
+    "prepare_maps", "research_gamma", "DEFAULT_GAMMA", "DEFAULT_MAP_WEIGHT",
+    "run_campaign", "CampaignSummary", "PairSet", "pairs_from_csv", "pairs_from_dataset", "read_results",
+]
