@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..reports import environment, write_json
 from ..viz import ABSOLUTE_CMAP, as_image, image_grid, save_figure, to_numpy
 from .result import AlignmentResult
 
@@ -277,13 +278,7 @@ def alignment_figures(result: AlignmentResult, out_dir: Path) -> dict[str, Path]
 # --------------------------------------------------------------------------------------------- HTML
 @lru_cache(maxsize=1)
 def _environment():
-    import jinja2
-
-    try:
-        loader: jinja2.BaseLoader = jinja2.PackageLoader("manifex", "reports/templates")
-    except (ValueError, ImportError):  # unusual installs (zip, namespace package): fall back to the file system
-        loader = jinja2.FileSystemLoader(str(Path(__file__).parents[1] / "reports" / "templates"))
-    env = jinja2.Environment(loader=loader, autoescape=True, trim_blocks=True, lstrip_blocks=True)
+    env = environment()
     env.filters["num"] = _fmt_num
     return env
 
@@ -491,21 +486,12 @@ def _context(result: AlignmentResult, figures: dict[str, Path]) -> dict[str, Any
     }
 
 
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "tolist"):  # numpy arrays/scalars, torch tensors
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
-
-
 def write_report(result: AlignmentResult, out_dir: Path) -> Path:
     """Write the figures, ``metrics.json`` and ``report.html`` into ``out_dir``; returns the HTML's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = alignment_figures(result, out_dir)
-    with open(out_dir / "metrics.json", "w", encoding="utf-8") as f:
-        json.dump(result.metrics, f, indent=2, default=_json_default)
+    write_json(result.metrics, out_dir / "metrics.json")
     html = _environment().get_template(_TEMPLATE).render(**_context(result, figures))
     path = out_dir / "report.html"
     path.write_text(html, encoding="utf-8")

@@ -1,1 +1,42 @@
-"""HTML report templates (Jinja2) shared by the systems' report writers."""
+"""HTML reports: one Jinja2 environment and base template (``base.html.j2``) shared by every system's report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["environment", "render", "write_json", "json_default"]
+
+
+def environment():
+    """The Jinja2 environment over ``manifex/reports/templates`` (autoescaping on)."""
+    import jinja2
+
+    try:
+        loader: jinja2.BaseLoader = jinja2.PackageLoader("manifex", "reports/templates")
+    except (ValueError, ImportError):  # unusual installs (zip, namespace package): fall back to the file system
+        loader = jinja2.FileSystemLoader(str(Path(__file__).parent / "templates"))
+    return jinja2.Environment(loader=loader, autoescape=True, trim_blocks=True, lstrip_blocks=True)
+
+
+def render(template: str, path: Path, **context: Any) -> Path:
+    """Render ``template`` with ``context`` into ``path``; returns the path."""
+    path = Path(path)
+    path.write_text(environment().get_template(template).render(**context), encoding="utf-8")
+    return path
+
+
+def json_default(o: Any) -> Any:
+    """JSON for NumPy/torch values and paths."""
+    if hasattr(o, "tolist"):  # numpy arrays/scalars, torch tensors
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def write_json(obj: Any, path: Path) -> Path:
+    path = Path(path)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=json_default)
+    return path
