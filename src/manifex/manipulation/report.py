@@ -1,0 +1,69 @@
+"""HTML report and ``metrics.json`` of a manipulation campaign (and of a β-smoothing sweep)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..reports import render, write_json
+from .campaign import CampaignSummary
+
+__all__ = ["write_attack_report"]
+
+#: Most per-pair overview figures embedded in the page (all are in pairs/).
+MAX_FIGURES = 12
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def write_attack_report(
+    summary: CampaignSummary,
+    out_dir: str | Path,
+    *,
+    method: str,
+    model_info: dict | None = None,
+    sweep: list[dict] | None = None,
+    sweep_png: str | None = None,
+    command: str | None = None,
+) -> Path:
+    """Write ``metrics.json`` and ``report.html`` for a finished campaign; returns the HTML path.
+
+    ``sweep`` (records of :func:`manifex.manipulation.defence.robustness_sweep`) and ``sweep_png`` add the
+    β-smoothing section.
+    """
+    out = Path(out_dir)
+    m = summary.means
+    metrics = {**summary.to_dict(), "method": method, "model": model_info or {}, "sweep": sweep or []}
+    write_json(metrics, out / "metrics.json")
+    kept = summary.top1_kept_rate
+    headline = (
+        f"{method}: similarity to the target map {_fmt(m.get('pcc_orig_target'), 2)} → {_fmt(m.get('pcc_manip_target'), 2)} "
+        f"(PCC) with the prediction kept for {kept * 100:.0f}% of pairs" if kept is not None else f"{method}: no finished pairs"
+    )
+    cards = [
+        {"label": "pairs", "value": summary.n_pairs, "sub": f"{summary.n_new} new, {summary.n_skipped} resumed"},
+        {"label": "PCC to target", "value": f"{_fmt(m.get('pcc_orig_target'), 2)} → {_fmt(m.get('pcc_manip_target'), 2)}",
+         "sub": "before → after (mean)", "accent": True},
+        {"label": "SSIM to target", "value": f"{_fmt(m.get('ssim_orig_target'), 2)} → {_fmt(m.get('ssim_manip_target'), 2)}",
+         "sub": "before → after (mean)"},
+        {"label": "top-1 kept", "value": "n/a" if kept is None else f"{kept * 100:.0f}%", "sub": "prediction unchanged"},
+        {"label": "max |Δp|", "value": _fmt(m.get("max_dp")), "sub": "mean over pairs"},
+        {"label": "L∞ perturbation", "value": "n/a" if m.get("linf") is None else f"{m['linf'] * 255:.1f}/255",
+         "sub": f"L2 {_fmt(m.get('l2'), 2)} (pixels in [0, 1])"},
+    ]
+    rows = [
+        {"id": r["pair_id"], "classes": f"{r.get('explained_class')} / {r.get('class_target_image')}",
+         "before": _fmt(r.get("pcc_orig_target"), 2), "after": _fmt(r.get("pcc_manip_target"), 2),
+         "ssim": _fmt(r.get("ssim_manip_target"), 2), "dp": _fmt(r.get("max_dp")),
+         "kept": "yes" if r.get("top1_kept") else "NO", "linf": f"{(r.get('linf') or 0) * 255:.1f}",
+         "iters": r.get("iterations"), "figure": (r.get("files") or {}).get("figure")}
+        for r in summary.records
+    ]
+    figures = [r for r in rows if r["figure"] and (out / r["figure"]).is_file()][:MAX_FIGURES]
+    return render(
+        "attack.html.j2", out / "report.html", title=f"Manipulation report · {method}", headline=headline,
+        subtitle=f"{summary.n_pairs} (original, target) pairs; explanation method {method}",
+        findings=[], cards=cards, rows=rows, figures=figures, sweep=sweep or [], sweep_png=sweep_png,
+        settings=summary.settings, model=model_info or {}, command=command,
+    )

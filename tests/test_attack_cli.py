@@ -1,0 +1,51 @@
+"""End-to-end: `manifex attack` on tiny embedded data, resume without duplicates, clear CSV errors."""
+from __future__ import annotations
+
+import json
+
+import torch
+from click.testing import CliRunner
+
+from manifex.cli import main
+
+TINY = ["attack", "--dataset", "digits8", "--pairs", "3", "--iterations", "20", "--lr", "1e-2", "--epochs", "1",
+        "--batch-size", "2", "--quiet"]
+
+
+def test_attack_writes_report_and_resumes(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        args = [*TINY, "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 0, res.output
+        out = tmp_path / "o"
+        m = json.loads((out / "metrics.json").read_text())
+        assert m["n_pairs"] == 3 and m["n_new"] == 3 and m["method"] == "gradient"
+        assert m["settings"]["attack"]["beta_growth"] == [10.0, 100.0]  # 'auto' for the gradient
+        assert 0.0 <= m["top1_kept_rate"] <= 1.0
+        lines = (out / "results.jsonl").read_text().splitlines()
+        assert len(lines) == 3
+        html = (out / "report.html").read_text()
+        assert "PCC" in html and "results.jsonl" in html
+        again = CliRunner().invoke(main, args)
+        assert again.exit_code == 0, again.output
+        m2 = json.loads((out / "metrics.json").read_text())
+        assert m2["n_new"] == 0 and m2["n_skipped"] == 3
+        assert (out / "results.jsonl").read_text().splitlines() == lines
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_attack_csv_with_missing_column_is_a_clear_error(tmp_path):
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("original,other\na.png,b.png\n")
+    res = CliRunner().invoke(main, [*TINY, "--pairs-csv", str(csv), "--out", str(tmp_path / "o"),
+                                    "--cache-dir", str(tmp_path / "c")])
+    assert res.exit_code == 2
+    assert "target" in res.output and "error:" in res.output
+
+
+def test_attack_budget_parses_fractions(tmp_path):
+    res = CliRunner().invoke(main, [*TINY, "--budget", "eight/255", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "8/255" in res.output
