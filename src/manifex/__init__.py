@@ -1,7 +1,7 @@
 """manifex — the geometry of neural-network explanations.
 
 Shared core: :mod:`manifex.data`, :mod:`manifex.models`, :mod:`manifex.geometry`, :mod:`manifex.attribution`.
-Systems on top: :mod:`manifex.alignment` (more to come). The CLI (``manifex``) is a thin layer over these.
+Systems on top: :mod:`manifex.alignment`, :mod:`manifex.manipulation`. The CLI (``manifex``) is a thin layer over these.
 
 >>> import manifex
 >>> T = manifex.tangent_space(vae.decode, z)            # (N, k) latent codes -> tangent bases
@@ -21,10 +21,12 @@ from .geometry import (
     tangent_space,
 )
 
+from .manipulation import manipulate
+
 __version__ = "0.1.0"
 
 __all__ = [
-    "explain", "make_explainer", "beta_smooth", "beta_smoothed",
+    "explain", "make_explainer", "beta_smooth", "beta_smoothed", "manipulate",
     "DataError", "InputError", "ManifexError", "ModelError", "RankDeficientWarning",
     "TangentSpace", "alignment", "decompose", "estimate_dimension", "project", "random_baseline", "tangent_mass",
     "tangent_space", "__version__",

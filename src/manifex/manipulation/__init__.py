@@ -18,9 +18,21 @@ from .attack import (
     research_gamma,
 )
 from .campaign import CampaignSummary, PairSet, pairs_from_csv, pairs_from_dataset, read_results, run_campaign
+from .defence import (
+    RELU,
+    HessianEigen,
+    accuracy_across_beta,
+    explanations_across_beta,
+    hessian_power_iteration,
+    hessian_top_eigenvalue,
+    plot_beta_curves,
+    robustness_sweep,
+)
 
 __all__ = [
     "manipulate", "ManipulationResult", "AttackStep", "ExplanationGradientWarning", "normalized_box",
     "prepare_maps", "research_gamma", "DEFAULT_GAMMA", "DEFAULT_MAP_WEIGHT",
     "run_campaign", "CampaignSummary", "PairSet", "pairs_from_csv", "pairs_from_dataset", "read_results",
+    "RELU", "HessianEigen", "accuracy_across_beta", "explanations_across_beta", "hessian_power_iteration",
+    "hessian_top_eigenvalue", "plot_beta_curves", "robustness_sweep",
 ]
