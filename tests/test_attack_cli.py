@@ -49,3 +49,30 @@ def test_attack_csv_with_missing_column_is_a_clear_error(tmp_path):
 def test_attack_budget_parses_fractions(tmp_path):
     res = CliRunner().invoke(main, [*TINY, "--budget", "eight/255", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "8/255" in res.output
+
+
+def test_smooth_compares_betas_and_writes_report(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        args = ["smooth", "--dataset", "digits8", "--betas", "10,1", "--pairs", "2", "--iterations", "5", "--lr", "1e-2",
+                "--epochs", "1", "--quiet", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 0, res.output
+        out = tmp_path / "o"
+        m = json.loads((out / "metrics.json").read_text())
+        assert set(m["accuracy"]) == {"β=10", "β=1", "ReLU"}
+        assert [r["beta"] for r in m["sweep"]] == ["β=10", "β=1", "ReLU"]
+        curv = {r["beta"]: r["curvature"] for r in m["sweep"]}
+        assert curv["ReLU"] == 0.0 and curv["β=10"] > curv["β=1"] > 0  # flatter with smaller β
+        for name in ("report.html", "explanations_beta.png", "beta_curves.png"):
+            assert (out / name).stat().st_size > 0
+        for b in ("beta_10", "beta_1", "beta_inf"):
+            assert len((out / b / "results.jsonl").read_text().splitlines()) == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_smooth_rejects_non_positive_beta(tmp_path):
+    res = CliRunner().invoke(main, ["smooth", "--betas", "10,0", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "β" in res.output

@@ -114,6 +114,28 @@ def _beta_pair(ctx, param, value: str):
     return (b0, b1)
 
 
+def _betas(ctx, param, value: str):
+    try:
+        betas = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers such as 10,3,1, got {value!r}") from None
+    if any(b <= 0 for b in betas):
+        raise click.BadParameter("every β must be > 0")
+    return betas
+
+
+def _trained_classifier(dataset, classifier, epochs, seed, device, cache_dir, trust_pickle, quiet):
+    """(model, train, test, info) shared by the manipulation commands: the classifier is cached."""
+    from .data import load_dataset
+    from .models import ModelCache, TrainConfig, get_classifier
+
+    data = load_dataset(dataset, trust_pickle=trust_pickle)
+    train, test = data.split(0.2, seed=seed)
+    model, info = get_classifier(train, classifier, TrainConfig(epochs=epochs, seed=seed), cache=ModelCache(cache_dir),
+                                 device=device, progress=not quiet)
+    return model, data, test, info
+
+
 #: Methods whose explanation of a ReLU network has a zero input-derivative: they need β-growth to be attacked.
 _NEEDS_BETA = {"gradient", "guided_backprop", "smoothgrad", "smoothgrad_sq", "vargrad", "integrated_gradients_path"}
 
@@ -163,16 +185,12 @@ def attack(dataset, classifier, epochs, method, n_pairs, pairs_csv, data_dir, it
     figures under pairs/. Re-running resumes an interrupted campaign.
     """
     from .attribution import canonical_method
-    from .data import load_dataset
     from .manipulation import pairs_from_csv, pairs_from_dataset, research_gamma, run_campaign
     from .manipulation.report import write_attack_report
-    from .models import ModelCache, TrainConfig, accuracy, get_classifier
+    from .models import accuracy
 
     method = canonical_method(method)
-    data = load_dataset(dataset, trust_pickle=trust_pickle)
-    train, test = data.split(0.2, seed=seed)
-    model, info = get_classifier(train, classifier, TrainConfig(epochs=epochs, seed=seed), cache=ModelCache(cache_dir),
-                                 device=device, progress=not quiet)
+    model, data, test, info = _trained_classifier(dataset, classifier, epochs, seed, device, cache_dir, trust_pickle, quiet)
     pairs = pairs_from_csv(pairs_csv, data_dir, image_shape=data.image_shape) if pairs_csv else pairs_from_dataset(test, n_pairs, seed=seed)
     if beta_growth == "auto":
         beta_growth = (10.0, 100.0) if method in _NEEDS_BETA else None
@@ -188,6 +206,73 @@ def attack(dataset, classifier, epochs, method, n_pairs, pairs_csv, data_dir, it
     click.echo(f"  {summary.n_pairs} pairs: PCC to target {m.get('pcc_orig_target', float('nan')):.2f} → "
                f"{m.get('pcc_manip_target', float('nan')):.2f}, top-1 kept {summary.top1_kept_rate:.0%}, "
                f"max |Δp| {m.get('max_dp', float('nan')):.3f}, L∞ {m.get('linf', float('nan')) * 255:.1f}/255")
+    click.echo(f"report: {report}")
+
+
+@main.command()
+@click.option("--dataset", default="mnist5k", show_default=True, help="Data the classifier is trained on and pairs come from.")
+@click.option("--classifier", type=click.Choice(["lenet", "mlp", "vgg", "resnet"]), default="lenet", show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--method", default="gradient", show_default=True)
+@click.option("--betas", callback=_betas, default="10,3,1", show_default=True, help="Softplus β values to compare with ReLU.")
+@click.option("--pairs", "n_pairs", type=click.IntRange(0), default=8, show_default=True,
+              help="Pairs for the robustness sweep (0 skips the sweep).")
+@click.option("--iterations", type=click.IntRange(1), default=300, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--budget", callback=_fraction, default="16/255", show_default=True,
+              help="L∞ perturbation budget of the sweep's attacks, in pixel units of [0, 1] ('none': unbounded).")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/smooth"), show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--trust-pickle", is_flag=True)
+@click.option("--quiet", is_flag=True)
+def smooth(dataset, classifier, epochs, method, betas, n_pairs, iterations, lr, budget, batch_size, out_dir, device, seed,
+           cache_dir, trust_pickle, quiet) -> None:
+    """β-smoothing defence: explanations, accuracy, curvature and manipulability across β.
+
+    \b
+    Replaces every ReLU by softplus(β) for each --betas value and compares with
+    the ReLU model: the explanations of a few test images, test accuracy, the
+    curvature (top input-Hessian eigenvalue) and, with --pairs > 0, the same
+    manipulation campaign against each smoothed model (resumable per β).
+    Writes report.html, metrics.json and figures to --out.
+    """
+    import torch
+
+    from .attribution import canonical_method
+    from .manipulation import (RELU, accuracy_across_beta, explanations_across_beta, pairs_from_dataset,
+                               plot_beta_curves, research_gamma, robustness_sweep)
+    from .manipulation.report import write_smooth_report
+    from .viz import image_grid
+
+    method = canonical_method(method)
+    model, data, test, info = _trained_classifier(dataset, classifier, epochs, seed, device, cache_dir, trust_pickle, quiet)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    x = test.x[:4].to(device)
+    maps = explanations_across_beta(model, x, method=method, betas=betas)
+    order = [RELU, *betas]
+    image_grid([[x[i], *(maps[b][i] for b in order)] for i in range(len(x))],
+               kinds=["image"] + ["signed"] * len(order),
+               col_titles=["image"] + ["ReLU" if b == RELU else f"β = {b:g}" for b in order],
+               path=out_dir / "explanations_beta.png")
+    accuracy = accuracy_across_beta(model, test, betas=betas)
+    sweep, curves = [], None
+    if n_pairs:
+        h, w = data.image_shape[1:]
+        sweep = robustness_sweep(model, method, pairs_from_dataset(test, n_pairs, seed=seed), [*betas, RELU], out_dir,
+                                 data=test, batch_size=batch_size, progress=not quiet, iterations=iterations, lr=lr,
+                                 epsilon=budget, gamma=research_gamma(h * w, data.num_classes))
+        plot_beta_curves(sweep, out_dir / "beta_curves.png")
+        curves = "beta_curves.png"
+    report = write_smooth_report(sweep, out_dir, method=method, accuracy=accuracy, explanations_png="explanations_beta.png",
+                                 curves_png=curves, model_info={"classifier": classifier, "dataset": dataset, "epochs": epochs},
+                                 command="manifex " + " ".join(sys.argv[1:]))
+    for r in sweep:
+        b = "ReLU" if r["beta"] == RELU else f"β={r['beta']:g}"
+        click.echo(f"  {b:8s} PCC to target {r['pcc_orig_target']:.2f} → {r['pcc_manip_target']:.2f}, "
+                   f"accuracy {r['accuracy']:.3f}, curvature {r['curvature']:.3g}")
     click.echo(f"report: {report}")
 
 

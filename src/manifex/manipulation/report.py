@@ -7,7 +7,7 @@ from typing import Any
 from ..reports import render, write_json
 from .campaign import CampaignSummary
 
-__all__ = ["write_attack_report"]
+__all__ = ["write_attack_report", "write_smooth_report"]
 
 #: Most per-pair overview figures embedded in the page (all are in pairs/).
 MAX_FIGURES = 12
@@ -67,3 +67,36 @@ def write_attack_report(
         findings=[], cards=cards, rows=rows, figures=figures, sweep=sweep or [], sweep_png=sweep_png,
         settings=summary.settings, model=model_info or {}, command=command,
     )
+
+
+def write_smooth_report(
+    sweep: list[dict],
+    out_dir: str | Path,
+    *,
+    method: str,
+    accuracy: dict[float, float],
+    explanations_png: str | None,
+    curves_png: str | None,
+    model_info: dict | None = None,
+    command: str | None = None,
+) -> Path:
+    """Write ``metrics.json`` and ``report.html`` for a β-smoothing sweep; returns the HTML path."""
+    out = Path(out_dir)
+    label = lambda b: "ReLU" if b == float("inf") else f"β={b:g}"  # noqa: E731
+    write_json({"method": method, "accuracy": {label(b): a for b, a in accuracy.items()},
+                "sweep": [{**r, "beta": label(r["beta"])} for r in sweep], "model": model_info or {}},
+               out / "metrics.json")
+    keys = ("pcc_orig_target", "pcc_manip_target", "max_dp", "top1_kept_rate", "linf", "curvature", "accuracy")
+    rows = [{"beta": label(r["beta"]), **{k: _fmt(r.get(k)) for k in keys}} for r in sweep]
+    relu = next((r for r in sweep if r["beta"] == float("inf")), None)
+    smallest = min((r for r in sweep if r["beta"] != float("inf")), key=lambda r: r["beta"], default=None)
+    headline = f"β-smoothing against manipulation of {method} explanations"
+    if relu and smallest and relu.get("pcc_manip_target") is not None and smallest.get("pcc_manip_target") is not None:
+        headline = (f"{method}: manipulated PCC to target {relu['pcc_manip_target']:.2f} on the ReLU model vs "
+                    f"{smallest['pcc_manip_target']:.2f} at β={smallest['beta']:g}")
+    cards = [{"label": f"accuracy {label(b)}", "value": f"{a * 100:.1f}%", "sub": "test set", "accent": b == float("inf")}
+             for b, a in accuracy.items()]
+    return render("smooth.html.j2", out / "report.html", title=f"β-smoothing report · {method}", headline=headline,
+                  subtitle=f"softplus(β) in place of every ReLU; {len(sweep)} models compared", findings=[], cards=cards,
+                  rows=rows, keys=keys, explanations_png=explanations_png, curves_png=curves_png,
+                  model=model_info or {}, command=command)
