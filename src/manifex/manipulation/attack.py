@@ -41,7 +41,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attribution import Explainer, beta_smooth, make_explainer, preserve_model_state
-from ..attribution.methods import model_device
+from ..attribution.core import target_gradient
+from ..attribution.methods import Gradient, InputXGradient, model_device
 from ..errors import InputError, ModelError, check_finite, check_tensor
 from ..metrics import normalize_map, pearson
 
@@ -287,6 +288,31 @@ def _explain(explainer: Explainer, x: torch.Tensor, target: torch.Tensor, create
     return e
 
 
+def _explain_with_logits(explainer: Explainer, model: nn.Module, xa: torch.Tensor,
+                         target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The explanation of ``xa`` (with ``create_graph``) and the model's logits at ``xa``, for one step.
+
+    For :class:`Gradient` and :class:`InputXGradient` (exactly those classes) the explanation's own forward
+    pass is the model's forward at ``xa``, so its logits are reused for the output term, as the research
+    loop did: one forward (and its backward) less per step, the same values and gradients. Other explainers
+    may run the model on other points (IG paths) or with modified rules (LRP), so the model is evaluated
+    separately for them.
+    """
+    kind = type(explainer)
+    if kind is Gradient or kind is InputXGradient:
+        captured: list[torch.Tensor] = []
+
+        def forward(inp: torch.Tensor) -> torch.Tensor:
+            out = model(inp)
+            captured.append(out)
+            return out
+
+        grad, _ = target_gradient(forward, xa, target, create_graph=True)
+        h = grad if kind is Gradient else xa * grad
+        return h, captured[0]
+    return _explain(explainer, xa, target, True), model(xa)
+
+
 def _project(x_adv: torch.Tensor, x: torch.Tensor, epsilon: float | None, norm: Norm,
              box: tuple[torch.Tensor, torch.Tensor] | None) -> None:
     """In place: onto the per-example norm ball around x, then into the box (which keeps the ball: x is inside)."""
@@ -492,7 +518,7 @@ def _optimise(
             idx = active.nonzero().flatten()
             all_active = len(idx) == n
             xa = x_adv if all_active else x_adv[idx]
-            h = _explain(explainer, xa, target[idx], True)
+            h, out = _explain_with_logits(explainer, model, xa, target[idx])
             if not h.requires_grad:
                 raise ModelError(
                     f"the explanation of {explainer!r} does not depend differentiably on the input (no graph with "
@@ -502,7 +528,6 @@ def _optimise(
                 raise ModelError(f"the explanation became NaN/inf at iteration {i}; lower lr or use a smoother model (beta_growth).")
             hm = prepare_maps(h, signed=signed)
             map_loss = map_weight * (hm - tmap[idx]).square().flatten(1).mean(1)
-            out = model(xa)
             if smoothing is not None:  # the output change caused by the perturbation, at the current β
                 with torch.no_grad():
                     p0 = torch.softmax(model(x[idx]), dim=1)
