@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,6 @@ TINY = [
 def first_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("align")
     cache, out = root / "cache", root / "out"
-    torch.set_num_threads(1)
     res = CliRunner().invoke(main, ["align", *TINY, "--out", str(out), "--cache-dir", str(cache)])
     assert res.exit_code == 0, res.output
     return root, cache, out, res

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import torch
 from click.testing import CliRunner
 
 from manifex.cli import main
@@ -13,28 +12,23 @@ TINY = ["attack", "--dataset", "digits8", "--pairs", "3", "--iterations", "20", 
 
 
 def test_attack_writes_report_and_resumes(tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        args = [*TINY, "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]
-        res = CliRunner().invoke(main, args)
-        assert res.exit_code == 0, res.output
-        out = tmp_path / "o"
-        m = json.loads((out / "metrics.json").read_text())
-        assert m["n_pairs"] == 3 and m["n_new"] == 3 and m["method"] == "gradient"
-        assert m["settings"]["attack"]["beta_growth"] == [10.0, 100.0]  # 'auto' for the gradient
-        assert 0.0 <= m["top1_kept_rate"] <= 1.0
-        lines = (out / "results.jsonl").read_text().splitlines()
-        assert len(lines) == 3
-        html = (out / "report.html").read_text()
-        assert "PCC" in html and "results.jsonl" in html
-        again = CliRunner().invoke(main, args)
-        assert again.exit_code == 0, again.output
-        m2 = json.loads((out / "metrics.json").read_text())
-        assert m2["n_new"] == 0 and m2["n_skipped"] == 3
-        assert (out / "results.jsonl").read_text().splitlines() == lines
-    finally:
-        torch.set_num_threads(threads)
+    args = [*TINY, "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "o"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_pairs"] == 3 and m["n_new"] == 3 and m["method"] == "gradient"
+    assert m["settings"]["attack"]["beta_growth"] == [10.0, 100.0]  # 'auto' for the gradient
+    assert 0.0 <= m["top1_kept_rate"] <= 1.0
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    html = (out / "report.html").read_text()
+    assert "PCC" in html and "results.jsonl" in html
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    m2 = json.loads((out / "metrics.json").read_text())
+    assert m2["n_new"] == 0 and m2["n_skipped"] == 3
+    assert (out / "results.jsonl").read_text().splitlines() == lines
 
 
 def test_attack_csv_with_missing_column_is_a_clear_error(tmp_path):
@@ -52,25 +46,20 @@ def test_attack_budget_parses_fractions(tmp_path):
 
 
 def test_smooth_compares_betas_and_writes_report(tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        args = ["smooth", "--dataset", "digits8", "--betas", "10,1", "--pairs", "2", "--iterations", "5", "--lr", "1e-2",
-                "--epochs", "1", "--quiet", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]
-        res = CliRunner().invoke(main, args)
-        assert res.exit_code == 0, res.output
-        out = tmp_path / "o"
-        m = json.loads((out / "metrics.json").read_text())
-        assert set(m["accuracy"]) == {"β=10", "β=1", "ReLU"}
-        assert [r["beta"] for r in m["sweep"]] == ["β=10", "β=1", "ReLU"]
-        curv = {r["beta"]: r["curvature"] for r in m["sweep"]}
-        assert curv["ReLU"] == 0.0 and curv["β=10"] > curv["β=1"] > 0  # flatter with smaller β
-        for name in ("report.html", "explanations_beta.png", "beta_curves.png"):
-            assert (out / name).stat().st_size > 0
-        for b in ("beta_10", "beta_1", "beta_inf"):
-            assert len((out / b / "results.jsonl").read_text().splitlines()) == 2
-    finally:
-        torch.set_num_threads(threads)
+    args = ["smooth", "--dataset", "digits8", "--betas", "10,1", "--pairs", "2", "--iterations", "5", "--lr", "1e-2",
+            "--epochs", "1", "--quiet", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "o"
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["accuracy"]) == {"β=10", "β=1", "ReLU"}
+    assert [r["beta"] for r in m["sweep"]] == ["β=10", "β=1", "ReLU"]
+    curv = {r["beta"]: r["curvature"] for r in m["sweep"]}
+    assert curv["ReLU"] == 0.0 and curv["β=10"] > curv["β=1"] > 0  # flatter with smaller β
+    for name in ("report.html", "explanations_beta.png", "beta_curves.png"):
+        assert (out / name).stat().st_size > 0
+    for b in ("beta_10", "beta_1", "beta_inf"):
+        assert len((out / b / "results.jsonl").read_text().splitlines()) == 2
 
 
 def test_smooth_rejects_non_positive_beta(tmp_path):

@@ -122,15 +122,6 @@ POINTWISE = {"gradient", "input_x_gradient"}
 SMOOTH_IN_X = [(n, f) for n, f in EXPLAINERS if "relative" not in n]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: intra-op threads only add overhead (and thrash on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def close(a: torch.Tensor, b: torch.Tensor, **tol) -> None:
     torch.testing.assert_close(a, b, **(tol or TIGHT))
 

@@ -6,7 +6,6 @@ Hessian reference a tiny float64 softplus MLP, attacks a few iterations long. Ev
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import warnings
@@ -32,14 +31,6 @@ from manifex.models import accuracy
 
 HOOK_ATTRS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 ATTACK = dict(iterations=3, lr=1e-2, gamma=research_gamma(64, 10))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

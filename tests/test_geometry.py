@@ -70,17 +70,6 @@ def make_decoder(k: int = K, seed: int = 0, upsample: int | None = None) -> VAED
     return VAEDecoder(k, upsample).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Run this module on one intra-op thread: the tensors here are small, one thread is as fast, the results
-    are bit-reproducible, and the file stays fast when other processes share the CPU (oversubscribed OpenMP
-    threads slow small-op loops down by 10× or more)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)  # every test starts from the same global RNG state

@@ -13,15 +13,12 @@ from manifex.models import GenerativeTrainConfig, ModelCache, get_generative
 
 @pytest.fixture(scope="module")
 def known(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     cache = ModelCache(tmp_path_factory.mktemp("cache"))
     real = load_digits8().subset(slice(0, 300))
     vae, _ = get_generative(real, "vae", 4, GenerativeTrainConfig(epochs=2), cache=cache, progress=False)
     km = make_known_manifold(real, vae, KnownManifoldConfig(n_train=40, n_test=12, labeler_epochs=1, batch_size=64),
                              cache=cache, progress=False)
     yield km, cache, real, vae
-    torch.set_num_threads(threads)
 
 
 def test_images_are_exactly_decoded_latents(known):

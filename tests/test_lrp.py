@@ -61,14 +61,6 @@ HOOK_ATTRS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backw
 Y = torch.tensor([0, 2, 4, 1])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def close(a, b, **tol):
     torch.testing.assert_close(a, b, **(tol or TIGHT))
 

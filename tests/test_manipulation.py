@@ -44,14 +44,6 @@ HOOK_ATTRS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backw
 # fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_cnn(size: int = 8, seed: int = 0) -> nn.Module:
     """conv-ReLU-conv-ReLU-maxpool-fc-ReLU-fc on (1, size, size), 10 classes, nn.ReLU modules."""
     with torch.random.fork_rng():

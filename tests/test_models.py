@@ -33,15 +33,6 @@ from manifex.models import (
 # --------------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Single-threaded CPU: fast on a busy machine and bitwise deterministic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits() -> ImageDataset:
     """200 scikit-learn digits, 1×8×8 in [0, 1]."""
