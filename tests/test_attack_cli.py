@@ -45,6 +45,17 @@ def test_attack_budget_parses_fractions(tmp_path):
     assert res.exit_code == 2 and "8/255" in res.output
 
 
+def test_attack_pcc_loss_is_passed_and_recorded(tmp_path):
+    args = [*TINY, "--loss", "pcc", "--pairs", "1", "--iterations", "3", "--out", str(tmp_path / "o"),
+            "--cache-dir", str(tmp_path / "c")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["settings"]["attack"]["map_loss"] == "pcc"
+    bad = CliRunner().invoke(main, [*TINY, "--loss", "l1", "--out", str(tmp_path / "o")])
+    assert bad.exit_code == 2 and "'mse'" in bad.output
+
+
 def test_smooth_compares_betas_and_writes_report(tmp_path):
     args = ["smooth", "--dataset", "digits8", "--betas", "10,1", "--pairs", "2", "--iterations", "5", "--lr", "1e-2",
             "--epochs", "1", "--quiet", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]

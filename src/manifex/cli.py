@@ -157,6 +157,9 @@ _NEEDS_BETA = {"gradient", "guided_backprop", "smoothgrad", "smoothgrad_sq", "va
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate (the research used 2e-4 at 224²).")
 @click.option("--gamma", type=float, default=None,
               help="Output-term weight relative to the map term; default: the research balance rescaled to this image size.")
+@click.option("--loss", "map_loss", type=click.Choice(["mse", "pcc"]), default="mse", show_default=True,
+              help="Map term: the research MSE of the normalised maps, or 'pcc' (1 - Pearson correlation, same "
+                   "scale), which ignores the map's scale and reaches a higher correlation in a small budget.")
 @click.option("--budget", callback=_fraction, default=None,
               help="Optional perturbation budget in pixel units of [0, 1], e.g. 8/255 (see --norm).")
 @click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True)
@@ -173,7 +176,7 @@ _NEEDS_BETA = {"gradient", "guided_backprop", "smoothgrad", "smoothgrad_sq", "va
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--trust-pickle", is_flag=True, help="Allow pickled dataset files (only for files you trust).")
 @click.option("--quiet", is_flag=True)
-def attack(dataset, classifier, epochs, method, n_pairs, pairs_csv, data_dir, iterations, lr, gamma, budget, norm,
+def attack(dataset, classifier, epochs, method, n_pairs, pairs_csv, data_dir, iterations, lr, gamma, map_loss, budget, norm,
            beta_growth, stop_pcc, batch_size, out_dir, resume, device, seed, cache_dir, trust_pickle, quiet) -> None:
     """Manipulate explanations: make them match another image's while the prediction stays.
 
@@ -196,7 +199,7 @@ def attack(dataset, classifier, epochs, method, n_pairs, pairs_csv, data_dir, it
         beta_growth = (10.0, 100.0) if method in _NEEDS_BETA else None
     h, w = data.image_shape[1:]
     options = dict(iterations=iterations, lr=lr, gamma=gamma if gamma is not None else research_gamma(h * w, data.num_classes),
-                   epsilon=budget, norm=norm, beta_growth=beta_growth, stop_pcc=stop_pcc)
+                   map_loss=map_loss, epsilon=budget, norm=norm, beta_growth=beta_growth, stop_pcc=stop_pcc)
     summary = run_campaign(model, method, pairs, out_dir, batch_size=batch_size, resume=resume, progress=not quiet, **options)
     model_info = {"classifier": classifier, "dataset": dataset, "test accuracy": round(accuracy(model, test), 4),
                   "epochs": epochs, "cached": info.get("cached")}

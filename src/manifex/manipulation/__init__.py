@@ -12,6 +12,7 @@ from .attack import (
     AttackStep,
     ExplanationGradientWarning,
     ManipulationResult,
+    map_term,
     manipulate,
     normalized_box,
     prepare_maps,
@@ -31,7 +32,7 @@ from .defence import (
 
 __all__ = [
     "manipulate", "ManipulationResult", "AttackStep", "ExplanationGradientWarning", "normalized_box",
-    "prepare_maps", "research_gamma", "DEFAULT_GAMMA", "DEFAULT_MAP_WEIGHT",
+    "prepare_maps", "research_gamma", "map_term", "DEFAULT_GAMMA", "DEFAULT_MAP_WEIGHT",
     "run_campaign", "CampaignSummary", "PairSet", "pairs_from_csv", "pairs_from_dataset", "read_results",
     "RELU", "HessianEigen", "accuracy_across_beta", "explanations_across_beta", "hessian_power_iteration",
     "hessian_top_eigenvalue", "plot_beta_curves", "robustness_sweep",
