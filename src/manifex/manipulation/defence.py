@@ -460,7 +460,9 @@ def robustness_sweep(
 
     Each record (also written to ``beta_<β>/defence.json`` and, all together, to ``out_dir/sweep.json``,
     where inf is written ``"inf"``) holds: ``beta``, ``out_dir``, ``n_pairs``/``n_new``/``n_skipped``; the
-    campaign means ``pcc_manip_target`` (attack success), ``pcc_orig_target`` (before), ``pcc_manip_orig``,
+    campaign means ``pcc_manip_target`` (attack success), ``pcc_orig_target`` (before), ``pcc_gain`` (their
+    difference: how far the budget moved the map, the manipulability; the "before" differs per β because
+    each smoothed model has its own maps), ``pcc_manip_orig``,
     ``ssim_manip_target``, ``ssim_orig_target`` (None for maps under 11×11), ``mse_manip_target``,
     ``max_dp`` (mean max |Δp|), ``l2``, ``linf``; ``top1_kept_rate``; ``curvature`` = mean |λ_max| of the
     input Hessian of the explained class score on the originals (same model, the class it predicts),
@@ -519,6 +521,8 @@ def robustness_sweep(
         }
         for key in _SUMMARY_MEANS:
             record[key] = summary.means.get(key)
+        before, after = record.get("pcc_orig_target"), record.get("pcc_manip_target")
+        record["pcc_gain"] = None if before is None or after is None else after - before
         record["top1_kept_rate"] = summary.top1_kept_rate
         record["curvature"] = float(np.mean(curv))
         record["curvature_median"] = float(np.median(curv))
@@ -562,7 +566,9 @@ def plot_beta_curves(sweep_results: Sequence[dict[str, Any]], path: str | os.Pat
     Left panel: PCC of the manipulated map to the target (attack success; the PCC before the attack
     dotted) and mean max |Δp| (output change, twin axis) against β on a log axis. Right panel: the
     accuracy of the softplus(β) model and the curvature (mean |λ_max| of the input Hessian, twin log axis)
-    against β. The ReLU model (β = inf) is drawn at the right end, labelled "ReLU". ``sweep_results``:
+    against β. The ReLU model (β = inf) is drawn at the right end, labelled "ReLU"; it has no curvature
+    point: its Hessian is zero almost everywhere (the curvature sits in the kinks, the β → ∞ limit), which
+    the panel notes instead of plotting a misleading 0. Legends sit below the panels. ``sweep_results``:
     the records of :func:`robustness_sweep` (or of ``sweep.json``); missing values are skipped.
     """
     from matplotlib.figure import Figure
@@ -580,7 +586,7 @@ def plot_beta_curves(sweep_results: Sequence[dict[str, Any]], path: str | os.Pat
     xs = [b if math.isfinite(b) else relu_x for b in betas]
     labels = [f"{b:g}" if math.isfinite(b) else "ReLU" for b in betas]
 
-    fig = Figure(figsize=(10.5, 3.8))
+    fig = Figure(figsize=(10.5, 4.4))
     ax1, ax3 = fig.subplots(1, 2)
 
     def axis(ax) -> None:
@@ -599,20 +605,25 @@ def plot_beta_curves(sweep_results: Sequence[dict[str, Any]], path: str | os.Pat
     ax2.set_ylabel("output change (max |Δp|)", color="C0")
     axis(ax1)
     ax1.set_title("attack success and output change")
-    ax1.legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="best")
+    ax1.legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
+               frameon=False)
 
     acc = [_value(r, "accuracy") for r in rows]
     lines = ax3.plot(xs, acc, "o-", color="C2", label="accuracy")
     ax3.set_ylabel("accuracy", color="C2")
     ax4 = ax3.twinx()
-    curv = [_value(r, "curvature") for r in rows]
+    curv = [_value(r, "curvature") if math.isfinite(b) else math.nan for r, b in zip(rows, betas)]
     lines += ax4.plot(xs, curv, "^--", color="C1", label="curvature: mean |λ_max(∇²f)|")
+    if not all(math.isfinite(b) for b in betas):
+        ax4.annotate("ReLU: ∇²f = 0\nalmost everywhere", xy=(relu_x, 0.3), xycoords=("data", "axes fraction"),
+                     ha="center", va="center", fontsize=7, color="C1")
     ax4.set_ylabel("curvature", color="C1")
     if any(c > 0 for c in curv if math.isfinite(c)) and all(c > 0 for c in curv if math.isfinite(c)):
         ax4.set_yscale("log")
     axis(ax3)
     ax3.set_title("accuracy and curvature")
-    ax3.legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="best")
+    ax3.legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
+               frameon=False)
     fig.tight_layout()
     if path is not None:
         save_figure(fig, path)

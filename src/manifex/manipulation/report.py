@@ -86,14 +86,17 @@ def write_smooth_report(
     write_json({"method": method, "accuracy": {label(b): a for b, a in accuracy.items()},
                 "sweep": [{**r, "beta": label(r["beta"])} for r in sweep], "model": model_info or {}},
                out / "metrics.json")
-    keys = ("pcc_orig_target", "pcc_manip_target", "max_dp", "top1_kept_rate", "linf", "curvature", "accuracy")
+    keys = ("pcc_orig_target", "pcc_manip_target", "pcc_gain", "max_dp", "top1_kept_rate", "linf", "curvature", "accuracy")
     rows = [{"beta": label(r["beta"]), **{k: _fmt(r.get(k)) for k in keys}} for r in sweep]
     relu = next((r for r in sweep if r["beta"] == float("inf")), None)
     smallest = min((r for r in sweep if r["beta"] != float("inf")), key=lambda r: r["beta"], default=None)
     headline = f"β-smoothing against manipulation of {method} explanations"
-    if relu and smallest and relu.get("pcc_manip_target") is not None and smallest.get("pcc_manip_target") is not None:
-        headline = (f"{method}: manipulated PCC to target {relu['pcc_manip_target']:.2f} on the ReLU model vs "
-                    f"{smallest['pcc_manip_target']:.2f} at β={smallest['beta']:g}")
+    if relu and smallest and relu.get("pcc_gain") is not None and smallest.get("pcc_gain") is not None:
+        cost = ""
+        if relu.get("accuracy") is not None and smallest.get("accuracy") is not None:
+            cost = f" (accuracy {relu['accuracy'] * 100:.1f}% → {smallest['accuracy'] * 100:.1f}%)"
+        headline = (f"{method}: the attack raises the PCC to the target by {relu['pcc_gain']:+.2f} on the ReLU model "
+                    f"and by {smallest['pcc_gain']:+.2f} at β={smallest['beta']:g}{cost}")
     cards = [{"label": f"accuracy {label(b)}", "value": f"{a * 100:.1f}%", "sub": "test set", "accent": b == float("inf")}
              for b, a in accuracy.items()]
     return render("smooth.html.j2", out / "report.html", title=f"β-smoothing report · {method}", headline=headline,
