@@ -21,7 +21,7 @@ background is exactly 0, so relevance outside the original digit is at most ε·
 smooth enough that its gradient map moves little within 8/255 (``--epsilons 16 32 64 inf`` shows the curve).
 
     PYTHONPATH=src python benchmarks/attack_experiment.py [--methods gradient input_x_gradient ...]
-        [--pairs 16] [--batch 16] [--threads 2] [--epsilons 4 8 16 inf] [--iterations N]
+        [--pairs 16] [--batch 16] [--threads 2] [--epsilons 4 8 16 inf] [--iterations N] [--loss mse|pcc]
 """
 from __future__ import annotations
 
@@ -123,6 +123,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iterations", type=int, default=None, help="override every method's iterations")
+    ap.add_argument("--loss", choices=["mse", "pcc"], default="mse",
+                    help="map term of the loss: the research MSE or 1 - Pearson correlation (manipulate(map_loss=...))")
     ap.add_argument("--epsilons", nargs="*", default=[], help="extra L∞ budgets in /255 (inf = no budget) to rerun every method at")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -139,7 +141,9 @@ def main() -> None:
     pairs = pairs_from_dataset(test, args.pairs, seed=0)
     xo, xt = pairs.images(range(args.pairs))
 
-    overrides = {} if args.iterations is None else {"iterations": args.iterations}
+    overrides = {"map_loss": args.loss}
+    if args.iterations is not None:
+        overrides["iterations"] = args.iterations
     results = []
     for name in args.methods:
         r = run_method(model, name, xo, xt, args.batch, **overrides)

@@ -132,6 +132,21 @@ def reference_attack(relu_net: nn.Module, smooth: tuple[nn.Module, list[nn.Softp
 # timing
 
 
+def multiply_adds(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """Multiply-adds of one forward pass of one example: weights × output positions of every conv/linear."""
+    count = [0]
+
+    def hook(m: nn.Module, inputs, out: torch.Tensor) -> None:
+        count[0] += m.weight.numel() * (out.shape[-2:].numel() if isinstance(m, nn.Conv2d) else 1)
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(torch.zeros(1, *shape))
+    for h in hooks:
+        h.remove()
+    return count[0]
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """The model without parameter gradients (manifex also switches them off during an attack)."""
     net = copy.deepcopy(model).eval()
@@ -167,12 +182,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--width", type=int, default=32,
+                    help="LeNet width (conv channels width, 2·width): 32 = manifex's LeNet (16 M multiply-adds per "
+                         "forward), 4 = a small CNN (0.5 M)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
 
     torch.manual_seed(0)
-    model = LeNet((1, 32, 32), 10).eval()
+    model = LeNet((1, 32, 32), 10, width=args.width).eval()
+    macs = multiply_adds(model, (1, 32, 32))
     data = load_mnist5k()
     n_total = max([args.pairs, *args.batches])
     xo_all, xt_all = pairs_from_dataset(data, n_total, seed=0).images(range(n_total))
@@ -180,7 +199,8 @@ def main() -> None:
         class_t = model(xt_all).argmax(1)
     gamma = research_gamma(32 * 32, 10)
     kw = dict(iterations=args.iterations, lr=args.lr, gamma=gamma)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); LeNet 1×32×32 random init (seed 0); "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); LeNet 1×32×32 width {args.width} "
+          f"({macs / 1e6:.2f} M multiply-adds per forward), random init (seed 0); "
           f"{args.iterations} iterations, lr {args.lr:g}, gamma {gamma:.3g}, map weight {MAP_WEIGHT:g}; "
           f"best of {args.repeats}", flush=True)
 

@@ -534,6 +534,7 @@ def _optimise(
     smoothing = beta_smooth(model, beta_growth[0]) if beta_growth is not None else None
     bar = tqdm(total=iterations, disable=not progress, desc="manipulate", leave=False)
 
+    n_active = n
     with smoothing if smoothing is not None else contextlib.nullcontext(), bar:
         for i in range(iterations):
             beta = None
@@ -541,10 +542,11 @@ def _optimise(
                 b0, b1 = beta_growth
                 beta = b0 * (b1 / b0) ** (i / iterations)
                 smoothing.set_beta(beta)
-            idx = active.nonzero().flatten()
-            all_active = len(idx) == n
-            xa = x_adv if all_active else x_adv[idx]
-            h, out = _explain_with_logits(explainer, model, xa, target[idx])
+            all_active = n_active == n
+            idx = torch.arange(n, device=x.device) if all_active else active.nonzero().flatten()
+            sel = slice(None) if all_active else idx  # the active examples' rows (a view while all are active)
+
+            h, out = _explain_with_logits(explainer, model, x_adv[sel], target[sel])
             if not h.requires_grad:
                 raise ModelError(
                     f"the explanation of {explainer!r} does not depend differentiably on the input (no graph with "
@@ -553,12 +555,12 @@ def _optimise(
             if not bool(torch.isfinite(h).all()):
                 raise ModelError(f"the explanation became NaN/inf at iteration {i}; lower lr or use a smoother model (beta_growth).")
             hm = prepare_maps(h, signed=signed)
-            map_loss = map_weight * map_term(hm, tmap[idx], map_loss_kind)
+            map_loss = map_weight * map_term(hm, tmap[sel], map_loss_kind)
             if smoothing is not None:  # the output change caused by the perturbation, at the current β
                 with torch.no_grad():
-                    p0 = torch.softmax(model(x[idx]), dim=1)
+                    p0 = torch.softmax(model(x[sel]), dim=1)
             else:
-                p0 = probs0[idx]
+                p0 = probs0[sel]
             out_loss = gamma * map_weight * (torch.softmax(out, dim=1) - p0).square().mean(1)
             loss = map_loss + out_loss
             if i == 0:
@@ -573,31 +575,34 @@ def _optimise(
                     x_adv[~active] = frozen
 
             done_now = i + 1
-            total, ml, ol = nan.clone(), nan.clone(), nan.clone()
-            total[idx], ml[idx], ol[idx] = loss.detach(), map_loss.detach(), out_loss.detach()
             if stop_pcc is not None and (done_now % check_every == 0 or done_now == iterations):
                 with _relu_model(smoothing), torch.no_grad():
-                    e = _explain(explainer, x_adv.detach()[idx], target[idx], False)
-                    reached = pearson(prepare_maps(e, signed=signed), tmap[idx]) >= stop_pcc
+                    e = _explain(explainer, x_adv.detach()[sel], target[sel], False)
+                    reached = pearson(prepare_maps(e, signed=signed), tmap[sel]) >= stop_pcc
                 hit = idx[reached]
                 stopped[hit] = True
                 active[hit] = False
                 iters[hit.cpu()] = done_now
-            if done_now % history_every == 0 or done_now == iterations or not bool(active.any()):
+                n_active -= len(hit)
+            record = done_now % history_every == 0 or done_now == iterations or n_active == 0
+            if record or callback is not None:  # per-example values, NaN for examples stopped before this step
+                total, ml, ol = nan.clone(), nan.clone(), nan.clone()
+                total[idx], ml[idx], ol[idx] = loss.detach(), map_loss.detach(), out_loss.detach()
+            if record:
                 steps.append(done_now)
                 records["loss"].append(total)
                 records["map"].append(ml)
                 records["output"].append(ol)
             bar.update(1)
             if progress and done_now % 10 == 0:
-                bar.set_postfix(loss=f"{float(loss.detach().mean()):.3g}", active=int(active.sum()))
+                bar.set_postfix(loss=f"{float(loss.detach().mean()):.3g}", active=n_active)
             stop_all = False
             if callback is not None:
                 stop_all = bool(callback(AttackStep(done_now, beta, total, ml, ol, active.clone(), x_adv.detach())))
             if stop_all:
                 iters[active.cpu()] = done_now
                 break
-            if not bool(active.any()):
+            if n_active == 0:
                 break
     history = {k: torch.stack(v, dim=1) if v else x.new_empty(n, 0) for k, v in records.items()}
     return x_adv.detach(), iters, stopped.cpu(), history, torch.tensor(steps, dtype=torch.long)
