@@ -1,7 +1,8 @@
 """Benchmark: batched ``manifex.manipulation.manipulate`` against a faithful batch-1 reimplementation of the
 research attack loop (Dombrowski et al. 2019, RESEARCH.md §2), on the same model and pairs, in one run.
 
-Model: the manifex LeNet (1×32×32, 10 classes), **random init** (``torch.manual_seed(0)``), eval mode,
+Model: the manifex LeNet (1×32×32, 10 classes) at ``--width`` (32 = the default LeNet, 16 M multiply-adds per
+forward; 4 = a small CNN, 0.5 M), **random init** (``torch.manual_seed(0)``), eval mode,
 float32. Pairs: originals and targets of different classes from the embedded MNIST (``load_mnist5k()``,
 seeded ``pairs_from_dataset``); the target map is the explanation of the target image for its predicted
 class (as a campaign does). Methods: ``gradient`` with β-growth (10 → 100) and ``input_x_gradient``
@@ -25,15 +26,24 @@ every pair (max |Δ| printed; float32, expected ≲ 1e-5).
 Throughput = pairs / wall time of whole attacks (setup, loop, final explanations), best of ``--repeats``.
 Ratio = manifex pairs/s at batch B / reference pairs/s (batch 1). The issue's goal: ≥ 10× at batch 16.
 
-Measured here (torch 2.13 CPU, shared 2-core machine, 50 iterations): manifex at batch 16 ≈ 1.5× the reference
-with 1 thread, ≈ 2.2-2.6× with 2 threads; the 10× goal is not reachable on CPU for this model. The attack is
-compute-bound: one step is a forward, a create_graph backward and a double backward through the convolutions,
-max-pool and softplus, and at batch 1 the per-op overhead that batching removes is only ~30% of that time
-(per pair and step: ≈ 7.7 ms at batch 1 vs ≈ 5.2 ms at batch 16 for the gradient with β-growth, ≈ 5.1 vs ≈ 3.3
-ms for input×gradient). Batching pays off where batch 1 is latency-bound (GPUs, small models).
+Measured here (torch 2.13 CPU, 2 cores, quiet machine, 50 iterations, best of 3; ratio = manifex pairs/s over
+the reference's):
+
+    model (--width)          threads  gradient b16 / b64   input×gradient b16 / b64
+    small CNN (4)            1        2.95× / 3.97×        4.55× / 5.95×
+    small CNN (4)            2        4.36× / 7.00×        5.17× / 9.33×
+    default LeNet (32)       2        1.80× / 1.68×        2.42× / 2.61×
+
+The 10× goal is not reached on CPU. The attack is compute-bound: one step is a forward, a create_graph
+backward and a double backward through the convolutions, max-pool and softplus, and the CPU kernels cost per
+element (max-pool 2×2 on 16×8×28×28 takes 0.6 ms, softplus 0.34 ms on one thread), which batching does not
+change; it removes only the per-call overhead, a small part of a step except for tiny models. At batch 1
+manifex is 0.7-0.87× the bare loop: its β-smoothing uses hooks and a TorchFunctionMode (so that functional
+ReLUs are smoothed too and the model is never modified) where the reference swaps in nn.Softplus modules,
+and it validates and records more per step. Batching would pay most where batch 1 is latency-bound (GPUs).
 
     PYTHONPATH=src python benchmarks/bench_attack.py [--iterations 50] [--pairs 16] [--threads 1]
-        [--batches 1 4 16 64] [--repeats 1] [--methods gradient input_x_gradient]
+        [--batches 1 4 16 64] [--repeats 1] [--methods gradient input_x_gradient] [--width 32]
 """
 from __future__ import annotations
 
