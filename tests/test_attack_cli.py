@@ -58,7 +58,7 @@ def test_attack_pcc_loss_is_passed_and_recorded(tmp_path):
 
 def test_smooth_compares_betas_and_writes_report(tmp_path):
     args = ["smooth", "--dataset", "digits8", "--betas", "10,1", "--pairs", "2", "--iterations", "5", "--lr", "1e-2",
-            "--epochs", "1", "--quiet", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]
+            "--epochs", "1", "--loss", "pcc", "--quiet", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     out = tmp_path / "o"
@@ -71,6 +71,7 @@ def test_smooth_compares_betas_and_writes_report(tmp_path):
         assert (out / name).stat().st_size > 0
     for b in ("beta_10", "beta_1", "beta_inf"):
         assert len((out / b / "results.jsonl").read_text().splitlines()) == 2
+        assert json.loads((out / b / "campaign.json").read_text())["attack"]["map_loss"] == "pcc"
 
 
 def test_smooth_rejects_non_positive_beta(tmp_path):

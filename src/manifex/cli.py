@@ -227,6 +227,8 @@ def attack(dataset, classifier, epochs, method, n_pairs, pairs_csv, data_dir, it
 @click.option("--budget", callback=_fraction, default="32/255", show_default=True,
               help="L∞ perturbation budget of the sweep's attacks, in pixel units of [0, 1] ('none': unbounded). "
                    "The same budget for every β, so the PCC reached measures how manipulable each model is.")
+@click.option("--loss", "map_loss", type=click.Choice(["mse", "pcc"]), default="mse", show_default=True,
+              help="Map term of the sweep's attacks (see `manifex attack --help`).")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/smooth"), show_default=True)
 @click.option("--device", default="cpu", show_default=True)
@@ -234,7 +236,7 @@ def attack(dataset, classifier, epochs, method, n_pairs, pairs_csv, data_dir, it
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--trust-pickle", is_flag=True)
 @click.option("--quiet", is_flag=True)
-def smooth(dataset, classifier, epochs, method, betas, n_pairs, iterations, lr, budget, batch_size, out_dir, device, seed,
+def smooth(dataset, classifier, epochs, method, betas, n_pairs, iterations, lr, budget, map_loss, batch_size, out_dir, device, seed,
            cache_dir, trust_pickle, quiet) -> None:
     """β-smoothing defence: explanations, accuracy, curvature and manipulability across β.
 
@@ -269,7 +271,7 @@ def smooth(dataset, classifier, epochs, method, betas, n_pairs, iterations, lr, 
         h, w = data.image_shape[1:]
         sweep = robustness_sweep(model, method, pairs_from_dataset(test, n_pairs, seed=seed), [*betas, RELU], out_dir,
                                  data=test, batch_size=batch_size, progress=not quiet, iterations=iterations, lr=lr,
-                                 epsilon=budget, gamma=research_gamma(h * w, data.num_classes))
+                                 epsilon=budget, map_loss=map_loss, gamma=research_gamma(h * w, data.num_classes))
         plot_beta_curves(sweep, out_dir / "beta_curves.png")
         curves = "beta_curves.png"
     report = write_smooth_report(sweep, out_dir, method=method, accuracy=accuracy, explanations_png="explanations_beta.png",
