@@ -395,6 +395,32 @@ def test_gradcam_layer_by_name_or_module_and_repr():
         GradCAM(make_mlp())
 
 
+class _ConvsRegisteredOutOfOrder(nn.Module):
+    """``late`` is registered first but runs last: registration order is not execution order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.late = nn.Conv2d(4, 6, 3, padding=1)
+            self.early = nn.Conv2d(2, 4, 3, padding=1)
+            self.fc = nn.Linear(6 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.late(torch.relu(self.early(x)))).flatten(1))
+
+
+def test_gradcam_default_layer_is_the_last_executed_conv():
+    net = _ConvsRegisteredOutOfOrder().double()
+    x, y = data()
+    assert last_conv_layer(net) == "early"  # registration order would pick the wrong one
+    cam = GradCAM(net)
+    out = cam(x, y)
+    assert cam.layer_name == "late" and cam.layer is net.late
+    torch.testing.assert_close(out, GradCAM(net, "late")(x, y), **TIGHT)
+    assert not torch.allclose(out, GradCAM(net, "early")(x, y))
+
+
 def test_guided_backprop_handles_functional_relus():
     x, y = data()
     for call in ("F.relu", "relu_", "F.relu(inplace)"):

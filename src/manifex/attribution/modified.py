@@ -108,8 +108,11 @@ UpsampleMode = Literal["bilinear", "bicubic", "nearest", "area"]
 
 
 class GradCAM(Explainer):
-    """Grad-CAM (Selvaraju et al., 2017) at a convolutional ``layer`` (a submodule or its qualified name;
-    default: :func:`last_conv_layer`).
+    """Grad-CAM (Selvaraju et al., 2017) at a convolutional ``layer`` (a submodule or its qualified name).
+
+    Default layer: the last convolution the forward *runs*, found by the first call's shape probe (until
+    then ``layer``/``layer_name`` hold :func:`last_conv_layer`, the last one registered, which is usually
+    the same); name the layer to fix it.
 
     With ``A`` the layer output (N, C, h, w) and ``α_c`` the spatial mean of ∂score/∂A_c, the map is
     ``relu(Σ_c α_c A_c)`` (N, 1, h, w) (:meth:`layer_map`; ``relu=False`` keeps the sign). ``attribute``
@@ -128,6 +131,7 @@ class GradCAM(Explainer):
         if upsample_mode not in ("bilinear", "bicubic", "nearest", "area"):
             raise InputError(f"upsample_mode must be 'bilinear', 'bicubic', 'nearest' or 'area', got {upsample_mode!r}.")
         self.layer, self.layer_name = self._resolve_layer(model, last_conv_layer(model) if layer is None else layer)
+        self._find_layer = layer is None  # pick the last executed convolution on the first call
         self.relu, self.upsample_mode = relu, upsample_mode
 
     @staticmethod
@@ -158,6 +162,8 @@ class GradCAM(Explainer):
                 return output + probe[0]  # ∂score/∂probe = ∂score/∂A, since probe = 0
             return None
 
+        if self._find_layer:
+            self._use_last_executed_conv(x)
         handle = self.layer.register_forward_hook(hook)
         try:
             with torch.no_grad():  # discover the layer's output shape and check it is usable
@@ -178,6 +184,22 @@ class GradCAM(Explainer):
         alpha = grad.mean(dim=(2, 3), keepdim=True)
         cam = (alpha * acts).sum(dim=1, keepdim=True)
         return F.relu(cam) if self.relu else cam
+
+    def _use_last_executed_conv(self, x: torch.Tensor) -> None:
+        """Set ``layer`` to the convolution that runs last in a forward of ``x`` (registration order can differ)."""
+        ran: list[nn.Module] = []
+        handles = [m.register_forward_hook(lambda m, a, o: ran.append(m)) for m in self.model.modules()
+                   if isinstance(m, nn.modules.conv._ConvNd)]
+        try:
+            with torch.no_grad():
+                self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        if not ran:
+            raise ModelError(f"the model's forward runs no convolution; pass GradCAM a layer explicitly: {_layer_candidates(self.model)}.")
+        self.layer, self.layer_name = self._resolve_layer(self.model, ran[-1])
+        self._find_layer = False
 
     def _check_layer_outputs(self, outputs: list[object]) -> None:
         where = f"layer {self.layer_name!r} ({type(self.layer).__name__})"
