@@ -761,3 +761,27 @@ def test_create_graph_on_a_path_without_second_derivative_warns():
     with pytest.warns(RuntimeWarning, match="does not depend differentiably"):
         g = Gradient(model)(x, 1, create_graph=True)
     torch.testing.assert_close(g, model.weight[1].expand(2, 4))
+
+
+def test_internal_batch_size_bounds_every_model_call():
+    """A batch larger than internal_batch_size is explained in chunks of examples: no model call sees more
+    than the bound, and the result equals the unbounded one (per-example baselines and targets sliced)."""
+    model = make_cnn()
+    x = make_x()
+    n = x.shape[0]
+    sizes: list[int] = []
+
+    def counted(inp: torch.Tensor) -> torch.Tensor:
+        sizes.append(inp.shape[0])
+        return model(inp)
+
+    target = torch.arange(n) % 10
+    baseline = 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=x.dtype)
+    small = 2
+    assert n > small
+    for make in (lambda m, b: IntegratedGradients(m, steps=5, baseline=baseline, internal_batch_size=b),
+                 lambda m, b: SmoothGrad(Gradient(m), sigma=0.1, n_samples=3, internal_batch_size=b)):
+        sizes.clear()
+        bounded = make(counted, small)(x, target)
+        assert sizes and max(sizes) <= small
+        torch.testing.assert_close(bounded, make(model, 512)(x, target), rtol=1e-10, atol=1e-12)

@@ -46,6 +46,13 @@ def _repeat_target(target: Target, times: int) -> Target:
     return target
 
 
+def _target_rows(target: Target, start: int, size: int) -> Target:
+    """The target of the examples ``start : start + size`` (per-example tensors are sliced)."""
+    if isinstance(target, torch.Tensor) and target.dim() == 1:
+        return target[start : start + size]
+    return target
+
+
 class Explainer:
     """Base class: ``explainer(x, target, create_graph=False) -> attribution`` shaped like ``x``."""
 
@@ -144,7 +151,8 @@ class IntegratedGradients(Explainer):
     """Integrated Gradients along the straight path from ``baseline`` to ``x``.
 
     ``multiply_by_inputs=False`` returns the path-averaged gradient (the seed's MNIST setting).
-    ``internal_batch_size`` bounds how many interpolated examples go through the model at once.
+    ``internal_batch_size`` bounds how many interpolated examples go through the model at once (a batch
+    larger than it is explained in chunks of examples).
     """
 
     name = "integrated_gradients"
@@ -179,9 +187,16 @@ class IntegratedGradients(Explainer):
 
     def _attribute(self, x, target, create_graph):
         base = self._baseline_like(x)
+        size = self.internal_batch_size
+        if x.shape[0] <= size:
+            return self._integrate(x, base, target, create_graph)
+        # even one step of the whole batch would exceed the bound: chunks of examples (they are independent)
+        return torch.cat([self._integrate(x[s : s + size], base[s : s + size], _target_rows(target, s, size), create_graph)
+                          for s in range(0, x.shape[0], size)])
+
+    def _integrate(self, x: torch.Tensor, base: torch.Tensor, target: Target, create_graph: bool) -> torch.Tensor:
         delta = x - base
-        n = x.shape[0]
-        per_chunk = max(1, self.internal_batch_size // n)
+        per_chunk = max(1, self.internal_batch_size // x.shape[0])
         total = torch.zeros_like(x)
         for start in range(0, self.steps, per_chunk):
             a = torch.tensor(self.alphas[start : start + per_chunk], dtype=x.dtype, device=x.device)
@@ -251,8 +266,11 @@ class SmoothGrad(Explainer):
         return eps * self.sigma
 
     def _attribute(self, x, target, create_graph):
+        n, size = x.shape[0], self.internal_batch_size
+        if n > size:  # chunks of examples; the seeded noise is shared across examples, so they match one batch
+            return torch.cat([self._attribute(x[s : s + size], _target_rows(target, s, size), create_graph)
+                              for s in range(0, n, size)])
         noise = self._noise(x)
-        n = x.shape[0]
         per_chunk = max(1, self.internal_batch_size // n)
         s1 = torch.zeros_like(x)
         s2 = torch.zeros_like(x)
