@@ -61,7 +61,6 @@ def _captum_compatible(net: torch.nn.Module) -> torch.nn.Module:
 
 def cases(model, x, y, internal: int):
     """(name, manifex callable, captum callable) triples on the same model and batch."""
-    noise = {}
 
     def sg_manifex():
         sg = SmoothGrad(Gradient(model), sigma=0.1, n_samples=25, internal_batch_size=internal)

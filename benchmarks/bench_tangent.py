@@ -28,7 +28,6 @@ import scipy
 import scipy.linalg
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 try:
     from manifex.geometry import alignment, decompose, decoder_jacobian, tangent_space

@@ -244,7 +244,7 @@ def test_smoothed_copy_leaves_original_untouched():
 
 
 def test_large_beta_approaches_relu():
-    net, (x, y) = make_cnn(), data()
+    net, (x, _) = make_cnn(), data()
     relu_out = net(x)
     with beta_smooth(net, 1e3):
         assert (net(x) - relu_out).abs().max() < 1e-2

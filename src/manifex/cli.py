@@ -1,7 +1,6 @@
 """Command-line interface: thin wrappers over the library API."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -259,8 +258,6 @@ def smooth(dataset, classifier, epochs, method, betas, n_pairs, iterations, lr, 
     prints one line per model: the PCC to the target before -> after the
     attack and its gain (smaller for smaller β), accuracy and curvature.
     """
-    import torch
-
     from .attribution import canonical_method
     from .manipulation import (RELU, accuracy_across_beta, explanations_across_beta, pairs_from_dataset,
                                plot_beta_curves, research_gamma, robustness_sweep)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from ..attribution import canonical_method, make_explainer
-from ..data import ImageDataset, load_dataset
+from ..data import load_dataset
 from ..errors import InputError, check_pixel_range
 from ..geometry import TangentSpace, alignment, decompose, random_baseline, tangent_mass, tangent_space
 from ..models import (
