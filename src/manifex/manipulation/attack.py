@@ -269,16 +269,26 @@ def map_term(maps: torch.Tensor, target_maps: torch.Tensor, kind: MapLoss = "mse
     and γ keep their meaning. It drops the MSE's push to match the map's *scale*, which the reported
     similarity (Pearson) ignores, and spends the budget on the *pattern* only (on the default LeNet at
     8/255: PCC 0.40 with ``"mse"``, 0.44 with ``"pcc"``). A constant map counts as PCC 0."""
-    _check_map_loss(kind)
-    if kind == "mse":
-        return (maps - target_maps).square().flatten(1).mean(1)
+    return _map_term_fn(kind)(maps, target_maps)
+
+
+def _mse_term(maps: torch.Tensor, target_maps: torch.Tensor) -> torch.Tensor:
+    return (maps - target_maps).square().flatten(1).mean(1)
+
+
+def _pcc_term(maps: torch.Tensor, target_maps: torch.Tensor) -> torch.Tensor:
     variance = target_maps.flatten(1).var(1, unbiased=False)
     return 2 * variance * (1 - pearson(maps, target_maps).nan_to_num(0.0))
 
 
-def _check_map_loss(kind: object) -> None:
-    if kind not in ("mse", "pcc"):
+_MAP_TERMS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"mse": _mse_term, "pcc": _pcc_term}
+
+
+def _map_term_fn(kind: object) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The map term for ``kind``, validated once (the attack loop looks it up before its first step)."""
+    if kind not in _MAP_TERMS:
         raise InputError(f"map_loss must be 'mse' (the research loss) or 'pcc' (1 − Pearson correlation), got {kind!r}.")
+    return _MAP_TERMS[kind]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -416,7 +426,7 @@ def manipulate(
     _check_number("check_every", check_every, low=1, inclusive=True, integer=True)
     if epsilon is not None:
         _check_number("epsilon", epsilon, low=0.0)
-    _check_map_loss(map_loss)
+    _map_term_fn(map_loss)
     if norm not in ("linf", "l2"):
         raise InputError(f"norm must be 'linf' or 'l2', got {norm!r}.")
     if stop_pcc is not None:
@@ -534,6 +544,8 @@ def _optimise(
     smoothing = beta_smooth(model, beta_growth[0]) if beta_growth is not None else None
     bar = tqdm(total=iterations, disable=not progress, desc="manipulate", leave=False)
 
+    term = _map_term_fn(map_loss_kind)
+    all_rows = torch.arange(n, device=x.device)
     n_active = n
     with smoothing if smoothing is not None else contextlib.nullcontext(), bar:
         for i in range(iterations):
@@ -543,7 +555,7 @@ def _optimise(
                 beta = b0 * (b1 / b0) ** (i / iterations)
                 smoothing.set_beta(beta)
             all_active = n_active == n
-            idx = torch.arange(n, device=x.device) if all_active else active.nonzero().flatten()
+            idx = all_rows if all_active else active.nonzero().flatten()
             sel = slice(None) if all_active else idx  # the active examples' rows (a view while all are active)
 
             h, out = _explain_with_logits(explainer, model, x_adv[sel], target[sel])
@@ -555,7 +567,7 @@ def _optimise(
             if not bool(torch.isfinite(h).all()):
                 raise ModelError(f"the explanation became NaN/inf at iteration {i}; lower lr or use a smoother model (beta_growth).")
             hm = prepare_maps(h, signed=signed)
-            map_loss = map_weight * map_term(hm, tmap[sel], map_loss_kind)
+            map_loss = map_weight * term(hm, tmap[sel])
             if smoothing is not None:  # the output change caused by the perturbation, at the current β
                 with torch.no_grad():
                     p0 = torch.softmax(model(x[sel]), dim=1)
