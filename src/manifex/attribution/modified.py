@@ -153,6 +153,7 @@ class GradCAM(Explainer):
         return _GradCAMLayerMap(self).attribute(x, target, create_graph=create_graph)
 
     def _layer_map(self, x: torch.Tensor, target: Target, create_graph: bool) -> torch.Tensor:
+        first = self._probe(x)  # the layer's output without a graph: its shape, checked usable
         outputs: list[object] = []
         probe: list[torch.Tensor] = []
 
@@ -162,19 +163,12 @@ class GradCAM(Explainer):
                 return output + probe[0]  # ∂score/∂probe = ∂score/∂A, since probe = 0
             return None
 
-        if self._find_layer:
-            self._use_last_executed_conv(x)
+        def run(p: torch.Tensor) -> torch.Tensor:  # target_gradient passes its own leaf copy of the probe
+            probe[:] = [p]
+            return self.model(x)
+
         handle = self.layer.register_forward_hook(hook)
         try:
-            with torch.no_grad():  # discover the layer's output shape and check it is usable
-                self.model(x)
-            self._check_layer_outputs(outputs)
-            first = outputs.pop()
-
-            def run(p: torch.Tensor) -> torch.Tensor:  # target_gradient passes its own leaf copy of the probe
-                probe[:] = [p]
-                return self.model(x)
-
             zeros = torch.zeros(first.shape, dtype=first.dtype, device=first.device)
             grad, _ = target_gradient(run, zeros, target, create_graph=create_graph)
         finally:
@@ -185,21 +179,26 @@ class GradCAM(Explainer):
         cam = (alpha * acts).sum(dim=1, keepdim=True)
         return F.relu(cam) if self.relu else cam
 
-    def _use_last_executed_conv(self, x: torch.Tensor) -> None:
-        """Set ``layer`` to the convolution that runs last in a forward of ``x`` (registration order can differ)."""
-        ran: list[nn.Module] = []
-        handles = [m.register_forward_hook(lambda m, a, o: ran.append(m)) for m in self.model.modules()
-                   if isinstance(m, nn.modules.conv._ConvNd)]
+    def _probe(self, x: torch.Tensor) -> torch.Tensor:
+        """One no-grad forward: the layer's output, checked usable. With the default layer, the same forward
+        also finds the convolution that runs last (registration order can differ) and makes it the layer."""
+        candidates = [m for m in self.model.modules() if isinstance(m, nn.modules.conv._ConvNd)] if self._find_layer else [self.layer]
+        ran: list[tuple[nn.Module, object]] = []
+        handles = [m.register_forward_hook(lambda m, a, o: ran.append((m, o))) for m in candidates]
         try:
             with torch.no_grad():
                 self.model(x)
         finally:
             for h in handles:
                 h.remove()
-        if not ran:
-            raise ModelError(f"the model's forward runs no convolution; pass GradCAM a layer explicitly: {_layer_candidates(self.model)}.")
-        self.layer, self.layer_name = self._resolve_layer(self.model, ran[-1])
-        self._find_layer = False
+        if self._find_layer:
+            if not ran:
+                raise ModelError(f"the model's forward runs no convolution; pass GradCAM a layer explicitly: {_layer_candidates(self.model)}.")
+            self.layer, self.layer_name = self._resolve_layer(self.model, ran[-1][0])
+            self._find_layer = False
+        outputs = [o for m, o in ran if m is self.layer]
+        self._check_layer_outputs(outputs)
+        return outputs[0]
 
     def _check_layer_outputs(self, outputs: list[object]) -> None:
         where = f"layer {self.layer_name!r} ({type(self.layer).__name__})"
