@@ -1,4 +1,4 @@
-"""Command-line interface: thin wrappers over the library API."""
+"""`manifex attack` and `manifex smooth`: system 2, explanation manipulation and β-smoothing."""
 from __future__ import annotations
 
 import sys
@@ -6,133 +6,8 @@ from pathlib import Path
 
 import click
 
-from .errors import ManifexError
-
-
-class _Group(click.Group):
-    """Turn manifex's own errors into a one-line message and exit status 2 instead of a traceback."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except ManifexError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
-            sys.exit(2)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="manifex")
-def main() -> None:
-    """manifex — the geometry of neural-network explanations.
-
-    \b
-    Start with the one-command demo (trains small models on embedded MNIST
-    digits, caches them, writes an HTML report):
-        manifex align --out runs/align
-    Then open runs/align/report.html.
-    """
-
-
-def _csv(ctx, param, value: str | None):
-    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
-
-
-@main.command()
-@click.option("--dataset", default="known:mnist5k", show_default=True,
-              help="'known:<data>' samples a dataset with an exact manifold from a VAE trained on <data>; "
-                   "otherwise the manifold is estimated. <data>: mnist5k, digits8, a .npz (x, y), an image "
-                   "folder (one subfolder per class), an MNIST32 .pt file, or an MNIST256 folder.")
-@click.option("--methods", callback=_csv, default=None,
-              help="Comma-separated attribution methods (see `manifex methods`). "
-                   "Default: gradient, input_x_gradient, integrated_gradients_path, integrated_gradients, smoothgrad.")
-@click.option("--samples", "n_samples", type=click.IntRange(2), default=300, show_default=True, help="Test images to score.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/align"),
-              show_default=True, help="Output directory for report.html, metrics.json and PNG figures.")
-@click.option("--classifier", type=click.Choice(["lenet", "mlp", "vgg", "resnet"]), default="lenet", show_default=True)
-@click.option("--epochs", "classifier_epochs", type=click.IntRange(1), default=10, show_default=True, help="Classifier epochs.")
-@click.option("--robust/--no-robust", default=True, show_default=True, help="Also train an l2-robust classifier (PGD-l2).")
-@click.option("--robust-epochs", type=click.IntRange(1), default=2, show_default=True)
-@click.option("--robust-steps", type=click.IntRange(1), default=7, show_default=True,
-              help="PGD steps per batch (the seed used 100; fewer keeps the demo under 10 minutes).")
-@click.option("--robust-eps", "robust_epsilons", default="0.5,1,2", show_default=True,
-              callback=lambda c, p, v: tuple(float(e) for e in v.split(",")),
-              help="l2 radii, drawn per example (the seed trained from scratch with 1,4,8 for 15 epochs; "
-                   "the demo fine-tunes the standard model for --robust-epochs, where smaller radii keep accuracy).")
-@click.option("--vae-epochs", "generative_epochs", type=click.IntRange(1), default=20, show_default=True)
-@click.option("--latent-dim", type=click.IntRange(1), default=10, show_default=True, help="Manifold dimension k of the VAE.")
-@click.option("--n-train", type=click.IntRange(10), default=6000, show_default=True, help="Generated training images.")
-@click.option("--n-test", type=click.IntRange(2), default=1000, show_default=True, help="Generated test images.")
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Model/attribution cache (default $MANIFEX_CACHE or ~/.cache/manifex). Re-runs reuse it.")
-@click.option("--trust-pickle", is_flag=True, help="Allow loading pickled dataset files (MNIST32 .pt); only for files you trust.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def align(out_dir: Path, cache_dir: Path | None, quiet: bool, methods, **options) -> None:
-    """Score how much attributions lie in the data manifold's tangent space.
-
-    \b
-    For each classifier (standard and l2-robust) and attribution method, the
-    score ‖P_T E‖/‖E‖ is computed per image against the random baseline √(k/d).
-    Writes report.html, metrics.json and PNG figures to --out. Interrupted runs
-    resume: trained models and finished attributions are cached.
-    """
-    from .alignment import AlignConfig, run_alignment, write_report
-    from .models import ModelCache
-
-    if methods:
-        options["methods"] = methods
-    cfg = AlignConfig(**options)
-    result = run_alignment(cfg, cache=ModelCache(cache_dir), progress=not quiet)
-    report = write_report(result, out_dir)
-    for line in result.metrics.get("findings", []):
-        click.echo(f"  {line}")
-    click.echo(f"report: {report}")
-
-
-def _fraction(ctx, param, value: str | None):
-    """'8/255' or '0.03' → float; 'none' → None."""
-    if value is None or value.lower() == "none":
-        return None
-    try:
-        num, _, den = value.partition("/")
-        return float(num) / (float(den) if den else 1.0)
-    except ValueError:
-        raise click.BadParameter(f"expected a number such as 0.03 or 8/255, got {value!r}") from None
-
-
-def _beta_pair(ctx, param, value: str):
-    if value.lower() in ("none", "off"):
-        return None
-    if value.lower() == "auto":
-        return "auto"
-    try:
-        b0, b1 = (float(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected 'B0,B1' (e.g. 10,100), 'auto' or 'none', got {value!r}") from None
-    return (b0, b1)
-
-
-def _betas(ctx, param, value: str):
-    try:
-        betas = tuple(float(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers such as 10,3,1, got {value!r}") from None
-    if any(b <= 0 for b in betas):
-        raise click.BadParameter("every β must be > 0")
-    return betas
-
-
-def _trained_classifier(dataset, classifier, epochs, seed, device, cache_dir, trust_pickle, quiet):
-    """(model, train, test, info) shared by the manipulation commands: the classifier is cached."""
-    from .data import load_dataset
-    from .models import ModelCache, TrainConfig, get_classifier
-
-    data = load_dataset(dataset, trust_pickle=trust_pickle)
-    train, test = data.split(0.2, seed=seed)
-    model, info = get_classifier(train, classifier, TrainConfig(epochs=epochs, seed=seed), cache=ModelCache(cache_dir),
-                                 device=device, progress=not quiet)
-    return model, data, test, info
+from . import main
+from .common import _beta_pair, _betas, _fraction, _trained_classifier
 
 
 #: Methods whose explanation of a ReLU network has a zero input-derivative: they need β-growth to be attacked.
@@ -192,10 +67,10 @@ def attack(dataset, classifier, epochs, method, n_pairs, pairs_csv, data_dir, it
       manifex attack --budget 8/255 --loss pcc --lr 3e-3    # barely visible
       manifex attack --method lrp_epsilon_gamma_box --pairs-csv pairs.csv
     """
-    from .attribution import canonical_method
-    from .manipulation import pairs_from_csv, pairs_from_dataset, research_gamma, run_campaign
-    from .manipulation.report import write_attack_report
-    from .models import accuracy
+    from ..attribution import canonical_method
+    from ..manipulation import pairs_from_csv, pairs_from_dataset, research_gamma, run_campaign
+    from ..manipulation.report import write_attack_report
+    from ..models import accuracy
 
     method = canonical_method(method)
     model, data, test, info = _trained_classifier(dataset, classifier, epochs, seed, device, cache_dir, trust_pickle, quiet)
@@ -258,11 +133,11 @@ def smooth(dataset, classifier, epochs, method, betas, n_pairs, iterations, lr, 
     prints one line per model: the PCC to the target before -> after the
     attack and its gain (smaller for smaller β), accuracy and curvature.
     """
-    from .attribution import canonical_method
-    from .manipulation import (RELU, accuracy_across_beta, explanations_across_beta, pairs_from_dataset,
+    from ..attribution import canonical_method
+    from ..manipulation import (RELU, accuracy_across_beta, explanations_across_beta, pairs_from_dataset,
                                plot_beta_curves, research_gamma, robustness_sweep)
-    from .manipulation.report import write_smooth_report
-    from .viz import image_grid
+    from ..manipulation.report import write_smooth_report
+    from ..viz import image_grid
 
     method = canonical_method(method)
     model, data, test, info = _trained_classifier(dataset, classifier, epochs, seed, device, cache_dir, trust_pickle, quiet)
@@ -292,17 +167,3 @@ def smooth(dataset, classifier, epochs, method, betas, n_pairs, iterations, lr, 
                    f"(gain {r['pcc_gain']:+.2f}), "
                    f"accuracy {r['accuracy']:.3f}, curvature {r['curvature']:.3g}")
     click.echo(f"report: {report}")
-
-
-@main.command()
-def methods() -> None:
-    """List the attribution methods and their aliases."""
-    from .attribution import ALIASES, METHODS
-
-    for name, spec in sorted(METHODS.items()):
-        aliases = ", ".join(a for a, t in sorted(ALIASES.items()) if t == name)
-        click.echo(f"{name:28s} {spec.description}" + (f"  (aliases: {aliases})" if aliases else ""))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -1,0 +1,53 @@
+"""Command-line interface: thin wrappers over the library API.
+
+One module per system registers its commands on :data:`main`; shared option parsers and helpers live in
+:mod:`manifex.cli.common`.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..errors import ManifexError
+
+
+class _Group(click.Group):
+    """Turn manifex's own errors into a one-line message and exit status 2 instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ManifexError as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="manifex")
+def main() -> None:
+    """manifex — the geometry of neural-network explanations.
+
+    \b
+    Start with the one-command demo (trains small models on embedded MNIST
+    digits, caches them, writes an HTML report):
+        manifex align --out runs/align
+    Then open runs/align/report.html.
+    """
+
+
+@main.command()
+def methods() -> None:
+    """List the attribution methods and their aliases."""
+    from ..attribution import ALIASES, METHODS
+
+    for name, spec in sorted(METHODS.items()):
+        aliases = ", ".join(a for a, t in sorted(ALIASES.items()) if t == name)
+        click.echo(f"{name:28s} {spec.description}" + (f"  (aliases: {aliases})" if aliases else ""))
+
+
+# Register the commands of every system (each module decorates functions with @main.command()).
+from . import align as _align, manipulation as _manipulation  # noqa: E402,F401
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
