@@ -397,6 +397,65 @@ def test_alignment_zero_attribution_is_nan_with_warning(tangent):
     assert bool(torch.isfinite(a[torch.arange(len(tangent)) != 2]).all())
 
 
+@pytest.mark.parametrize(
+    "dtype, scales",
+    [
+        # float32: ‖1e20·e‖² overflows and ‖1e-22·e‖² underflows; 1e-40 is subnormal
+        (torch.float32, [1e20, 1e-22, 1e-40, 3e35]),
+        # float64: the same failure modes further out
+        (torch.float64, [1e160, 1e-170, 1e300, 1e-310]),
+    ],
+)
+def test_alignment_is_scale_invariant_at_extreme_scales(dtype, scales):
+    n = 6
+    g = torch.Generator().manual_seed(21)
+    Q, _ = torch.linalg.qr(torch.randn(D, K, generator=g, dtype=torch.float64))
+    basis = Q.T.to(dtype).reshape(1, K, 1, SIDE, SIDE).expand(n, -1, -1, -1, -1)
+    E_tan = torch.einsum("rd,nr->nd", Q.T, torch.randn(n, K, generator=g, dtype=torch.float64)).to(dtype)
+    E_tan = E_tan.reshape(n, 1, SIDE, SIDE)
+    E_rand = torch.randn(n, 1, SIDE, SIDE, generator=g, dtype=dtype)
+    a_rand = alignment(E_rand, basis)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for scale in scales:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "exactly zero" warning: these attributions are not zero
+            a_tan = alignment(E_tan * scale, basis)
+            a_r = alignment(E_rand * scale, basis)
+        torch.testing.assert_close(a_tan, torch.ones(n, dtype=dtype), atol=tol, rtol=0)
+        # subnormal entries carry fewer mantissa bits: same score to their precision
+        sub = abs(scale) < 1e-37 if dtype == torch.float32 else abs(scale) < 1e-300
+        torch.testing.assert_close(a_r, a_rand, atol=1e-4 if sub else tol, rtol=0)
+        assert float(a_r.min()) > 0.01  # not 0.0
+        # projections scale linearly and stay finite
+        par, perp = decompose(E_rand * scale, basis)
+        assert bool(torch.isfinite(par).all()) and bool(torch.isfinite(perp).all())
+        if not sub and scale < 1e30:
+            torch.testing.assert_close(par / scale, project(E_rand, basis), atol=tol, rtol=tol)
+            torch.testing.assert_close(tangent_coefficients(E_rand * scale, basis) / scale,
+                                       tangent_coefficients(E_rand, basis), atol=tol, rtol=tol)
+
+
+def test_float64_attribution_beyond_float32_range_against_float32_basis(tangent):
+    n = len(tangent)
+    E = torch.randn(n, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    ref = alignment(E, tangent)
+    for scale in (1e60, 1e-60):  # outside float32's range: casting first would give inf or 0
+        torch.testing.assert_close(alignment(E * scale, tangent), ref, atol=1e-6, rtol=0)
+        p = project(E * scale, tangent)
+        assert p.dtype == torch.float64 and bool(torch.isfinite(p).all())
+        torch.testing.assert_close(p / scale, project(E, tangent), atol=1e-6, rtol=1e-5)
+
+
+def test_alignment_only_exact_zero_is_nan():
+    basis = torch.eye(D)[:K].reshape(1, K, 1, SIDE, SIDE).expand(3, -1, -1, -1, -1)
+    E = torch.zeros(3, 1, SIDE, SIDE)
+    E[1, 0, 0, 0] = 1e-45  # the smallest float32 subnormal: tiny, not zero, and in the tangent space
+    E[2, 0, 31, 31] = torch.finfo(torch.float32).max  # the largest float32, orthogonal to it
+    with pytest.warns(RuntimeWarning, match="1 attributions are exactly zero"):
+        a = alignment(E, basis)
+    assert math.isnan(float(a[0])) and float(a[1]) == 1.0 and float(a[2]) == 0.0
+
+
 # --------------------------------------------------------------------------------------------------------
 # decompose, project, tangent_mass
 # --------------------------------------------------------------------------------------------------------
@@ -477,10 +536,43 @@ def test_upsampled_256_decoder_rank(capsys):
         print(f"\n[256x256 upsampled decoder] rank={T.rank.tolist()} gap-dim={gap.tolist()} energy-dim={energy.tolist()}")
 
 
-def test_random_baseline():
-    assert random_baseline(10, 1024) == pytest.approx(0.0988, abs=1e-4)
-    assert random_baseline(10, 1024) == pytest.approx(math.sqrt(10 / 1024))
-    assert random_baseline(5, 5) == 1.0
-    for k, d in [(0, 1024), (-1, 1024), (1025, 1024), (1, 0)]:
+def test_random_baseline_is_the_exact_expectation():
+    # exact values (mpmath, 50 digits) of Γ((k+1)/2)Γ(d/2) / (Γ(k/2)Γ((d+1)/2))
+    assert random_baseline(10, 1024) == pytest.approx(0.09640877691611996, rel=1e-10)
+    assert random_baseline(1, 16) == pytest.approx(0.20261030206819078, rel=1e-12)
+    assert random_baseline(10, 1024) / math.sqrt(10 / 1024) == pytest.approx(0.976, abs=5e-4)
+    assert random_baseline(1, 16) / math.sqrt(1 / 16) == pytest.approx(0.81, abs=5e-4)
+    assert random_baseline(1, 2) == pytest.approx(2 / math.pi, rel=1e-14)  # E|cos θ| on the circle
+    assert random_baseline(2, 3) == pytest.approx(math.pi / 4, rel=1e-14)
+    assert random_baseline(3, 5) == pytest.approx(0.75, rel=1e-14)
+    assert random_baseline(5, 5) == 1.0 and random_baseline(1, 1) == 1.0
+    # large d: finite, below the RMS, tends to it as k grows
+    assert random_baseline(1, 10**8) == pytest.approx(math.sqrt(2 / math.pi) * 1e-4, rel=1e-6)
+    assert random_baseline(10**6, 10**8) == pytest.approx(0.1, rel=1e-6)
+    for k, d in [(1, 16), (10, 1024), (10, 65536), (1023, 1024)]:
+        assert random_baseline(k, d) < random_baseline(k, d, rms=True)
+
+
+def test_random_baseline_rms():
+    assert random_baseline(10, 1024, rms=True) == pytest.approx(0.0988, abs=1e-4)
+    assert random_baseline(10, 1024, rms=True) == math.sqrt(10 / 1024)
+    assert random_baseline(5, 5, rms=True) == 1.0
+
+
+def test_random_baseline_matches_monte_carlo():
+    g = torch.Generator().manual_seed(23)
+    for k, d, n in [(1, 16, 200_000), (10, 1024, 20_000)]:
+        e = torch.randn(n, d, generator=g, dtype=torch.float64)
+        r = e[:, :k].norm(dim=1) / e.norm(dim=1)  # a fixed k-subspace; e is rotation invariant
+        se = float(r.std()) / math.sqrt(n)
+        assert abs(float(r.mean()) - random_baseline(k, d)) < 4 * se
+        assert abs(float((r**2).mean().sqrt()) - random_baseline(k, d, rms=True)) < 4 * se
+        # the two definitions are told apart at this sample size where they differ by > 8 standard errors
+        if random_baseline(k, d, rms=True) - random_baseline(k, d) > 8 * se:
+            assert abs(float(r.mean()) - random_baseline(k, d, rms=True)) > 4 * se
+
+
+def test_random_baseline_bad_input():
+    for k, d in [(0, 1024), (-1, 1024), (1025, 1024), (1, 0), (1.5, 16), ("1", 16), (True, 16)]:
         with pytest.raises(InputError):
             random_baseline(k, d)
