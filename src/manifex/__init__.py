@@ -22,6 +22,7 @@ from .geometry import (
 )
 
 from .manipulation import manipulate
+from .models.generators import Generator, as_generator, invert_generator
 
 __version__ = "0.1.0"
 
@@ -30,4 +31,5 @@ __all__ = [
     "DataError", "InputError", "ManifexError", "ModelError", "RankDeficientWarning",
     "TangentSpace", "alignment", "decompose", "estimate_dimension", "project", "random_baseline", "tangent_mass",
     "tangent_space", "__version__",
+    "Generator", "as_generator", "invert_generator",
 ]

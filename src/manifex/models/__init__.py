@@ -2,6 +2,15 @@
 from .cache import ModelCache, cache_key, default_cache_dir
 from .classifiers import CLASSIFIERS, MLP, ClassifierConfig, LeNet, SmallResNet, SmallVGG, build_classifier
 from .generative import VAE, ConvAutoencoder, GenerativeConfig, GenerativeModel, build_generative
+from .generators import (
+    ApproximateGeneratorWarning,
+    Generator,
+    Inversion,
+    as_generator,
+    flatten_latent,
+    invert_generator,
+    unflatten_latent,
+)
 from .training import (
     AdversarialConfig,
     GenerativeTrainConfig,
@@ -18,6 +27,8 @@ __all__ = [
     "ModelCache", "cache_key", "default_cache_dir",
     "CLASSIFIERS", "MLP", "ClassifierConfig", "LeNet", "SmallResNet", "SmallVGG", "build_classifier",
     "VAE", "ConvAutoencoder", "GenerativeConfig", "GenerativeModel", "build_generative",
+    "Generator", "as_generator", "invert_generator", "Inversion", "ApproximateGeneratorWarning",
+    "flatten_latent", "unflatten_latent",
     "AdversarialConfig", "GenerativeTrainConfig", "TrainConfig", "accuracy", "fit_classifier", "fit_generative",
     "pgd_l2", "predict", "get_classifier", "get_generative", "state_fingerprint",
 ]
