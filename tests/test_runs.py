@@ -1,0 +1,240 @@
+"""The run layer: atomic files, JSON lines with repair, units run and resumed by the local executor."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from manifex.errors import DataError, InputError, ManifexError
+from manifex.runs import (
+    JsonlLog,
+    LocalExecutor,
+    Unit,
+    append_jsonl,
+    atomic_savefig,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    file_lock,
+    read_jsonl,
+    run_units,
+    summarize_records,
+    to_jsonable,
+    unit_dir,
+    unit_seed,
+)
+
+# ------------------------------------------------------------------------------------------------------
+# atomic files
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_atomic_writes_round_trip_and_leave_no_temp_files(tmp_path):
+    assert atomic_write_bytes(tmp_path / "a" / "b.bin", b"\x00\x01") == tmp_path / "a" / "b.bin"
+    assert (tmp_path / "a" / "b.bin").read_bytes() == b"\x00\x01"
+    atomic_write_text(tmp_path / "t.txt", "héllo")
+    assert (tmp_path / "t.txt").read_text(encoding="utf-8") == "héllo"
+    atomic_write_json(tmp_path / "j.json", {"x": torch.tensor([1.0, float("nan")]), "p": tmp_path, "b": (1, 2)})
+    assert json.loads((tmp_path / "j.json").read_text()) == {"x": [1.0, None], "p": str(tmp_path), "b": [1, 2]}
+    atomic_torch_save({"w": torch.arange(3)}, tmp_path / "m.pt")
+    assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=True)["w"], torch.arange(3))
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1, 1))
+    fig.subplots().plot([0, 1])
+    atomic_savefig(fig, tmp_path / "f.png", dpi=20)
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _leftovers(tmp_path) == [] and _leftovers(tmp_path / "a") == []
+
+
+def test_atomic_write_failure_keeps_old_file_and_removes_temp(tmp_path):
+    target = tmp_path / "m.pt"
+    atomic_write_text(target, "old")
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        atomic_torch_save({"x": Boom()}, target)
+    assert target.read_text() == "old" and _leftovers(tmp_path) == []
+
+
+def test_atomic_write_argument_order_is_checked(tmp_path):
+    with pytest.raises(TypeError, match="path must be"):
+        atomic_write_json({"a": 1}, tmp_path / "x.json")  # (path, obj), not (obj, path)
+
+
+def test_to_jsonable():
+    v = to_jsonable({1: np.float32(0.5), "t": torch.tensor(2), "i": float("inf"), "s": {2, 1}, "d": torch.device("cpu")})
+    assert v == {"1": 0.5, "t": 2, "i": None, "s": [1, 2], "d": "device(type='cpu')"}
+    assert to_jsonable([float("inf"), -math.inf, math.nan], inf_as_string=True) == ["inf", "-inf", None]
+    json.dumps(v, allow_nan=False)
+
+
+# ------------------------------------------------------------------------------------------------------
+# JSON lines
+
+
+def test_append_and_read_jsonl(tmp_path):
+    p = tmp_path / "r.jsonl"
+    assert read_jsonl(p) == []
+    append_jsonl(p, [{"id": "a", "v": 1.0}, {"id": "b", "v": torch.tensor(2.0)}])
+    append_jsonl(p, [{"id": "c", "v": None}])
+    assert read_jsonl(p) == [{"id": "a", "v": 1.0}, {"id": "b", "v": 2.0}, {"id": "c", "v": None}]
+
+
+def test_read_jsonl_repairs_a_torn_last_line_only_when_asked(tmp_path):
+    p = tmp_path / "r.jsonl"
+    append_jsonl(p, [{"id": "a"}, {"id": "b"}])
+    good = p.read_bytes()
+    with open(p, "ab") as f:
+        f.write(b'{"id": "c", "v": 1.2')  # a writer died mid-line
+    with pytest.warns(UserWarning, match="incomplete last line"):
+        assert [r["id"] for r in read_jsonl(p)] == ["a", "b"]
+    assert p.read_bytes() != good
+    with pytest.warns(UserWarning, match="incomplete last line"):
+        assert [r["id"] for r in read_jsonl(p, repair=True)] == ["a", "b"]
+    assert p.read_bytes() == good
+    # an invalid *complete* last line (legacy writers) is a torn write too
+    with open(p, "ab") as f:
+        f.write(b'{"id": "c"\n')
+    with pytest.warns(UserWarning):
+        read_jsonl(p, repair=True)
+    assert p.read_bytes() == good
+
+
+def test_append_after_a_torn_line_does_not_glue_onto_it(tmp_path):
+    p = tmp_path / "r.jsonl"
+    append_jsonl(p, [{"id": "a"}])
+    with open(p, "ab") as f:
+        f.write(b'{"id": "b", "x"')
+    with pytest.warns(UserWarning):
+        append_jsonl(p, [{"id": "c"}])
+    assert [r["id"] for r in read_jsonl(p)] == ["a", "c"]
+
+
+def test_read_jsonl_corrupt_middle_line_raises(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_bytes(b'{"id": "a"}\nnot json\n{"id": "b"}\n')
+    with pytest.raises(DataError, match="line 2"):
+        read_jsonl(p)
+
+
+def test_jsonl_log_never_duplicates_an_id(tmp_path):
+    p = tmp_path / "r.jsonl"
+    a, b = JsonlLog(p), JsonlLog(p)  # two writers that do not know of each other
+    assert [r["id"] for r in a.append([{"id": "1"}, {"id": "2"}])] == ["1", "2"]
+    assert [r["id"] for r in b.append([{"id": "2", "v": 9}, {"id": "3"}, {"id": "3"}])] == ["3"]
+    assert a.append([{"id": "3"}]) == []
+    assert [r["id"] for r in read_jsonl(p)] == ["1", "2", "3"]
+    assert b.load()["2"] == {"id": "2"}  # the first record of an id wins
+
+
+def test_file_lock_excludes_a_second_holder(tmp_path):
+    from filelock import Timeout
+
+    target = tmp_path / "model.pt"
+    with file_lock(target):
+        with pytest.raises(Timeout):
+            with file_lock(target, timeout=0.05):
+                pass
+    with file_lock(target, timeout=0.05):
+        pass
+    assert (tmp_path / "model.pt.lock").exists()
+
+
+# ------------------------------------------------------------------------------------------------------
+# units
+
+
+def _square(units, context, out_dir):
+    """A process function: records the square of payload["x"] (+ context offset) and a random draw."""
+    recs = []
+    for u in units:
+        atomic_write_text(unit_dir(out_dir, u.id) / "value.txt", str(u.payload["x"] ** 2))
+        recs.append({"id": u.id, "y": u.payload["x"] ** 2 + context["offset"], "n_batch": len(units)})
+    return recs
+
+
+_CALLS: list[list[str]] = []
+
+
+def _counting(units, context, out_dir):
+    _CALLS.append([u.id for u in units])
+    if context.get("fail_at") in [u.id for u in units]:
+        raise RuntimeError("interrupted")
+    return [{"id": u.id, "y": u.payload["x"], "r": float(torch.rand(()))} for u in units]
+
+
+def _units(n):
+    return [Unit(f"u{i:03d}", {"x": i}) for i in range(n)]
+
+
+def test_run_units_records_in_unit_order_with_artefacts(tmp_path):
+    recs = run_units(_units(7), _square, tmp_path, context={"offset": 1}, batch_size=3, progress=False)
+    assert [r["id"] for r in recs] == [f"u{i:03d}" for i in range(7)]
+    assert [r["y"] for r in recs] == [i * i + 1 for i in range(7)]
+    assert [r["n_batch"] for r in recs] == [3, 3, 3, 3, 3, 3, 1]
+    assert (tmp_path / "units" / "u004" / "value.txt").read_text() == "16"
+    assert len(read_jsonl(tmp_path / "results.jsonl")) == 7
+
+
+def test_run_units_resumes_after_interruption_without_loss_or_duplicates(tmp_path):
+    _CALLS.clear()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run_units(_units(10), _counting, tmp_path, context={"fail_at": "u005"}, batch_size=2, progress=False)
+    assert [r["id"] for r in read_jsonl(tmp_path / "results.jsonl")] == ["u000", "u001", "u002", "u003"]
+    _CALLS.clear()
+    recs = run_units(_units(10), _counting, tmp_path, context={}, batch_size=2, progress=False)
+    assert _CALLS == [["u004", "u005"], ["u006", "u007"], ["u008", "u009"]]  # finished units are skipped
+    assert [r["id"] for r in recs] == [f"u{i:03d}" for i in range(10)]
+    assert len(read_jsonl(tmp_path / "results.jsonl")) == 10
+    _CALLS.clear()
+    assert run_units(_units(10), _counting, tmp_path, context={}, progress=False) == recs and _CALLS == []
+    run_units(_units(3), _counting, tmp_path, context={}, resume=False, progress=False)
+    assert len(read_jsonl(tmp_path / "results.jsonl")) == 3
+
+
+def test_run_units_seeds_per_batch_and_keeps_callers_rng(tmp_path):
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = run_units(_units(4), _counting, tmp_path / "a", context={}, batch_size=2, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = run_units(_units(4), _counting, tmp_path / "b", context={}, batch_size=2, executor=LocalExecutor(), progress=False)
+    assert a == b  # the same draws, from the unit ids
+    assert unit_seed("u000") == unit_seed("u000") != unit_seed("u001")
+
+
+def test_run_units_bad_input(tmp_path):
+    with pytest.raises(InputError, match="unique"):
+        run_units([Unit("a"), Unit("a")], _square, tmp_path, progress=False)
+    with pytest.raises(InputError, match="Unit"):
+        run_units(["a"], _square, tmp_path, progress=False)
+    with pytest.raises(InputError, match="batch_size"):
+        run_units(_units(2), _square, tmp_path, batch_size=0, progress=False)
+    with pytest.raises(InputError, match="non-empty"):
+        Unit("")
+
+    def wrong_ids(units, context, out_dir):
+        return [{"id": "zzz"} for _ in units]
+
+    with pytest.raises(ManifexError, match="'id' = its unit's id"):
+        run_units(_units(2), wrong_ids, tmp_path, progress=False)
+    assert not (tmp_path / "results.jsonl").exists() or read_jsonl(tmp_path / "results.jsonl") == []
+
+
+def test_unit_dir_and_summary(tmp_path):
+    assert unit_dir(tmp_path, "a/b c", create=False) == tmp_path / "units" / "a-b-c"
+    s = summarize_records([{"id": "a", "x": 1, "ok": True, "v": None}, {"id": "b", "x": 3.0, "ok": False, "v": float("nan")}])
+    assert s == {"n": 2, "means": {"x": 2.0, "ok": 0.5}}
+    assert os.path.isdir(unit_dir(tmp_path, "z"))
