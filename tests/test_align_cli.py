@@ -31,7 +31,10 @@ def test_align_writes_report_metrics_and_figures(first_run):
         assert (out / name).stat().st_size > 0, name
     m = json.loads((out / "metrics.json").read_text())
     assert m["k"] == 10 and m["d"] == 64
-    assert m["baseline"] == pytest.approx((10 / 64) ** 0.5)
+    assert m["baseline"] == pytest.approx(0.387049873164949, rel=1e-10)  # E‖P_T e‖/‖e‖ at (k, d) = (10, 64)
+    assert m["baseline_rms"] == pytest.approx((10 / 64) ** 0.5)
+    html = (out / "report.html").read_text()  # the report names both: the mean (ratios) and the RMS √(k/d)
+    assert f"{m['baseline']:.3f}" in html and f"√(k/d) = {m['baseline_rms']:.3f}" in html
     assert set(m["scores"]) == {"standard", "robust"}
     for per in m["scores"].values():
         assert set(per) == {"gradient", "smoothgrad", "integrated_gradients_path", "random"}

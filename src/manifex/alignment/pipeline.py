@@ -3,7 +3,8 @@
 1. Data: a known-manifold dataset sampled from a VAE trained on real digits ("known:<spec>", exact tangent
    spaces), or any dataset with a manifold estimated by a VAE / autoencoder trained on it.
 2. Classifiers: a standard one and an l2-robust one (PGD-l2 fine-tuning of the standard one).
-3. Every attribution method plus Gaussian random vectors, scored by ‖P_T E‖/‖E‖ against √(k/d).
+3. Every attribution method plus Gaussian random vectors, scored by ‖P_T E‖/‖E‖ against a random direction's mean score
+   (random_baseline; √(k/d) is its RMS).
 Models, datasets and per-method scores are cached, so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
@@ -123,7 +124,7 @@ def run_alignment(cfg: AlignConfig = AlignConfig(), *, cache: ModelCache | None 
     tangent: TangentSpace = tangent_space(generative.decode, sample.z.to(cfg.device), progress=progress)
     t_tangent = time.perf_counter() - t0
     k, d = int(tangent.rank.max()), math.prod(x.shape[1:])
-    baseline = random_baseline(k, d)
+    baseline = random_baseline(k, d)  # the expected score of a random direction; ratios use it
 
     scores: dict[str, dict[str, torch.Tensor]] = {}
     parts: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -154,7 +155,7 @@ def run_alignment(cfg: AlignConfig = AlignConfig(), *, cache: ModelCache | None 
 
     score_summary = {m: {meth: _summary(s) for meth, s in per.items()} for m, per in scores.items()}
     metrics = {
-        "k": k, "d": d, "baseline": baseline,
+        "k": k, "d": d, "baseline": baseline, "baseline_rms": random_baseline(k, d, rms=True),
         "tangent_rank": {"min": int(tangent.rank.min()), "max": k, "mean": float(tangent.rank.float().mean())},
         "dataset": {**data_info, "n_train": len(train), "n_test": len(test), "n_scored": n, "image_shape": list(x.shape[1:])},
         "generative": {"arch": "vae" if cfg.dataset.startswith("known:") else cfg.generative, "latent_dim": cfg.latent_dim,
@@ -202,7 +203,8 @@ def _findings(summary: dict, baseline: float) -> list[str]:
         g = per.get("gradient", {}).get("mean")
         if g is None:
             continue
-        out.append(f"{model}: gradient alignment {g:.3f} = {g / baseline:.1f}× the random baseline {baseline:.3f}.")
+        out.append(f"{model}: gradient alignment {g:.3f} = {g / baseline:.1f}× the random baseline {baseline:.3f} "
+                   "(the expected score of a random direction).")
         for other in ("smoothgrad", "integrated_gradients_path", "integrated_gradients"):
             if other in per:
                 o = per[other]["mean"]

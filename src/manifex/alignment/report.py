@@ -2,7 +2,7 @@
 
 ``write_report(result, out_dir)`` writes, into one folder that can be copied or zipped as a whole:
 
-- ``density.png``: score densities per method, one panel per model, with the random line √(k/d);
+- ``density.png``: score densities per method, one panel per model, with a random direction's mean score (the baseline);
 - ``summary.png``: mean score per method, grouped by model, with the seed's numbers as markers;
 - ``parts_<model>.png``: examples split into tangent and orthogonal parts (each part normalised on its
   own, clipped at the 99.5% quantile, blue-white-red);
@@ -121,7 +121,7 @@ def _density_figure(result: AlignmentResult, colours: dict[str, str]) -> Figure:
     bins = np.linspace(0.0, 1.0, 51)
     curves = {model: {method: (_finite(s), None) for method, s in per.items()} for model, per in result.scores.items()}
     curves = {model: {method: (a, _densities(a, grid)) for method, (a, _) in per.items()} for model, per in curves.items()}
-    # The random method's density is a narrow spike at √(k/d) (the dashed line says the same); scale the
+    # The random method's density is a narrow spike at the baseline (the dashed line says the same); scale the
     # y axis to the explanation methods and let that spike (and constant-score histograms) run off the top.
     peaks = [float(dens.max()) for per in curves.values() for m, (_, dens) in per.items() if dens is not None and m != "random"]
     ymax = 1.2 * max(peaks) if peaks else None
@@ -161,7 +161,7 @@ def _density_figure(result: AlignmentResult, colours: dict[str, str]) -> Figure:
     labels = [m + (" (off scale)" if m in clipped else "") for m in handles]
     legend_handles = list(handles.values()) + [Line2D([], [], color="black", ls="--", lw=1.2),
                                                Line2D([], [], color="grey", marker="^", ls="", ms=7)]
-    labels += [f"random √(k/d) = {result.baseline:.3f}", "mean"]
+    labels += [f"random direction, mean = {result.baseline:.3f}", "mean"]
     fig.legend(legend_handles, labels, loc="outside lower center", ncols=min(len(labels), 6), frameon=False, fontsize=8.5)
     return fig
 
@@ -194,7 +194,7 @@ def _summary_figure(result: AlignmentResult, stats: dict, colours: dict[str, str
                            label=None if seed_labelled else "seed reference")
                 seed_labelled = True
                 top = max(top, float(ref))
-    ax.axhline(result.baseline, color="black", ls="--", lw=1.1, label=f"random √(k/d) = {result.baseline:.3f}")
+    ax.axhline(result.baseline, color="black", ls="--", lw=1.1, label=f"random direction, mean = {result.baseline:.3f}")
     ax.set_xticks(range(len(models)), models)
     ax.set_ylabel("mean " + _SCORE_LABEL)
     ax.set_ylim(0, min(1.05, top + 0.12) if top <= 1 else top * 1.1)
@@ -383,7 +383,9 @@ def _rank_note(rank: Any) -> str:
 def _context(result: AlignmentResult, figures: dict[str, Path]) -> dict[str, Any]:
     metrics = result.metrics
     stats = _score_stats(result)
-    baseline = result.baseline
+    baseline = result.baseline  # the expectation E‖P_T e‖/‖e‖ of a random direction; the ratios use it
+    # √(k/d), the root mean square (the research's figure); older metrics files lack it
+    baseline_rms = float(metrics.get("baseline_rms") or math.sqrt(result.k / result.d))
     seed = metrics.get("seed_reference") or {}
     models = list(result.scores)
     methods = _methods(result)
@@ -394,7 +396,8 @@ def _context(result: AlignmentResult, figures: dict[str, Path]) -> dict[str, Any
     cards: list[dict[str, str]] = [
         {"label": "manifold dimension k", "value": f"{result.k:,}", "sub": _rank_note(metrics.get("tangent_rank"))},
         {"label": "input dimension d", "value": f"{result.d:,}", "sub": "pixels × channels"},
-        {"label": "random baseline √(k/d)", "value": f"{baseline:.3f}", "sub": "what a random direction gets"},
+        {"label": "random baseline (mean)", "value": f"{baseline:.3f}",
+         "sub": f"a random direction's expected score; √(k/d) = {baseline_rms:.3f} is its RMS"},
     ]
     for model in models:
         acc = models_info.get(model, {}).get("accuracy")
@@ -466,7 +469,7 @@ def _context(result: AlignmentResult, figures: dict[str, Path]) -> dict[str, Any
                      f"{len(methods)} methods"),
         "findings": [str(f) for f in (metrics.get("findings") or [])],
         "cards": cards,
-        "k": result.k, "d": result.d, "baseline": f"{baseline:.3f}",
+        "k": result.k, "d": result.d, "baseline": f"{baseline:.3f}", "baseline_rms": f"{baseline_rms:.3f}",
         "dataset": [(_pretty_key(k), _fmt_num(v) if not isinstance(v, (list, tuple)) else "×".join(map(str, v)))
                     for k, v in dataset.items() if not isinstance(v, dict)],
         "methods": [{"name": m, "colour": colours[m]} for m in methods],

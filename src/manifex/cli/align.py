@@ -45,7 +45,8 @@ def align(out_dir: Path, cache_dir: Path | None, quiet: bool, methods, **options
 
     \b
     For each classifier (standard and l2-robust) and attribution method, the
-    score ‖P_T E‖/‖E‖ is computed per image against the random baseline √(k/d).
+    score ‖P_T E‖/‖E‖ is computed per image against the random baseline (a
+    random direction's expected score, a little below √(k/d)).
     Writes report.html, metrics.json and PNG figures to --out. Interrupted runs
     resume: trained models and finished attributions are cached.
     """
