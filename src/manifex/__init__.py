@@ -21,6 +21,7 @@ from .geometry import (
     tangent_space,
 )
 
+from .counterfactuals import counterfactual
 from .manipulation import manipulate
 from .models.generators import Generator, as_generator, invert_generator
 
@@ -32,4 +33,5 @@ __all__ = [
     "TangentSpace", "alignment", "decompose", "estimate_dimension", "project", "random_baseline", "tangent_mass",
     "tangent_space", "__version__",
     "Generator", "as_generator", "invert_generator",
+    "counterfactual",
 ]

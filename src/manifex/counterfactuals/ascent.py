@@ -1,0 +1,565 @@
+"""Diffeomorphic counterfactuals (Dombrowski, Gerken, Müller, Kessel, TPAMI 2023), batched: :func:`counterfactual`.
+
+"What would x have to look like to be classified as the target class?" Gradient descent on the
+cross-entropy of the target, either in the latent space of a generator (``space="latent"``: z = encode(x),
+x′ = decode(z); the change follows the data manifold) or on the pixels themselves (``space="pixel"``: the
+adversarial baseline).
+
+The research loop, per example (RESEARCH.md §4)::
+
+    z = encode(x).detach()                 # every tensor of a multi-scale list is optimised
+    Adam(z, lr, weight_decay=0)
+    for step in range(max_steps):
+        x′ = decode(z); x′ ← clip(x′) outside the graph
+        if p(target | x′) > stop_prob: success, stop      # checked BEFORE the step
+        loss = cross_entropy(f(x′), target); step
+
+Clipping "outside the graph" (the seed assigns ``x.data = clip(x.data)``) means the classifier sees the
+clipped image while the gradient flows back through ``decode`` as if nothing was clipped (a
+straight-through clip). In pixel space the parameter itself is projected onto the box before each forward.
+One deliberate difference: after the last of ``max_steps`` steps the stop test runs once more, so an example
+that crosses the threshold on the very last step counts as a success (the seed drops it).
+
+Batching without interaction
+----------------------------
+The batch loss is the *sum* of the per-example losses (not the mean), so example i's gradient involves only
+its own z_i; Adam's moments are per entry and kept per row here (finished rows are dropped from the batch
+together with their Adam state), so every example follows exactly its batch-1 trajectory (tested against
+the batch-1 loop with ``torch.optim.Adam``). Models run in eval mode during the call, so BatchNorm and
+Dropout do not couple rows either; their state is restored afterwards, also on error.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attribution.core import preserve_model_state
+from ..attribution.methods import model_device
+from ..errors import InputError, ModelError, check_finite, check_tensor
+from ..models.generators import ApproximateGeneratorWarning, as_generator
+
+__all__ = ["counterfactual", "CounterfactualResult", "ApproximateGeneratorWarning", "DEFAULT_LR", "default_lr"]
+
+Latent = Union[torch.Tensor, list]
+
+#: The research learning rates by generator kind (RESEARCH.md §4); ``None`` is the pixel-space baseline.
+DEFAULT_LR: dict[str | None, float] = {"flow": 5e-2, "vae": 5e-3, "gan": 5e-3, "autoencoder": 5e-3, None: 5e-4}
+
+
+def default_lr(kind: str | None) -> float:
+    """Research default Adam learning rate for a generator kind ("flow", "vae", "gan"; ``None``: pixel space)."""
+    return DEFAULT_LR.get(kind, DEFAULT_LR["vae"])
+
+
+@dataclass
+class CounterfactualResult:
+    """Counterfactuals of a batch of N examples.
+
+    ``x_cf`` (N, *x_shape): the counterfactual, clipped to the box, at the step the search stopped.
+    ``success`` (N,) bool: the stop criterion was met within ``max_steps``. ``steps`` (N,) long: optimiser
+    steps taken (0 when the start already met the criterion). ``p_target`` (N,): p(target | x_cf), or the
+    objective at x_cf for regression. ``already`` (N,) bool: the model already predicted the target at x
+    (argmax; regression: the objective was already past ``stop_value``) — such rows take zero steps.
+    ``z_cf``: latent code(s) at x_cf (a tensor or a list for multi-scale latents; ``None`` in pixel space).
+    ``x_recon`` = decode(encode(x)) and ``recon_error`` (N,) = max |x_recon − x| (``None`` in pixel space).
+    ``delta`` = x_cf − x. ``path`` (N, K, *x_shape) and ``path_steps`` (N, K): K frames from the start to
+    x_cf (``record_path=K``), else ``None``.
+    """
+
+    x: torch.Tensor
+    x_cf: torch.Tensor
+    success: torch.Tensor
+    steps: torch.Tensor
+    p_target: torch.Tensor
+    already: torch.Tensor
+    target: torch.Tensor | None
+    space: str
+    lr: float
+    z_cf: Latent | None = None
+    x_recon: torch.Tensor | None = None
+    recon_error: torch.Tensor | None = None
+    path: torch.Tensor | None = None
+    path_steps: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def delta(self) -> torch.Tensor:
+        """x_cf − x, shaped like x."""
+        return self.x_cf - self.x
+
+    @property
+    def success_rate(self) -> float:
+        return float(self.success.float().mean()) if len(self) else float("nan")
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+class _StraightThroughClip(torch.autograd.Function):
+    """Forward: clamp to [low, high]; backward: the identity (the seed's ``x.data = clip(x.data)``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, low: float, high: float) -> torch.Tensor:  # type: ignore[override]
+        return x.clamp(low, high)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad, None, None
+
+
+class _RowAdam:
+    """Adam (weight decay 0, no amsgrad) over batch-first tensors whose rows can be dropped.
+
+    The update is torch.optim.Adam's single-tensor formula, entry by entry; written out so that the moments
+    of finished rows leave the batch with them (``keep``), which torch.optim.Adam's per-parameter state
+    cannot do.
+    """
+
+    def __init__(self, params: list[torch.Tensor], lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        self.lr, (self.beta1, self.beta2), self.eps = lr, betas, eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.m = [m[rows] for m in self.m]
+        self.v = [v[rows] for v in self.v]
+
+    @torch.no_grad()
+    def step(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        self.t += 1
+        bc1 = 1 - self.beta1**self.t
+        bc2_sqrt = (1 - self.beta2**self.t) ** 0.5
+        for p, g, m, v in zip(params, grads, self.m, self.v):
+            m.lerp_(g, 1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+            p.addcdiv_(m, (v.sqrt() / bc2_sqrt).add_(self.eps), value=-self.lr / bc1)
+
+
+# ------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def _latents(z: Latent) -> list[torch.Tensor]:
+    return list(z) if isinstance(z, (list, tuple)) else [z]
+
+
+def _pack(parts: list[torch.Tensor], multi: bool) -> Latent:
+    return list(parts) if multi else parts[0]
+
+
+def _targets(target: Any, n: int, device: torch.device) -> torch.Tensor:
+    if isinstance(target, bool) or target is None:
+        raise InputError("target must be a class index, a (N,) tensor of indices or a list of N indices.")
+    if isinstance(target, numbers.Integral):
+        return torch.full((n,), int(target), dtype=torch.long, device=device)
+    if isinstance(target, (list, tuple)):
+        target = torch.as_tensor(list(target))
+    if not isinstance(target, torch.Tensor):
+        raise InputError(f"target must be an int, a tensor or a list of ints, got {type(target).__name__}.")
+    if target.is_floating_point():
+        raise InputError(f"target must hold integer class indices, got dtype {target.dtype}.")
+    if target.dim() == 0:
+        target = target.expand(n)
+    if target.shape != (n,):
+        raise InputError(f"target must have shape ({n},) (one class per example), got {tuple(target.shape)}.")
+    return target.to(device=device, dtype=torch.long)
+
+
+def _per_row(value: Any, n: int, name: str, device, dtype) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=dtype, device=device)
+    if t.dim() == 0:
+        t = t.expand(n)
+    if t.shape != (n,):
+        raise InputError(f"{name} must be a number or a ({n},) tensor, got shape {tuple(t.shape)}.")
+    if not bool(torch.isfinite(t).all()):
+        raise InputError(f"{name} must be finite.")
+    return t
+
+
+def _directions(direction: Any, n: int, device, dtype) -> torch.Tensor:
+    """+1 (maximise) or −1 (minimise) per row from "max"/"min", a list of those, or a (N,) sign/bool tensor."""
+    if isinstance(direction, str):
+        direction = [direction] * n
+    if isinstance(direction, (list, tuple)) and direction and isinstance(direction[0], str):
+        bad = sorted({d for d in direction if d not in ("max", "min")})
+        if bad:
+            raise InputError(f"direction must be 'max' or 'min', got {bad}.")
+        direction = [1.0 if d == "max" else -1.0 for d in direction]
+    t = torch.as_tensor(direction, device=device)
+    t = t.to(dtype) * 2 - 1 if t.dtype == torch.bool else t.to(dtype)
+    t = t.expand(n) if t.dim() == 0 else t
+    if t.shape != (n,) or not bool(((t == 1) | (t == -1)).all()):
+        raise InputError(f"direction must be 'max', 'min', or ({n},) values in {{+1, -1}} / booleans (True = max).")
+    return t
+
+
+def _check_options(space: str, lr: float | None, max_steps: int, stop_prob: float, box, batch_size: int, record_path: int) -> None:
+    if space not in ("latent", "pixel"):
+        raise InputError(f"space must be 'latent' (through a generator) or 'pixel' (the adversarial baseline), got {space!r}.")
+    if lr is not None and not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
+        raise InputError(f"lr must be a positive number, got {lr!r}; leave it None for the research default.")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral) or max_steps < 1:
+        raise InputError(f"max_steps must be an integer >= 1, got {max_steps!r}.")
+    if not (isinstance(stop_prob, numbers.Real) and 0.0 < float(stop_prob) < 1.0):
+        raise InputError(f"stop_prob must lie strictly between 0 and 1, got {stop_prob!r} (the research stops at 0.99).")
+    if box is not None:
+        if len(box) != 2 or not float(box[0]) < float(box[1]):
+            raise InputError(f"box must be (low, high) with low < high, or None for no clipping; got {box!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+    if isinstance(record_path, bool) or not isinstance(record_path, numbers.Integral) or record_path < 0 or record_path == 1:
+        raise InputError(f"record_path must be 0 (no path) or the number of frames K >= 2, got {record_path!r}.")
+
+
+# ------------------------------------------------------------------------------------------------------
+# the search
+
+
+class _Scorer:
+    """Per-row values, losses and stop tests: classification (p(target), cross-entropy) or regression."""
+
+    def __init__(self, classifier, objective, target, stop_prob, stop_value, sign) -> None:
+        self.classifier, self.objective = classifier, objective
+        self.target, self.stop_prob, self.stop_value, self.sign = target, stop_prob, stop_value, sign
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(value, reached, loss) per row for the batch ``x`` holding rows ``rows`` of the chunk."""
+        if self.objective is None:
+            logits = self.classifier(x)
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+                raise ModelError("the classifier must return logits of shape (N, classes); for one score per example "
+                                 "use objective='output' with stop_value.")
+            t = self.target[rows]
+            value = F.softmax(logits, dim=1).gather(1, t[:, None])[:, 0]
+            loss = F.cross_entropy(logits, t, reduction="none")
+            return value, value > self.stop_prob, loss
+        value = self.objective(x)
+        if not isinstance(value, torch.Tensor) or value.shape != (x.shape[0],):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ModelError(f"the objective must map x (N, ...) to a ({x.shape[0]},) tensor, got {got}.")
+        sign, stop = self.sign[rows], self.stop_value[rows]
+        reached = torch.where(sign > 0, value > stop, value < stop)
+        return value, reached, -sign * value
+
+
+def _search_chunk(
+    x: torch.Tensor,
+    start: list[torch.Tensor],
+    multi: bool,
+    decode: Callable | None,
+    scorer: _Scorer,
+    chunk_rows: torch.Tensor,
+    *,
+    lr: float,
+    max_steps: int,
+    box,
+    record_path: int,
+    bar,
+) -> dict:
+    """The batched research loop over one chunk; returns per-row results (chunk order)."""
+    n = x.shape[0]
+    latent = decode is not None
+    params = [t.detach().clone() for t in start]
+    adam = _RowAdam(params, lr)
+    active = torch.arange(n, device=x.device)
+    x_cf = torch.empty_like(x)
+    z_cf = [torch.empty_like(t) for t in start] if latent else None
+    steps = torch.zeros(n, dtype=torch.long, device=x.device)
+    success = torch.zeros(n, dtype=torch.bool, device=x.device)
+    value_out = torch.empty(n, dtype=x.dtype, device=x.device)
+    frames: list[tuple[int, torch.Tensor]] = []
+    stride = 1
+    for step in range(max_steps + 1):
+        leaves = [p.requires_grad_(True) for p in params]
+        with torch.enable_grad():
+            if latent:
+                xp = decode(_pack(leaves, multi))
+                if not isinstance(xp, torch.Tensor) or xp.shape != (len(active), *x.shape[1:]):
+                    got = tuple(xp.shape) if isinstance(xp, torch.Tensor) else type(xp).__name__
+                    raise ModelError(f"decode(z) must return images shaped like x, ({len(active)}, {', '.join(map(str, x.shape[1:]))}); got {got}.")
+                if not xp.requires_grad:
+                    raise ModelError("decode(z) does not depend differentiably on z (no gradient path); remove "
+                                     "torch.no_grad()/.detach() from decode, or use space='pixel'.")
+                if box is not None:
+                    xp = _StraightThroughClip.apply(xp, float(box[0]), float(box[1]))
+            else:
+                xp = leaves[0]
+            value, reached, loss = scorer(xp, chunk_rows[active])
+        if record_path:
+            if step % stride == 0:
+                frame = torch.full_like(x, float("nan"))
+                frame[active] = xp.detach()
+                frames.append((step, frame))
+                if len(frames) > 2 * record_path:
+                    stride *= 2
+                    frames = [f for f in frames if f[0] % stride == 0]
+        done = reached.detach() | (step == max_steps)
+        if bool(done.any()):
+            rows = active[done]
+            x_cf[rows] = xp.detach()[done]
+            if latent:
+                for buf, p in zip(z_cf, params):
+                    buf[rows] = p.detach()[done]
+            steps[rows] = step
+            success[rows] = reached.detach()[done]
+            value_out[rows] = value.detach()[done]
+        keep = ~done
+        if not bool(keep.any()):
+            break
+        grads = torch.autograd.grad(loss[keep].sum(), leaves, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        grads = [g[keep] for g in grads]
+        if step == 0:
+            flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
+            zero = (flat == 0).all(dim=1)
+            if bool(zero.any()):
+                bad = chunk_rows[active[keep][zero]].tolist()
+                where = "through decode (check that decode(z) depends on z) or through the classifier" if latent else "of the classifier"
+                raise ModelError(
+                    f"the loss gradient is exactly zero at examples {bad[:10]}: no signal {where}; the search "
+                    "cannot move. A saturated or piecewise-constant model (rounding, argmax) has no usable gradient."
+                )
+            if not bool(torch.isfinite(flat).all()):
+                raise ModelError("the loss gradient holds NaN/inf at the start; check the models at these inputs.")
+        active = active[keep]
+        params = [p.detach()[keep] for p in params]
+        adam.keep(keep)
+        adam.step(params, grads)
+        if not latent and box is not None:
+            params[0].clamp_(float(box[0]), float(box[1]))  # the seed projects the pixels before each forward
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(active=len(active))
+    out = {"x_cf": x_cf, "z_cf": z_cf, "steps": steps, "success": success, "value": value_out}
+    if record_path:
+        out["path"], out["path_steps"] = _select_frames(frames, x_cf, steps, record_path)
+    return out
+
+
+def _select_frames(frames, x_cf, steps, k):
+    """K frames per row, evenly spaced over its recorded trajectory, the last one x_cf itself."""
+    n = x_cf.shape[0]
+    path = torch.empty((n, k, *x_cf.shape[1:]), dtype=x_cf.dtype, device=x_cf.device)
+    path_steps = torch.empty((n, k), dtype=torch.long)
+    for i in range(n):
+        s_i = int(steps[i])
+        rec = [(s, f[i]) for s, f in frames if s < s_i and not bool(torch.isnan(f[i]).any())]
+        rec.append((s_i, x_cf[i]))
+        pick = torch.linspace(0, len(rec) - 1, k).round().long().tolist()
+        for j, p in enumerate(pick):
+            path_steps[i, j], path[i, j] = rec[p][0], rec[p][1]
+    return path, path_steps
+
+
+def counterfactual(
+    classifier: Callable[[torch.Tensor], torch.Tensor] | None,
+    x: torch.Tensor,
+    target: int | torch.Tensor | Sequence[int] | None = None,
+    *,
+    generator: Any = None,
+    space: Literal["latent", "pixel"] = "latent",
+    lr: float | None = None,
+    max_steps: int = 2000,
+    stop_prob: float = 0.99,
+    objective: Callable[[torch.Tensor], torch.Tensor] | Literal["output"] | None = None,
+    stop_value: float | torch.Tensor | None = None,
+    direction: Literal["max", "min"] | Sequence[str] | torch.Tensor = "max",
+    box: tuple[float, float] | None = (0.0, 1.0),
+    batch_size: int = 64,
+    record_path: int = 0,
+    recon_tol: float = 1e-3,
+    progress: bool = False,
+) -> CounterfactualResult:
+    """Counterfactuals of ``x`` (N, ...) for ``target`` by gradient descent in a generator's latent space or on pixels.
+
+    Classification: ``classifier(x)`` returns logits (N, classes); ``target`` is an int, a (N,) tensor or a list
+    of N class indices; the search stops once p(target | x′) > ``stop_prob``. Regression: ``objective`` maps x to
+    (N,) scores (``"output"``: the classifier's single output per example); the loss is ∓ the objective
+    (``direction`` "max"/"min" per batch or per row) and the search stops once it passes ``stop_value``.
+
+    ``generator``: any object with ``encode(x) → z`` and ``decode(z) → x`` (z a tensor or a list of multi-scale
+    tensors, all optimised), e.g. a flow or VAE of :mod:`manifex.models` or your own ``nn.Module``; needed for
+    ``space="latent"``. ``lr=None`` takes the research default for the generator's kind (flow 5e-2, VAE/GAN
+    5e-3, pixel space 5e-4). ``box``: the valid input range x′ is clipped to (``None``: no clipping).
+    ``batch_size`` rows are searched together; each follows exactly its batch-1 trajectory. ``record_path=K``
+    keeps K frames from the start to x′ per example.
+
+    Raises :class:`~manifex.errors.InputError` / :class:`~manifex.errors.ModelError` before the search for bad
+    options, x outside the box or non-finite, targets out of range, a non-finite encoding or log-density, and a
+    zero gradient at the start; warns (:class:`ApproximateGeneratorWarning`) when decode(encode(x)) differs from x
+    by more than ``recon_tol``, and when the target is already predicted (those rows take zero steps, flagged in
+    ``result.already``).
+    """
+    _check_options(space, lr, max_steps, stop_prob, box, batch_size, record_path)
+    check_tensor(x, "x", min_ndim=2)
+    check_finite(x, "x")
+    if x.shape[0] == 0:
+        raise InputError("x is empty; pass at least one example.")
+    if objective is None and classifier is None:
+        raise InputError("pass a classifier (and a target), or an objective for regression.")
+    if objective is not None:
+        if stop_value is None:
+            raise InputError("a regression objective needs stop_value (the value at which the search stops), "
+                             "e.g. stop_value=0.9 with direction='max'.")
+        if target is not None:
+            raise InputError("pass either target (classification) or objective (regression), not both.")
+    elif stop_value is not None:
+        raise InputError("stop_value applies to regression objectives; for classification use stop_prob.")
+    if space == "latent" and generator is None:
+        raise InputError("space='latent' needs a generator with encode/decode; pass generator=... or use space='pixel'.")
+    if box is not None:
+        lo, hi = float(x.detach().min()), float(x.detach().max())
+        if lo < box[0] - 1e-6 or hi > box[1] + 1e-6:
+            raise InputError(f"x has values in [{lo:.4g}, {hi:.4g}] outside the box [{box[0]:g}, {box[1]:g}]; rescale the "
+                             "input (e.g. x / 255) or pass the model's range as box=(low, high) (None: no clipping).")
+
+    device = model_device(classifier) or model_device(generator) or x.device
+    x = x.detach().to(device)
+    n = x.shape[0]
+    gen = as_generator(generator) if space == "latent" else None
+    kind = gen.kind if gen is not None else None
+    lr = float(lr) if lr is not None else default_lr(kind if space == "latent" else None)
+
+    if objective == "output":
+        if classifier is None:
+            raise InputError("objective='output' uses the classifier's output; pass the classifier.")
+        model = classifier
+
+        def objective(v: torch.Tensor) -> torch.Tensor:  # noqa: F811 - the model's single score per example
+            return model(v).reshape(v.shape[0], -1)[:, 0]
+
+    elif objective is not None and not callable(objective):
+        raise InputError("objective must be a callable x -> (N,) scores or 'output'.")
+
+    models = [m for m in (classifier, getattr(gen, "module", None), generator) if isinstance(m, nn.Module)]
+    with _preserved(models):
+        for m in models:
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)  # gradients w.r.t. z or x only; the user's weights stay untouched
+        with torch.no_grad():
+            if objective is None:
+                logits = torch.cat([classifier(x[i : i + batch_size]) for i in range(0, n, batch_size)])
+                if logits.dim() != 2:
+                    raise ModelError(f"the classifier must return logits (N, classes), got shape {tuple(logits.shape)}.")
+                t = _targets(target, n, device)
+                k = logits.shape[1]
+                if bool(((t < 0) | (t >= k)).any()):
+                    raise InputError(f"target classes must lie in [0, {k - 1}] (the classifier has {k} outputs), "
+                                     f"got values in [{int(t.min())}, {int(t.max())}].")
+                already = logits.argmax(1) == t
+                sign = stop = None
+            else:
+                t = None
+                values = torch.cat([objective(x[i : i + batch_size]) for i in range(0, n, batch_size)])
+                if values.shape != (n,):
+                    raise ModelError(f"the objective must return one score per example, shape ({n},), got {tuple(values.shape)}.")
+                sign = _directions(direction, n, device, x.dtype)
+                stop = _per_row(stop_value, n, "stop_value", device, x.dtype)
+                already = torch.where(sign > 0, values > stop, values < stop)
+            if bool(already.any()):
+                rows = already.nonzero().flatten().tolist()
+                warnings.warn(f"{len(rows)} of {n} examples already meet the target (examples {rows[:10]}); they take "
+                              "zero steps and are flagged in result.already.", RuntimeWarning, stacklevel=2)
+            z0, x_recon, recon_error, multi = None, None, None, False
+            if gen is not None:
+                z_chunks = [gen.encode(x[i : i + batch_size]) for i in range(0, n, batch_size)]
+                multi = isinstance(z_chunks[0], (list, tuple))
+                parts = [torch.cat([_latents(c)[j] for c in z_chunks]) for j in range(len(_latents(z_chunks[0])))]
+                for j, p in enumerate(parts):
+                    if not bool(torch.isfinite(p).all()):
+                        rows = (~torch.isfinite(p.reshape(n, -1))).any(1).nonzero().flatten().tolist()
+                        raise ModelError(f"encode(x) returned NaN/inf{f' in latent {j}' if multi else ''} for examples "
+                                         f"{rows[:10]}; check the generator (a flow's logit pre-processing needs x inside "
+                                         "the box, not on its edge).")
+                z0 = parts
+                _check_log_density(gen, x, batch_size)
+                x_recon = torch.cat([gen.decode(_pack([p[i : i + batch_size] for p in parts], multi)) for i in range(0, n, batch_size)])
+                if x_recon.shape != x.shape:
+                    raise ModelError(f"decode(encode(x)) has shape {tuple(x_recon.shape)}, expected {tuple(x.shape)}.")
+                recon_error = (x_recon - x).reshape(n, -1).abs().amax(1)
+                worst = float(recon_error.max())
+                if worst > recon_tol:
+                    warnings.warn(
+                        f"approximate inverse: decode(encode(x)) differs from x by up to {worst:.3g} (max |·|, "
+                        f"tolerance {recon_tol:g}; generator kind {kind or 'unknown'}); each counterfactual starts from the "
+                        "reconstruction, so compare x_cf with result.x_recon as well as with x.",
+                        ApproximateGeneratorWarning, stacklevel=2)
+
+        scorer = _Scorer(classifier, objective, t, float(stop_prob), stop, sign)
+        todo = (~already).nonzero().flatten()
+        x_cf = x.clone()
+        steps = torch.zeros(n, dtype=torch.long, device=device)
+        success = torch.zeros(n, dtype=torch.bool, device=device)
+        value = torch.empty(n, dtype=x.dtype, device=device)
+        z_cf = [p.clone() for p in z0] if z0 is not None else None
+        path = path_steps = None
+        if record_path:
+            path = x[:, None].repeat(1, record_path, *([1] * (x.dim() - 1)))
+            path_steps = torch.zeros(n, record_path, dtype=torch.long)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=None, desc=f"counterfactuals ({space})", unit="step", leave=False)
+        try:
+            for c in range(0, len(todo), batch_size):
+                rows = todo[c : c + batch_size]
+                start = [p[rows] for p in z0] if z0 is not None else [x[rows]]
+                decode = gen.decode if gen is not None else None
+                res = _search_chunk(x[rows], start, multi, decode, scorer, rows, lr=lr, max_steps=int(max_steps), box=box,
+                                    record_path=int(record_path), bar=bar)
+                x_cf[rows], steps[rows], success[rows], value[rows] = res["x_cf"], res["steps"], res["success"], res["value"]
+                if z_cf is not None:
+                    for buf, part in zip(z_cf, res["z_cf"]):
+                        buf[rows] = part
+                if record_path:
+                    path[rows], path_steps[rows.cpu()] = res["path"], res["path_steps"]
+        finally:
+            if bar is not None:
+                bar.close()
+        if bool(already.any()):
+            rows = already.nonzero().flatten()
+            with torch.no_grad():
+                start = x[rows]
+                if gen is not None:
+                    start = gen.decode(_pack([p[rows] for p in z0], multi))
+                    if box is not None:
+                        start = start.clamp(float(box[0]), float(box[1]))
+                v, reached, _ = scorer(start, rows)
+            x_cf[rows], value[rows], success[rows] = start, v, reached
+            if record_path:
+                path[rows] = start[:, None].expand_as(path[rows])
+    info = {"kind": kind, "max_steps": int(max_steps), "stop_prob": float(stop_prob) if objective is None else None,
+            "box": None if box is None else [float(box[0]), float(box[1])], "exact": getattr(gen, "exact", None)}
+    return CounterfactualResult(
+        x=x, x_cf=x_cf.detach(), success=success, steps=steps, p_target=value.detach(), already=already, target=t,
+        space=space, lr=lr, z_cf=_pack(z_cf, multi) if z_cf is not None else None, x_recon=x_recon,
+        recon_error=recon_error, path=path, path_steps=path_steps, info=info)
+
+
+def _check_log_density(gen: Any, x: torch.Tensor, batch_size: int) -> None:
+    """For exact generators with a density (flows): log p(x) must be finite (a NaN log-det breaks the geometry)."""
+    if gen.exact and gen.has_log_prob:
+        for i in range(0, x.shape[0], batch_size):
+            gen.log_prob(x[i : i + batch_size])  # raises ModelError naming the examples with a non-finite log-det
+
+
+def _preserved(models: list[nn.Module]) -> contextlib.ExitStack:
+    """preserve_model_state for several models at once (each restored once, also on error)."""
+    stack = contextlib.ExitStack()
+    seen: list[nn.Module] = []
+    for m in models:
+        if all(m is not s for s in seen):
+            seen.append(m)
+            stack.enter_context(preserve_model_state(m))
+    return stack

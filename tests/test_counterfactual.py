@@ -1,0 +1,299 @@
+"""Diffeomorphic counterfactuals: the batched search equals the batch-1 research loop; bad input; evaluation."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import manifex
+from manifex.counterfactuals import CounterfactualResult, counterfactual
+from manifex.errors import InputError, ModelError
+from manifex.models.generators import ApproximateGeneratorWarning
+
+
+class AffineSigmoid(nn.Module):
+    """An exact generator on 8×8 images: decode(z) = (sigmoid(A z + b) − ε) / (1 − 2ε), with its closed-form inverse."""
+
+    def __init__(self, seed: int = 1, eps: float = 0.05, split: bool = False) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.A = nn.Parameter(torch.eye(64) + 0.1 * torch.randn(64, 64, generator=g))
+        self.b = nn.Parameter(0.1 * torch.randn(64, generator=g))
+        self.eps, self.split = eps, split
+        self.exact = True
+
+    def decode(self, z):
+        if self.split:  # a multi-scale latent: two tensors of different shapes
+            z = torch.cat([z[0].reshape(z[0].shape[0], -1), z[1].reshape(z[1].shape[0], -1)], 1)
+        return ((torch.sigmoid(z @ self.A.T + self.b) - self.eps) / (1 - 2 * self.eps)).reshape(-1, 1, 8, 8)
+
+    def encode(self, x):
+        u = x.reshape(x.shape[0], -1) * (1 - 2 * self.eps) + self.eps
+        z = torch.linalg.solve(self.A, (torch.logit(u) - self.b).T).T
+        return [z[:, :16].reshape(-1, 1, 4, 4), z[:, 16:]] if self.split else z
+
+
+@pytest.fixture(scope="module")
+def digits():
+    torch.manual_seed(0)
+    data = manifex.data.load_digits8()
+    clf = manifex.models.MLP((1, 8, 8), 10, hidden=(32,))
+    opt = torch.optim.Adam(clf.parameters(), 1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        F.cross_entropy(clf(data.x[:1000]), data.y[:1000]).backward()
+        opt.step()
+    clf.zero_grad(set_to_none=True)
+    return data, clf.eval()
+
+
+def research_loop(clf, x1, target, lr, max_steps, stop_prob=0.99, gen=None):
+    """The seed's batch-1 loop (torch.optim.Adam, clip via .data, stop test before the step) + the final test."""
+    if gen is not None:
+        z = gen.encode(x1)
+        params = [p.detach().requires_grad_(True) for p in (z if isinstance(z, list) else [z])]
+    else:
+        params = [x1.clone().requires_grad_(True)]
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=0.0)
+    t = torch.tensor([target])
+    for step in range(max_steps + 1):
+        opt.zero_grad()
+        if gen is not None:
+            xp = gen.decode(params if len(params) > 1 else params[0])
+        else:
+            xp = params[0]
+        xp.data = torch.clip(xp.data, 0.0, 1.0)
+        pred = clf(xp)
+        p = torch.softmax(pred, 1)[0, target]
+        if p > stop_prob or step == max_steps:
+            return xp.detach(), step, bool(p > stop_prob)
+        F.cross_entropy(pred, t).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("space,split", [("latent", False), ("latent", True), ("pixel", False)])
+def test_batched_equals_batch1_research_loop(digits, space, split):
+    data, clf = digits
+    gen = AffineSigmoid(split=split) if space == "latent" else None
+    x = data.x[data.y == 4][:12]
+    lr, steps = (5e-2, 300) if space == "latent" else (2e-2, 300)
+    # batch_size 5 makes chunks of 5, 5, 2; rows stop at different steps inside each chunk
+    r = counterfactual(clf, x, 9, generator=gen, space=space, lr=lr, max_steps=steps, batch_size=5)
+    assert len(set(r.steps.tolist())) > 3, "rows must stop at different steps for the test to mean something"
+    for i in range(len(x)):
+        xr, s, ok = research_loop(clf, x[i : i + 1], 9, lr, steps, gen=gen)
+        assert int(r.steps[i]) == s and bool(r.success[i]) == ok
+        assert torch.allclose(r.x_cf[i : i + 1], xr, atol=1e-5, rtol=0)
+    assert r.success.all() and (r.p_target > 0.99).all()
+    assert (clf(r.x_cf).argmax(1) == 9).all()
+    if space == "latent":
+        assert r.recon_error.max() < 1e-4
+        zc = r.z_cf if isinstance(r.z_cf, list) else [r.z_cf]
+        assert all(p.shape[0] == len(x) for p in zc)
+        assert torch.allclose(gen.decode(r.z_cf).clamp(0, 1), r.x_cf, atol=1e-6)
+    else:
+        assert r.z_cf is None and r.x_recon is None
+    assert torch.equal(r.delta, r.x_cf - x)
+
+
+def test_targets_int_tensor_list_agree_and_per_example_targets(digits):
+    data, clf = digits
+    x = data.x[data.y == 4][:4]
+    gen = AffineSigmoid()
+    a = counterfactual(clf, x, 9, generator=gen, max_steps=200, lr=5e-2)
+    b = counterfactual(clf, x, torch.tensor([9] * 4), generator=gen, max_steps=200, lr=5e-2)
+    c = counterfactual(clf, x, [9, 9, 9, 9], generator=gen, max_steps=200, lr=5e-2)
+    assert torch.equal(a.x_cf, b.x_cf) and torch.equal(a.x_cf, c.x_cf)
+    mixed = counterfactual(clf, x, [9, 7, 9, 1], generator=gen, max_steps=300, lr=5e-2)
+    assert mixed.success.all()
+    assert clf(mixed.x_cf).argmax(1).tolist() == [9, 7, 9, 1]
+    assert torch.allclose(mixed.x_cf[[0, 2]], a.x_cf[[0, 2]], atol=1e-5, rtol=0)  # rows do not interact
+
+
+def test_default_lr_follows_generator_kind(digits):
+    data, clf = digits
+    x = data.x[:2]
+    vae = manifex.models.VAE((1, 8, 8), latent_dim=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert counterfactual(clf, x, 3, generator=vae, max_steps=1).lr == 5e-3
+    assert counterfactual(clf, x, 3, space="pixel", max_steps=1).lr == 5e-4
+    assert manifex.counterfactuals.default_lr("flow") == 5e-2
+
+
+def test_vae_warns_approximate_and_starts_from_reconstruction(digits):
+    data, clf = digits
+    torch.manual_seed(0)
+    vae = manifex.models.VAE((1, 8, 8), latent_dim=4).eval()
+    x = data.x[data.y == 4][:3]
+    with pytest.warns(ApproximateGeneratorWarning, match="approximate"):
+        r = counterfactual(clf, x, 9, generator=vae, max_steps=5, record_path=3)
+    assert torch.allclose(r.x_recon, vae.decode(vae.encode(x)))
+    assert torch.allclose(r.recon_error, (r.x_recon - x).flatten(1).abs().amax(1))
+    # the first path frame is the clipped reconstruction, the last is x_cf
+    assert torch.allclose(r.path[:, 0], r.x_recon.clamp(0, 1))
+    assert torch.equal(r.path[:, -1], r.x_cf)
+    assert (r.path_steps[:, 0] == 0).all() and torch.equal(r.path_steps[:, -1], r.steps.cpu())
+
+
+def test_path_frames_are_on_the_trajectory(digits):
+    data, clf = digits
+    gen = AffineSigmoid()
+    x = data.x[data.y == 4][:3]
+    r = counterfactual(clf, x, 9, generator=gen, lr=5e-2, max_steps=300, record_path=4)
+    assert r.path.shape == (3, 4, 1, 8, 8)
+    for i in range(3):
+        s = r.path_steps[i].tolist()
+        assert s == sorted(s) and s[0] == 0 and s[-1] == int(r.steps[i])
+        # frame at step s equals the state of a search stopped after s steps
+        mid = counterfactual(clf, x[i : i + 1], 9, generator=gen, lr=5e-2, max_steps=max(s[1], 1), stop_prob=0.999999)
+        assert torch.allclose(mid.x_cf[0], r.path[i, 1], atol=1e-6)
+
+
+def test_regression_objective_with_per_row_direction():
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1), nn.Sigmoid())
+    with torch.no_grad():
+        f[0].weight.mul_(3)
+        f[2].weight.copy_(3 * torch.sign(f[2].weight))
+    x = torch.randn(6, 3)
+    with torch.no_grad():
+        start = f(x)[:, 0]
+    direction = ["max" if v < 0.5 else "min" for v in start.tolist()]
+    stop = torch.tensor([0.9 if d == "max" else 0.1 for d in direction])
+    r = counterfactual(f, x, objective="output", stop_value=stop, direction=direction, space="pixel", box=None,
+                       lr=3e-2, max_steps=1000)
+    assert r.success.all()
+    v = f(r.x_cf)[:, 0]
+    assert torch.allclose(v, r.p_target)
+    assert all((vi > 0.9) if d == "max" else (vi < 0.1) for vi, d in zip(v.tolist(), direction))
+    one = counterfactual(f, x[:1], objective=lambda t: f(t)[:, 0], stop_value=stop[:1], direction=direction[0],
+                         space="pixel", box=None, lr=3e-2, max_steps=1000)
+    assert torch.allclose(one.x_cf, r.x_cf[:1], atol=1e-6) and one.steps[0] == r.steps[0]
+
+
+def test_model_state_preserved_also_on_error(digits):
+    data, clf = digits
+    gen = AffineSigmoid()
+    clf.zero_grad(set_to_none=True)  # the research loop of other tests leaves gradients on the weights; we must not
+    clf.train()
+    clf[1].weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in clf.state_dict().items()}
+    counterfactual(clf, data.x[:2], 9, generator=gen, lr=5e-2, max_steps=20)
+    assert clf.training and gen.training
+    assert not clf[1].weight.requires_grad and clf[3].weight.requires_grad
+    assert all(p.grad is None for p in list(clf.parameters()) + list(gen.parameters()))
+    assert all(torch.equal(v, clf.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(InputError):
+        counterfactual(clf, data.x[:2], 10, generator=gen)
+    assert clf.training and not clf[1].weight.requires_grad
+    clf[1].weight.requires_grad_(True)
+    clf.eval()
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_options(digits):
+    data, clf = digits
+    x = data.x[:2]
+    for kwargs, match in [
+        (dict(lr=0.0), "lr"), (dict(lr=-1e-3), "lr"), (dict(max_steps=0), "max_steps"),
+        (dict(stop_prob=1.0), "stop_prob"), (dict(stop_prob=0.0), "stop_prob"), (dict(stop_prob=1.5), "stop_prob"),
+        (dict(space="z"), "space"), (dict(batch_size=0), "batch_size"), (dict(record_path=1), "record_path"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            counterfactual(clf, x, 9, space=kwargs.pop("space", "pixel"), **kwargs)
+    with pytest.raises(InputError, match="generator"):
+        counterfactual(clf, x, 9, space="latent")
+
+
+def test_x_outside_box_and_nonfinite(digits):
+    data, clf = digits
+    with pytest.raises(InputError, match="outside the box"):
+        counterfactual(clf, data.x[:2] * 2, 9, space="pixel")
+    with pytest.raises(InputError, match="outside the box"):
+        counterfactual(clf, data.x[:2] - 0.5, 9, space="pixel")
+    bad = data.x[:2].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        counterfactual(clf, bad, 9, space="pixel")
+
+
+def test_target_out_of_range_or_malformed(digits):
+    data, clf = digits
+    for target in (10, -1, [9, 11]):
+        with pytest.raises(InputError, match="target"):
+            counterfactual(clf, data.x[:2], target, space="pixel")
+    with pytest.raises(InputError, match="shape"):
+        counterfactual(clf, data.x[:2], torch.tensor([1, 2, 3]), space="pixel")
+    with pytest.raises(InputError, match="integer"):
+        counterfactual(clf, data.x[:2], torch.tensor([1.0, 2.0]), space="pixel")
+
+
+def test_target_already_predicted_takes_zero_steps_and_is_flagged(digits):
+    data, clf = digits
+    x = torch.cat([data.x[data.y == 9][:2], data.x[data.y == 4][:1]])
+    with pytest.warns(RuntimeWarning, match="already"):
+        r = counterfactual(clf, x, 9, space="pixel", max_steps=400, lr=5e-3)
+    assert r.already.tolist() == [True, True, False]
+    assert r.steps[:2].tolist() == [0, 0] and r.steps[2] > 0
+    assert torch.equal(r.x_cf[:2], x[:2])
+    p = torch.softmax(clf(x[:2]), 1)[:, 9]
+    assert torch.allclose(r.p_target[:2], p) and torch.equal(r.success[:2], p > 0.99)
+
+
+def test_zero_gradient_through_decode_is_an_error(digits):
+    data, clf = digits
+
+    class Detached(AffineSigmoid):
+        def decode(self, z):
+            return super().decode(z).detach()
+
+    class Ignores(AffineSigmoid):
+        def decode(self, z):
+            return super().decode(torch.zeros_like(z)) + 0 * z.sum()
+
+    with pytest.raises(ModelError, match="differentiabl"):
+        counterfactual(clf, data.x[:2], 9, generator=Detached(), max_steps=3)
+    with pytest.raises(ModelError, match="zero"):
+        counterfactual(clf, data.x[:2], 9, generator=Ignores(), max_steps=3)
+
+
+def test_nonfinite_latent_or_log_det_is_an_error(digits):
+    data, clf = digits
+
+    class NaNCode(AffineSigmoid):
+        def encode(self, x):
+            z = super().encode(x)
+            z[0, 0] = float("nan")
+            return z
+
+    class NaNDensity(AffineSigmoid):
+        def log_prob(self, x):
+            return torch.full((x.shape[0],), float("nan"))
+
+    with pytest.raises(ModelError, match="non-finite"):
+        counterfactual(clf, data.x[:2], 9, generator=NaNCode(), max_steps=3)
+    with pytest.raises(ModelError, match="log"):
+        counterfactual(clf, data.x[:2], 9, generator=NaNDensity(), max_steps=3)
+
+
+def test_regression_needs_stop_value(digits):
+    data, clf = digits
+    with pytest.raises(InputError, match="stop_value"):
+        counterfactual(clf, data.x[:2], objective=lambda x: clf(x)[:, 9], space="pixel")
+    with pytest.raises(InputError, match="direction"):
+        counterfactual(clf, data.x[:2], objective=lambda x: clf(x)[:, 9], stop_value=3.0, direction="up", space="pixel")
+
+
+def test_budget_exhausted_is_a_failure_not_an_error(digits):
+    data, clf = digits
+    x = data.x[data.y == 4][:2]
+    r = counterfactual(clf, x, 9, space="pixel", max_steps=3, lr=1e-4)
+    assert not r.success.any() and r.steps.tolist() == [3, 3]
+    assert isinstance(r, CounterfactualResult) and r.success_rate == 0.0
+    assert (r.x_cf >= 0).all() and (r.x_cf <= 1).all()
