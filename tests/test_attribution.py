@@ -26,6 +26,8 @@ from manifex.attribution import (
     method_names,
     preserve_model_state,
 )
+from manifex.attribution.core import TrainModeWarning, selected_output
+from manifex.attribution.lrp import LRP
 from manifex.errors import InputError, ModelError
 
 try:  # Captum is a test extra; the reference comparisons are skipped without it.
@@ -96,7 +98,7 @@ EXPLAINERS = [
     (
         "ig_trapezoid_path_baseline_ibs7",
         lambda m: IntegratedGradients(
-            m, steps=9, method="riemann_trapezoid", baseline=0.25, multiply_by_inputs=False, internal_batch_size=7
+            m, steps=9, integration="riemann_trapezoid", baseline=0.25, multiply_by_inputs=False, internal_batch_size=7
         ),
     ),
     ("smoothgrad_ibs7", lambda m: SmoothGrad(Gradient(m), sigma=0.1, n_samples=6, internal_batch_size=7)),
@@ -235,6 +237,7 @@ def _stateful_model() -> tuple[nn.Module, list[int]]:
     return model, calls
 
 
+@pytest.mark.filterwarnings("ignore::manifex.attribution.core.TrainModeWarning")
 @pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
 def test_model_state_unchanged(name, factory):
     model, calls = _stateful_model()
@@ -247,6 +250,7 @@ def test_model_state_unchanged(name, factory):
     assert model.training and model[-2].training
 
 
+@pytest.mark.filterwarnings("ignore::manifex.attribution.core.TrainModeWarning")
 @pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
 def test_model_state_unchanged_when_the_call_raises(name, factory):
     model, _ = _stateful_model()
@@ -406,9 +410,9 @@ def test_constructor_errors():
     with pytest.raises(InputError, match="steps"):
         IntegratedGradients(cnn, steps=0)
     with pytest.raises(InputError, match="steps"):
-        IntegratedGradients(cnn, steps=1, method="riemann_trapezoid")
-    with pytest.raises(InputError, match="unknown integration method"):
-        IntegratedGradients(cnn, method="simpson")
+        IntegratedGradients(cnn, steps=1, integration="riemann_trapezoid")
+    with pytest.raises(InputError, match="unknown integration rule"):
+        IntegratedGradients(cnn, integration="simpson")
     with pytest.raises(InputError, match="internal_batch_size"):
         IntegratedGradients(cnn, internal_batch_size=0)
     with pytest.raises(InputError, match="baseline"):
@@ -426,9 +430,9 @@ def test_constructor_errors():
 
 def test_unknown_method_lists_the_names():
     with pytest.raises(InputError) as info:
-        explain(make_cnn(), make_x(), Y, method="deeplift")
+        explain(make_cnn(), make_x(), Y, method="no_such_method")
     message = str(info.value)
-    assert "deeplift" in message
+    assert "no_such_method" in message
     for name in method_names():
         assert name in message
     for alias in ALIASES:
@@ -494,7 +498,12 @@ def test_gradient_matches_captum_saliency(kind):
     x = make_x()
     ref = captum_attr.Saliency(model).attribute(x, target=Y, abs=False)
     close(Gradient(model)(x, Y), ref, **CAPTUM)
-    close(explain(model, x, Y, method="saliency"), ref, **CAPTUM)
+    close(explain(model, x, Y, method="gradient"), ref, **CAPTUM)
+    # "saliency" means what Captum's Saliency means by default: the absolute gradient (abs=True)
+    default = captum_attr.Saliency(model).attribute(x, target=Y)
+    close(explain(model, x, Y, method="saliency"), default, **CAPTUM)
+    close(explain(model, x, Y, method="gradient", abs=True), default, **CAPTUM)
+    close(Gradient(model, absolute=True)(x, Y), default, **CAPTUM)
 
 
 @needs_captum
@@ -528,7 +537,7 @@ def test_integrated_gradients_matches_captum(method, multiply_by_inputs, interna
     ours = IntegratedGradients(
         model,
         steps=steps,
-        method=method,
+        integration=method,
         baseline=baseline,
         multiply_by_inputs=multiply_by_inputs,
         **({} if internal_batch_size is None else {"internal_batch_size": internal_batch_size}),
@@ -673,7 +682,7 @@ def test_integrated_gradients_path_times_delta():
     full = IntegratedGradients(model, steps=7, baseline=b)(x, Y)
     close(full, path * (x - b))
     # one step of the left Riemann rule is the gradient at the baseline
-    left1 = IntegratedGradients(model, steps=1, method="riemann_left", baseline=b, multiply_by_inputs=False)
+    left1 = IntegratedGradients(model, steps=1, integration="riemann_left", baseline=b, multiply_by_inputs=False)
     close(left1(x, Y), Gradient(model)(b, Y))
 
 
@@ -785,3 +794,153 @@ def test_internal_batch_size_bounds_every_model_call():
         bounded = make(counted, small)(x, target)
         assert sizes and max(sizes) <= small
         torch.testing.assert_close(bounded, make(model, 512)(x, target), rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------------
+# issue 10, items 5-8: the integration rule by name, Captum's names, tuple/dict outputs, train mode
+
+
+def test_integration_rule_reachable_from_every_entry_point():
+    """``integration=`` sets IG's rule through make_explainer/explain/SmoothGrad (``method=`` collided)."""
+    cnn = make_cnn()
+    x = make_x()
+    direct = IntegratedGradients(cnn, steps=9, integration="riemann_trapezoid")(x, Y)
+    close(make_explainer(cnn, "ig", integration="riemann_trapezoid", steps=9)(x, Y), direct)
+    close(explain(cnn, x, Y, method="integrated_gradients", integration="riemann_trapezoid", steps=9), direct)
+    assert not torch.allclose(direct, IntegratedGradients(cnn, steps=9)(x, Y))  # the rule was not ignored
+    sg = make_explainer(cnn, "sg", base="ig", integration="riemann_left", steps=3, n_samples=2)
+    assert sg.inner.integration == "riemann_left"
+    path = make_explainer(cnn, "ig_path", integration="riemann_middle", steps=5)
+    assert path.integration == "riemann_middle" and not path.multiply_by_inputs
+    # the class's old keyword still works, deprecated; both at once is an error
+    with pytest.warns(DeprecationWarning, match="integration="):
+        old = IntegratedGradients(cnn, steps=9, method="riemann_trapezoid")
+    assert old.integration == old.method == "riemann_trapezoid"
+    close(old(x, Y), direct)
+    with pytest.raises(InputError, match="once"):
+        IntegratedGradients(cnn, integration="riemann_left", method="riemann_left")
+    with pytest.raises(InputError, match="bad option"):
+        make_explainer(cnn, "gradient", integration="riemann_left")
+
+
+def test_captum_argument_names_are_aliases():
+    cnn = make_cnn()
+    x = make_x()
+    close(explain(cnn, x, Y, method="ig", n_steps=6, baselines=0.3, internal_batch_size=7),
+          explain(cnn, x, Y, method="ig", steps=6, baseline=0.3, internal_batch_size=7))
+    close(explain(cnn, x, Y, method="sg", nt_samples=3, stdevs=0.1, nt_type="vargrad"),
+          explain(cnn, x, Y, method="sg", n_samples=3, sigma=0.1, kind="vargrad"))
+    close(explain(cnn, x, Y, method="gradient", abs=True), Gradient(cnn)(x, Y).abs())
+    close(explain(cnn, x, Y, method="saliency", abs=False), Gradient(cnn)(x, Y))
+    for both in (dict(n_steps=4, steps=4), dict(baselines=0.0, baseline=0.0)):
+        with pytest.raises(InputError, match="not both"):
+            make_explainer(cnn, "ig", **both)
+    with pytest.raises(InputError, match="not both"):
+        make_explainer(cnn, "sg", stdevs=0.1, sigma=0.1)
+
+
+def test_target_as_a_list_of_ints():
+    cnn = make_cnn()
+    x = make_x()
+    for expl in (Gradient(cnn), IntegratedGradients(cnn, steps=4), make_explainer(cnn, "lrp")):
+        close(expl(x, Y.tolist()), expl(x, Y))
+        close(expl(x, tuple(Y.tolist())), expl(x, Y))
+    with pytest.raises(InputError, match="integer class indices"):
+        Gradient(cnn)(x, [0.5, 1, 2, 3])
+    with pytest.raises(InputError, match="shape"):
+        Gradient(cnn)(x, [1, 2])
+
+
+@needs_captum
+def test_captum_trapezoid_weights_sum_to_n_minus_one_over_n():
+    """The claim in IntegratedGradients' docstring, checked on Captum's own rule."""
+    from captum.attr._utils.approximation_methods import approximation_parameters
+
+    step_sizes, alphas = approximation_parameters("riemann_trapezoid")
+    for n in (2, 5, 50):
+        assert math.isclose(sum(step_sizes(n)), (n - 1) / n, rel_tol=1e-12)
+        ours_alphas, ours_weights = integration_rule(n, "riemann_trapezoid")
+        torch.testing.assert_close(torch.tensor(ours_alphas, dtype=F64), torch.tensor(alphas(n), dtype=F64))
+        assert math.isclose(sum(ours_weights), 1.0, rel_tol=1e-12)
+
+
+class _TupleOut(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x), x.flatten(1).mean(1)
+
+
+class _DictOut(_TupleOut):
+    def forward(self, x):
+        return {"aux": x.flatten(1).mean(1), "logits": self.net(x)}
+
+
+def test_tuple_and_dict_outputs_need_and_take_an_output_selector():
+    cnn = make_cnn()
+    x = make_x()
+    ref = Gradient(cnn)(x, Y)
+    for wrapped, good, hint in ((_TupleOut(cnn), 0, "output=0"), (_DictOut(cnn), "logits", 'output="logits"')):
+        with pytest.raises(InputError, match=hint):
+            Gradient(wrapped)(x, Y)
+        close(Gradient(wrapped, output=good)(x, Y), ref)
+        close(explain(wrapped, x, Y, method="gradient", output=good), ref)
+        pick = (lambda out: out[0]) if isinstance(good, int) else (lambda out: out["logits"])
+        close(Gradient(wrapped, output=pick)(x, Y), ref)
+        close(Gradient(lambda t, w=wrapped: w(t), output=good)(x, Y), ref)  # a plain callable model
+    with pytest.raises(InputError, match="out of range"):
+        Gradient(_TupleOut(cnn), output=5)(x, Y)
+    with pytest.raises(InputError, match="not a key.*aux"):
+        Gradient(_DictOut(cnn), output="scores")(x, Y)
+    with pytest.raises(InputError, match="one tensor"):
+        Gradient(cnn, output=0)(x, Y)
+    with pytest.raises(InputError, match="index"):
+        Gradient(cnn, output=1.5)
+    # the selection is one forward hook for the duration of the call, nested selections use the innermost
+    wrapped = _TupleOut(cnn)
+    with selected_output(wrapped, 0):
+        with selected_output(wrapped, None):
+            assert isinstance(wrapped(x), torch.Tensor)
+        assert len(wrapped._forward_hooks) == 1
+    assert len(wrapped._forward_hooks) == 0 and isinstance(wrapped(x), tuple)
+
+
+def test_lrp_and_smoothgrad_take_the_output_selector():
+    cnn = make_cnn()
+    x = make_x()
+    lrp = make_explainer(_DictOut(cnn), "lrp_epsilon", output="logits")
+    close(lrp(x, Y), make_explainer(cnn, "lrp_epsilon")(x, Y))
+    with pytest.raises(InputError, match='output="logits"'):
+        LRP(_DictOut(cnn))(x, Y)
+    sg = SmoothGrad(Gradient(_TupleOut(cnn), output=0), sigma=0.1, n_samples=3)
+    assert sg.output == 0  # the inner explainer's
+    close(sg(x, Y), SmoothGrad(Gradient(cnn), sigma=0.1, n_samples=3)(x, Y))
+
+
+def _dropout_bn_cnn() -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                            nn.Dropout(0.5), nn.Linear(3 * 64, 10))
+    return net.double()
+
+
+def test_train_mode_warns_once_per_model_naming_eval():
+    x = make_x()
+    model = _dropout_bn_cnn().train()
+    with pytest.warns(TrainModeWarning, match=r"BatchNorm2d, Dropout.*model\.eval\(\)"):
+        Gradient(model)(x, Y)
+    assert model.training, "the mode is left as found"
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Gradient(model)(x, Y)  # the same model again: no second warning
+        explain(make_cnn().train(), x, Y)  # train mode without Dropout/BatchNorm changes nothing: no warning
+        Gradient(_dropout_bn_cnn().eval())(x, Y)
+    assert not [w for w in caught if issubclass(w.category, TrainModeWarning)]
+    # LRP's refusal of a train-mode BatchNorm stays
+    with pytest.warns(TrainModeWarning), pytest.raises(ModelError, match="eval mode"):
+        make_explainer(_dropout_bn_cnn().train(), "lrp")(x, Y)

@@ -1,29 +1,208 @@
-"""The single gradient path that every explainer uses, target handling and model-state protection.
+"""The single gradient path that every explainer uses, target and output handling, model-state protection.
 
 ``target_gradient`` is the one place where manifex calls ``torch.autograd.grad`` for an explanation;
 it takes ``create_graph`` so that explanations can themselves be differentiated (double backprop).
+``selected_output`` is the one place where a model's tuple/dict output is reduced to the logits (the
+``output=`` option of every explainer and of ``manipulate``).
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import numbers
 import warnings
-from typing import Callable, Iterator, Union
+import weakref
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..errors import InputError, ModelError, check_finite, check_tensor
 
-__all__ = ["Target", "select_target", "target_gradient", "preserve_model_state", "check_input"]
+__all__ = [
+    "Target", "OutputSelector", "select_target", "select_output", "selected_output", "call_model", "as_target",
+    "target_gradient", "preserve_model_state", "check_input", "TrainModeWarning", "warn_if_training",
+]
 
-#: A target: one class index for the whole batch, a (N,) tensor of class indices, or a callable that maps
-#: the model output (N, ...) to either (N,) integer class indices or (N,) float scores to explain.
-Target = Union[int, torch.Tensor, Callable[[torch.Tensor], torch.Tensor], None]
+#: A target: one class index for the whole batch, a (N,) tensor or a list of class indices (one per
+#: example), or a callable that maps the model output (N, ...) to either (N,) integer class indices or (N,)
+#: float scores to explain.
+Target = Union[int, torch.Tensor, Sequence[int], Callable[[torch.Tensor], torch.Tensor], None]
+
+#: Which part of a model's output holds the logits, for models that return a tuple/list (an index), a dict
+#: or Hugging Face style output (a key, or an attribute name), or anything else (a callable
+#: ``output -> (N, ...) tensor``). ``None``: the model returns the logits tensor itself.
+OutputSelector = Union[int, str, Callable[[Any], torch.Tensor], None]
+
+
+def as_target(target: Target) -> Target:
+    """A list/tuple of class indices as a (N,) long tensor; anything else unchanged (checked later)."""
+    if isinstance(target, (list, tuple)):
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in target):
+            raise InputError(f"a target list must hold integer class indices (one per example), got {list(target)[:10]}.")
+        return torch.tensor([int(t) for t in target], dtype=torch.long)
+    return target
+
+
+def _describe(out: object) -> str:
+    if isinstance(out, torch.Tensor):
+        return f"tensor {tuple(out.shape)}"
+    if isinstance(out, Mapping):
+        return f"{type(out).__name__} with keys {list(out)[:8]}"
+    if isinstance(out, (tuple, list)):
+        return f"{type(out).__name__} of {len(out)} ({', '.join(_describe(o) for o in out[:4])}{', ...' if len(out) > 4 else ''})"
+    return type(out).__name__
+
+
+def _output_hint(out: object) -> str:
+    if isinstance(out, Mapping):
+        keys = [k for k in out if isinstance(k, str)]
+        key = "logits" if "logits" in keys else (keys[0] if keys else "logits")
+        return f'output="{key}" (a key)'
+    if isinstance(out, (tuple, list)):
+        return "output=0 (an index)"
+    return 'output="logits" (an attribute name)'
+
+
+def check_output_selector(output: object) -> OutputSelector:
+    """``output`` if it is a valid selector (None, an int index, a str key or a callable), else InputError."""
+    if output is None or isinstance(output, str) or callable(output):
+        return output
+    if isinstance(output, numbers.Integral) and not isinstance(output, bool):
+        return int(output)
+    raise InputError(
+        f"output must be an index (int), a key (str) or a callable that picks the logits from the model's output, "
+        f"got {type(output).__name__}; e.g. output=0 for a tuple, output=\"logits\" for a dict."
+    )
+
+
+def select_output(out: object, output: OutputSelector) -> torch.Tensor:
+    """The logits tensor in a model output ``out``: ``out[output]`` (an index into a tuple/list, a key of a dict,
+    or an attribute name), ``output(out)`` for a callable, ``out`` itself for ``None`` (a tensor is required)."""
+    if output is None:
+        if isinstance(out, torch.Tensor):
+            return out
+        raise InputError(
+            f"the model returns a {_describe(out)}, not a tensor of logits; say which part holds the logits with "
+            f"{_output_hint(out)}, or output=callable (e.g. output=lambda out: out.logits)."
+        )
+    if callable(output) and not isinstance(output, (int, str)):
+        picked = output(out)
+    elif isinstance(out, torch.Tensor):
+        raise InputError(
+            f"output={output!r} picks a part of a tuple or dict output, but the model returns one tensor "
+            f"{tuple(out.shape)}; drop output= (or pass a callable)."
+        )
+    elif isinstance(output, int) and isinstance(out, (tuple, list)):
+        if not -len(out) <= output < len(out):
+            raise InputError(f"output={output} is out of range for the model's {_describe(out)}.")
+        picked = out[output]
+    elif isinstance(output, str) and isinstance(out, Mapping):
+        if output not in out:
+            raise InputError(f"output={output!r} is not a key of the model's output; its keys are {list(out)}.")
+        picked = out[output]
+    elif isinstance(output, str) and hasattr(out, output):
+        picked = getattr(out, output)
+    else:
+        raise InputError(
+            f"output={output!r} cannot select from the model's {_describe(out)}; use {_output_hint(out)} or a callable."
+        )
+    if not isinstance(picked, torch.Tensor):
+        raise InputError(f"output={output!r} selected a {_describe(picked)} from the model's output; it must select the logits tensor.")
+    return picked
+
+
+# The output selections in force: (model, selector) pairs, innermost last. A module gets one forward hook
+# (installed by the outermost selection) that applies the innermost selector; a plain callable is looked up
+# in ``call_model``. A context variable, so nested explainers (SmoothGrad over IG, LRP's own forward, an
+# explainer inside ``manipulate``) all see the same selection without passing it through every signature.
+_SELECTIONS: contextvars.ContextVar[tuple[tuple[object, OutputSelector], ...]] = contextvars.ContextVar(
+    "manifex_output_selections", default=()
+)
+
+
+def _selector_for(model: object) -> tuple[bool, OutputSelector]:
+    """(whether a selection for ``model`` is in force, its innermost non-None selector)."""
+    found, selector = False, None
+    for m, sel in _SELECTIONS.get():
+        if m is model:
+            found = True
+            if sel is not None:
+                selector = sel
+    return found, selector
+
+
+def _selection_hook(module: nn.Module, args: object, out: object) -> torch.Tensor:
+    return select_output(out, _selector_for(module)[1])
+
+
+@contextlib.contextmanager
+def selected_output(model: object, output: OutputSelector = None) -> Iterator[None]:
+    """Inside, every call of ``model`` (by an explainer, LRP's hooks or ``manipulate``) returns the logits
+    tensor picked by ``output``; a model that returns a tuple/dict without a selector raises InputError
+    naming the option. For an ``nn.Module`` by a forward hook (removed on exit, also on an exception);
+    for a plain callable through :func:`call_model`. Nested selections on one model: the innermost
+    non-None selector applies."""
+    output = check_output_selector(output)
+    first, _ = _selector_for(model)
+    first = not first
+    token = _SELECTIONS.set(_SELECTIONS.get() + ((model, output),))
+    handle = model.register_forward_hook(_selection_hook) if first and isinstance(model, nn.Module) else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+        _SELECTIONS.reset(token)
+
+
+def call_model(model: Callable[[torch.Tensor], Any], x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` reduced to its logits tensor by the selection in force (see :func:`selected_output`)."""
+    out = model(x)
+    if isinstance(model, nn.Module) and _selector_for(model)[0]:
+        return out  # the forward hook has selected already
+    return select_output(out, _selector_for(model)[1])
+
+
+class TrainModeWarning(UserWarning):
+    """A model is explained in train mode with layers (Dropout, BatchNorm) that behave differently in eval."""
+
+
+# Models already warned about: one warning per model (by identity; weak, so models are not kept alive).
+_WARNED_TRAINING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _mode_dependent(m: nn.Module) -> bool:
+    """Layers whose output differs between train and eval mode: Dropout of every kind, and normalisation
+    layers that keep running statistics (BatchNorm, InstanceNorm with ``track_running_stats``)."""
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return m.p > 0
+    return isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+
+
+def warn_if_training(model: object, stacklevel: int = 3) -> None:
+    """Warn once per model if it is explained with Dropout or BatchNorm layers in train mode: two identical
+    calls then give different maps and BatchNorm couples the examples of a batch."""
+    if not isinstance(model, nn.Module) or model in _WARNED_TRAINING:
+        return
+    active = sorted({type(m).__name__ for m in model.modules() if m.training and _mode_dependent(m)})
+    if not active:
+        return
+    _WARNED_TRAINING.add(model)
+    warnings.warn(
+        f"the model is in train mode with {', '.join(active)} layers active: explanations are random (Dropout) or "
+        "depend on the other examples of the batch (BatchNorm). Call model.eval() before explaining (manifex "
+        "leaves the mode as it finds it; this warning is shown once per model).",
+        TrainModeWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def select_target(output: torch.Tensor, target: Target) -> torch.Tensor:
     """The (N,) scores to explain: ``output[i, target_i]`` (or the callable's scores)."""
+    output = select_output(output, None)  # a clear error for a tuple/dict output without output=
+    target = as_target(target)
     n = output.shape[0]
     if callable(target) and not isinstance(target, torch.Tensor):
         picked = target(output)
@@ -85,6 +264,7 @@ def target_gradient(
     """Gradient of the selected score with respect to ``x``; returns ``(gradient, scores)``.
 
     Examples are independent, so the gradient of the summed scores is the per-example gradient.
+    ``model(x)`` is reduced to its logits by the output selection in force (:func:`selected_output`).
     With ``create_graph=True`` the result stays attached to the graph of ``x`` (if ``x`` requires grad)
     and can be differentiated again.
     """
@@ -93,7 +273,7 @@ def target_gradient(
     else:
         inp = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        output = model(inp)
+        output = call_model(model, inp)
         scores = select_target(output, target)
         if not scores.requires_grad:
             raise ModelError(

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, ModelError
-from .core import Target, target_gradient
+from .core import OutputSelector, Target, call_model, target_gradient
 from .methods import Explainer, Model
 from .smoothing import FunctionalPolicy, ReLUPatch, SmoothReLU
 
@@ -67,8 +67,8 @@ class GuidedBackprop(Explainer):
 
     name = "guided_backprop"
 
-    def __init__(self, model: Model, *, functional: FunctionalPolicy = "handle") -> None:
-        super().__init__(model)
+    def __init__(self, model: Model, *, functional: FunctionalPolicy = "handle", output: OutputSelector = None) -> None:
+        super().__init__(model, output=output)
         if not isinstance(model, nn.Module):
             raise InputError(f"GuidedBackprop hooks the model's ReLU modules and needs an nn.Module, got {type(model).__name__}.")
         if functional not in ("handle", "error", "ignore"):
@@ -124,8 +124,9 @@ class GradCAM(Explainer):
 
     name = "gradcam"
 
-    def __init__(self, model: Model, layer: nn.Module | str | None = None, *, relu: bool = True, upsample_mode: UpsampleMode = "bilinear") -> None:
-        super().__init__(model)
+    def __init__(self, model: Model, layer: nn.Module | str | None = None, *, relu: bool = True,
+                 upsample_mode: UpsampleMode = "bilinear", output: OutputSelector = None) -> None:
+        super().__init__(model, output=output)
         if not isinstance(model, nn.Module):
             raise InputError(f"GradCAM reads an inner layer and needs an nn.Module, got {type(model).__name__}.")
         if upsample_mode not in ("bilinear", "bicubic", "nearest", "area"):
@@ -165,7 +166,7 @@ class GradCAM(Explainer):
 
         def run(p: torch.Tensor) -> torch.Tensor:  # target_gradient passes its own leaf copy of the probe
             probe[:] = [p]
-            return self.model(x)
+            return call_model(self.model, x)
 
         handle = self.layer.register_forward_hook(hook)
         try:
@@ -187,7 +188,7 @@ class GradCAM(Explainer):
         handles = [m.register_forward_hook(lambda m, a, o: ran.append((m, o))) for m in candidates]
         try:
             with torch.no_grad():
-                self.model(x)
+                call_model(self.model, x)
         finally:
             for h in handles:
                 h.remove()
@@ -234,7 +235,7 @@ class _GradCAMLayerMap(Explainer):
     """``GradCAM.layer_map`` through the public ``attribute`` (validation, device, state protection)."""
 
     def __init__(self, cam: GradCAM) -> None:
-        super().__init__(cam.model)
+        super().__init__(cam.model, output=cam.output)
         self.cam = cam
 
     def _attribute(self, x, target, create_graph):

@@ -1,4 +1,8 @@
-"""Explainers by name: a declared table of methods, aliases and defaults, and ``explain``."""
+"""Explainers by name: a declared table of methods, aliases and defaults, and ``explain``.
+
+Options have one canonical (manifex) name each; ``OPTION_ALIASES`` lists the Captum names accepted for the
+same meaning (``n_steps`` for ``steps``, ``baselines`` for ``baseline``, ...). Giving both raises InputError.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,7 +16,7 @@ from .methods import Explainer, Gradient, InputXGradient, IntegratedGradients, S
 from .lrp import LRP, LRPEpsilon, LRPEpsilonGammaBox, LRPEpsilonPlus, LRPGamma, LRPZPlus
 from .modified import GradCAM, GuidedBackprop
 
-__all__ = ["METHODS", "ALIASES", "make_explainer", "explain", "method_names", "canonical_method"]
+__all__ = ["METHODS", "ALIASES", "OPTION_ALIASES", "make_explainer", "explain", "method_names", "canonical_method"]
 
 
 @dataclass(frozen=True)
@@ -25,13 +29,14 @@ class MethodSpec:
 
 
 def _smoothgrad(model, *, base: str = "gradient", **options) -> Explainer:
-    inner_keys = {"steps", "method", "baseline", "multiply_by_inputs"}
+    inner_keys = {"steps", "integration", "baseline", "multiply_by_inputs", "absolute"}
     inner_opts = {k: options.pop(k) for k in list(options) if k in inner_keys}
     return SmoothGrad(make_explainer(model, base, **inner_opts), **options)
 
 
 METHODS: dict[str, MethodSpec] = {
     "gradient": MethodSpec(Gradient, "signed gradient of the target logit"),
+    "saliency": MethodSpec(Gradient, "absolute gradient |∂score/∂x| (Captum's Saliency default, abs=True)", {"absolute": True}),
     "input_x_gradient": MethodSpec(InputXGradient, "input times gradient"),
     "integrated_gradients": MethodSpec(IntegratedGradients, "Integrated Gradients, zero baseline", {"steps": 50}),
     "integrated_gradients_path": MethodSpec(
@@ -62,14 +67,43 @@ ALIASES: dict[str, str] = {
     "guidedbackprop": "guided_backprop",
     "grad_cam": "gradcam",
     "grad": "gradient",
-    "saliency": "gradient",
     "ixg": "input_x_gradient",
     "gxi": "input_x_gradient",
     "inputxgradient": "input_x_gradient",
     "ig": "integrated_gradients",
     "ig_path": "integrated_gradients_path",
     "sg": "smoothgrad",
+    # Captum's class names
+    "integratedgradients": "integrated_gradients",
+    "noisetunnel": "smoothgrad",
+    "noise_tunnel": "smoothgrad",
+    "layergradcam": "gradcam",
 }
+
+#: Captum's argument names accepted as aliases: {Captum name: manifex name}. The manifex name is the
+#: documented one; the meaning is the same (Captum's IG ``method`` is ``integration`` here, because
+#: ``method`` names the explainer in ``explain``/``make_explainer``).
+OPTION_ALIASES: dict[str, str] = {
+    "n_steps": "steps",
+    "baselines": "baseline",
+    "nt_samples": "n_samples",
+    "stdevs": "sigma",
+    "nt_type": "kind",
+    "abs": "absolute",
+    "relu_attributions": "relu",
+    "interpolate_mode": "upsample_mode",
+}
+
+
+def _canonical_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Options with Captum's names replaced by manifex's; both names of one option given is an error."""
+    out = dict(options)
+    for alias, name in OPTION_ALIASES.items():
+        if alias in out:
+            if name in out:
+                raise InputError(f"give {name}= or its Captum alias {alias}=, not both.")
+            out[name] = out.pop(alias)
+    return out
 
 
 def method_names() -> list[str]:
@@ -90,12 +124,22 @@ def _canonical(name: str) -> str:
 
 
 def make_explainer(model: Callable[[torch.Tensor], torch.Tensor], method: str, **options: Any) -> Explainer:
-    """Build the explainer registered as ``method`` (name or alias), defaults overridden by ``options``."""
+    """Build the explainer registered as ``method`` (name or alias), defaults overridden by ``options``.
+
+    ``options`` take manifex's names or Captum's (``OPTION_ALIASES``), e.g. ``steps``/``n_steps``; IG's
+    integration rule is ``integration=``. ``output=`` (index, key or callable) picks the logits of a model
+    that returns a tuple or dict, for every method.
+    """
     spec = METHODS[_canonical(method)]
+    options = _canonical_options(options)
+    output = options.pop("output", None)
     try:
-        return spec.factory(model, **{**spec.defaults, **options})
+        explainer = spec.factory(model, **{**spec.defaults, **options})
     except TypeError as e:
         raise InputError(f"bad option for method {method!r}: {e}") from None
+    if output is not None:
+        explainer.output = output
+    return explainer
 
 
 def explain(
@@ -109,6 +153,7 @@ def explain(
 ) -> torch.Tensor:
     """Attribution of ``target`` for ``x`` (N, ...) by the named ``method``; same shape as ``x``.
 
-    >>> explain(model, x, target=y, method="ig", steps=32)
+    >>> explain(model, x, target=y, method="ig", steps=32, integration="riemann_trapezoid")
+    >>> explain(model, x, target=[3, 1], method="saliency", output="logits")  # a model returning a dict
     """
     return make_explainer(model, method, **options).attribute(x, target, create_graph=create_graph)

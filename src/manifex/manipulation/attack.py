@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attribution import Explainer, beta_smooth, make_explainer, preserve_model_state
-from ..attribution.core import target_gradient
+from ..attribution.core import OutputSelector, check_output_selector, selected_output, target_gradient
 from ..attribution.methods import Gradient, InputXGradient, model_device
 from ..errors import InputError, ModelError, check_finite, check_tensor
 from ..metrics import normalize_map, pearson
@@ -340,7 +340,7 @@ def _explain_with_logits(explainer: Explainer, model: nn.Module, xa: torch.Tenso
             return out
 
         grad, _ = target_gradient(forward, xa, target, create_graph=True)
-        h = grad if kind is Gradient else xa * grad
+        h = (grad.abs() if explainer.absolute else grad) if kind is Gradient else xa * grad
         return h, captured[0]
     return _explain(explainer, xa, target, True), model(xa)
 
@@ -385,6 +385,7 @@ def manipulate(
     history_every: int | None = None,
     callback: Callable[[AttackStep], bool | None] | None = None,
     progress: bool = False,
+    output: OutputSelector = None,
 ) -> ManipulationResult:
     """Manipulate the explanations of a batch ``x`` (N, C, H, W) towards ``target_map``; returns a
     :class:`ManipulationResult`.
@@ -409,6 +410,8 @@ def manipulate(
     Pearson correlation of its ReLU-model map with the target reaches it, checked every ``check_every``
     steps. ``eval_mode``: run the model in eval mode (restored afterwards). ``callback(step)`` is called
     after every step with an :class:`AttackStep`; returning True stops all examples. ``progress``: tqdm bar.
+    ``output``: for a model returning a tuple or dict, which part holds the logits (index, key or callable;
+    default the explainer's own ``output``); every model call of the attack then sees only the logits.
 
     The model's state (mode, hooks, ``requires_grad``, buffers) is restored, also on error or interrupt.
     Warns :class:`ExplanationGradientWarning` if the explanation has zero input-gradient at the start.
@@ -442,6 +445,7 @@ def manipulate(
     _check_number("history_every", history_every, low=1, inclusive=True, integer=True)
 
     explainer = _resolve_explainer(model, explainer, explainer_options)
+    output = check_output_selector(explainer.output if output is None else output)
     dev = model_device(model)
     if dev is not None:
         x = x.to(dev)
@@ -459,7 +463,7 @@ def manipulate(
         "check_every": check_every, "eval_mode": eval_mode,
     }
 
-    with preserve_model_state(model):
+    with preserve_model_state(model), selected_output(model, output):
         if eval_mode:
             model.eval()
         for p in model.parameters():  # only the input is optimised: no parameter graphs
