@@ -76,14 +76,15 @@ def cases(model, x, y, internal: int):
            lambda: IntegratedGradients(model, steps=50, internal_batch_size=internal)(x, y),
            lambda: cattr.IntegratedGradients(model).attribute(x, target=y, n_steps=50, internal_batch_size=internal), True)
     yield ("smoothgrad-25", sg_manifex, sg_captum, False)  # different noise draws: compare timings only
-    # LRP with the same rules in both libraries: γ = 0.25 on conv layers (bias kept, Captum's convention),
+    # LRP with the same rules in both libraries: textbook γ = 0.25 on conv layers (bias kept, Captum's convention),
     # ε = 1e-6 on linear layers; the relevance maps are compared too.
     from captum.attr._utils.lrp_rules import EpsilonRule, GammaRule
 
     from manifex.attribution import LRP, Composite
     from manifex.attribution.lrp import Epsilon, Gamma
 
-    composite = Composite([(torch.nn.Conv2d, Gamma(0.25, bias="keep")), (torch.nn.Linear, Epsilon(1e-6))])
+    textbook_gamma = Gamma(0.25, bias="keep", mode="textbook")
+    composite = Composite([(torch.nn.Conv2d, textbook_gamma), (torch.nn.Linear, Epsilon(1e-6))])
     lrp = LRP(model, composite, canonizers=())
     ref = _captum_compatible(copy.deepcopy(model))  # Captum's LRP sets attributes on the modules it explains
     for m in ref.modules():

@@ -234,7 +234,8 @@ def assert_same_state(before: dict, model: nn.Module) -> None:
 CAPTUM_RULES = {
     # name: (manifex rule, Captum rule factory, inputs); Captum's rules keep the bias and use ε = 1e-9
     "epsilon": (Epsilon(0.1), lambda: EpsilonRule(0.1) if captum_attr else None, randn),
-    "gamma": (Gamma(0.25, stabilizer=1e-9, bias="keep"), lambda: GammaRule(0.25), randn),
+    # Captum's GammaRule is the textbook γ rule (w + γw⁺ for every output); manifex's default is sign-aware
+    "gamma": (Gamma(0.25, stabilizer=1e-9, bias="keep", mode="textbook"), lambda: GammaRule(0.25), randn),
     # Captum's α1β0 uses w⁺ on every input; manifex splits x⁺w⁺ + x⁻w⁻: equal for non-negative inputs
     "alpha1beta0": (ZPlus(stabilizer=1e-9, bias="keep"), lambda: Alpha1_Beta0_Rule(), rand),
 }
@@ -352,6 +353,91 @@ def test_alpha_beta_is_alpha_positive_minus_beta_negative():
     minus = first_conv(AlphaBeta(0.0, 1.0))
     close(first_conv(AlphaBeta(2.0, 1.0)), 2 * plus + minus)
     assert not torch.allclose(minus, torch.zeros_like(minus))
+
+
+# --------------------------------------------------------------------------------------------------------
+# the γ rule: sign-aware (default) and textbook
+
+
+def linear_layer(weight, bias):
+    layer = nn.Linear(weight.shape[1], weight.shape[0]).to(F64)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    return layer
+
+
+def test_gamma_example_negative_logit():
+    """One layer, x = [1, 1], w = [1, −1.2], b = 0, γ = 0.2: the logit is −0.2. The textbook rule's
+    denominator 1.2 − 1.2 cancels (R ≈ ±2.4e5, only the stabiliser left); the sign-aware rule boosts w⁻."""
+    layer = linear_layer(torch.tensor([[1.0, -1.2]], dtype=F64), torch.zeros(1, dtype=F64))
+    x = torch.ones(1, 2, dtype=F64)
+    textbook = LRP(layer, Composite.uniform(Gamma(0.2, mode="textbook")), canonizers=())(x, 0)
+    close(textbook, torch.tensor([[-2.4e5, 2.4e5]], dtype=F64), rtol=1e-6, atol=0.0)
+    sign_aware = LRP(layer, Composite.uniform(Gamma(0.2)), canonizers=())(x, 0)
+    # z' = 1 − 1.2·1.2 = −0.44 (stabilised by −1e-6): R = [1, −1.44] · (−0.2) / z'
+    close(sign_aware, torch.tensor([[1.0, -1.44]], dtype=F64) * -0.2 / (-0.44 - 1e-6))
+    close(sign_aware, torch.tensor([[0.4545, -0.6545]], dtype=F64), rtol=0.0, atol=1e-4)
+    assert Gamma(0.2) == Gamma(0.2, mode="sign_aware") != Gamma(0.2, mode="textbook")
+
+
+def gamma_by_hand(x, weight, bias, r_out, gamma, stabilizer, mode):
+    """R_i = Σ_j c'_ij R_j / stab(z'_j) with the boosted contributions c'_ij written out (float64)."""
+    boost_p, boost_n = weight + gamma * weight.clamp(min=0), weight + gamma * weight.clamp(max=0)
+    xp, xn = x.clamp(min=0)[:, :, None], x.clamp(max=0)[:, :, None]  # (N, I, 1)
+    if mode == "textbook":
+        c = x[:, :, None] * boost_p.T  # (N, I, J)
+        d = c.sum(1) + bias + gamma * bias.clamp(min=0)
+    else:
+        positive = (x @ weight.T + bias >= 0)[:, None, :]
+        c = torch.where(positive, xp * boost_p.T + xn * boost_n.T, xp * boost_n.T + xn * boost_p.T)
+        d = c.sum(1) + torch.where(positive[:, 0], bias + gamma * bias.clamp(min=0), bias + gamma * bias.clamp(max=0))
+    d = d + torch.where(d >= 0, stabilizer, -stabilizer)
+    return (c * (r_out / d)[:, None, :]).sum(2)
+
+
+@pytest.mark.parametrize("mode", ["sign_aware", "textbook"])
+def test_gamma_equals_the_formula(mode):
+    """Mixed-sign inputs, weights, biases and outputs: the rule's relevance equals the written-out formula."""
+    x, weight, bias, r_out = randn(6, 7, seed=40), randn(5, 7, seed=41), randn(5, seed=42), randn(6, 5, seed=43)
+    assert ((x @ weight.T + bias) < 0).any() and ((x @ weight.T + bias) > 0).any()
+    rule = Gamma(0.3, stabilizer=1e-3, mode=mode)
+    got = rule.relevance(torch.nn.functional.linear, x, r_out, weight, bias)
+    close(got, gamma_by_hand(x, weight, bias, r_out, 0.3, 1e-3, mode))
+    # the variants agree where inputs are non-negative and outputs positive
+    x_pos = x.abs()
+    w_pos = weight.abs()
+    close(Gamma(0.3, mode="textbook").relevance(torch.nn.functional.linear, x_pos, r_out, w_pos, bias.abs()),
+          Gamma(0.3).relevance(torch.nn.functional.linear, x_pos, r_out, w_pos, bias.abs()))
+
+
+def test_gamma_on_a_residual_net_is_bounded_and_conserves():
+    """SmallResNet (BatchNorm folded, residual sums) with the ε-γ-box preset, bias-free and zero stabilisers:
+    the sign-aware default conserves (Σ R = logit) and its total |R| stays below LRP-0's; the textbook rule
+    also conserves but its denominators nearly cancel on negative pre-activations (15× the logits here)."""
+    seeded(2)
+    model = randomize_batchnorm(SmallResNet((1, 8, 8), 5, widths=(4, 6)).to(F64).eval(), centred=True, seed=2)
+    with torch.no_grad():
+        model.head[-1].bias.zero_()
+    x, target = rand(16, 1, 8, 8, seed=2), torch.arange(16) % 5
+    z = logit(model, x, target)
+    canonizers = [BatchNormFolding(), ResidualSum(stabilizer=0.0)]
+
+    def relevance(**options):
+        composite = EpsilonGammaBox(0.0, 1.0, epsilon=0.0, stabilizer=0.0, **options)
+        composite.rules.insert(0, (AVGPOOL_TYPES, Norm(0.0)))  # no ε on the global average pool either
+        return LRP(model, composite, canonizers=canonizers)(x, target)
+
+    def amplification(r):
+        return float(r.abs().sum() / z.abs().sum())
+
+    assert EpsilonGammaBox().rules[0][1] == Gamma(0.25)  # the preset's rule is the sign-aware default
+    sign_aware, textbook, lrp0 = relevance(), relevance(gamma_mode="textbook"), relevance(gamma=0.0)
+    close(total(sign_aware), z)
+    close(total(textbook), z)
+    assert amplification(sign_aware) <= amplification(lrp0) < 1.5
+    assert amplification(textbook) > 10.0
+    assert (sign_aware.flatten(1).abs().sum(1) / z.abs()).max() < 5.0 < (textbook.flatten(1).abs().sum(1) / z.abs()).max()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -737,6 +823,10 @@ def test_convenience_classes_equal_their_composites():
     assert repr(LRPEpsilonGammaBox(model, low=-1.0)) != repr(LRPEpsilonGammaBox(model, low=-2.0))
     assert repr(LRP(model, canonizers=())) != repr(LRP(model))
     assert repr(GammaByBlock((0.5, 0.1))) != repr(GammaByBlock((0.5, 0.2)))
+    assert repr(LRPGamma(model)) != repr(LRPGamma(model, gamma_mode="textbook"))
+    assert repr(LRPEpsilonGammaBox(model)) != repr(LRPEpsilonGammaBox(model, gamma_mode="textbook"))
+    assert repr(vgg16_gamma_preset()) != repr(vgg16_gamma_preset(gamma_mode="textbook"))
+    close(LRPGamma(model, gamma_mode="textbook")(x, Y), LRP(model, Composite.uniform(Gamma(mode="textbook")))(x, Y))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -774,7 +864,8 @@ def test_composite_selectors_first_match_wins():
         with pytest.raises(InputError):
             Composite(bad)
     for bad_rule in (lambda: Epsilon(-1.0), lambda: Gamma(-0.1), lambda: AlphaBeta(2.0, -1.0), lambda: ZBox(1.0, 0.0),
-                     lambda: Gamma(bias="drop")):
+                     lambda: Gamma(bias="drop"), lambda: Gamma(mode="generalised"),
+                     lambda: GammaByBlock(gamma_mode="zennit"), lambda: EpsilonGammaBox(gamma_mode="")):
         with pytest.raises(InputError):
             bad_rule()
     with pytest.raises(InputError, match="Composite"):

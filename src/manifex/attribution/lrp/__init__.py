@@ -61,12 +61,13 @@ from .engine import LRPSession
 from .explainer import LRP, LRPEpsilon, LRPEpsilonGammaBox, LRPEpsilonPlus, LRPGamma, LRPZPlus
 from .layers import ACTIVATION_TYPES, AVGPOOL_TYPES, CONV_TYPES, LINEAR_TYPES, LayerForward
 from .rules import (
-    AlphaBeta, BiasMode, Epsilon, Flat, Gamma, Group, LinearRule, Norm, Pass, Rule, Term, WSquare, ZBox, ZPlus, stabilize,
+    AlphaBeta, BiasMode, Epsilon, Flat, Gamma, GammaMode, Group, LinearRule, Norm, Pass, Rule, Term, WSquare, ZBox,
+    ZPlus, stabilize,
 )
 
 __all__ = [
     "Rule", "Pass", "LinearRule", "Term", "Epsilon", "Norm", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "Flat",
-    "WSquare", "stabilize", "BiasMode", "Group", "LayerForward",
+    "WSquare", "stabilize", "BiasMode", "GammaMode", "Group", "LayerForward",
     "Composite", "Selector", "EpsilonGammaBox", "EpsilonPlus", "EpsilonAlpha2Beta1", "GammaByBlock", "vgg16_gamma_preset",
     "Canonizer", "BatchNormFolding", "ResidualSum", "LRPSession",
     "LRP", "LRPEpsilon", "LRPGamma", "LRPZPlus", "LRPEpsilonGammaBox", "LRPEpsilonPlus",

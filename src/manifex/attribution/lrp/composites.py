@@ -9,7 +9,7 @@ from torch import nn
 
 from ...errors import InputError
 from .layers import ACTIVATION_TYPES, AVGPOOL_TYPES, CONV_TYPES, LINEAR_TYPES
-from .rules import AlphaBeta, Epsilon, Gamma, Norm, Pass, Rule, ZBox, ZPlus, _check_nonnegative
+from .rules import AlphaBeta, Epsilon, Gamma, GammaMode, Norm, Pass, Rule, ZBox, ZPlus, _check_nonnegative
 
 __all__ = ["Selector", "Composite", "EpsilonGammaBox", "EpsilonPlus", "EpsilonAlpha2Beta1", "GammaByBlock",
            "vgg16_gamma_preset"]
@@ -135,12 +135,15 @@ def _selector_repr(selector: Any) -> str:
 
 
 class EpsilonGammaBox(Composite):
-    """z^B on the first layer (inputs in ``[low, high]``), γ on convolutions, ε on dense layers."""
+    """z^B on the first layer (inputs in ``[low, high]``), γ on convolutions, ε on dense layers.
+
+    ``gamma_mode``: the :class:`Gamma` variant, "sign_aware" (default) or "textbook".
+    """
 
     def __init__(self, low: float | torch.Tensor = 0.0, high: float | torch.Tensor = 1.0, *, epsilon: float = 1e-6,
-                 gamma: float = 0.25, stabilizer: float = 1e-6) -> None:
+                 gamma: float = 0.25, stabilizer: float = 1e-6, gamma_mode: GammaMode = "sign_aware") -> None:
         super().__init__(
-            [(CONV_TYPES, Gamma(gamma, stabilizer=stabilizer)), (nn.Linear, Epsilon(epsilon))],
+            [(CONV_TYPES, Gamma(gamma, stabilizer=stabilizer, mode=gamma_mode)), (nn.Linear, Epsilon(epsilon))],
             first_layer=ZBox(low, high, stabilizer=stabilizer),
         )
 
@@ -167,18 +170,21 @@ class GammaByBlock(Composite):
     Sequential is the execution order: block 1 runs up to the first pool, block 2 up to the second, ...
     If the model has a ``features`` submodule (the VGG layout) only pools and convolutions inside it count
     and every Linear/Conv layer outside it belongs to the classifier; otherwise the whole model is walked.
-    ``rules`` (e.g. a z^B ``first_layer``) take precedence.
+    ``rules`` (e.g. a z^B ``first_layer``) take precedence. ``gamma_mode``: the :class:`Gamma` variant,
+    "sign_aware" (default) or "textbook".
     """
 
     def __init__(self, gammas: Sequence[float] = (0.5, 0.5, 0.25, 0.1, 0.0), classifier_gamma: float = 0.0, *,
                  stabilizer: float = 1e-6, pool_types: tuple[type[nn.Module], ...] = (nn.MaxPool2d,),
-                 rules: Sequence[tuple[Selector, Rule]] = (), first_layer: Rule | None = None) -> None:
+                 rules: Sequence[tuple[Selector, Rule]] = (), first_layer: Rule | None = None,
+                 gamma_mode: GammaMode = "sign_aware") -> None:
         super().__init__(rules, first_layer=first_layer)
         self.gammas = tuple(float(g) for g in gammas)
         self.classifier_gamma = float(classifier_gamma)
         _check_nonnegative(classifier_gamma=self.classifier_gamma, **{f"gammas[{i}]": g for i, g in enumerate(self.gammas)})
         self.stabilizer = stabilizer
         self.pool_types = pool_types
+        self.gamma_mode = Gamma(0.0, stabilizer=stabilizer, mode=gamma_mode).mode  # validated now
 
     def blocks(self, model: nn.Module) -> dict[str, int]:
         """``{layer name: block}`` for every Linear/Conv layer; block 0 is the classifier."""
@@ -198,7 +204,7 @@ class GammaByBlock(Composite):
         special = {}
         for name, block in self.blocks(model).items():
             gamma = self.gammas[block - 1] if block else self.classifier_gamma
-            special[name] = Gamma(gamma, stabilizer=self.stabilizer)
+            special[name] = Gamma(gamma, stabilizer=self.stabilizer, mode=self.gamma_mode)
         # explicit rules and the first-layer rule win over the block schedule
         explicit = super()._special(model)
         for name, module in model.named_modules():
@@ -212,10 +218,13 @@ class GammaByBlock(Composite):
     def __repr__(self) -> str:
         pools = ", ".join(t.__name__ for t in self.pool_types)
         return (f"GammaByBlock(gammas={self.gammas}, classifier_gamma={self.classifier_gamma}, "
-                f"stabilizer={self.stabilizer}, pool_types=({pools},), {self._options_repr()})")
+                f"stabilizer={self.stabilizer}, pool_types=({pools},), gamma_mode={self.gamma_mode!r}, "
+                f"{self._options_repr()})")
 
 
-def vgg16_gamma_preset(*, stabilizer: float = 1e-6, first_layer: Rule | None = None) -> GammaByBlock:
+def vgg16_gamma_preset(*, stabilizer: float = 1e-6, first_layer: Rule | None = None,
+                       gamma_mode: GammaMode = "sign_aware") -> GammaByBlock:
     """γ = 0.5 in VGG blocks 1–2, 0.25 in block 3, 0.1 in block 4, 0 in block 5 and the classifier."""
-    return GammaByBlock((0.5, 0.5, 0.25, 0.1, 0.0), 0.0, stabilizer=stabilizer, first_layer=first_layer)
+    return GammaByBlock((0.5, 0.5, 0.25, 0.1, 0.0), 0.0, stabilizer=stabilizer, first_layer=first_layer,
+                        gamma_mode=gamma_mode)
 

@@ -14,7 +14,7 @@ from .canonizers import BatchNormFolding, Canonizer, ResidualSum
 from .composites import Composite, EpsilonGammaBox, EpsilonPlus, _under
 from .engine import LRPSession, _BoundRule
 from .layers import _has_own_parameters
-from .rules import Epsilon, Gamma, Rule, ZPlus
+from .rules import Epsilon, Gamma, GammaMode, Rule, ZPlus
 
 __all__ = ["LRP", "LRPEpsilon", "LRPGamma", "LRPZPlus", "LRPEpsilonGammaBox", "LRPEpsilonPlus"]
 
@@ -131,13 +131,14 @@ class LRPEpsilon(LRP):
 
 
 class LRPGamma(LRP):
-    """LRP-γ on every Linear/Conv layer."""
+    """LRP-γ on every Linear/Conv layer; ``gamma_mode`` "sign_aware" (default) or "textbook" (:class:`Gamma`)."""
 
     name = "lrp_gamma"
 
     def __init__(self, model: nn.Module, *, gamma: float = 0.25, stabilizer: float = 1e-6,
-                 canonizers: Sequence[Canonizer] | None = None) -> None:
-        super().__init__(model, Composite.uniform(Gamma(gamma, stabilizer=stabilizer)), canonizers=canonizers)
+                 gamma_mode: GammaMode = "sign_aware", canonizers: Sequence[Canonizer] | None = None) -> None:
+        rule = Gamma(gamma, stabilizer=stabilizer, mode=gamma_mode)
+        super().__init__(model, Composite.uniform(rule), canonizers=canonizers)
 
 
 class LRPZPlus(LRP):
@@ -150,13 +151,15 @@ class LRPZPlus(LRP):
 
 
 class LRPEpsilonGammaBox(LRP):
-    """z^B first layer (inputs in [low, high]), γ on convolutions, ε on dense layers."""
+    """z^B first layer (inputs in [low, high]), γ on convolutions, ε on dense layers (:class:`EpsilonGammaBox`)."""
 
     name = "lrp_epsilon_gamma_box"
 
     def __init__(self, model: nn.Module, *, low: float | torch.Tensor = 0.0, high: float | torch.Tensor = 1.0,
-                 epsilon: float = 1e-6, gamma: float = 0.25, canonizers: Sequence[Canonizer] | None = None) -> None:
-        super().__init__(model, EpsilonGammaBox(low, high, epsilon=epsilon, gamma=gamma), canonizers=canonizers)
+                 epsilon: float = 1e-6, gamma: float = 0.25, gamma_mode: GammaMode = "sign_aware",
+                 canonizers: Sequence[Canonizer] | None = None) -> None:
+        composite = EpsilonGammaBox(low, high, epsilon=epsilon, gamma=gamma, gamma_mode=gamma_mode)
+        super().__init__(model, composite, canonizers=canonizers)
 
 
 class LRPEpsilonPlus(LRP):

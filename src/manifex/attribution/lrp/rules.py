@@ -12,6 +12,7 @@ __all__ = ["Rule", "Pass", "LinearRule", "Term", "Epsilon", "Norm", "Gamma", "Al
            "WSquare", "stabilize"]
 
 BiasMode = Literal["rule", "keep", "zero"]
+GammaMode = Literal["sign_aware", "textbook"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -68,8 +69,20 @@ class Term(NamedTuple):
     sign: float = 1.0
 
 
-#: A group of terms sharing one denominator, and the coefficient its relevance is multiplied by.
-Group = tuple[float, tuple[Term, ...]]
+OutputSign = Literal["all", "positive", "negative"]
+
+
+class Group(NamedTuple):
+    """Terms sharing one denominator, the coefficient their relevance is multiplied by, and the outputs the
+    group explains: "all", or only those whose reference pre-activation ``z = layer(x; w, b)`` is
+    "positive" (``z >= 0``, sign(0) = +1 as in :func:`stabilize`) or "negative" (``z < 0``).
+
+    A plain ``(coefficient, terms)`` pair is accepted too and means ``outputs="all"``.
+    """
+
+    coefficient: float
+    terms: tuple[Term, ...]
+    outputs: OutputSign = "all"
 
 
 class Rule:
@@ -84,8 +97,9 @@ class Pass(Rule):
 class LinearRule(Rule):
     """A rule for a linear-type layer, declared by :meth:`groups`.
 
-    For each group ``(c, terms)``: ``Z = Σ_t sign_t z_t``, ``s = R_out / stab(Z)`` and the group adds
-    ``c · Σ_t sign_t in_t ⊙ J_t^T s`` to ``R_in`` (``J_t``: Jacobian of ``z_t`` wrt its input ``in_t``).
+    For each group ``(c, terms, outputs)``: ``Z = Σ_t sign_t z_t``, ``s = R_out / stab(Z)`` on the selected
+    outputs (0 elsewhere) and the group adds ``c · Σ_t sign_t in_t ⊙ J_t^T s`` to ``R_in`` (``J_t``: Jacobian
+    of ``z_t`` wrt its input ``in_t``).
     ``bias``: "rule" treats the bias as the rule declares (as a weight on a constant input, the textbook
     view), "keep" uses the original bias in the first term of each group (as Captum's rules do), "zero"
     drops it.
@@ -114,10 +128,19 @@ class LinearRule(Rule):
         """
         create_graph = torch.is_grad_enabled()
         total: torch.Tensor | None = None
+        groups = [Group(*g) for g in self.groups()]
+        signs = None
+        if any(g.outputs != "all" for g in groups):
+            with torch.no_grad():  # the reference pre-activation, with the bias as this rule uses it
+                signs = forward(x.detach(), weight, None if self.bias == "zero" else bias) >= 0
+        # a term on x⁻ (no bias) is exactly zero when x has no negative entry (after a ReLU): skip it
+        nonnegative = bool((x >= 0).all()) if any(t.input is _negative for g in groups for t in g.terms) else False
         with torch.enable_grad():
-            for coefficient, terms in self.groups():
+            for coefficient, terms, selected in groups:
                 if coefficient == 0:
                     continue
+                if nonnegative:
+                    terms = tuple(t for t in terms if t.input is not _negative or t.bias is not None) or terms[:1]
                 handles, outputs, z_sum = [], [], None
                 for i, term in enumerate(terms):
                     h = term.input(x if create_graph else x.detach())
@@ -136,6 +159,10 @@ class LinearRule(Rule):
                         "give this layer another rule."
                     )
                 ratio = _safe_divide(r_out, stabilize(z_sum, self.stabilizer))
+                if selected != "all":
+                    assert signs is not None
+                    keep = signs if selected == "positive" else ~signs
+                    ratio = torch.where(keep, ratio, torch.zeros_like(ratio))
                 if not create_graph:
                     ratio = ratio.detach()
                 grads = torch.autograd.grad(
@@ -195,26 +222,54 @@ class Norm(Epsilon):
 
 @dataclass(frozen=True)
 class Gamma(LinearRule):
-    """LRP-γ: the layer with ``w + γ·w⁺`` (and ``b + γ·b⁺``) favours positive contributions.
+    """LRP-γ: contributions that agree in sign with the output are boosted by ``(1 + γ)``.
 
-    Meant for non-negative inputs (after a ReLU); ``Gamma(0)`` is LRP-0 with a stabiliser.
+    For a layer ``z_j = Σ_i x_i w_ij + b_j`` (``p⁺ = max(p, 0)``, ``p⁻ = min(p, 0)``):
+
+    * ``mode="sign_aware"`` (default; the "generalised" γ rule, as in Zennit): an output with ``z_j >= 0``
+      uses ``z'_j = Σ_i [x_i⁺ (w_ij + γ w_ij⁺) + x_i⁻ (w_ij + γ w_ij⁻)] + b_j + γ b_j⁺``, an output with
+      ``z_j < 0`` uses ``z'_j = Σ_i [x_i⁺ (w_ij + γ w_ij⁻) + x_i⁻ (w_ij + γ w_ij⁺)] + b_j + γ b_j⁻``, and
+      ``R_i = Σ_j (the same boosted contribution of i to j) · R_j / z'_j``. Only contributions of the sign
+      of ``z_j`` grow, so ``|z'_j| >= |z_j|``: the denominator never crosses zero, for negative outputs
+      (negative logits, inside residual blocks) and negative inputs alike.
+    * ``mode="textbook"`` (Montavon et al. 2019; what Captum's ``GammaRule`` does): every output uses
+      ``z'_j = Σ_i x_i (w_ij + γ w_ij⁺) + b_j + γ b_j⁺`` and ``R_i = Σ_j x_i (w_ij + γ w_ij⁺) R_j / z'_j``.
+      Equal to "sign_aware" where inputs are non-negative and outputs positive; elsewhere the boosted
+      denominator can nearly cancel and the relevance explode (x = [1, 1], w = [1, −1.2], b = 0, γ = 0.2:
+      z = −0.2 gives R = [−2.4e5, 2.4e5] with textbook, [0.4545, −0.6545] with sign_aware).
+
+    ``Gamma(0)`` is LRP-0 with a stabiliser (both modes). ``bias`` as in :class:`LinearRule` (with "keep"
+    the original bias stays in the denominators).
     """
 
     gamma: float = 0.25
     stabilizer: float = 1e-6
     bias: BiasMode = "rule"
+    mode: GammaMode = "sign_aware"
 
     def __post_init__(self) -> None:
         _check_nonnegative(gamma=self.gamma, stabilizer=self.stabilizer)
         _check_bias_mode(self.bias)
+        if self.mode not in ("sign_aware", "textbook"):
+            raise InputError(f"Gamma mode must be 'sign_aware' (the default) or 'textbook', got {self.mode!r}.")
 
     def groups(self) -> tuple[Group, ...]:
         gamma = self.gamma
 
-        def boost(p: torch.Tensor) -> torch.Tensor:
+        def boost_positive(p: torch.Tensor) -> torch.Tensor:
             return p + gamma * p.clamp(min=0)
 
-        return ((1.0, (Term(_identity, boost, boost),)),)
+        def boost_negative(p: torch.Tensor) -> torch.Tensor:
+            return p + gamma * p.clamp(max=0)
+
+        if self.mode == "textbook":
+            return (Group(1.0, (Term(_identity, boost_positive, boost_positive),)),)
+        return (
+            Group(1.0, (Term(_positive, boost_positive, boost_positive), Term(_negative, boost_negative, None)),
+                  "positive"),
+            Group(1.0, (Term(_positive, boost_negative, boost_negative), Term(_negative, boost_positive, None)),
+                  "negative"),
+        )
 
 
 @dataclass(frozen=True)
