@@ -13,14 +13,25 @@ from ..errors import ManifexError
 
 
 class _Group(click.Group):
-    """Turn manifex's own errors into a one-line message and exit status 2 instead of a traceback."""
+    """Turn user and environment errors into a one-line message and exit status 2 instead of a traceback:
+    manifex's own errors, bad option values (click's usage errors) and file-system errors."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except ManifexError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
-            sys.exit(2)
+            _fail(str(e))
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "manifex"
+            _fail(f"{e.format_message()} (see '{where} --help')")
+        except OSError as e:  # a path that cannot be read or written, a full disk, ...
+            what = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            _fail(f"{what}{e.strerror or e} ({type(e).__name__}); check the path and its permissions.")
+
+
+def _fail(message: str) -> None:
+    click.secho(f"error: {' '.join(message.split())}", fg="red", err=True)
+    sys.exit(2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,6 +1,11 @@
 """Option parsers and helpers shared by the commands of every system."""
 from __future__ import annotations
 
+import math
+import os
+import tempfile
+from pathlib import Path
+
 import click
 
 
@@ -9,14 +14,30 @@ def _csv(ctx, param, value: str | None):
 
 
 def _fraction(ctx, param, value: str | None):
-    """'8/255' or '0.03' → float; 'none' → None."""
+    """'8/255' or '0.03' → a finite float > 0; 'none' → None."""
     if value is None or value.lower() == "none":
         return None
     try:
         num, _, den = value.partition("/")
-        return float(num) / (float(den) if den else 1.0)
+        num, den = float(num), (float(den) if den else 1.0)
     except ValueError:
         raise click.BadParameter(f"expected a number such as 0.03 or 8/255, got {value!r}") from None
+    if den == 0 or not math.isfinite(num / den) or num / den <= 0:
+        raise click.BadParameter(f"must be a finite number > 0 in pixel units of [0, 1] (e.g. 8/255) or 'none', got {value!r}")
+    return num / den
+
+
+def _positive_floats(ctx, param, value: str | None):
+    """'0.5,1,2' → (0.5, 1.0, 2.0): comma-separated finite numbers > 0."""
+    if value is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers > 0 such as 0.5,1,2, got {value!r}") from None
+    if not vals or any(not math.isfinite(v) or v <= 0 for v in vals):
+        raise click.BadParameter(f"every value must be a finite number > 0, got {value!r}")
+    return vals
 
 
 def _beta_pair(ctx, param, value: str):
@@ -42,14 +63,154 @@ def _betas(ctx, param, value: str):
 
 
 def _trained_classifier(dataset, classifier, epochs, seed, device, cache_dir, trust_pickle, quiet):
-    """(model, train, test, info) shared by the manipulation commands: the classifier is cached."""
+    """(model, data, test, info) for a built-in classifier trained (or reused from the cache) on ``dataset``."""
+    data, _ = load_data(dataset, trust_pickle=trust_pickle)
+    train, test = data.split(0.2, seed=seed)
+    model, info = load_classifier(train, test, classifier=classifier, epochs=epochs, seed=seed, device=device,
+                                  cache_dir=cache_dir, progress=not quiet)
+    return model, data, test, info
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Checks done before any compute: device, writable folders, data, the classifier on one batch.
+# Each raises a manifex error (one line, exit status 2 from the CLI group) naming the option and the fix.
+# ------------------------------------------------------------------------------------------------------------------
+def resolve_device(device: str) -> str:
+    """Validate a ``--device`` value ('cpu', 'cuda', 'cuda:1', 'mps', ...) against this machine; return it."""
+    import torch
+
+    from ..errors import InputError
+
+    text = str(device).strip()
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {text!r} is not a torch device; use cpu, cuda, cuda:N or mps.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise InputError(f"--device {text}: CUDA is not available ({why}, torch {torch.__version__}); use --device cpu.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) (cuda:0..cuda:"
+                             f"{torch.cuda.device_count() - 1}); pick one of them.")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise InputError(f"--device {text}: Apple MPS is not available on this machine; use --device cpu.")
+    elif dev.type != "cpu":
+        raise InputError(f"--device {text}: manifex runs on cpu, cuda[:N] or mps, not {dev.type}.")
+    return text
+
+
+def check_writable_dir(path: str | os.PathLike | None, option: str) -> Path:
+    """Create ``path`` if needed and check that a file can be written in it (before any training)."""
+    from ..errors import InputError
+    from ..models import default_cache_dir
+
+    p = Path(path).expanduser() if path is not None else default_cache_dir()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".manifex-write-check-"):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise InputError(f"{option} {p}: cannot write there ({reason}); pass a writable folder with {option} PATH.") from None
+    return p
+
+
+def preflight(*, device: str, out_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
+              cache: bool = True) -> str:
+    """The environment checks every command runs first: the device, --out and --cache-dir writable."""
+    device = resolve_device(device)
+    if out_dir is not None:
+        check_writable_dir(out_dir, "--out")
+    if cache:
+        check_writable_dir(cache_dir, "--cache-dir")
+    return device
+
+
+def load_data(dataset: str, *, trust_pickle: bool = False, num_classes: int | None = None, option: str = "--dataset"):
+    """Load and check a classification dataset; return (dataset, checks) where checks lists what was verified."""
     from ..data import load_dataset
-    from ..models import ModelCache, TrainConfig, get_classifier
+    from ..data.loaders import check_classification_data
 
     data = load_dataset(dataset, trust_pickle=trust_pickle)
-    train, test = data.split(0.2, seed=seed)
-    model, info = get_classifier(train, classifier, TrainConfig(epochs=epochs, seed=seed), cache=ModelCache(cache_dir),
-                                 device=device, progress=not quiet)
-    return model, data, test, info
+    checks = check_classification_data(data, num_classes=num_classes, where=f"{option} {dataset}")
+    return data, checks
+
+
+def _normalize(ctx, param, value: str | None):
+    if value is None:
+        return None
+    from ..errors import InputError
+    from ..models.user import parse_normalize
+
+    try:
+        return parse_normalize(value)
+    except InputError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def classifier_options(f):
+    """Click options for the classifier under test: built-in (--classifier) or the user's own (--model ...)."""
+    options = [
+        click.option("--model", "model_spec", default=None, metavar="MODULE:FACTORY|FILE",
+                     help="Your own classifier instead of a built-in one: MODULE:FACTORY (an importable module or "
+                          "path/to/file.py, and a function or class in it that returns the nn.Module; add --weights), "
+                          "or a torch.export program (.pt2) / TorchScript file. It must map images (N, C, H, W) in "
+                          "[0, 1] to logits (N, classes); it is checked on one batch before any work."),
+        click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="State dict for --model MODULE:FACTORY (torch.save(model.state_dict(), FILE); loaded with "
+                          "weights_only=True)."),
+        click.option("--normalize", callback=_normalize, default=None, metavar="MEAN,STD",
+                     help="Per-channel normalisation your --model expects, e.g. 0.1307,0.3081 or "
+                          "0.485,0.456,0.406,0.229,0.224,0.225 (means, then stds). Applied inside a wrapper, so "
+                          "budgets, clipping and figures stay in pixel units of [0, 1]."),
+        click.option("--num-classes", type=click.IntRange(2), default=None,
+                     help="Number of classes when the labels leave some unused (e.g. labels {0..9, 57} with a "
+                          "58-output model); by default such labels are refused."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def load_classifier(train, test, *, model_spec: str | None = None, weights: str | os.PathLike | None = None,
+                    normalize: tuple | None = None, classifier: str = "lenet", epochs: int = 3, seed: int = 0,
+                    device: str = "cpu", cache_dir: str | os.PathLike | None = None, progress: bool = True):
+    """The classifier under test, checked once on one test batch; returns (model, info).
+
+    With ``model_spec`` the user's model is loaded (:func:`manifex.models.user.load_model`), wrapped in
+    :class:`~manifex.models.user.Normalize` when ``normalize`` = (mean, std) is given, and checked BEFORE any
+    work. Otherwise the built-in ``classifier`` is trained on ``train`` (or reused from the cache) and checked
+    after training. ``info["checks"]`` lists what was verified, for the report's checks box.
+    """
+    from ..errors import InputError
+    from ..models import ModelCache, TrainConfig, get_classifier
+    from ..models.user import Normalize, check_classifier, load_model
+
+    batch = test.x[: min(8, len(test))]
+    c = test.image_shape[0]
+    if model_spec is None:
+        if weights is not None or normalize is not None:
+            raise InputError(f"{'--weights' if weights is not None else '--normalize'} needs --model (your own "
+                             "classifier); the built-in --classifier is trained by manifex on [0, 1] pixels.")
+        model, info = get_classifier(train, classifier, TrainConfig(epochs=epochs, seed=seed), cache=ModelCache(cache_dir),
+                                     device=device, progress=progress)
+        info = {**info, "source": "built-in", "classifier": classifier}
+        name = f"the built-in {classifier}"
+    else:
+        if normalize is not None and len(normalize[0]) not in (1, c):
+            raise InputError(f"--normalize has {len(normalize[0])} channel values but the images have {c} channel(s).")
+        model = load_model(model_spec, weights)
+        if normalize is not None:
+            model = Normalize(model, *normalize)
+        model = model.to(device).eval()
+        info = {"source": "user", "classifier": model_spec, "weights": str(weights) if weights else None,
+                "normalize": {"mean": list(normalize[0]), "std": list(normalize[1])} if normalize else None}
+        name = f"--model {model_spec}"
+    logits = check_classifier(model, batch, test.num_classes, name=name)
+    info["checks"] = [f"model ({name}): logits of shape {tuple(logits.shape)} on a test batch, finite; "
+                      f"{logits.shape[1]} outputs = the data's {test.num_classes} classes"]
+    return model, info
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from . import main
-from .common import _beta_pair, _betas, _fraction, _trained_classifier
+from .common import _beta_pair, _betas, _fraction, classifier_options, load_classifier, load_data, preflight
 
 
 #: Methods whose explanation of a ReLU network has a zero input-derivative: they need β-growth to be attacked.
@@ -18,7 +18,9 @@ _NEEDS_BETA = {"gradient", "guided_backprop", "smoothgrad", "smoothgrad_sq", "va
 @click.option("--dataset", default="mnist5k", show_default=True,
               help="Data the classifier is trained on and pairs are drawn from (same forms as `align --dataset`, "
                    "without 'known:').")
-@click.option("--classifier", type=click.Choice(["lenet", "mlp", "vgg", "resnet"]), default="lenet", show_default=True)
+@click.option("--classifier", type=click.Choice(["lenet", "mlp", "vgg", "resnet"]), default="lenet", show_default=True,
+              help="Built-in classifier, trained by manifex on --dataset (cached); see --model for your own.")
+@classifier_options
 @click.option("--epochs", type=click.IntRange(1), default=3, show_default=True, help="Classifier epochs (cached).")
 @click.option("--method", default="gradient", show_default=True, help="Explanation method to manipulate (`manifex methods`).")
 @click.option("--pairs", "n_pairs", type=click.IntRange(1), default=16, show_default=True,
@@ -50,8 +52,9 @@ _NEEDS_BETA = {"gradient", "guided_backprop", "smoothgrad", "smoothgrad_sq", "va
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--trust-pickle", is_flag=True, help="Allow pickled dataset files (only for files you trust).")
 @click.option("--quiet", is_flag=True)
-def attack(dataset, classifier, epochs, method, n_pairs, pairs_csv, data_dir, iterations, lr, gamma, map_loss, budget, norm,
-           beta_growth, stop_pcc, batch_size, out_dir, resume, device, seed, cache_dir, trust_pickle, quiet) -> None:
+def attack(dataset, classifier, model_spec, weights, normalize, num_classes, epochs, method, n_pairs, pairs_csv, data_dir,
+           iterations, lr, gamma, map_loss, budget, norm, beta_growth, stop_pcc, batch_size, out_dir, resume, device, seed,
+           cache_dir, trust_pickle, quiet) -> None:
     """Manipulate explanations: make them match another image's while the prediction stays.
 
     \b
@@ -66,25 +69,39 @@ def attack(dataset, classifier, epochs, method, n_pairs, pairs_csv, data_dir, it
       manifex attack --out runs/attack                      # research loss, no budget
       manifex attack --budget 8/255 --loss pcc --lr 3e-3    # barely visible
       manifex attack --method lrp_epsilon_gamma_box --pairs-csv pairs.csv
+      manifex attack --model my_nets.py:SmallNet --weights small.pt --normalize 0.1307,0.3081
     """
     from ..attribution import canonical_method
     from ..manipulation import pairs_from_csv, pairs_from_dataset, research_gamma, run_campaign
     from ..manipulation.report import write_attack_report
     from ..models import accuracy
 
+    # Everything that can be wrong is checked before the classifier is trained or the campaign starts.
     method = canonical_method(method)
-    model, data, test, info = _trained_classifier(dataset, classifier, epochs, seed, device, cache_dir, trust_pickle, quiet)
-    pairs = pairs_from_csv(pairs_csv, data_dir, image_shape=data.image_shape) if pairs_csv else pairs_from_dataset(test, n_pairs, seed=seed)
+    device = preflight(device=device, out_dir=out_dir, cache_dir=cache_dir, cache=model_spec is None)
+    data, checks = load_data(dataset, trust_pickle=trust_pickle, num_classes=num_classes)
+    train, test = data.split(0.2, seed=seed)
+    if pairs_csv:
+        pairs = pairs_from_csv(pairs_csv, data_dir, image_shape=data.image_shape)
+    else:
+        _check_pairs(n_pairs, test)
+        pairs = pairs_from_dataset(test, n_pairs, seed=seed)
+    model, info = load_classifier(train, test, model_spec=model_spec, weights=weights, normalize=normalize,
+                                  classifier=classifier, epochs=epochs, seed=seed, device=device, cache_dir=cache_dir,
+                                  progress=not quiet)
+    acc = accuracy(model, test)
+    checks += info["checks"]
+    warnings = _accuracy_check(acc, test.num_classes, checks)
     if beta_growth == "auto":
         beta_growth = (10.0, 100.0) if method in _NEEDS_BETA else None
     h, w = data.image_shape[1:]
     options = dict(iterations=iterations, lr=lr, gamma=gamma if gamma is not None else research_gamma(h * w, data.num_classes),
                    map_loss=map_loss, epsilon=budget, norm=norm, beta_growth=beta_growth, stop_pcc=stop_pcc)
     summary = run_campaign(model, method, pairs, out_dir, batch_size=batch_size, resume=resume, progress=not quiet, **options)
-    model_info = {"classifier": classifier, "dataset": dataset, "test accuracy": round(accuracy(model, test), 4),
-                  "epochs": epochs, "cached": info.get("cached")}
-    report = write_attack_report(summary, out_dir, method=method, model_info=model_info,
-                                 command="manifex " + " ".join(sys.argv[1:]))
+    report = write_attack_report(summary, out_dir, method=method, model_info=_model_info(info, dataset, acc, epochs),
+                                 command="manifex " + " ".join(sys.argv[1:]), checks=checks, warnings=warnings)
+    for w in warnings:
+        click.secho(f"  warning: {w}", fg="yellow", err=True)
     m = summary.means
     click.echo(f"  {summary.n_pairs} pairs: PCC to target {m.get('pcc_orig_target', float('nan')):.2f} → "
                f"{m.get('pcc_manip_target', float('nan')):.2f}, top-1 kept {summary.top1_kept_rate:.0%}, "
@@ -94,7 +111,9 @@ def attack(dataset, classifier, epochs, method, n_pairs, pairs_csv, data_dir, it
 
 @main.command()
 @click.option("--dataset", default="mnist5k", show_default=True, help="Data the classifier is trained on and pairs come from.")
-@click.option("--classifier", type=click.Choice(["lenet", "mlp", "vgg", "resnet"]), default="lenet", show_default=True)
+@click.option("--classifier", type=click.Choice(["lenet", "mlp", "vgg", "resnet"]), default="lenet", show_default=True,
+              help="Built-in classifier, trained by manifex on --dataset (cached); see --model for your own.")
+@classifier_options
 @click.option("--epochs", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--method", default="gradient", show_default=True)
 @click.option("--betas", callback=_betas, default="30,10,5,3", show_default=True,
@@ -116,8 +135,8 @@ def attack(dataset, classifier, epochs, method, n_pairs, pairs_csv, data_dir, it
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--trust-pickle", is_flag=True)
 @click.option("--quiet", is_flag=True)
-def smooth(dataset, classifier, epochs, method, betas, n_pairs, iterations, lr, budget, map_loss, batch_size, out_dir, device, seed,
-           cache_dir, trust_pickle, quiet) -> None:
+def smooth(dataset, classifier, model_spec, weights, normalize, num_classes, epochs, method, betas, n_pairs, iterations, lr,
+           budget, map_loss, batch_size, out_dir, device, seed, cache_dir, trust_pickle, quiet) -> None:
     """β-smoothing defence: explanations, accuracy, curvature and manipulability across β.
 
     \b
@@ -140,8 +159,15 @@ def smooth(dataset, classifier, epochs, method, betas, n_pairs, iterations, lr, 
     from ..viz import image_grid
 
     method = canonical_method(method)
-    model, data, test, info = _trained_classifier(dataset, classifier, epochs, seed, device, cache_dir, trust_pickle, quiet)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    device = preflight(device=device, out_dir=out_dir, cache_dir=cache_dir, cache=model_spec is None)
+    data, checks = load_data(dataset, trust_pickle=trust_pickle, num_classes=num_classes)
+    train, test = data.split(0.2, seed=seed)
+    if n_pairs:
+        _check_pairs(n_pairs, test)
+    model, info = load_classifier(train, test, model_spec=model_spec, weights=weights, normalize=normalize,
+                                  classifier=classifier, epochs=epochs, seed=seed, device=device, cache_dir=cache_dir,
+                                  progress=not quiet)
+    checks += info["checks"]
     x = test.x[:4].to(device)
     maps = explanations_across_beta(model, x, method=method, betas=betas)
     order = [RELU, *betas]
@@ -150,6 +176,7 @@ def smooth(dataset, classifier, epochs, method, betas, n_pairs, iterations, lr, 
                col_titles=["image"] + ["ReLU" if b == RELU else f"β = {b:g}" for b in order],
                path=out_dir / "explanations_beta.png")
     accuracy = accuracy_across_beta(model, test, betas=betas)
+    warnings = _accuracy_check(accuracy[RELU], test.num_classes, checks)
     sweep, curves = [], None
     if n_pairs:
         h, w = data.image_shape[1:]
@@ -159,11 +186,39 @@ def smooth(dataset, classifier, epochs, method, betas, n_pairs, iterations, lr, 
         plot_beta_curves(sweep, out_dir / "beta_curves.png")
         curves = "beta_curves.png"
     report = write_smooth_report(sweep, out_dir, method=method, accuracy=accuracy, explanations_png="explanations_beta.png",
-                                 curves_png=curves, model_info={"classifier": classifier, "dataset": dataset, "epochs": epochs},
-                                 command="manifex " + " ".join(sys.argv[1:]))
+                                 curves_png=curves, model_info=_model_info(info, dataset, accuracy[RELU], epochs),
+                                 command="manifex " + " ".join(sys.argv[1:]), budget=budget, checks=checks, warnings=warnings)
+    for w in warnings:
+        click.secho(f"  warning: {w}", fg="yellow", err=True)
     for r in sweep:
         b = "ReLU" if r["beta"] == RELU else f"β={r['beta']:g}"
         click.echo(f"  {b:8s} PCC to target {r['pcc_orig_target']:.2f} → {r['pcc_manip_target']:.2f} "
                    f"(gain {r['pcc_gain']:+.2f}), "
                    f"accuracy {r['accuracy']:.3f}, curvature {r['curvature']:.3g}")
     click.echo(f"report: {report}")
+
+
+def _check_pairs(n_pairs: int, test) -> None:
+    if n_pairs > len(test):
+        raise click.BadParameter(f"{n_pairs} pairs, but the test split has only {len(test)} images to draw originals "
+                                 f"from; use --pairs {len(test)} or fewer (or --pairs-csv).", param_hint="'--pairs'")
+
+
+def _accuracy_check(acc: float, num_classes: int, checks: list[str]) -> list[str]:
+    """Add the accuracy check to ``checks``; return a warning when the model is no better than chance."""
+    chance = 1.0 / num_classes
+    checks.append(f"test accuracy {acc:.1%} against chance {chance:.1%} ({num_classes} classes)")
+    if acc < 1.5 * chance:
+        return [f"the classifier's test accuracy {acc:.1%} is near chance ({chance:.1%}): it has not learned this data, "
+                "so its explanations (and their manipulation) say little; train it longer or check --model/--normalize."]
+    return []
+
+
+def _model_info(info: dict, dataset: str, acc: float, epochs: int) -> dict:
+    out = {"classifier": info.get("classifier"), "dataset": dataset, "test accuracy": round(float(acc), 4)}
+    if info.get("source") == "user":
+        out.update({"source": "your model (--model)", "weights": info.get("weights") or "–",
+                    "normalize": info.get("normalize") or "none (pixels in [0, 1])"})
+    else:
+        out.update({"epochs": epochs, "cached": info.get("cached")})
+    return out

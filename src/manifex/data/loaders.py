@@ -29,6 +29,7 @@ __all__ = [
     "load_mnist32",
     "load_mnist256",
     "load_dataset",
+    "check_classification_data",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -227,6 +228,8 @@ def load_npz(path: PathLike) -> ImageDataset:
         except (OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
             raise DataError(f"{where}: a damaged .npz archive ({e}); re-create it with np.savez.") from e
 
+    if x_raw.ndim >= 1 and x_raw.shape[0] == 0:
+        raise DataError(f"{where}: holds 0 images (x has shape {x_raw.shape}); save at least one image per class.")
     x = _images_to_unit_float(_images_to_nchw(x_raw, where), where)
     y = _labels_to_int64(np.asarray(y_raw), x.shape[0], where)
     z = None if z_raw is None else torch.from_numpy(_latents_to_float(np.asarray(z_raw), x.shape[0], where))
@@ -527,3 +530,64 @@ def load_dataset(spec: str | os.PathLike, *, trust_pickle: bool = False) -> Imag
     if p.exists():
         raise DataError(f"unsupported dataset file {p} (suffix {p.suffix or 'none'}); accepted: {_ACCEPTED}.")
     raise DataError(f"unknown dataset {text!r} (no such name, file or directory); accepted: {_ACCEPTED}.")
+
+
+def check_classification_data(data: ImageDataset, *, num_classes: int | None = None, where: str | None = None,
+                              min_per_class: int = 1) -> list[str]:
+    """Check that ``data`` can train and test a classifier; return what was verified, one line per check.
+
+    Refuses (``DataError``): no images; fewer than two classes with examples; labels that leave classes
+    without any example (e.g. {0..9, 57} would silently make a 58-class model) unless ``num_classes`` is
+    given explicitly and covers every label; non-finite pixels or pixels outside [0, 1]. With ``num_classes``,
+    ``data.classes`` is set to that many classes.
+    """
+    where = where or data.name
+    n = len(data)
+    if n == 0:
+        raise DataError(f"{where}: holds 0 images; a classifier needs images of at least two classes.")
+    counts = torch.bincount(data.y, minlength=max(num_classes or 0, data.num_classes, int(data.y.max()) + 1))
+    present = (counts > 0).nonzero().flatten().tolist()
+    if len(present) < 2:
+        raise DataError(f"{where}: every one of its {n} images has label {present[0]}; a classifier needs at least "
+                        "two classes (check the label array or the class folders).")
+    top = int(data.y.max())
+    if num_classes is not None:
+        if num_classes <= top:
+            raise DataError(f"{where}: --num-classes {num_classes} but the labels go up to {top}; "
+                            f"use --num-classes {top + 1} or more.")
+        data.classes = data.classes[:num_classes] + [str(i) for i in range(data.num_classes, num_classes)]
+    else:
+        empty = [c for c in range(len(counts)) if counts[c] == 0]
+        if empty:
+            shown = _ranges(present)
+            raise DataError(f"{where}: labels are {{{shown}}}, so {len(empty)} of the {top + 1} classes 0..{top} have no "
+                            f"image; map the labels to 0..{len(present) - 1} (np.unique(y, return_inverse=True)[1]), "
+                            f"or pass --num-classes {top + 1} if the model really has {top + 1} outputs.")
+    if not torch.isfinite(data.x).all():
+        raise DataError(f"{where}: images contain NaN/inf values; clean them before use.")
+    lo, hi = float(data.x.min()), float(data.x.max())
+    if lo < -1e-4 or hi > 1 + 1e-4:
+        raise DataError(f"{where}: pixel values span [{lo:.3g}, {hi:.3g}], not [0, 1]; rescale the images.")
+    smallest = min(int(counts[c]) for c in present)
+    if smallest < min_per_class:
+        raise DataError(f"{where}: class {min(present, key=lambda c: int(counts[c]))} has only {smallest} image(s); "
+                        f"at least {min_per_class} per class are needed here.")
+    c, h, w = data.image_shape
+    return [
+        f"data {where}: {n:,} images {c}×{h}×{w}, pixels in [{lo:.2f}, {hi:.2f}] (⊂ [0, 1]), no NaN/inf",
+        f"labels: {len(present)} of {data.num_classes} classes present, smallest class {smallest:,} images "
+        f"({smallest / n:.1%}), largest {int(counts.max()):,} ({int(counts.max()) / n:.1%})",
+    ]
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 3, 57] → '0..3, 57'."""
+    out: list[str] = []
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        out.append(str(values[i]) if j == i else f"{values[i]}..{values[j]}" if j > i + 1 else f"{values[i]}, {values[j]}")
+        i = j + 1
+    return ", ".join(out)

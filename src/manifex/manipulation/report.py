@@ -26,15 +26,20 @@ def write_attack_report(
     sweep: list[dict] | None = None,
     sweep_png: str | None = None,
     command: str | None = None,
+    checks: list[str] | None = None,
+    warnings: list[str] | None = None,
 ) -> Path:
     """Write ``metrics.json`` and ``report.html`` for a finished campaign; returns the HTML path.
 
     ``sweep`` (records of :func:`manifex.manipulation.defence.robustness_sweep`) and ``sweep_png`` add the
-    β-smoothing section.
+    β-smoothing section. ``checks`` (what was verified about the inputs) fill the report's checks box;
+    ``warnings`` (failed checks) go to the top of the report and to ``metrics.json`` ``warnings``.
     """
     out = Path(out_dir)
     m = summary.means
-    metrics = {**summary.to_dict(), "method": method, "model": model_info or {}, "sweep": sweep or []}
+    warnings = list(warnings or [])
+    metrics = {**summary.to_dict(), "method": method, "model": model_info or {}, "sweep": sweep or [],
+               "checks": list(checks or []), "warnings": warnings}
     write_json(metrics, out / "metrics.json")
     kept = summary.top1_kept_rate
     headline = (
@@ -65,7 +70,7 @@ def write_attack_report(
         "attack.html.j2", out / "report.html", title=f"Manipulation report · {method}", headline=headline,
         subtitle=f"{summary.n_pairs} (original, target) pairs; explanation method {method}",
         findings=[], cards=cards, rows=rows, figures=figures, sweep=sweep or [], sweep_png=sweep_png,
-        settings=summary.settings, model=model_info or {}, command=command,
+        settings=summary.settings, model=model_info or {}, command=command, checks=list(checks or []), warnings=warnings,
     )
 
 
@@ -79,15 +84,24 @@ def write_smooth_report(
     curves_png: str | None,
     model_info: dict | None = None,
     command: str | None = None,
+    budget: float | None = None,
+    checks: list[str] | None = None,
+    warnings: list[str] | None = None,
 ) -> Path:
-    """Write ``metrics.json`` and ``report.html`` for a β-smoothing sweep; returns the HTML path."""
+    """Write ``metrics.json`` and ``report.html`` for a β-smoothing sweep; returns the HTML path.
+
+    ``budget``: the sweep's L∞ budget in pixel units of [0, 1] (None: unbounded), stated in the report.
+    ``checks``/``warnings`` as in :func:`write_attack_report`.
+    """
     out = Path(out_dir)
     label = lambda b: "ReLU" if b == float("inf") else f"β={b:g}"  # noqa: E731
+    warnings = list(warnings or [])
     write_json({"method": method, "accuracy": {label(b): a for b, a in accuracy.items()},
-                "sweep": [{**r, "beta": label(r["beta"])} for r in sweep], "model": model_info or {}},
+                "sweep": [{**r, "beta": label(r["beta"])} for r in sweep], "model": model_info or {},
+                "budget_linf": budget, "checks": list(checks or []), "warnings": warnings},
                out / "metrics.json")
-    keys = ("pcc_orig_target", "pcc_manip_target", "pcc_gain", "max_dp", "top1_kept_rate", "linf", "curvature", "accuracy")
-    rows = [{"beta": label(r["beta"]), **{k: _fmt(r.get(k)) for k in keys}} for r in sweep]
+    rows = [{"beta": label(r["beta"]), **{k: fmt(r.get(k)) for k, _, fmt in _SMOOTH_COLUMNS}} for r in sweep]
+    budget_text = "unbounded" if budget is None else f"L∞ ≤ {budget * 255:.3g}/255"
     relu = next((r for r in sweep if r["beta"] == float("inf")), None)
     smallest = min((r for r in sweep if r["beta"] != float("inf")), key=lambda r: r["beta"], default=None)
     headline = f"β-smoothing against manipulation of {method} explanations"
@@ -99,7 +113,34 @@ def write_smooth_report(
                     f"and by {smallest['pcc_gain']:+.2f} at β={smallest['beta']:g}{cost}")
     cards = [{"label": f"accuracy {label(b)}", "value": f"{a * 100:.1f}%", "sub": "test set", "accent": b == float("inf")}
              for b, a in accuracy.items()]
+    if sweep:
+        cards.append({"label": "attack budget", "value": "none" if budget is None else f"{budget * 255:.3g}/255",
+                      "sub": "L∞, the same for every model" if budget is not None else "unbounded perturbation"})
+    columns = [{"key": k, "label": lab} for k, lab, _ in _SMOOTH_COLUMNS]
     return render("smooth.html.j2", out / "report.html", title=f"β-smoothing report · {method}", headline=headline,
-                  subtitle=f"softplus(β) in place of every ReLU; {len(sweep)} models compared", findings=[], cards=cards,
-                  rows=rows, keys=keys, explanations_png=explanations_png, curves_png=curves_png,
-                  model=model_info or {}, command=command)
+                  subtitle=f"softplus(β) in place of every ReLU; {len(sweep)} models compared"
+                           + (f"; every attack within the same budget ({budget_text})" if sweep else ""),
+                  findings=[], cards=cards, rows=rows, columns=columns, explanations_png=explanations_png,
+                  curves_png=curves_png, model=model_info or {}, command=command, budget=budget_text,
+                  checks=list(checks or []), warnings=warnings)
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{v * 100:.1f}%"
+
+
+def _per255(v: Any) -> str:
+    return "n/a" if v is None else f"{v * 255:.1f}"
+
+
+#: The smooth report's table: (record key, column header, formatter). L∞ in /255 like everywhere else.
+_SMOOTH_COLUMNS = (
+    ("pcc_orig_target", "PCC before", lambda v: _fmt(v, 2)),
+    ("pcc_manip_target", "PCC after", lambda v: _fmt(v, 2)),
+    ("pcc_gain", "PCC gain", lambda v: "n/a" if v is None else f"{v:+.2f}"),
+    ("max_dp", "max |Δp|", _fmt),
+    ("top1_kept_rate", "top-1 kept", lambda v: "n/a" if v is None else f"{v * 100:.0f}%"),
+    ("linf", "L∞ (/255)", _per255),
+    ("curvature", "curvature |λmax|", lambda v: "n/a" if v is None else f"{v:.3g}"),
+    ("accuracy", "test accuracy", _pct),
+)
