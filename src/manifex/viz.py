@@ -266,8 +266,8 @@ def image_grid(
 
 
 def save_figure(fig: Figure, path: str | Path, *, dpi: int = 110) -> Path:
-    """Save ``fig`` as a PNG (or the format ``path``'s suffix names) with a tight box; creates parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight", facecolor="white")
-    return path
+    """Save ``fig`` as a PNG (or the format ``path``'s suffix names) with a tight box; creates parent folders.
+    Written atomically (:func:`manifex.runs.atomic_savefig`): a reader never sees a half-written image."""
+    from .runs import atomic_savefig
+
+    return atomic_savefig(fig, Path(path), dpi=dpi, bbox_inches="tight", facecolor="white")

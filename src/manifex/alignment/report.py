@@ -22,6 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..reports import environment, write_json
+from ..runs import atomic_write_text
 from ..viz import ABSOLUTE_CMAP, as_image, image_grid, save_figure, to_numpy
 from .result import AlignmentResult
 
@@ -497,5 +498,5 @@ def write_report(result: AlignmentResult, out_dir: Path) -> Path:
     write_json(result.metrics, out_dir / "metrics.json")
     html = _environment().get_template(_TEMPLATE).render(**_context(result, figures))
     path = out_dir / "report.html"
-    path.write_text(html, encoding="utf-8")
+    atomic_write_text(path, html)
     return path

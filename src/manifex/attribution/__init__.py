@@ -17,6 +17,16 @@ from .lrp import (
     vgg16_gamma_preset,
 )
 from .modified import GradCAM, GuidedBackprop, last_conv_layer
+from .deeplift import DeepLift, DeepLiftRules
+from .layer import (
+    LayerDeepLift,
+    LayerExplainer,
+    LayerGradient,
+    LayerGradientXActivation,
+    LayerIntegratedGradients,
+    layer_activations,
+    resolve_layer,
+)
 from .smoothing import (
     BetaSmoothing,
     SmoothedExplainer,
@@ -35,6 +45,8 @@ __all__ = [
     "LRP", "BatchNormFolding", "Composite", "EpsilonAlpha2Beta1", "EpsilonGammaBox", "EpsilonPlus", "LRPEpsilon",
     "LRPEpsilonGammaBox", "LRPEpsilonPlus", "LRPGamma", "LRPZPlus", "ResidualSum", "vgg16_gamma_preset",
     "GradCAM", "GuidedBackprop", "last_conv_layer",
+    "DeepLift", "DeepLiftRules", "LayerDeepLift", "LayerExplainer", "LayerGradient", "LayerGradientXActivation",
+    "LayerIntegratedGradients", "layer_activations", "resolve_layer",
     "BetaSmoothing", "SmoothedExplainer", "SmoothReLU", "beta_smooth", "beta_smoothed", "count_relus",
     "functional_relu_calls", "set_smooth_beta",
     "ALIASES", "METHODS", "canonical_method", "explain", "make_explainer", "method_names",

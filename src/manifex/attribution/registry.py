@@ -15,6 +15,8 @@ from .core import Target
 from .methods import Explainer, Gradient, InputXGradient, IntegratedGradients, SmoothGrad
 from .lrp import LRP, LRPEpsilon, LRPEpsilonGammaBox, LRPEpsilonPlus, LRPGamma, LRPZPlus
 from .modified import GradCAM, GuidedBackprop
+from .deeplift import DeepLift
+from .layer import LAYER_METHODS
 
 __all__ = ["METHODS", "ALIASES", "OPTION_ALIASES", "make_explainer", "explain", "method_names", "canonical_method"]
 
@@ -29,12 +31,13 @@ class MethodSpec:
 
 
 def _smoothgrad(model, *, base: str = "gradient", **options) -> Explainer:
-    inner_keys = {"steps", "integration", "baseline", "multiply_by_inputs", "absolute"}
+    inner_keys = {"steps", "integration", "baseline", "multiply_by_inputs", "absolute", "layer", "eps", "functional", "maxpool"}
     inner_opts = {k: options.pop(k) for k in list(options) if k in inner_keys}
     return SmoothGrad(make_explainer(model, base, **inner_opts), **options)
 
 
 METHODS: dict[str, MethodSpec] = {
+    "deeplift": MethodSpec(DeepLift, "DeepLift (Rescale), baseline 0 (Captum DeepLift; with layer= LayerDeepLift)"),
     "gradient": MethodSpec(Gradient, "signed gradient of the target logit"),
     "saliency": MethodSpec(Gradient, "absolute gradient |∂score/∂x| (Captum's Saliency default, abs=True)", {"absolute": True}),
     "input_x_gradient": MethodSpec(InputXGradient, "input times gradient"),
@@ -73,6 +76,8 @@ ALIASES: dict[str, str] = {
     "ig": "integrated_gradients",
     "ig_path": "integrated_gradients_path",
     "sg": "smoothgrad",
+    "deep_lift": "deeplift",
+    "dl": "deeplift",
     # Captum's class names
     "integratedgradients": "integrated_gradients",
     "noisetunnel": "smoothgrad",
@@ -123,6 +128,24 @@ def _canonical(name: str) -> str:
     return key
 
 
+#: Methods that take ``layer=`` themselves: Grad-CAM's own layer; SmoothGrad passes it to its base method.
+_OWN_LAYER = {"gradcam", "smoothgrad", "smoothgrad_sq", "vargrad"}
+
+
+def _layer_spec(key: str, options: dict[str, Any]) -> MethodSpec:
+    """The method's spec, or its layer version (``attribution.layer``) when ``layer=`` is given."""
+    spec = METHODS[key]
+    if key in _OWN_LAYER or "layer" not in options:
+        return spec
+    if options["layer"] is None:
+        options.pop("layer")
+        return spec
+    if key not in LAYER_METHODS:
+        raise InputError(f"method {key!r} has no layer attribution; with layer= use one of "
+                         f"{', '.join(sorted(LAYER_METHODS))} (or smoothgrad over them, or gradcam).")
+    return MethodSpec(LAYER_METHODS[key], spec.description, spec.defaults)
+
+
 def make_explainer(model: Callable[[torch.Tensor], torch.Tensor], method: str, **options: Any) -> Explainer:
     """Build the explainer registered as ``method`` (name or alias), defaults overridden by ``options``.
 
@@ -130,7 +153,7 @@ def make_explainer(model: Callable[[torch.Tensor], torch.Tensor], method: str, *
     integration rule is ``integration=``. ``output=`` (index, key or callable) picks the logits of a model
     that returns a tuple or dict, for every method.
     """
-    spec = METHODS[_canonical(method)]
+    spec = _layer_spec(_canonical(method), options)
     options = _canonical_options(options)
     output = options.pop("output", None)
     try:

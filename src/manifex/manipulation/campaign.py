@@ -19,6 +19,7 @@ batch in flight and duplicates nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import inspect
 import json
@@ -26,7 +27,6 @@ import math
 import os
 import re
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -34,13 +34,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..attribution import Explainer, make_explainer, preserve_model_state
+from ..attribution import Explainer, beta_smooth, make_explainer, preserve_model_state
 from ..attribution.methods import model_device
 from ..data import ImageDataset
 from ..errors import DataError, InputError
 from ..metrics import mse, output_change, pearson, perturbation_norms, ssim
+from ..runs import Executor, JsonlLog, Unit, atomic_torch_save, atomic_write_json, read_jsonl, run_units, to_jsonable
 from .attack import ManipulationResult, manipulate
 
 __all__ = ["PairSet", "pairs_from_csv", "pairs_from_dataset", "run_campaign", "CampaignSummary", "read_results"]
@@ -227,68 +227,10 @@ def pairs_from_dataset(dataset: ImageDataset, n_pairs: int, *, seed: int = 0) ->
 
 
 def read_results(path: PathLike, *, repair: bool = False) -> list[dict]:
-    """The records of a ``results.jsonl``. A last line cut short by an interrupted write (no newline, or not
-    valid JSON) is ignored with a warning, and removed from the file when ``repair``; a bad line before
-    the last raises DataError."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")
-    complete, tail = lines[:-1], lines[-1]  # tail: text after the last newline ('' if the file ends with one)
-    records: list[dict] = []
-    keep = len(raw) - len(tail)
-    bad_tail = bool(tail.strip())
-    for k, line in enumerate(complete):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if k == len(complete) - 1 and not tail.strip():
-                bad_tail, keep = True, keep - len(line) - 1
-                break
-            raise DataError(f"{path}, line {k + 1}: not valid JSON; the results file is corrupt (fix or delete the line).") from None
-    if bad_tail:
-        warnings.warn(f"{path}: dropped an incomplete last line (an interrupted write); that pair will be recomputed.", stacklevel=2)
-        if repair:
-            with open(path, "r+b") as f:
-                f.truncate(keep)
-    return records
-
-
-def _append_lines(path: Path, records: list[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, allow_nan=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.tolist()
-    if isinstance(v, (tuple, list)):
-        return [_jsonable(u) for u in v]
-    if isinstance(v, dict):
-        return {str(k): _jsonable(u) for k, u in v.items()}
-    if v is None or isinstance(v, (bool, int, str)):
-        return v
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    return repr(v)
+    """The records of a ``results.jsonl`` (:func:`manifex.runs.read_jsonl`). A last line cut short by an
+    interrupted write (no newline, or not valid JSON) is ignored with a warning, and removed from the file
+    when ``repair``; a bad line before the last raises DataError."""
+    return read_jsonl(path, repair=repair)
 
 
 def _num(t: torch.Tensor) -> float | None:
@@ -327,6 +269,12 @@ _ATTACK_PARAMS = {
 } - {"target", "explainer_options"}
 
 
+def _check_attack_options(attack_options: dict[str, Any]) -> None:
+    unknown = sorted(set(attack_options) - _ATTACK_PARAMS)
+    if unknown:
+        raise InputError(f"unknown attack option(s) {', '.join(unknown)}; valid: {', '.join(sorted(_ATTACK_PARAMS))}.")
+
+
 def run_campaign(
     model: nn.Module,
     explainer: Explainer | str,
@@ -339,6 +287,7 @@ def run_campaign(
     figures: bool = True,
     pixel_scale: float | Sequence[float] | torch.Tensor = 1.0,
     progress: bool = False,
+    executor: Executor | None = None,
     **attack_options: Any,
 ) -> CampaignSummary:
     """Attack every pair of ``pairs`` (batches of ``batch_size``) and record the results in ``out_dir``.
@@ -350,15 +299,16 @@ def run_campaign(
     ``campaign.json``); ``resume=False`` starts the results over. ``figures``: write an overview PNG per
     pair. ``pixel_scale``: the std of the model's input normalisation, to report L2/L∞ in [0, 1] pixel
     units (1 for models that read [0, 1] images). SSIM needs maps of at least 11×11 (else null).
+    ``executor``: where the batches run — :class:`manifex.runs.LocalExecutor` (default: here) or
+    :class:`manifex.runs.RayExecutor` (Ray workers; the model, explainer and pairs go to each worker once,
+    and the pairs' images must be readable there). Records are the same up to float round-off.
     Returns a :class:`CampaignSummary` (also written to ``summary.json``).
     """
     if not isinstance(pairs, PairSet):
         raise InputError(f"pairs must be a PairSet (pairs_from_csv / pairs_from_dataset), got {type(pairs).__name__}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
-    unknown = sorted(set(attack_options) - _ATTACK_PARAMS)
-    if unknown:
-        raise InputError(f"unknown attack option(s) {', '.join(unknown)}; valid: {', '.join(sorted(_ATTACK_PARAMS))}.")
+    _check_attack_options(attack_options)
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module, got {type(model).__name__}.")
     if isinstance(explainer, str):
@@ -368,18 +318,28 @@ def run_campaign(
     elif not isinstance(explainer, Explainer) or explainer.model is not model:
         raise InputError("explainer must be a method name or a manifex Explainer built on the campaign's model.")
 
+    return _campaign(model, explainer, pairs, out_dir, batch_size=batch_size, resume=resume, figures=figures,
+                     pixel_scale=pixel_scale, progress=progress, executor=executor, smooth=None, attack_options=attack_options)
+
+
+def _campaign(model: nn.Module, explainer: Explainer, pairs: PairSet, out_dir: PathLike, *, batch_size: int,
+              resume: bool, figures: bool, pixel_scale: Any, progress: bool, executor: Executor | None,
+              smooth: tuple[float, str] | None, attack_options: dict[str, Any]) -> CampaignSummary:
+    """run_campaign after its checks; ``smooth=(β, functional)``: attack the softplus(β) model (applied by
+    whichever process runs a batch, so it also holds on Ray workers)."""
     out = Path(out_dir).expanduser()
     (out / "pairs").mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS_FILE
     settings = {
         "explainer": repr(explainer),
-        "attack": {k: _jsonable(v) for k, v in sorted(attack_options.items()) if k not in _VOLATILE_OPTIONS},
-        "pixel_scale": _jsonable(pixel_scale),
+        "attack": {k: to_jsonable(v) for k, v in sorted(attack_options.items()) if k not in _VOLATILE_OPTIONS},
+        "pixel_scale": to_jsonable(pixel_scale),
     }
     settings_path = out / SETTINGS_FILE
-    if not resume and results_path.exists():
-        results_path.unlink()
-    previous = read_results(results_path, repair=True)
+    log = JsonlLog(results_path, key="id")
+    if not resume:
+        log.clear()
+    previous = log.load(repair=True)
     if previous and settings_path.is_file():
         old = json.loads(settings_path.read_text(encoding="utf-8"))
         if old != settings:
@@ -388,55 +348,77 @@ def run_campaign(
                 f"{out} holds a campaign with other settings ({', '.join(diff)} differ: {[old.get(k) for k in diff]} "
                 f"vs {[settings.get(k) for k in diff]}); use the same settings, another out_dir, or resume=False."
             )
-    _atomic_write_text(settings_path, json.dumps(settings, indent=2))
-    done = {r.get("pair_id") for r in previous}
-    todo = [i for i in range(len(pairs)) if pairs.ids[i] not in done]
+    atomic_write_json(settings_path, settings)
+    todo = [i for i in range(len(pairs)) if pairs.ids[i] not in previous]
     n_skipped = len(pairs) - len(todo)
-
-    dev = model_device(model)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    eval_mode = attack_options.get("eval_mode", True)
-    signed = bool(attack_options.get("signed", False))
     if todo:
+        dev = model_device(model)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         _check_model_accepts(model, pairs, todo[0], dev, dtype)
 
-    bar = tqdm(total=len(todo), disable=not progress, desc="campaign")
-    with bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            t0 = time.perf_counter()
-            xo, xt = pairs.images(batch)
-            xo, xt = xo.to(device=dev, dtype=dtype), xt.to(device=dev, dtype=dtype)
-            with preserve_model_state(model):
-                if eval_mode:
-                    model.eval()
-                with torch.no_grad():
-                    class_t = model(xt).argmax(1)
-                target_expl = explainer.attribute(xt, class_t)
-            res = manipulate(model, explainer, xo, target_expl, **attack_options)
-            seconds = (time.perf_counter() - t0) / len(batch)
-            records = _records(res, pairs, batch, class_t, pixel_scale, seconds)
-            for j, (i, rec) in enumerate(zip(batch, records)):
-                pid = pairs.ids[i]
-                _atomic_torch_save({
-                    "x": res.x[j].cpu(), "x_adv": res.x_adv[j].cpu(), "x_target": xt[j].cpu(),
-                    "original_explanation": res.original_explanation[j].cpu(),
-                    "target_explanation": target_expl[j].detach().cpu(),
-                    "manipulated_explanation": res.manipulated_explanation[j].cpu(),
-                    "original_map": res.original_map[j].cpu(), "target_map": res.target_map[j].cpu(),
-                    "manipulated_map": res.manipulated_map[j].cpu(),
-                    "logits": res.logits[j].cpu(), "logits_adv": res.logits_adv[j].cpu(), "target": res.target[j].cpu(),
-                }, out / "pairs" / f"{pid}.pt")
-                rec["files"] = {"tensors": f"pairs/{pid}.pt"}
-                if figures:
-                    _overview(res, j, xt[j], rec, signed, out / "pairs" / f"{pid}.png")
-                    rec["files"]["figure"] = f"pairs/{pid}.png"
-            _append_lines(results_path, records)
-            bar.update(len(batch))
-
+    context = _CampaignContext(model=model, explainer=explainer, pairs=pairs, attack_options=dict(attack_options),
+                               pixel_scale=pixel_scale, figures=figures, smooth=smooth)
+    units = [Unit(pid, {"index": i}) for i, pid in enumerate(pairs.ids)]
+    run_units(units, _attack_batch, out, context=context, batch_size=batch_size, executor=executor, resume=True,
+              progress=progress, results=RESULTS_FILE, desc="campaign")
     summary = _summarise(out, pairs, read_results(results_path), n_new=len(todo), n_skipped=n_skipped, settings=settings)
-    _atomic_write_text(out / SUMMARY_FILE, json.dumps({**summary.to_dict(), "records": summary.records}, indent=2))
+    atomic_write_json(out / SUMMARY_FILE, {**summary.to_dict(), "records": summary.records})
     return summary
+
+
+@dataclass
+class _CampaignContext:
+    """What every batch of a campaign needs; sent once to each worker."""
+
+    model: nn.Module
+    explainer: Explainer
+    pairs: PairSet
+    attack_options: dict[str, Any]
+    pixel_scale: Any
+    figures: bool
+    smooth: tuple[float, str] | None = None
+
+
+def _attack_batch(units: list[Unit], ctx: _CampaignContext, out: Path) -> list[dict]:
+    """The run-layer process of a campaign: attack one batch of pairs, write their files, return records."""
+    model, explainer, pairs = ctx.model, ctx.explainer, ctx.pairs
+    batch = [int(u.payload["index"]) for u in units]
+    dev = model_device(model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    eval_mode = ctx.attack_options.get("eval_mode", True)
+    signed = bool(ctx.attack_options.get("signed", False))
+    t0 = time.perf_counter()
+    xo, xt = pairs.images(batch)
+    xo, xt = xo.to(device=dev, dtype=dtype), xt.to(device=dev, dtype=dtype)
+    with contextlib.ExitStack() as stack:
+        if ctx.smooth is not None:
+            stack.enter_context(preserve_model_state(model))
+            stack.enter_context(beta_smooth(model, ctx.smooth[0], functional=ctx.smooth[1]))
+        with preserve_model_state(model):
+            if eval_mode:
+                model.eval()
+            with torch.no_grad():
+                class_t = model(xt).argmax(1)
+            target_expl = explainer.attribute(xt, class_t)
+        res = manipulate(model, explainer, xo, target_expl, **ctx.attack_options)
+    seconds = (time.perf_counter() - t0) / len(batch)
+    records = _records(res, pairs, batch, class_t, ctx.pixel_scale, seconds)
+    for j, (i, rec) in enumerate(zip(batch, records)):
+        pid = pairs.ids[i]
+        atomic_torch_save({
+            "x": res.x[j].cpu(), "x_adv": res.x_adv[j].cpu(), "x_target": xt[j].cpu(),
+            "original_explanation": res.original_explanation[j].cpu(),
+            "target_explanation": target_expl[j].detach().cpu(),
+            "manipulated_explanation": res.manipulated_explanation[j].cpu(),
+            "original_map": res.original_map[j].cpu(), "target_map": res.target_map[j].cpu(),
+            "manipulated_map": res.manipulated_map[j].cpu(),
+            "logits": res.logits[j].cpu(), "logits_adv": res.logits_adv[j].cpu(), "target": res.target[j].cpu(),
+        }, out / "pairs" / f"{pid}.pt")
+        rec["files"] = {"tensors": f"pairs/{pid}.pt"}
+        if ctx.figures:
+            _overview(res, j, xt[j], rec, signed, out / "pairs" / f"{pid}.png")
+            rec["files"]["figure"] = f"pairs/{pid}.png"
+    return records
 
 
 def _check_model_accepts(model: nn.Module, pairs: PairSet, i: int, dev: torch.device | None, dtype: torch.dtype) -> None:
@@ -468,7 +450,8 @@ def _records(res: ManipulationResult, pairs: PairSet, batch: list[int], class_t:
     norms = perturbation_norms(res.x, res.x_adv, pixel_scale)
     records = []
     for j, i in enumerate(batch):
-        rec: dict[str, Any] = {"pair_id": pairs.ids[i], "original": pairs.originals[i], "target": pairs.targets[i]}
+        rec: dict[str, Any] = {"id": pairs.ids[i], "pair_id": pairs.ids[i], "original": pairs.originals[i],
+                               "target": pairs.targets[i]}
         if pairs.labels is not None:
             rec["label_original"], rec["label_target"] = pairs.labels[i]
         rec.update({

@@ -43,7 +43,8 @@ from ..attribution.methods import model_device
 from ..data import ImageDataset
 from ..errors import InputError
 from ..models.training import accuracy
-from .campaign import PairSet, run_campaign
+from ..runs import Executor, atomic_write_json
+from .campaign import PairSet, _campaign, _check_attack_options
 
 __all__ = [
     "RELU",
@@ -392,28 +393,12 @@ def hessian_top_eigenvalue(
 # robustness sweep
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, float):
-        return v if math.isfinite(v) else ("inf" if v == RELU else None)
-    if isinstance(v, dict):
-        return {str(k): _jsonable(u) for k, u in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(u) for u in v]
-    if isinstance(v, torch.Tensor):
-        return _jsonable(v.tolist())
-    if isinstance(v, Path):
-        return str(v)
-    return v
-
-
 def _from_json_beta(v: Any) -> float:
     return RELU if v == "inf" else float(v)
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2, allow_nan=False), encoding="utf-8")
-    os.replace(tmp, path)
+def _write_json(path: Path, obj: Any) -> None:
+    atomic_write_json(path, obj, inf_as_string=True)  # β = inf (the ReLU model) is written "inf"
 
 
 _SUMMARY_MEANS = ("pcc_manip_target", "pcc_orig_target", "pcc_manip_orig", "ssim_manip_target", "ssim_orig_target",
@@ -439,6 +424,7 @@ def robustness_sweep(
     relu_beta_growth: tuple[float, float] | None = (10.0, 100.0),
     functional: FunctionalPolicy = "handle",
     progress: bool = False,
+    executor: Executor | None = None,
     **attack_options: Any,
 ) -> list[dict[str, Any]]:
     """Run the same manipulation campaign against the softplus(β) model for every β; one record per β.
@@ -456,7 +442,8 @@ def robustness_sweep(
     Resumable per β: each campaign skips the pairs in its ``results.jsonl`` (``resume``; the attack
     settings must match), and the curvature of a β is reused from its ``defence.json`` when pairs and
     curvature settings are unchanged. ``attack_options`` go to :func:`~manifex.manipulation.manipulate`;
-    ``explainer_options``, ``batch_size``, ``figures``, ``pixel_scale``, ``progress`` to the campaign.
+    ``explainer_options``, ``batch_size``, ``figures``, ``pixel_scale``, ``progress``, ``executor`` (where the
+    batches run: locally by default, or a :class:`manifex.runs.RayExecutor`) to the campaign.
 
     Each record (also written to ``beta_<β>/defence.json`` and, all together, to ``out_dir/sweep.json``,
     where inf is written ``"inf"``) holds: ``beta``, ``out_dir``, ``n_pairs``/``n_new``/``n_skipped``; the
@@ -480,6 +467,7 @@ def robustness_sweep(
             "robustness_sweep fixes β for each campaign; beta_growth is not an option here "
             "(the ReLU entry, beta=inf, uses relu_beta_growth)."
         )
+    _check_attack_options(attack_options)
     beta_list = _check_betas(betas, include_relu=False)
     if data is not None and not isinstance(data, ImageDataset):
         raise InputError(f"data must be an ImageDataset or None, got {type(data).__name__}.")
@@ -498,11 +486,12 @@ def robustness_sweep(
         options = dict(attack_options)
         if math.isinf(beta) and relu_beta_growth is not None:
             options["beta_growth"] = tuple(relu_beta_growth)
-        with preserve_model_state(model), _smoothed(model, beta, functional):
-            summary = run_campaign(
-                model, explainer_name, pairs, beta_dir, batch_size=batch_size, explainer_options=explainer_options,
-                resume=resume, figures=figures, pixel_scale=pixel_scale, progress=progress, **options,
-            )
+        # smoothing is applied by whichever process runs a batch (here or a Ray worker), not around the call
+        summary = _campaign(
+            model, make_explainer(model, explainer_name, **(explainer_options or {})), pairs, beta_dir,
+            batch_size=batch_size, resume=resume, figures=figures, pixel_scale=pixel_scale, progress=progress,
+            executor=executor, smooth=None if math.isinf(beta) else (beta, functional), attack_options=options,
+        )
         curv = _cached_curvature(beta_dir, curvature_settings) if resume else None
         if curv is None:
             curv = []
@@ -530,10 +519,10 @@ def robustness_sweep(
         record["accuracy_relu"] = None if acc is None else acc[RELU]
         record["accuracy_cost"] = None if acc is None else acc[RELU] - acc[beta]
         record["attack_beta_growth"] = list(options["beta_growth"]) if "beta_growth" in options else None
-        _atomic_write_json(beta_dir / DEFENCE_FILE, {**record, "curvature_settings": curvature_settings,
+        _write_json(beta_dir / DEFENCE_FILE, {**record, "curvature_settings": curvature_settings,
                                                      "curvature_values": curv})
         records.append(record)
-    _atomic_write_json(out / SWEEP_FILE, records)
+    _write_json(out / SWEEP_FILE, records)
     return records
 
 

@@ -1,7 +1,10 @@
 """A checkpoint cache keyed by (model config, training config, data fingerprint, seed).
 
 Re-running a command with the same settings reuses the trained model; training writes a partial
-checkpoint after every epoch so that an interrupted run resumes where it stopped. Everything is loaded
+checkpoint after every epoch so that an interrupted run resumes where it stopped. Every file is written
+atomically (:func:`manifex.runs.atomic_torch_save`: unique temporary file, fsync, ``os.replace``), so a
+reader never sees a partial file, and :meth:`ModelCache.lock` guards one entry across processes, so two
+runs that need the same model train it once (the second waits, then loads). Everything is loaded
 with ``torch.load(weights_only=True)``: a cache file can never run code.
 """
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import DataError
+from ..runs import atomic_torch_save, file_lock
 
 __all__ = ["ModelCache", "cache_key", "default_cache_dir"]
 
@@ -31,10 +35,21 @@ def cache_key(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+#: Keys every entry must hold, by entry-name prefix (a valid archive with other content — a file copied
+#: over, another version's format — is refused with the file to delete instead of a KeyError later).
+_REQUIRED = {"classifier": ("state_dict", "info"), "generative": ("state_dict", "info"), "attribution": ("E",),
+             "known-manifold": ("x", "y", "z", "labeler_accuracy", "acceptance_rate")}
+_REQUIRED_PARTIAL = ("model", "optimizer", "epoch", "history")
+
+
+def _check_content(hit: Any, name: str, partial: bool, path: Path) -> None:
+    need = _REQUIRED_PARTIAL if partial else next((v for k, v in _REQUIRED.items() if name.startswith(k)), ())
+    found = sorted(map(str, hit)) if isinstance(hit, dict) else None
+    missing = [k for k in need if found is None or k not in hit]
+    if found is None or missing:
+        what = f"keys {found[:6]}" if found is not None else f"a {type(hit).__name__}"
+        raise DataError(f"cache file {path} holds {what}, not a {name} {'training checkpoint' if partial else 'entry'} "
+                        f"(missing {missing}); delete it to retrain.")
 
 
 class ModelCache:
@@ -51,17 +66,24 @@ class ModelCache:
         if not p.exists():
             return None
         try:
-            return torch.load(p, map_location="cpu", weights_only=True)
+            hit = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:
             raise DataError(f"cache file {p} is unreadable ({type(e).__name__}: {e}); delete it to retrain.") from e
+        _check_content(hit, name, partial, p)
+        return hit
 
     def save(self, name: str, key: str, payload: dict, partial: bool = False) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         p = self.path(name, key, partial)
-        _atomic_save(payload, p)
+        atomic_torch_save(payload, p)
         if not partial:
             self.path(name, key, partial=True).unlink(missing_ok=True)
         return p
+
+    def lock(self, name: str, key: str, *, timeout: float = -1):
+        """An inter-process lock on the entry ``(name, key)`` (file ``<name>-<key>.pt.lock``): hold it while
+        checking for, training and saving the entry. ``timeout`` seconds (-1: wait for ever)."""
+        return file_lock(self.path(name, key), timeout=timeout)
 
     def save_tensors(self, name: str, key: str, tensors: dict[str, torch.Tensor]) -> Path:
         """Cache arbitrary named tensors (datasets, attributions)."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from typing import Any
 
 import torch
@@ -25,16 +26,42 @@ def state_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _restore_or_train(model: nn.Module, cache: ModelCache | None, name: str, key: str, train: Any) -> dict:
-    hit = cache.load(name, key) if cache is not None else None
-    if hit is not None:
-        model.load_state_dict(hit["state_dict"])
-        info = dict(hit["info"])
-        info["cached"] = True
+def _restore(model: nn.Module, hit: dict) -> dict:
+    model.load_state_dict(hit["state_dict"])
+    info = dict(hit["info"])
+    info["cached"] = True
+    return info
+
+
+def _restore_or_train(model: nn.Module, cache: ModelCache | None, name: str, key: str, train: Any,
+                      progress: bool = False) -> dict:
+    """Load the entry, or train and save it. Training holds the entry's lock, so concurrent processes that
+    need the same model train it once: the others wait and then load it (a finished entry is read without
+    the lock: cache files are replaced atomically, never written in place)."""
+    if cache is None:
+        info = train()
+        info["cached"] = False
         return info
-    info = train()
-    if cache is not None:
+    hit = cache.load(name, key)
+    if hit is not None:
+        return _restore(model, hit)
+    from filelock import Timeout
+
+    lock = cache.lock(name, key)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if progress:
+            print(f"manifex: another process is training {name} ({key}); waiting for it to finish ...", file=sys.stderr)
+        lock.acquire()
+    try:
+        hit = cache.load(name, key)
+        if hit is not None:  # trained by the process we waited for
+            return _restore(model, hit)
+        info = train()
         cache.save(name, key, {"state_dict": model.state_dict(), "info": info})
+    finally:
+        lock.release()
     info["cached"] = False
     return info
 
@@ -62,7 +89,8 @@ def get_classifier(
     if init is not None:
         model.load_state_dict(init.state_dict())
     name = f"classifier-{arch}{'-robust' if train.adversarial else ''}"
-    info = _restore_or_train(model, cache, name, key, lambda: fit_classifier(model, data, train, cache=cache, name=name, key=key, progress=progress))
+    info = _restore_or_train(model, cache, name, key, lambda: fit_classifier(model, data, train, cache=cache, name=name, key=key, progress=progress),
+                             progress)
     info["key"] = key
     return model.eval(), info
 
@@ -83,7 +111,8 @@ def get_generative(
     torch.manual_seed(train.seed)
     model = build_generative(config).to(device)
     name = f"generative-{arch}"
-    info = _restore_or_train(model, cache, name, key, lambda: fit_generative(model, data, train, cache=cache, name=name, key=key, progress=progress))
+    info = _restore_or_train(model, cache, name, key, lambda: fit_generative(model, data, train, cache=cache, name=name, key=key, progress=progress),
+                             progress)
     info["key"] = key
     return model.eval(), info
 

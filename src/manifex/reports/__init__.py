@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..runs import atomic_write_text
+
 __all__ = ["environment", "render", "write_json", "json_default"]
 
 
@@ -21,9 +23,7 @@ def environment():
 
 def render(template: str, path: Path, **context: Any) -> Path:
     """Render ``template`` with ``context`` into ``path``; returns the path."""
-    path = Path(path)
-    path.write_text(environment().get_template(template).render(**context), encoding="utf-8")
-    return path
+    return atomic_write_text(Path(path), environment().get_template(template).render(**context))
 
 
 def json_default(o: Any) -> Any:
@@ -36,7 +36,5 @@ def json_default(o: Any) -> Any:
 
 
 def write_json(obj: Any, path: Path) -> Path:
-    path = Path(path)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=json_default)
-    return path
+    """``obj`` as indented JSON at ``path``, written atomically; NumPy/torch values and paths converted."""
+    return atomic_write_text(Path(path), json.dumps(obj, indent=2, default=json_default))
