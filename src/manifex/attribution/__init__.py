@@ -1,5 +1,14 @@
 """Attribution engine: explainers sharing one gradient path (``target_gradient``) and a registry."""
-from .core import Target, preserve_model_state, select_target, target_gradient
+from .core import (
+    OutputSelector,
+    Target,
+    TrainModeWarning,
+    preserve_model_state,
+    select_output,
+    select_target,
+    selected_output,
+    target_gradient,
+)
 from .methods import Explainer, Gradient, InputXGradient, IntegratedGradients, SmoothGrad, integration_rule
 from .lrp import (
     LRP,
@@ -37,10 +46,11 @@ from .smoothing import (
     functional_relu_calls,
     set_smooth_beta,
 )
-from .registry import ALIASES, METHODS, canonical_method, explain, make_explainer, method_names
+from .registry import ALIASES, METHODS, OPTION_ALIASES, canonical_method, explain, make_explainer, method_names
 
 __all__ = [
     "Target", "preserve_model_state", "select_target", "target_gradient",
+    "OutputSelector", "TrainModeWarning", "select_output", "selected_output",
     "Explainer", "Gradient", "InputXGradient", "IntegratedGradients", "SmoothGrad", "integration_rule",
     "LRP", "BatchNormFolding", "Composite", "EpsilonAlpha2Beta1", "EpsilonGammaBox", "EpsilonPlus", "LRPEpsilon",
     "LRPEpsilonGammaBox", "LRPEpsilonPlus", "LRPGamma", "LRPZPlus", "ResidualSum", "vgg16_gamma_preset",
@@ -49,5 +59,5 @@ __all__ = [
     "LayerIntegratedGradients", "layer_activations", "resolve_layer",
     "BetaSmoothing", "SmoothedExplainer", "SmoothReLU", "beta_smooth", "beta_smoothed", "count_relus",
     "functional_relu_calls", "set_smooth_beta",
-    "ALIASES", "METHODS", "canonical_method", "explain", "make_explainer", "method_names",
+    "ALIASES", "METHODS", "OPTION_ALIASES", "canonical_method", "explain", "make_explainer", "method_names",
 ]
