@@ -238,3 +238,118 @@ def test_unit_dir_and_summary(tmp_path):
     s = summarize_records([{"id": "a", "x": 1, "ok": True, "v": None}, {"id": "b", "x": 3.0, "ok": False, "v": float("nan")}])
     assert s == {"n": 2, "means": {"x": 2.0, "ok": 0.5}}
     assert os.path.isdir(unit_dir(tmp_path, "z"))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Ray: one local cluster with 2 CPUs for the module (starting Ray is the slow part)
+
+
+def test_ray_missing_gives_install_hint(monkeypatch, tmp_path):
+    import sys
+
+    from manifex.runs import RayExecutor
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(ManifexError, match=r'pip install "manifex\[ray\]"'):
+        run_units(_units(2), _square, tmp_path, context={"offset": 0}, executor=RayExecutor(workers=2), progress=False)
+    run_units(_units(2), _square, tmp_path, context={"offset": 0}, progress=False)  # everything else works
+
+
+def test_ray_executor_options_checked():
+    from manifex.runs import RayExecutor
+
+    with pytest.raises(InputError, match="workers"):
+        RayExecutor(workers=0)
+    with pytest.raises(InputError, match="gpus_per_worker"):
+        RayExecutor(gpus_per_worker=-1)
+    assert RayExecutor(workers=2, threads_per_worker=3).threads_per_worker == 3
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'manifex[ray]'")
+    import sys
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def _die_once(units, context, out_dir):
+    """Kills its worker process the first time it sees context["victim"] (a marker file makes it once)."""
+    marker = Path(out_dir) / "killed"
+    if context["victim"] in [u.id for u in units] and not marker.exists():
+        marker.write_text(str(os.getpid()))
+        os._exit(1)
+    return [{"id": u.id, "y": u.payload["x"] ** 2, "pid": os.getpid()} for u in units]
+
+
+@pytest.mark.slow
+def test_ray_worker_killed_mid_run(ray_cluster, tmp_path):
+    from manifex.runs import RayExecutor
+
+    # with retries: Ray restarts the actor and resends the batch; the run completes
+    recs = run_units(_units(12), _die_once, tmp_path / "a", context={"victim": "u005"}, batch_size=2,
+                     executor=RayExecutor(workers=2), progress=False)
+    assert (tmp_path / "a" / "killed").exists()
+    assert [r["y"] for r in recs] == [i * i for i in range(12)]
+    assert sorted(r["id"] for r in read_jsonl(tmp_path / "a" / "results.jsonl")) == [f"u{i:03d}" for i in range(12)]
+    # without retries the run fails; the re-run (here: locally) completes the rest, nothing lost or duplicated
+    with pytest.raises(Exception):
+        run_units(_units(12), _die_once, tmp_path / "b", context={"victim": "u005"}, batch_size=2,
+                  executor=RayExecutor(workers=1, max_retries=0), progress=False)
+    before = read_jsonl(tmp_path / "b" / "results.jsonl")
+    assert "u005" not in {r["id"] for r in before} and len(before) < 12
+    recs = run_units(_units(12), _die_once, tmp_path / "b", context={"victim": "u005"}, batch_size=2, progress=False)
+    lines = read_jsonl(tmp_path / "b" / "results.jsonl")
+    assert [r["id"] for r in lines[:len(before)]] == [r["id"] for r in before]
+    assert sorted(r["id"] for r in lines) == [f"u{i:03d}" for i in range(12)]
+    assert [r["y"] for r in recs] == [i * i for i in range(12)]
+
+
+@pytest.mark.slow
+def test_ray_campaign_equals_local(ray_cluster, tmp_path):
+    from manifex.data import load_digits8
+    from manifex.manipulation import pairs_from_dataset, run_campaign
+    from manifex.models import ClassifierConfig, build_classifier
+    from manifex.runs import RayExecutor
+
+    torch.manual_seed(0)
+    model = build_classifier(ClassifierConfig("mlp", (1, 8, 8), 10)).eval()
+    pairs = pairs_from_dataset(load_digits8(), 6, seed=1)
+    opts = dict(batch_size=2, iterations=4, lr=1e-2, gamma=0.06, figures=False)
+    local = run_campaign(model, "input_x_gradient", pairs, tmp_path / "local", **opts)
+    on_ray = run_campaign(model, "input_x_gradient", pairs, tmp_path / "ray", executor=RayExecutor(workers=2), **opts)
+    assert on_ray.n_new == 6 and [r["id"] for r in on_ray.records] == pairs.ids
+    for a, b in zip(local.records, on_ray.records):
+        for k, v in a.items():
+            if isinstance(v, float) and k != "seconds":
+                assert b[k] == pytest.approx(v, abs=1e-5), k  # same batches: equal up to round-off
+            elif k != "seconds":
+                assert b[k] == v, k
+    t_local = torch.load(tmp_path / "local" / "pairs" / f"{pairs.ids[3]}.pt", weights_only=True)["x_adv"]
+    t_ray = torch.load(tmp_path / "ray" / "pairs" / f"{pairs.ids[3]}.pt", weights_only=True)["x_adv"]
+    torch.testing.assert_close(t_ray, t_local, atol=1e-5, rtol=0)
+    # a campaign started on Ray resumes locally: nothing is recomputed
+    assert run_campaign(model, "input_x_gradient", pairs, tmp_path / "ray", **opts).n_new == 0
+
+
+@pytest.mark.parametrize("command", ["attack", "smooth"])
+def test_cli_workers_without_ray_says_how_to_install(monkeypatch, tmp_path, command):
+    import sys
+
+    from click.testing import CliRunner
+
+    from manifex.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    result = CliRunner().invoke(main, [command, "--dataset", "digits8", "--workers", "2", "--out", str(tmp_path / "out"),
+                                       "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    assert result.exit_code == 2 and 'pip install "manifex[ray]"' in result.output, result.output
+    assert not (tmp_path / "cache").exists() or not any(p.suffix == ".pt" for p in (tmp_path / "cache").iterdir())
+    result = CliRunner().invoke(main, [command, "--gpus-per-worker", "1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "--workers" in result.output, result.output

@@ -214,3 +214,36 @@ def load_classifier(train, test, *, model_spec: str | None = None, weights: str 
     return model, info
 
 
+def executor_options(f):
+    """Click options that choose where a campaign's units run: --workers, --ray-address, --gpus-per-worker
+    (parameters ``workers``, ``ray_address``, ``gpus_per_worker``; build the executor with :func:`make_executor`)."""
+    options = [
+        click.option("--workers", type=click.IntRange(0), default=None, metavar="N",
+                     help="Run the units on N Ray workers: a local Ray cluster with N worker processes (needs "
+                          'pip install "manifex[ray]"), or N workers on the cluster of --ray-address. Default: '
+                          "this process alone. Results go to the same files, so a run resumes either way."),
+        click.option("--ray-address", default=None, metavar="ADDR",
+                     help="Join an existing Ray cluster ('auto' on a cluster node, or ray://HEAD:10001) instead of "
+                          "starting one; --out, --cache-dir and the data must be on a file system its nodes share."),
+        click.option("--gpus-per-worker", type=click.FloatRange(0), default=0.0, show_default=True,
+                     help="GPUs each Ray worker reserves (0.5: two workers share a GPU)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def make_executor(workers: int | None = None, ray_address: str | None = None, gpus_per_worker: float = 0.0):
+    """The executor the --workers/--ray-address/--gpus-per-worker options ask for: None (run here) unless Ray
+    is asked for; a :class:`manifex.runs.RayExecutor` otherwise. Ray is imported now, so a missing install is
+    reported (with the install command) before any work."""
+    from ..errors import InputError
+
+    if not workers and ray_address is None:
+        if gpus_per_worker:
+            raise InputError("--gpus-per-worker needs Ray workers: add --workers N (or --ray-address ADDR).")
+        return None
+    from ..runs import RayExecutor, import_ray
+
+    import_ray()
+    return RayExecutor(workers=workers or None, address=ray_address, gpus_per_worker=gpus_per_worker)

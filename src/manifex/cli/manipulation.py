@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from . import main
-from .common import _beta_pair, _betas, _fraction, classifier_options, load_classifier, load_data, preflight
+from .common import (_beta_pair, _betas, _fraction, classifier_options, executor_options, load_classifier, load_data,
+                     make_executor, preflight)
 
 
 #: Methods whose explanation of a ReLU network has a zero input-derivative: they need β-growth to be attacked.
@@ -51,10 +52,11 @@ _NEEDS_BETA = {"gradient", "guided_backprop", "smoothgrad", "smoothgrad_sq", "va
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--trust-pickle", is_flag=True, help="Allow pickled dataset files (only for files you trust).")
+@executor_options
 @click.option("--quiet", is_flag=True)
 def attack(dataset, classifier, model_spec, weights, normalize, num_classes, epochs, method, n_pairs, pairs_csv, data_dir,
            iterations, lr, gamma, map_loss, budget, norm, beta_growth, stop_pcc, batch_size, out_dir, resume, device, seed,
-           cache_dir, trust_pickle, quiet) -> None:
+           cache_dir, trust_pickle, workers, ray_address, gpus_per_worker, quiet) -> None:
     """Manipulate explanations: make them match another image's while the prediction stays.
 
     \b
@@ -70,6 +72,8 @@ def attack(dataset, classifier, model_spec, weights, normalize, num_classes, epo
       manifex attack --budget 8/255 --loss pcc --lr 3e-3    # barely visible
       manifex attack --method lrp_epsilon_gamma_box --pairs-csv pairs.csv
       manifex attack --model my_nets.py:SmallNet --weights small.pt --normalize 0.1307,0.3081
+      manifex attack --pairs 1000 --workers 4               # 4 Ray workers on this machine
+      manifex attack --pairs 1000 --ray-address auto        # join the Ray cluster of this node
     """
     from ..attribution import canonical_method
     from ..manipulation import pairs_from_csv, pairs_from_dataset, research_gamma, run_campaign
@@ -79,6 +83,7 @@ def attack(dataset, classifier, model_spec, weights, normalize, num_classes, epo
     # Everything that can be wrong is checked before the classifier is trained or the campaign starts.
     method = canonical_method(method)
     device = preflight(device=device, out_dir=out_dir, cache_dir=cache_dir, cache=model_spec is None)
+    executor = make_executor(workers, ray_address, gpus_per_worker)
     data, checks = load_data(dataset, trust_pickle=trust_pickle, num_classes=num_classes)
     train, test = data.split(0.2, seed=seed)
     if pairs_csv:
@@ -97,7 +102,8 @@ def attack(dataset, classifier, model_spec, weights, normalize, num_classes, epo
     h, w = data.image_shape[1:]
     options = dict(iterations=iterations, lr=lr, gamma=gamma if gamma is not None else research_gamma(h * w, data.num_classes),
                    map_loss=map_loss, epsilon=budget, norm=norm, beta_growth=beta_growth, stop_pcc=stop_pcc)
-    summary = run_campaign(model, method, pairs, out_dir, batch_size=batch_size, resume=resume, progress=not quiet, **options)
+    summary = run_campaign(model, method, pairs, out_dir, batch_size=batch_size, resume=resume, progress=not quiet,
+                           executor=executor, **options)
     report = write_attack_report(summary, out_dir, method=method, model_info=_model_info(info, dataset, acc, epochs),
                                  command="manifex " + " ".join(sys.argv[1:]), checks=checks, warnings=warnings)
     for w in warnings:
@@ -134,9 +140,11 @@ def attack(dataset, classifier, model_spec, weights, normalize, num_classes, epo
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--trust-pickle", is_flag=True)
+@executor_options
 @click.option("--quiet", is_flag=True)
 def smooth(dataset, classifier, model_spec, weights, normalize, num_classes, epochs, method, betas, n_pairs, iterations, lr,
-           budget, map_loss, batch_size, out_dir, device, seed, cache_dir, trust_pickle, quiet) -> None:
+           budget, map_loss, batch_size, out_dir, device, seed, cache_dir, trust_pickle, workers, ray_address, gpus_per_worker,
+           quiet) -> None:
     """β-smoothing defence: explanations, accuracy, curvature and manipulability across β.
 
     \b
@@ -151,6 +159,7 @@ def smooth(dataset, classifier, model_spec, weights, normalize, num_classes, epo
       manifex smooth --out runs/smooth
     prints one line per model: the PCC to the target before -> after the
     attack and its gain (smaller for smaller β), accuracy and curvature.
+    With --workers N the sweep's attacks run on N Ray workers.
     """
     from ..attribution import canonical_method
     from ..manipulation import (RELU, accuracy_across_beta, explanations_across_beta, pairs_from_dataset,
@@ -160,6 +169,7 @@ def smooth(dataset, classifier, model_spec, weights, normalize, num_classes, epo
 
     method = canonical_method(method)
     device = preflight(device=device, out_dir=out_dir, cache_dir=cache_dir, cache=model_spec is None)
+    executor = make_executor(workers, ray_address, gpus_per_worker)
     data, checks = load_data(dataset, trust_pickle=trust_pickle, num_classes=num_classes)
     train, test = data.split(0.2, seed=seed)
     if n_pairs:
@@ -181,7 +191,8 @@ def smooth(dataset, classifier, model_spec, weights, normalize, num_classes, epo
     if n_pairs:
         h, w = data.image_shape[1:]
         sweep = robustness_sweep(model, method, pairs_from_dataset(test, n_pairs, seed=seed), [*betas, RELU], out_dir,
-                                 data=test, batch_size=batch_size, progress=not quiet, iterations=iterations, lr=lr,
+                                 data=test, batch_size=batch_size, progress=not quiet, executor=executor,
+                                 iterations=iterations, lr=lr,
                                  epsilon=budget, map_loss=map_loss, gamma=research_gamma(h * w, data.num_classes))
         plot_beta_curves(sweep, out_dir / "beta_curves.png")
         curves = "beta_curves.png"

@@ -58,6 +58,7 @@ def _positive_int(name: str, value: Any, low: int = 1) -> int:
 class RayExecutor:
     """Run batches on ``workers`` Ray actors.
 
+    ``workers=None`` (with ``address``): one per ``threads_per_worker`` CPUs of the cluster.
     ``address=None`` starts a local Ray cluster (``ray.init(num_cpus=workers × threads_per_worker)``) for the
     run and stops it afterwards; ``address="auto"`` or ``"ray://host:10001"`` joins an existing cluster (its
     nodes must see ``out_dir`` and import manifex). If Ray is already initialised in this process, that
@@ -70,10 +71,12 @@ class RayExecutor:
     ``runtime_env``).
     """
 
-    def __init__(self, workers: int = 2, address: str | None = None, gpus_per_worker: float = 0,
+    def __init__(self, workers: int | None = 2, address: str | None = None, gpus_per_worker: float = 0,
                  threads_per_worker: int | None = None, *, in_flight: int = 2, max_retries: int = 2,
                  ray_init: dict | None = None) -> None:
-        self.workers = _positive_int("workers", workers)
+        if workers is None and address is None:
+            raise InputError("workers=None (as many as the cluster has CPUs) needs the address of a cluster.")
+        self.workers = None if workers is None else _positive_int("workers", workers)
         if address is not None and (not isinstance(address, str) or not address.strip()):
             raise InputError(f"address must be a Ray address such as 'auto' or 'ray://host:10001', got {address!r}.")
         self.address = address
@@ -81,7 +84,7 @@ class RayExecutor:
             raise InputError(f"gpus_per_worker must be a number >= 0, got {gpus_per_worker!r}.")
         self.gpus_per_worker = float(gpus_per_worker)
         if threads_per_worker is None:
-            threads_per_worker = max(1, (os.cpu_count() or 1) // self.workers) if address is None else 1
+            threads_per_worker = max(1, (os.cpu_count() or 1) // self.workers) if address is None else 1  # type: ignore[operator]
         self.threads_per_worker = _positive_int("threads_per_worker", threads_per_worker)
         self.in_flight = _positive_int("in_flight", in_flight)
         self.max_retries = _positive_int("max_retries", max_retries, 0)
@@ -119,7 +122,8 @@ class RayExecutor:
                 num_cpus=self.threads_per_worker, num_gpus=self.gpus_per_worker,
                 max_restarts=self.max_retries, max_task_retries=self.max_retries,
             )
-            n = min(self.workers, len(batches))
+            workers = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // self.threads_per_worker)
+            n = min(workers, len(batches))
             actors = [Actor.remote(context_ref, process, self.threads_per_worker) for _ in range(n)]
             queue = collections.deque(batches)
             pending: dict[Any, tuple[list[Unit], Any]] = {}
