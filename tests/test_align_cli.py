@@ -13,6 +13,7 @@ TINY = [
     "--dataset", "known:digits8", "--samples", "16", "--n-train", "200", "--n-test", "32",
     "--vae-epochs", "2", "--epochs", "1", "--robust-epochs", "1", "--robust-steps", "2",
     "--methods", "gradient,smoothgrad,ig_path", "--quiet",
+    "--allow-degenerate",  # 2 VAE epochs on digits8 leave the labeler at chance: the report must say so
 ]
 
 
@@ -44,6 +45,27 @@ def test_align_writes_report_metrics_and_figures(first_run):
         assert 0.0 <= info["accuracy"] <= 1.0
     html = (out / "report.html").read_text()
     assert "smoothgrad" in html and "report: " in res.output
+
+
+def test_degenerate_data_is_flagged_at_the_top_of_the_report(first_run):
+    _, _, out, res = first_run
+    m = json.loads((out / "metrics.json").read_text())
+    assert any("near chance" in w for w in m["warnings"])
+    assert any(c.startswith("known-manifold labeler: accuracy") for c in m["checks"])
+    html = (out / "report.html").read_text()
+    warning, first_section = html.index('class="warning"'), html.index("<section")
+    assert warning < first_section and "near chance" in html[warning:first_section]
+    assert "<h1>Unreliable: the inputs failed their checks" in html
+    assert 'class="checks"' in html and "warning: " in res.output
+    assert m["seed_reference"] == {} and 'Seed' not in html  # the seed's MNIST numbers do not apply to digits8
+
+
+def test_degenerate_data_is_refused_without_the_opt_in(first_run, tmp_path):
+    _, cache, _, _ = first_run
+    args = [a for a in TINY if a != "--allow-degenerate"]
+    res = CliRunner().invoke(main, ["align", *args, "--out", str(tmp_path / "o"), "--cache-dir", str(cache)])
+    assert res.exit_code == 2 and "degenerate" in res.output and "--allow-degenerate" in res.output
+    assert not (tmp_path / "o" / "report.html").exists()
 
 
 def test_rerun_reuses_models_and_attributions(first_run):

@@ -7,7 +7,7 @@ max(p)², label = argmax p. The dataset stores X, Y and Z; tangent spaces follow
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.base import ImageDataset
-from ..errors import InputError
+from ..errors import DataError, InputError
 from ..geometry import TangentSpace, tangent_space
 from ..models import GenerativeModel, ModelCache, TrainConfig, accuracy, cache_key, get_classifier, state_fingerprint
 
-__all__ = ["KnownManifoldConfig", "KnownManifold", "make_known_manifold", "upsampled_decoder"]
+__all__ = ["KnownManifoldConfig", "KnownManifold", "make_known_manifold", "upsampled_decoder", "check_known_manifold"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,8 @@ class KnownManifold:
     labeler_accuracy: float
     acceptance_rate: float
     size: int | None = None  # None: the decoder's own resolution; else bilinear upsampling to size×size
+    checks: list[str] = field(default_factory=list)  # what was verified about the generated dataset
+    warnings: list[str] = field(default_factory=list)  # failed checks (only with allow_degenerate=True)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (N, k) → images (N, C, H, W) of this dataset (upsampled when ``size`` is set)."""
@@ -118,8 +120,8 @@ def _sample(generative: GenerativeModel, labeler: torch.nn.Module, n: int, batch
         keep = torch.rand(batch, generator=g).to(dev) < conf**2
         drawn += batch
         xs.append(x[keep].cpu()); ys.append(label[keep].cpu()); zs.append(z[keep].cpu())
+        bar.update(min(int(keep.sum()), n - have))  # the last batch may overshoot n; the bar must not
         have += int(keep.sum())
-        bar.update(int(keep.sum()))
     bar.close()
     x, y, z = torch.cat(xs)[:n], torch.cat(ys)[:n], torch.cat(zs)[:n]
     return x, y, z, n / drawn
@@ -132,8 +134,15 @@ def make_known_manifold(
     *,
     cache: ModelCache | None = None,
     progress: bool = True,
+    allow_degenerate: bool = False,
 ) -> KnownManifold:
-    """Sample a labelled dataset from ``generative``'s decoder (cached by generator weights and config)."""
+    """Sample a labelled dataset from ``generative``'s decoder (cached by generator weights and config).
+
+    The result is checked (:func:`check_known_manifold`): a labeler near chance, classes that (almost) never
+    occur, or an acceptance rate of a near-uniform labeler make the labels meaningless. Such a dataset raises
+    :class:`DataError` (the labeler is checked before sampling, so this fails early) unless
+    ``allow_degenerate``, which returns it with the problems in ``warnings``.
+    """
     key = cache_key(config.to_dict(), state_fingerprint(generative), real.fingerprint())
     generative.eval()
     dev = next(generative.parameters()).device
@@ -146,6 +155,8 @@ def make_known_manifold(
         labeler, _ = get_classifier(fit, config.labeler_arch, TrainConfig(epochs=config.labeler_epochs, seed=config.seed),
                                     cache=cache, device=dev, progress=progress)
         acc = accuracy(labeler, val)
+        if not allow_degenerate:  # fail before sampling: at chance, sampling accepts ~1/K² of the draws and takes long
+            _raise_if(_labeler_problems(acc, len(real.classes)), real, config)
         g = torch.Generator().manual_seed(config.seed)
         x, y, z, rate = _sample(generative, labeler, config.n_train + config.n_test, config.batch_size, g, progress, "sampling known-manifold data")
         hit = {"x": x, "y": y, "z": z, "labeler_accuracy": acc, "acceptance_rate": rate}
@@ -156,4 +167,58 @@ def make_known_manifold(
     name = f"known-{real.name}"
     train = ImageDataset(x[:nt], y[:nt], name=f"{name}-train", classes=real.classes, z=z[:nt])
     test = ImageDataset(x[nt:], y[nt:], name=f"{name}-test", classes=real.classes, z=z[nt:])
-    return KnownManifold(train, test, generative, float(hit["labeler_accuracy"]), float(hit["acceptance_rate"]))
+    km = KnownManifold(train, test, generative, float(hit["labeler_accuracy"]), float(hit["acceptance_rate"]))
+    km.checks, problems = check_known_manifold(km, len(real.classes))
+    if problems and not allow_degenerate:
+        _raise_if(problems, real, config)
+    km.warnings = problems
+    return km
+
+
+def _labeler_problems(acc: float, num_classes: int) -> list[str]:
+    chance = 1.0 / num_classes
+    if acc < max(2 * chance, 0.5):
+        return [f"the labeler that assigns the generated images' labels has accuracy {acc:.1%} on held-out "
+                f"reconstructions, near chance ({chance:.1%}): the labels are noise"]
+    return []
+
+
+def check_known_manifold(km: KnownManifold, num_classes: int) -> tuple[list[str], list[str]]:
+    """What was verified about a generated dataset, and the problems found: ``(checks, problems)``.
+
+    Problems: labeler accuracy below max(2 × chance, 50%); an effective number of classes exp(entropy of the
+    class fractions) below K/2 (e.g. every image in one class); an acceptance rate below 2/K², which is what a
+    labeler with near-uniform outputs gives under the max(p)² acceptance rule.
+    """
+    y = torch.cat([km.train.y, km.test.y])
+    n, k = len(y), num_classes
+    frac = torch.bincount(y, minlength=k).double() / max(n, 1)
+    nz = frac[frac > 0]
+    effective = float(torch.exp(-(nz * nz.log()).sum())) if n else 0.0
+    missing = [str(c) for c in range(k) if frac[c] == 0]
+    chance = 1.0 / k
+    problems = _labeler_problems(km.labeler_accuracy, k)
+    if effective < k / 2:
+        top = int(frac.argmax())
+        problems.append(f"the generated classes are unbalanced: effective number of classes {effective:.1f} of {k} "
+                        f"(class {top} holds {float(frac[top]):.0%} of the {n:,} images)")
+    if km.acceptance_rate < 2 * chance**2:
+        problems.append(f"acceptance rate {km.acceptance_rate:.1%} (≈ 1/K² = {chance**2:.1%}, what a labeler with "
+                        "near-uniform outputs gives): the labeler is not confident on the decoder's images")
+    checks = [
+        f"known-manifold labeler: accuracy {km.labeler_accuracy:.1%} on held-out reconstructions (chance {chance:.1%}; "
+        f"needs ≥ {max(2 * chance, 0.5):.0%})",
+        f"generated classes: effective number {effective:.1f} of {k} (needs ≥ {k / 2:g}); smallest "
+        f"{float(frac.min()):.1%}, largest {float(frac.max()):.1%}" + (f"; no image of class {', '.join(missing)}" if missing else ""),
+        f"acceptance rate {km.acceptance_rate:.1%} of decoder samples (needs ≥ {2 * chance**2:.1%})",
+    ]
+    return checks, problems
+
+
+def _raise_if(problems: list[str], real: ImageDataset, config: KnownManifoldConfig) -> None:
+    if problems:
+        raise DataError(
+            f"the known-manifold dataset generated from {real.name} is degenerate: {'; '.join(problems)}. Train the VAE "
+            "longer (--vae-epochs), use more data, or pass --allow-degenerate (allow_degenerate=True) to write a "
+            "report flagged as unreliable."
+        )

@@ -29,6 +29,7 @@ from ..models import (
     cache_key,
     get_classifier,
     get_generative,
+    state_fingerprint,
 )
 from .known_manifold import KnownManifoldConfig, make_known_manifold
 from .result import SEED_REFERENCE, AlignmentResult
@@ -61,6 +62,7 @@ class AlignConfig:
     seed: int = 0
     device: str = "cpu"
     trust_pickle: bool = False
+    allow_degenerate: bool = False  # write a report (flagged) even when the generated dataset fails its checks
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,10 +78,11 @@ def _prepare_data(cfg: AlignConfig, cache: ModelCache, progress: bool):
     generative, ginfo = get_generative(real, arch, cfg.latent_dim, gen_train, cache=cache, device=cfg.device, progress=progress)
     if known:
         km = make_known_manifold(real, generative, KnownManifoldConfig(n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed),
-                                 cache=cache, progress=progress)
+                                 cache=cache, progress=progress, allow_degenerate=cfg.allow_degenerate)
         info = {"name": cfg.dataset, "manifold": "known (sampled from the VAE decoder; tangent spaces exact)",
                 "labeler_accuracy": km.labeler_accuracy, "acceptance_rate": km.acceptance_rate,
-                "class_fractions": (km.train.y.bincount(minlength=len(real.classes)).float() / len(km.train)).tolist()}
+                "class_fractions": (km.train.y.bincount(minlength=len(real.classes)).float() / len(km.train)).tolist(),
+                "checks": km.checks, "warnings": km.warnings}
         return km.train, km.test, generative, info, ginfo
     if real.z is not None:
         real.z = None  # stored codes belong to another generator; encode with ours instead
@@ -95,8 +98,37 @@ def _summary(s: torch.Tensor) -> dict:
     return {"mean": float(s.mean()), "median": float(s.median()), "std": float(s.std()), "n": int(s.numel())}
 
 
-def run_alignment(cfg: AlignConfig = AlignConfig(), *, cache: ModelCache | None = None, progress: bool = True) -> AlignmentResult:
-    """Run the alignment experiment and return scores, example decompositions and metrics."""
+def _seed_applies(cfg: AlignConfig, user_model: bool) -> bool:
+    """The seed's numbers (MNIST32, its LeNet) are a reference only for known-manifold MNIST and a built-in LeNet."""
+    spec = cfg.dataset.lower()
+    return spec.startswith("known:") and "mnist" in spec and cfg.classifier == "lenet" and not user_model
+
+
+def _one_per_class_first(test, n: int, n_show: int, seed: int):
+    """A seeded random sample of ``n`` test images, reordered so the first ``n_show`` are of different classes
+    (the report's example rows show variety); the rest keep the random order."""
+    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    first, seen = [], set()
+    for i in order:
+        label = int(test.y[i])
+        if label not in seen and len(first) < n_show:
+            first.append(i)
+            seen.add(label)
+    rest = [i for i in order if i not in set(first)]
+    return test.subset(torch.tensor(first + rest, dtype=torch.long))
+
+
+def run_alignment(cfg: AlignConfig = AlignConfig(), *, cache: ModelCache | None = None, progress: bool = True,
+                  classifier: torch.nn.Module | None = None) -> AlignmentResult:
+    """Run the alignment experiment and return scores, example decompositions and metrics.
+
+    ``classifier``: your own model to score (any nn.Module mapping images in [0, 1] to logits) instead of the
+    built-in ``cfg.classifier`` trained here; it is reported as "your model" and not fine-tuned (``cfg.robust``
+    must be False). ``metrics["checks"]`` lists what was verified about the inputs, ``metrics["warnings"]``
+    the checks that failed (degenerate generated data, allowed by ``cfg.allow_degenerate``).
+    """
+    if classifier is not None and cfg.robust:
+        raise InputError("robust=True fine-tunes a built-in classifier; with your own classifier set robust=False.")
     if cfg.n_samples < 2:
         raise InputError(f"n_samples must be >= 2, got {cfg.n_samples}.")
     methods = list(dict.fromkeys(canonical_method(m) for m in cfg.methods))  # validate before any training
@@ -104,11 +136,16 @@ def run_alignment(cfg: AlignConfig = AlignConfig(), *, cache: ModelCache | None 
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     train, test, generative, data_info, ginfo = _prepare_data(cfg, cache, progress)
+    checks, warnings = list(data_info.pop("checks", [])), list(data_info.pop("warnings", []))
     models: dict[str, torch.nn.Module] = {}
     model_info: dict[str, dict] = {}
-    std_train = TrainConfig(epochs=cfg.classifier_epochs, seed=cfg.seed)
-    models["standard"], info = get_classifier(train, cfg.classifier, std_train, cache=cache, device=cfg.device, progress=progress)
-    model_info["standard"] = {"accuracy": accuracy(models["standard"], test), **info}
+    if classifier is not None:
+        models["your model"] = classifier.eval()
+        model_info["your model"] = {"accuracy": accuracy(classifier, test), "key": state_fingerprint(classifier)}
+    else:
+        std_train = TrainConfig(epochs=cfg.classifier_epochs, seed=cfg.seed)
+        models["standard"], info = get_classifier(train, cfg.classifier, std_train, cache=cache, device=cfg.device, progress=progress)
+        model_info["standard"] = {"accuracy": accuracy(models["standard"], test), **info}
     if cfg.robust:
         adv = AdversarialConfig(epsilons=tuple(cfg.robust_epsilons), steps=cfg.robust_steps)
         rob_train = TrainConfig(epochs=cfg.robust_epochs, seed=cfg.seed, adversarial=adv)
@@ -117,8 +154,16 @@ def run_alignment(cfg: AlignConfig = AlignConfig(), *, cache: ModelCache | None 
         model_info["robust"] = {"accuracy": accuracy(models["robust"], test), **info}
 
     check_pixel_range(test.x, f"images of {cfg.dataset}")  # the classifiers and VAE work on [0, 1]
+    chance = 1.0 / max(test.num_classes, 1)
+    for name, mi in model_info.items():
+        checks.append(f"{name} classifier: test accuracy {mi['accuracy']:.1%} (chance {chance:.1%})")
+        if mi["accuracy"] < 1.5 * chance:
+            warnings.append(f"the {name} classifier's test accuracy {mi['accuracy']:.1%} is near chance ({chance:.1%}); "
+                            "its explanations carry little about the data")
     n = min(cfg.n_samples, len(test))
-    sample = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed))[:n])
+    if n < cfg.n_samples:
+        checks.append(f"scored all {n:,} test images (--samples {cfg.n_samples:,} asks for more than there are)")
+    sample = _one_per_class_first(test, n, min(cfg.n_show, n), cfg.seed)
     x, y = sample.x.to(cfg.device), sample.y.to(cfg.device)
     t0 = time.perf_counter()
     tangent: TangentSpace = tangent_space(generative.decode, sample.z.to(cfg.device), progress=progress)
@@ -163,12 +208,17 @@ def run_alignment(cfg: AlignConfig = AlignConfig(), *, cache: ModelCache | None 
         "models": {m: {"accuracy": i["accuracy"], "train_seconds": i.get("train_seconds"), "cached": i.get("cached"),
                        "epochs": len(i.get("history", []))} for m, i in model_info.items()},
         "scores": score_summary,
-        "seed_reference": {m: v for m, v in SEED_REFERENCE.items() if m in scores},
+        "seed_reference": {m: v for m, v in SEED_REFERENCE.items() if m in scores} if _seed_applies(cfg, classifier is not None) else {},
         "timings": {"tangent_seconds": t_tangent, "tangent_seconds_per_image": t_tangent / n,
                     "attribution_seconds": timings, "total_seconds": time.perf_counter() - t_start},
         "config": cfg.to_dict(),
     }
-    metrics["findings"] = _findings(score_summary, baseline) + _seed_comparison(score_summary, cfg, len(train))
+    checks.append(f"tangent spaces: rank {int(tangent.rank.min())}–{k} of latent dimension {cfg.latent_dim}, "
+                  f"d = {d:,} pixels; random baseline {baseline:.3f}")
+    metrics["checks"], metrics["warnings"] = checks, warnings
+    metrics["findings"] = _findings(score_summary, baseline)
+    if _seed_applies(cfg, classifier is not None):
+        metrics["findings"] += _seed_comparison(score_summary, cfg, len(train))
     return AlignmentResult(scores, sample.x[show].cpu(), sample.y[show].cpu(), parts, tangent_mass(tangent[show]).cpu(), metrics)
 
 

@@ -163,7 +163,7 @@ def _density_figure(result: AlignmentResult, colours: dict[str, str]) -> Figure:
     legend_handles = list(handles.values()) + [Line2D([], [], color="black", ls="--", lw=1.2),
                                                Line2D([], [], color="grey", marker="^", ls="", ms=7)]
     labels += [f"random direction, mean = {result.baseline:.3f}", "mean"]
-    fig.legend(legend_handles, labels, loc="outside lower center", ncols=min(len(labels), 6), frameon=False, fontsize=8.5)
+    fig.legend(legend_handles, labels, loc="outside lower center", ncols=min(len(labels), 5), frameon=False, fontsize=10)
     return fig
 
 
@@ -187,9 +187,11 @@ def _summary_figure(result: AlignmentResult, stats: dict, colours: dict[str, str
             ax.bar(x, s["mean"], width * 0.9, yerr=std, color=colours[method], capsize=2,
                    error_kw={"lw": 0.8, "alpha": 0.6}, label=None if method in labelled else method)
             labelled.add(method)
-            ax.text(x, s["mean"] + std + 0.015, f"{s['mean']:.2f}", ha="center", va="bottom", fontsize=7)
-            top = max(top, s["mean"] + std)
             ref = seed.get(model, {}).get(method) if isinstance(seed.get(model), dict) else None
+            # the value label sits above the error bar and above the seed's diamond, so neither hides it
+            label_y = max(s["mean"] + std, float(ref) + 0.025 if isinstance(ref, (int, float)) else 0.0) + 0.015
+            ax.text(x, label_y, f"{s['mean']:.2f}", ha="center", va="bottom", fontsize=8)
+            top = max(top, label_y + 0.04)
             if isinstance(ref, (int, float)):
                 ax.scatter([x], [ref], marker="D", s=36, color="black", edgecolor="white", zorder=5,
                            label=None if seed_labelled else "seed reference")
@@ -368,9 +370,40 @@ def _headline(stats: dict) -> str | None:
         return None
     what = "gradients" if method == "gradient" else f"{method} explanations"
     ratio = r / s
+    if round(ratio, 2) == 1.0:
+        return f"Robust and standard model's {what} are about equally aligned ({r:.3f} vs {s:.3f})"
     if ratio >= 1:
-        return f"Robust model's {what} are {ratio:.1f}× more aligned than the standard model's"
-    return f"Robust model's {what} are {1 / ratio:.1f}× less aligned than the standard model's"
+        return f"Robust model's {what} are {_times(ratio)} more aligned than the standard model's"
+    return f"Robust model's {what} are {_times(1 / ratio)} less aligned than the standard model's"
+
+
+def _times(ratio: float) -> str:
+    """1.03 → '1.03×', 2.14 → '2.1×': two decimals near 1, where one would round 1.03 to '1.0×'."""
+    return f"{ratio:.2f}×" if ratio < 1.995 else f"{ratio:.1f}×"
+
+
+def _unreliable(headline: str | None, warnings: Any) -> str | None:
+    """A report on inputs that failed their checks never states its result confidently."""
+    if not warnings:
+        return headline
+    return "Unreliable: the inputs failed their checks" + (f" — {headline[0].lower()}{headline[1:]} only on this data"
+                                                           if headline else "")
+
+
+def _fmt_dataset_value(key: str, v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "×".join(map(str, v))
+    if key in ("labeler_accuracy", "acceptance_rate") and isinstance(v, float):
+        return f"{v:.1%}"
+    return _fmt_num(v)
+
+
+def _class_fractions(fractions: Any) -> list[dict[str, str]]:
+    """Per class: label, percentage and a bar height in px (48 = the largest class), for the report's small bars."""
+    if not isinstance(fractions, (list, tuple)) or not fractions:
+        return []
+    top = max(float(f) for f in fractions) or 1.0
+    return [{"label": str(i), "pct": f"{float(f):.0%}", "height": f"{48 * float(f) / top:.0f}"} for i, f in enumerate(fractions)]
 
 
 def _rank_note(rank: Any) -> str:
@@ -464,15 +497,15 @@ def _context(result: AlignmentResult, figures: dict[str, Path]) -> dict[str, Any
                     if isinstance(s["n"], (int, float)) and math.isfinite(s["n"])), default=0)
     return {
         "title": f"Alignment report · {dataset.get('name', 'dataset')}" if dataset else "Alignment report",
-        "headline": _headline(stats),
+        "headline": _unreliable(_headline(stats), metrics.get("warnings")),
         "subtitle": (f"How much of each explanation lies in the data manifold's tangent space — "
                      f"{n_scores:,} test images, {len(models)} model{'s' if len(models) != 1 else ''}, "
                      f"{len(methods)} methods"),
         "findings": [str(f) for f in (metrics.get("findings") or [])],
         "cards": cards,
         "k": result.k, "d": result.d, "baseline": f"{baseline:.3f}", "baseline_rms": f"{baseline_rms:.3f}",
-        "dataset": [(_pretty_key(k), _fmt_num(v) if not isinstance(v, (list, tuple)) else "×".join(map(str, v)))
-                    for k, v in dataset.items() if not isinstance(v, dict)],
+        "dataset": [(_pretty_key(k), _fmt_dataset_value(k, v)) for k, v in dataset.items()
+                    if not isinstance(v, dict) and k not in ("class_fractions", "checks", "warnings")],
         "methods": [{"name": m, "colour": colours[m]} for m in methods],
         "table": table,
         "model_keys": [_pretty_key(k) for k in model_keys],
@@ -486,6 +519,10 @@ def _context(result: AlignmentResult, figures: dict[str, Path]) -> dict[str, Any
                        for k, v in (metrics.get("generative") or {}).items() if not isinstance(v, (dict, list))],
         "timings": [(_pretty_key(k), _fmt_timing(v)) for k, v in _flatten(metrics.get("timings") or {})],
         "command": str(command) if command else None,
+        "has_seed": any(isinstance(v, dict) and v for v in seed.values()),
+        "warnings": [str(w) for w in (metrics.get("warnings") or [])],
+        "checks": [str(c) for c in (metrics.get("checks") or [])],
+        "class_fractions": _class_fractions(dataset.get("class_fractions")),
         "config": json.dumps(config, indent=2, default=str, ensure_ascii=False) if config else None,
     }
 

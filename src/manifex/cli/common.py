@@ -85,7 +85,7 @@ def resolve_device(device: str) -> str:
     try:
         dev = torch.device(text)
     except (RuntimeError, ValueError):
-        raise InputError(f"--device {text!r} is not a torch device; use cpu, cuda, cuda:N or mps.") from None
+        raise InputError(f"--device {text} is not a torch device; use cpu, cuda, cuda:N or mps.") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
