@@ -1,9 +1,9 @@
 """Tests of the attribution engine (``manifex.attribution``).
 
-Every explainer is held to one generated contract (a table of ``(name, factory)`` parametrised over, in the
-style of Captum's ``tests/attr/test_targets.py``): batch invariance, target handling, dtypes, model-state
-protection and errors. Then correctness against Captum 0.9, invariants (IG completeness, x * gradient)
-and second-order behaviour (``create_graph=True``) against finite differences.
+The contract every explainer is held to (batching, targets, dtypes, model state, errors, ``output=``, option
+names) is generated in ``test_contract.py``. Here: correctness against Captum 0.9, invariants (IG
+completeness, x * gradient), constructor and registry errors, and second-order behaviour
+(``create_graph=True``) against finite differences.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from manifex.attribution import (
     integration_rule,
     make_explainer,
     method_names,
-    preserve_model_state,
 )
 from manifex.attribution.core import TrainModeWarning, selected_output
 from manifex.attribution.lrp import LRP
@@ -42,7 +41,6 @@ F64 = torch.float64
 N = 4
 TIGHT = dict(rtol=1e-8, atol=1e-10)  # same maths, different chunking / summation order
 CAPTUM = dict(rtol=1e-5, atol=1e-7)  # against the reference implementation, float64
-HOOK_ATTRS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -89,7 +87,7 @@ Y = torch.tensor([3, 0, 7, 3])
 
 
 # --------------------------------------------------------------------------------------------------------
-# the explainer table: every explainer below is held to the same contract
+# explainers whose second-order behaviour is checked against finite differences
 
 EXPLAINERS = [
     ("gradient", lambda m: Gradient(m)),
@@ -114,12 +112,6 @@ EXPLAINERS = [
     ("lrp_epsilon_gamma_box", lambda m: make_explainer(m, "lrp_epsilon_gamma_box")),
     ("lrp_alpha1beta0", lambda m: make_explainer(m, "lrp_zplus")),
 ]
-# methods that hook the model's modules, so they need an nn.Module (not a plain callable)
-MODULE_ONLY = {"guided_backprop", "lrp_epsilon", "lrp_epsilon_gamma_box", "lrp_alpha1beta0"}
-IDS = [name for name, _ in EXPLAINERS]
-# methods whose attribution is evaluated pointwise at x (no path / noise), so a target callable that
-# depends on the model output (argmax) picks the same class as the precomputed tensor target.
-POINTWISE = {"gradient", "input_x_gradient"}
 # smooth in x (the relative-sigma noise scale depends on x without a gradient path, by design)
 SMOOTH_IN_X = [(n, f) for n, f in EXPLAINERS if "relative" not in n]
 
@@ -128,253 +120,8 @@ def close(a: torch.Tensor, b: torch.Tensor, **tol) -> None:
     torch.testing.assert_close(a, b, **(tol or TIGHT))
 
 
-def snapshot(model: nn.Module) -> dict:
-    """Everything an explanation must leave as it found it."""
-    return dict(
-        training=[m.training for m in model.modules()],
-        requires_grad=[p.requires_grad for p in model.parameters()],
-        hooks=[{a: list(getattr(m, a).items()) for a in HOOK_ATTRS} for m in model.modules()],
-        state={k: v.detach().clone() for k, v in model.state_dict().items()},
-        grads=[p.grad for p in model.parameters()],
-    )
-
-
-def assert_same_state(before: dict, after: dict) -> None:
-    assert after["training"] == before["training"]
-    assert after["requires_grad"] == before["requires_grad"]
-    assert after["hooks"] == before["hooks"]
-    assert after["state"].keys() == before["state"].keys()
-    for k in before["state"]:
-        assert torch.equal(after["state"][k], before["state"][k]), k
-    assert all(g is None for g in after["grads"]), "an explanation accumulated .grad on parameters"
-
-
-# --------------------------------------------------------------------------------------------------------
-# the contract
-
-
-@pytest.mark.parametrize("kind", sorted(MODELS))
-@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
-def test_batched_equals_per_example(name, factory, kind):
-    model = MODELS[kind]()
-    x = make_x()
-    x0 = x.clone()
-    expl = factory(model)
-    batched = expl(x, Y)
-    single = torch.cat([expl(x[i : i + 1], Y[i : i + 1]) for i in range(N)])
-    assert batched.shape == x.shape and batched.dtype == x.dtype
-    assert torch.isfinite(batched).all()
-    close(batched, single)
-    # the same holds for one class index for the whole batch
-    close(expl(x, 5), torch.cat([expl(x[i : i + 1], 5) for i in range(N)]))
-    assert torch.equal(x, x0), "the explainer modified its input"
-
-
-@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
-def test_tensor_target_equals_int_loop(name, factory):
-    model = make_cnn()
-    x = make_x()
-    expl = factory(model)
-    by_tensor = expl(x, Y)
-    by_int = torch.cat([expl(x[i : i + 1], int(Y[i])) for i in range(N)])
-    close(by_tensor, by_int)
-    # any integer dtype, and a 0-dim tensor meaning one class for all
-    close(expl(x, Y.to(torch.int32)), by_tensor)
-    close(expl(x, torch.tensor(7)), expl(x, 7))
-
-
-@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
-def test_callable_index_target_equals_tensor_target(name, factory):
-    model = make_cnn()
-    x = make_x()
-    expl = factory(model)
-    const = lambda out: torch.full((out.shape[0],), 6, dtype=torch.int32)  # noqa: E731
-    close(expl(x, const), expl(x, torch.full((N,), 6)))
-    if name in POINTWISE:
-        predicted = model(x).argmax(1)
-        close(expl(x, lambda out: out.argmax(1)), expl(x, predicted))
-
-
-@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
-def test_callable_float_score_target(name, factory):
-    """A callable returning (N,) float scores explains those scores (here the log-probability of class 2)."""
-    if name in MODULE_ONLY:
-        pytest.skip("hooks the model's modules: a plain callable wrapping the model is not supported")
-    model = make_cnn()
-    x = make_x()
-    picked = factory(model)(x, lambda out: out.log_softmax(1)[:, 2])
-    wrapped = factory(lambda inp: model(inp).log_softmax(1))(x, 2)  # a plain callable model
-    assert picked.shape == x.shape and torch.isfinite(picked).all()
-    close(picked, wrapped)
-    assert not torch.allclose(picked, factory(model)(x, 2)), "the score callable was ignored"
-
-
-@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
-def test_float32_and_float64(name, factory):
-    results = {}
-    for dtype in (torch.float32, F64):
-        x = make_x(dtype=dtype)
-        out = factory(make_cnn(dtype=dtype))(x, Y)
-        assert out.dtype == dtype and out.shape == x.shape
-        assert torch.isfinite(out).all()
-        results[dtype] = out
-    if isinstance(factory(make_cnn()), SmoothGrad):
-        return  # the random draws themselves depend on the dtype: only dtype/shape are comparable
-    scale = results[F64].abs().max()
-    close(results[torch.float32].double(), results[F64], rtol=1e-3, atol=1e-3 * float(scale))
-
-
-def _stateful_model() -> tuple[nn.Module, list[int]]:
-    """A model in train() mode with a Dropout, some frozen parameters and three kinds of hooks."""
-    model = make_mlp(dropout=0.5)
-    model.train()
-    model[1].bias.requires_grad_(False)
-    model[-1].weight.requires_grad_(False)
-    calls = []
-    model[1].register_forward_hook(lambda mod, inp, out: calls.append(1))
-    model[1].register_forward_pre_hook(lambda mod, inp: None)
-    model[-1].register_full_backward_hook(lambda mod, gin, gout: None)
-    return model, calls
-
-
-@pytest.mark.filterwarnings("ignore::manifex.attribution.core.TrainModeWarning")
-@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
-def test_model_state_unchanged(name, factory):
-    model, calls = _stateful_model()
-    before = snapshot(model)
-    x = make_x()
-    out = factory(model)(x, Y)
-    assert out.shape == x.shape
-    assert calls, "user hooks must stay active during the explanation"
-    assert_same_state(before, snapshot(model))
-    assert model.training and model[-2].training
-
-
-@pytest.mark.filterwarnings("ignore::manifex.attribution.core.TrainModeWarning")
-@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
-def test_model_state_unchanged_when_the_call_raises(name, factory):
-    model, _ = _stateful_model()
-    before = snapshot(model)
-    with pytest.raises(InputError, match="target indices"):
-        factory(model)(make_x(), 10)
-    assert_same_state(before, snapshot(model))
-
-
-class _MutatingModel(nn.Module):
-    """A forward that flips train/eval, freezes a parameter and registers a hook on every call."""
-
-    def __init__(self, fail: bool = False) -> None:
-        super().__init__()
-        self.net = make_mlp()
-        self.fail = fail
-
-    def forward(self, x):
-        self.eval()
-        self.net[-1].weight.requires_grad_(False)
-        self.net[1].register_forward_hook(lambda *args: None)
-        self.register_forward_pre_hook(lambda *args: None)
-        if self.fail:
-            raise RuntimeError("forward failed")
-        return self.net(x)
-
-
-@pytest.mark.parametrize("fail", [False, True])
-@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
-def test_state_restored_after_a_mutating_forward(name, factory, fail):
-    model = _MutatingModel(fail=fail).train()
-    before = snapshot(model)
-    if fail:
-        with pytest.raises(RuntimeError, match="forward failed"):
-            factory(model)(make_x(), Y)
-    else:
-        factory(model)(make_x(), Y)
-    assert_same_state(before, snapshot(model))
-
-
-@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
-def test_input_requiring_grad_is_left_alone(name, factory):
-    model = make_cnn()
-    x = make_x().requires_grad_(True)
-    out = factory(model)(x, Y)
-    assert x.grad is None
-    assert not out.requires_grad, "without create_graph the attribution must be detached"
-    close(out, factory(model)(x.detach(), Y))
-    assert all(p.grad is None for p in model.parameters())
-
-
-def test_preserve_model_state_on_plain_callable_and_exception():
-    with preserve_model_state(lambda x: x):  # not a module: nothing to do
-        pass
-    model = make_mlp().train()
-    before = snapshot(model)
-    with pytest.raises(KeyError):
-        with preserve_model_state(model):
-            model.eval()
-            model[1].weight.requires_grad_(False)
-            model[1].register_forward_hook(lambda *a: None)
-            raise KeyError("boom")
-    assert_same_state(before, snapshot(model))
-
-
 # --------------------------------------------------------------------------------------------------------
 # errors
-
-
-@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
-def test_target_errors(name, factory):
-    expl = factory(make_cnn())
-    x = make_x()
-    for bad in (10, -1, torch.tensor([0, 1, 10, 2]), torch.tensor([0, -1, 2, 2])):
-        with pytest.raises(InputError, match=r"\[0, 9\]"):
-            expl(x, bad)
-    for bad in (torch.zeros(N + 1, dtype=torch.long), torch.zeros(N, 1, dtype=torch.long)):
-        with pytest.raises(InputError, match="shape"):
-            expl(x, bad)
-    with pytest.raises(InputError, match="integer class indices"):
-        expl(x, torch.zeros(N))
-    with pytest.raises(InputError, match="callable target"):
-        expl(x, lambda out: out[:, :2])
-    with pytest.raises(InputError, match="target"):
-        expl(x, None)  # 10 outputs per example: a target is required
-    with pytest.raises(InputError, match="int, a tensor or a callable"):
-        expl(x, "3")
-
-
-@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
-def test_input_errors(name, factory):
-    expl = factory(make_cnn())
-    x = make_x()
-    with pytest.raises(InputError, match="floating-point"):
-        expl(x.long(), Y)
-    for value in (float("nan"), float("inf")):
-        bad = x.clone()
-        bad[2, 0, 3, 3] = value
-        with pytest.raises(InputError, match=r"NaN/inf.*examples \[2\]"):
-            expl(bad, Y)
-    with pytest.raises(InputError, match="batch"):
-        expl(torch.randn(8, dtype=F64), 1)
-    with pytest.raises(InputError, match="torch.Tensor"):
-        expl(x.numpy(), Y)
-
-
-class _Detaching(nn.Module):
-    def __init__(self, frozen: bool) -> None:
-        super().__init__()
-        self.net = make_cnn()
-        self.net.requires_grad_(not frozen)
-
-    def forward(self, x):
-        return self.net(x.detach())
-
-
-@pytest.mark.parametrize("frozen", [False, True])
-@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
-def test_model_without_gradient_path_raises_model_error(name, factory, frozen):
-    model = _Detaching(frozen)
-    before = snapshot(model)
-    with pytest.raises(ModelError):
-        factory(model)(make_x(), Y)
-    assert_same_state(before, snapshot(model))
 
 
 def test_other_models_without_gradient_path():
@@ -749,16 +496,6 @@ def test_second_order_matches_finite_differences(name, factory):
     f = lambda z: float((expl(z, Y) * v).sum())  # noqa: E731
     fd = (f(x0 + h * u) - f(x0 - h * u)) / (2 * h)
     assert math.isclose(float((dx * u).sum()), fd, rel_tol=1e-5, abs_tol=1e-8)
-    assert all(p.grad is None for p in model.parameters())
-
-
-@pytest.mark.parametrize("name,factory", EXPLAINERS, ids=IDS)
-def test_create_graph_without_input_grad(name, factory):
-    """create_graph=True on an input that does not require grad: same values, no error, no .grad."""
-    model = make_cnn()
-    x = make_x()
-    out = factory(model)(x, Y, create_graph=True)
-    close(out.detach(), factory(model)(x, Y))
     assert all(p.grad is None for p in model.parameters())
 
 

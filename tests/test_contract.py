@@ -39,10 +39,11 @@ from manifex.attribution import (
     SmoothGrad,
     make_explainer,
 )
-from manifex.attribution.core import TrainModeWarning
+from manifex.attribution.core import TrainModeWarning, preserve_model_state
 from manifex.attribution.lrp import LRP, Composite, Epsilon, Gamma
 from manifex.attribution.smoothing import SmoothedExplainer
 from manifex.errors import InputError, ModelError
+from manifex.manipulation import manipulate
 
 F64 = torch.float64
 N = 4
@@ -468,6 +469,43 @@ def _generate() -> None:
 
 
 _generate()
+
+
+@pytest.mark.filterwarnings("ignore:explanation has zero input-gradient")
+@pytest.mark.parametrize("method", ["gradient", "saliency", "integrated_gradients", "lrp_epsilon"])
+def test_manipulate_takes_the_output_selector(method):
+    """manipulate on a dict-output model with output="logits" is manipulate on the plain model (and, on this
+    BatchNorm model, create_graph explanations survive the model-state restore inside each step)."""
+    net = make_model()
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(2, 1, 8, 8, generator=g, dtype=F64)
+    target_map = torch.rand(2, 8, 8, generator=g, dtype=F64)
+    opts = dict(explainer_options={"steps": 4} if method == "integrated_gradients" else None, iterations=3, lr=1e-2)
+    ref = manipulate(net, method, x, target_map, **opts)
+    wrapped = DictOut(net)
+    before = snapshot(wrapped)
+    with pytest.raises(InputError, match='output="logits"'):
+        manipulate(wrapped, method, x, target_map, **opts)
+    got = manipulate(wrapped, method, x, target_map, output="logits", **opts)
+    close(got.x_adv, ref.x_adv)
+    close(got.logits_adv, ref.logits_adv)
+    assert_same_state(before, snapshot(wrapped))
+    explainer = make_explainer(wrapped, method, output="logits", **(opts["explainer_options"] or {}))
+    close(manipulate(wrapped, explainer, x, target_map, iterations=3, lr=1e-2).x_adv, ref.x_adv)  # the explainer's
+
+
+def test_preserve_model_state_on_plain_callable_and_exception():
+    with preserve_model_state(lambda x: x):  # not a module: nothing to do
+        pass
+    model = make_model().train()
+    before = snapshot(model)
+    with pytest.raises(KeyError):
+        with preserve_model_state(model):
+            model.eval()
+            model[0].weight.requires_grad_(False)
+            model[0].register_forward_hook(lambda *a: None)
+            raise KeyError("boom")
+    assert_same_state(before, snapshot(model))
 
 
 def test_table_covers_every_registered_method():

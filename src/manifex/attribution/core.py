@@ -325,5 +325,7 @@ def preserve_model_state(model: object) -> Iterator[None]:
             p.requires_grad_(r)
         with torch.no_grad():
             for b, saved in buffers:
-                if b.shape == saved.shape:
+                # only buffers that changed: an in-place copy bumps the version counter, which breaks a
+                # create_graph explanation that saved the buffer (eval-mode BatchNorm) for a later backward
+                if b.shape == saved.shape and not torch.equal(b, saved):
                     b.copy_(saved)
