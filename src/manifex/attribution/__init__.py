@@ -38,11 +38,13 @@ from .layer import (
 )
 from .smoothing import (
     BetaSmoothing,
+    SmoothActivation,
     SmoothedExplainer,
     SmoothReLU,
     beta_smooth,
     beta_smoothed,
     count_relus,
+    count_smoothed,
     functional_relu_calls,
     set_smooth_beta,
 )
@@ -58,6 +60,6 @@ __all__ = [
     "DeepLift", "DeepLiftRules", "LayerDeepLift", "LayerExplainer", "LayerGradient", "LayerGradientXActivation",
     "LayerIntegratedGradients", "layer_activations", "resolve_layer",
     "BetaSmoothing", "SmoothedExplainer", "SmoothReLU", "beta_smooth", "beta_smoothed", "count_relus",
-    "functional_relu_calls", "set_smooth_beta",
+    "functional_relu_calls", "set_smooth_beta", "SmoothActivation", "count_smoothed",
     "ALIASES", "METHODS", "OPTION_ALIASES", "canonical_method", "explain", "make_explainer", "method_names",
 ]
