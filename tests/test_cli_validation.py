@@ -181,6 +181,7 @@ def test_other_os_errors_are_one_line(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- degenerate data
+@pytest.mark.slow
 def test_degenerate_known_manifold_is_refused_before_sampling(tmp_path, monkeypatch):
     """A labeler at chance stops the run right after the labeler is trained: no sampling, no classifier."""
     monkeypatch.setattr(known_manifold, "accuracy", lambda model, data, *a, **k: 0.08)
