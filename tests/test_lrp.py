@@ -411,6 +411,14 @@ def test_gamma_equals_the_formula(mode):
           Gamma(0.3).relevance(torch.nn.functional.linear, x_pos, r_out, w_pos, bias.abs()))
 
 
+def test_gamma_variants_agree_on_conv_relu_networks_with_epsilon_on_dense_layers():
+    """A negative pre-activation followed by a ReLU receives no relevance, so only positive outputs matter."""
+    model, x = relu_cnn(bias=True), rand(4, 1, 8, 8, seed=44)
+    sign_aware = LRP(model, EpsilonGammaBox(0.0, 1.0))(x, Y)
+    close(sign_aware, LRP(model, EpsilonGammaBox(0.0, 1.0, gamma_mode="textbook"))(x, Y))
+    assert sign_aware.abs().max() > 1e-3
+
+
 def test_gamma_on_a_residual_net_is_bounded_and_conserves():
     """SmallResNet (BatchNorm folded, residual sums) with the ε-γ-box preset, bias-free and zero stabilisers:
     the sign-aware default conserves (Σ R = logit) and its total |R| stays below LRP-0's; the textbook rule
