@@ -353,3 +353,20 @@ def test_cli_workers_without_ray_says_how_to_install(monkeypatch, tmp_path, comm
     assert not (tmp_path / "cache").exists() or not any(p.suffix == ".pt" for p in (tmp_path / "cache").iterdir())
     result = CliRunner().invoke(main, [command, "--gpus-per-worker", "1", "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "--workers" in result.output, result.output
+
+
+def test_alignment_attributions_in_resumable_chunks(tmp_path):
+    from manifex.alignment.pipeline import _attributions
+    from manifex.attribution import make_explainer
+    from manifex.models import ClassifierConfig, build_classifier
+
+    torch.manual_seed(0)
+    model = build_classifier(ClassifierConfig("mlp", (1, 8, 8), 10)).eval()
+    x, y = torch.rand(10, 1, 8, 8), torch.arange(10) % 10
+    E = _attributions(model, "input_x_gradient", x, y, 4, tmp_path, executor=None)
+    torch.testing.assert_close(E, make_explainer(model, "input_x_gradient")(x, y), atol=1e-6, rtol=0)
+    assert [r["id"] for r in read_jsonl(tmp_path / "results.jsonl")] == ["000000-000004", "000004-000008", "000008-000010"]
+    # a finished chunk is not recomputed: its saved explanation is used as it is
+    atomic_torch_save(torch.zeros(4, 1, 8, 8), tmp_path / "units" / "000000-000004" / "E.pt")
+    E2 = _attributions(model, "input_x_gradient", x, y, 4, tmp_path, executor=None)
+    assert torch.equal(E2[:4], torch.zeros(4, 1, 8, 8)) and torch.equal(E2[4:], E[4:])

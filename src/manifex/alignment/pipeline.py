@@ -10,8 +10,10 @@ Models, datasets and per-method scores are cached, so an interrupted run resumes
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +33,7 @@ from ..models import (
     get_generative,
     state_fingerprint,
 )
+from ..runs import Executor, Unit, atomic_torch_save, run_units, unit_dir
 from .known_manifold import KnownManifoldConfig, make_known_manifold
 from .result import SEED_REFERENCE, AlignmentResult
 
@@ -119,13 +122,16 @@ def _one_per_class_first(test, n: int, n_show: int, seed: int):
 
 
 def run_alignment(cfg: AlignConfig = AlignConfig(), *, cache: ModelCache | None = None, progress: bool = True,
-                  classifier: torch.nn.Module | None = None) -> AlignmentResult:
+                  classifier: torch.nn.Module | None = None, executor: Executor | None = None) -> AlignmentResult:
     """Run the alignment experiment and return scores, example decompositions and metrics.
 
     ``classifier``: your own model to score (any nn.Module mapping images in [0, 1] to logits) instead of the
     built-in ``cfg.classifier`` trained here; it is reported as "your model" and not fine-tuned (``cfg.robust``
     must be False). ``metrics["checks"]`` lists what was verified about the inputs, ``metrics["warnings"]``
     the checks that failed (degenerate generated data, allowed by ``cfg.allow_degenerate``).
+    ``executor``: where the attributions run, in chunks of ``cfg.batch_size`` images (units of
+    :func:`manifex.runs.run_units`, checkpointed under ``<cache>/runs/`` so an interrupted method resumes
+    at its last finished chunk): here (default) or a :class:`manifex.runs.RayExecutor`.
     """
     if classifier is not None and cfg.robust:
         raise InputError("robust=True fine-tunes a built-in classifier; with your own classifier set robust=False.")
@@ -185,13 +191,18 @@ def run_alignment(cfg: AlignConfig = AlignConfig(), *, cache: ModelCache | None 
             key = cache_key(mkey, data_key, method, repr(explainer), cfg.seed)
             hit = cache.load("attribution", key)
             if hit is None:
-                t0 = time.perf_counter()
-                if explainer is None:
-                    E = torch.randn(x.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(x)
-                else:
-                    E = torch.cat([explainer(x[i : i + cfg.batch_size], y[i : i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)])
-                hit = {"E": E.cpu(), "seconds": torch.tensor(time.perf_counter() - t0)}
-                cache.save_tensors("attribution", key, hit)
+                with cache.lock("attribution", key):  # a concurrent run with the same key computes it once
+                    hit = cache.load("attribution", key)
+                    if hit is None:
+                        t0 = time.perf_counter()
+                        if explainer is None:
+                            E = torch.randn(x.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(x)
+                        else:
+                            E = _attributions(model, method, x, y, cfg.batch_size, cache.root / "runs" / f"attribution-{key}",
+                                              executor=executor)
+                        hit = {"E": E.cpu(), "seconds": torch.tensor(time.perf_counter() - t0)}
+                        cache.save_tensors("attribution", key, hit)
+                        shutil.rmtree(cache.root / "runs" / f"attribution-{key}", ignore_errors=True)  # consolidated
             E = hit["E"].to(cfg.device)
             timings[model_name][method] = float(hit["seconds"])
             scores[model_name][method] = alignment(E, tangent).cpu()
@@ -223,6 +234,35 @@ def run_alignment(cfg: AlignConfig = AlignConfig(), *, cache: ModelCache | None 
 
 
 def _seed_comparison(summary: dict, cfg: AlignConfig, n_train: int) -> list[str]:
+def _attribute_chunk(units: list[Unit], ctx: dict, out_dir: Path) -> list[dict]:
+    """Run-layer process: the explanations of image chunks ``[start, stop)``, saved per chunk."""
+    explainer = make_explainer(ctx["model"], ctx["method"])
+    records = []
+    for u in units:
+        start, stop = u.payload["start"], u.payload["stop"]
+        t0 = time.perf_counter()
+        E = explainer(ctx["x"][start:stop], ctx["y"][start:stop]).detach()
+        path = unit_dir(out_dir, u.id) / "E.pt"
+        atomic_torch_save(E.cpu(), path)
+        records.append({"id": u.id, "start": start, "stop": stop, "seconds": time.perf_counter() - t0,
+                        "file": str(path.relative_to(out_dir))})
+    return records
+
+
+def _attributions(model: torch.nn.Module, method: str, x: torch.Tensor, y: torch.Tensor, chunk: int, run_dir: Path, *,
+                  executor: Executor | None) -> torch.Tensor:
+    """(N, ...) explanations of ``x`` for classes ``y``, computed in resumable chunks of ``chunk`` images."""
+    n = x.shape[0]
+    units = [Unit(f"{i:06d}-{min(i + chunk, n):06d}", {"start": i, "stop": min(i + chunk, n)}) for i in range(0, n, chunk)]
+    records = run_units(units, _attribute_chunk, run_dir, context={"model": model, "method": method, "x": x, "y": y},
+                        batch_size=1, executor=executor, progress=False, desc=method)
+    return torch.cat([torch.load(run_dir / r["file"], map_location=x.device, weights_only=True) for r in records])
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
     """Why this run's gradient scores may differ from the seed's (stated only when they differ by > 0.1)."""
     out = []
     for model, ref in SEED_REFERENCE.items():
