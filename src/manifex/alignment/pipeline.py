@@ -233,7 +233,6 @@ def run_alignment(cfg: AlignConfig = AlignConfig(), *, cache: ModelCache | None 
     return AlignmentResult(scores, sample.x[show].cpu(), sample.y[show].cpu(), parts, tangent_mass(tangent[show]).cpu(), metrics)
 
 
-def _seed_comparison(summary: dict, cfg: AlignConfig, n_train: int) -> list[str]:
 def _attribute_chunk(units: list[Unit], ctx: dict, out_dir: Path) -> list[dict]:
     """Run-layer process: the explanations of image chunks ``[start, stop)``, saved per chunk."""
     explainer = make_explainer(ctx["model"], ctx["method"])
@@ -263,6 +262,7 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def _seed_comparison(summary: dict, cfg: AlignConfig, n_train: int) -> list[str]:
     """Why this run's gradient scores may differ from the seed's (stated only when they differ by > 0.1)."""
     out = []
     for model, ref in SEED_REFERENCE.items():
@@ -273,14 +273,14 @@ def _plural(n: int, word: str) -> str:
             out.append(
                 f"standard gradient {ours:.3f} vs the seed's {ref['gradient']:.3f}: the seed's VAE and LeNet were trained "
                 f"on 60,000 images; here the VAE sees the embedded digits and the LeNet {n_train} generated images for "
-                f"{cfg.classifier_epochs} epochs. Gradient alignment falls as the classifier trains longer "
+                f"{_plural(cfg.classifier_epochs, 'epoch')}. Gradient alignment falls as the classifier trains longer "
                 "(in our measurement on the default data: 0.76 after 1 epoch, 0.67 after 10, 0.62 after 30, 0.57 after 60), "
                 "so a short training budget scores higher."
             )
         else:
             out.append(
                 f"robust gradient {ours:.3f} vs the seed's {ref['gradient']:.3f}: the seed trained from scratch with PGD-l2 "
-                f"ε ∈ {{1, 4, 8}}, 100 steps, 15 epochs; here the standard model is fine-tuned for {cfg.robust_epochs} epochs "
+                f"ε ∈ {{1, 4, 8}}, 100 steps, 15 epochs; here the standard model is fine-tuned for {_plural(cfg.robust_epochs, 'epoch')} "
                 f"with ε ∈ {set(cfg.robust_epsilons)}, {cfg.robust_steps} steps."
             )
     return out
