@@ -681,3 +681,14 @@ def test_train_mode_warns_once_per_model_naming_eval():
     # LRP's refusal of a train-mode BatchNorm stays
     with pytest.warns(TrainModeWarning), pytest.raises(ModelError, match="eval mode"):
         make_explainer(_dropout_bn_cnn().train(), "lrp")(x, Y)
+
+
+def test_trapezoid_completeness_error_falls_as_one_over_n_squared():
+    """The exact trapezoid weights (Captum's sum to (n-1)/n, whose error falls only as 1/n)."""
+    model = make_mlp(act=nn.Softplus)
+    x = make_x()
+    with torch.no_grad():
+        gap = (model(x) - model(torch.zeros_like(x)))[torch.arange(N), Y]
+    err = [float((IntegratedGradients(model, steps=n, integration="riemann_trapezoid")(x, Y).flatten(1).sum(1) - gap)
+                 .abs().max()) for n in (10, 20)]
+    assert 3.5 < err[0] / err[1] < 4.5

@@ -230,9 +230,11 @@ class IntegratedGradients(Explainer):
 
     Where manifex differs from Captum 0.9: the weights of every rule here sum to exactly 1. Captum's
     ``riemann_trapezoid`` uses the nodes i/(n−1) with weights [1/(2n), 1/n, …, 1/n, 1/(2n)], which sum to
-    (n−1)/n, so its attributions are (n−1)/n times the trapezoid rule's (0.98× at n = 50; the completeness
-    gap does not close as it should). manifex uses the exact trapezoid weights [h/2, h, …, h, h/2],
-    h = 1/(n−1); multiply Captum's result by n/(n−1) to compare. The other four rules equal Captum's.
+    (n−1)/n, so its attributions are (n−1)/n times the trapezoid rule's (0.98× at n = 50) and its
+    completeness error falls as 1/n instead of 1/n² (measured on a softplus MLP: 2.9e-2, 1.4e-2, 7.2e-3
+    at n = 10, 20, 40 against manifex's 5.0e-5, 1.1e-5, 2.6e-6). manifex uses the exact trapezoid weights
+    [h/2, h, …, h, h/2], h = 1/(n−1); multiply Captum's result by n/(n−1) to compare. The other four rules
+    equal Captum's.
     """
 
     name = "integrated_gradients"
