@@ -23,6 +23,7 @@ from .geometry import (
 
 from .counterfactuals import counterfactual
 from .manipulation import manipulate
+from .geometry.spectrum import GeneratorSpectrum, generator_spectrum
 from .models.generators import Generator, as_generator, invert_generator
 
 __version__ = "0.1.0"
@@ -32,6 +33,6 @@ __all__ = [
     "DataError", "InputError", "ManifexError", "ModelError", "RankDeficientWarning",
     "TangentSpace", "alignment", "decompose", "estimate_dimension", "project", "random_baseline", "tangent_mass",
     "tangent_space", "__version__",
-    "Generator", "as_generator", "invert_generator",
+    "Generator", "as_generator", "invert_generator", "GeneratorSpectrum", "generator_spectrum",
     "counterfactual",
 ]

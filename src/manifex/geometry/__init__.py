@@ -8,10 +8,12 @@ from .projection import (
     tangent_coefficients,
     tangent_mass,
 )
+from .spectrum import GeneratorSpectrum, generator_spectrum
 from .tangent import TangentSpace, decoder_jacobian, default_rtol, tangent_space
 
 __all__ = [
     "TangentSpace", "tangent_space", "decoder_jacobian", "default_rtol",
     "alignment", "random_baseline", "tangent_coefficients", "project", "decompose", "tangent_mass",
     "estimate_dimension",
+    "GeneratorSpectrum", "generator_spectrum",
 ]

@@ -2,6 +2,9 @@
 from .cache import ModelCache, cache_key, default_cache_dir
 from .classifiers import CLASSIFIERS, MLP, ClassifierConfig, LeNet, SmallResNet, SmallVGG, build_classifier
 from .generative import VAE, ConvAutoencoder, GenerativeConfig, GenerativeModel, build_generative
+from .flows import ImageFlow, VectorFlow
+from .gan import DCGAN
+from .generator_zoo import get_gan, get_generator, get_image_flow, get_vector_flow
 from .generators import (
     ApproximateGeneratorWarning,
     Generator,
@@ -14,10 +17,12 @@ from .generators import (
 from .training import (
     AdversarialConfig,
     GenerativeTrainConfig,
+    GeneratorTrainConfig,
     TrainConfig,
     accuracy,
     fit_classifier,
     fit_generative,
+    fit_generator,
     pgd_l2,
     predict,
 )
@@ -28,7 +33,8 @@ __all__ = [
     "CLASSIFIERS", "MLP", "ClassifierConfig", "LeNet", "SmallResNet", "SmallVGG", "build_classifier",
     "VAE", "ConvAutoencoder", "GenerativeConfig", "GenerativeModel", "build_generative",
     "Generator", "as_generator", "invert_generator", "Inversion", "ApproximateGeneratorWarning",
-    "flatten_latent", "unflatten_latent",
+    "flatten_latent", "unflatten_latent", "ImageFlow", "VectorFlow", "DCGAN",
+    "GeneratorTrainConfig", "fit_generator", "get_image_flow", "get_vector_flow", "get_gan", "get_generator",
     "AdversarialConfig", "GenerativeTrainConfig", "TrainConfig", "accuracy", "fit_classifier", "fit_generative",
     "pgd_l2", "predict", "get_classifier", "get_generative", "state_fingerprint",
 ]

@@ -11,16 +11,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.base import ImageDataset
-from ..errors import InputError
+from ..errors import InputError, ModelError
 from .cache import ModelCache, cache_key
 
 __all__ = [
     "TrainConfig",
     "AdversarialConfig",
     "GenerativeTrainConfig",
+    "GeneratorTrainConfig",
     "pgd_l2",
     "fit_classifier",
     "fit_generative",
+    "fit_generator",
     "accuracy",
     "predict",
 ]
@@ -255,6 +257,54 @@ def fit_generative(
     return _run_epochs(
         model, data, epochs=cfg.epochs, batch_size=cfg.batch_size, opt=opt, sched=None, step_loss=step_loss,
         seed=cfg.seed, cache=cache, name=name, key=key or _default_key(cfg, model, data), progress=progress, desc="generative model",
+    )
+
+
+@dataclass(frozen=True)
+class GeneratorTrainConfig:
+    """Flow / GAN training by the model's own ``loss(x, generator=g)``: Adam(``lr``, ``betas``) for a fixed
+    number of epochs (no early stopping, so a cached model is a function of this config). The zoo's defaults
+    per model are in :mod:`manifex.models.generator_zoo`."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fit_generator(
+    model: nn.Module,
+    data: ImageDataset,
+    cfg: GeneratorTrainConfig = GeneratorTrainConfig(),
+    *,
+    cache: ModelCache | None = None,
+    name: str = "generator",
+    key: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train a flow or GAN in place by its ``loss(x, generator=g)`` (``g`` seeds per-batch noise: dequantisation,
+    GAN latents); per-epoch checkpoints and resume as for the other models. ``data`` needs ``x``, ``y``,
+    ``len`` and ``fingerprint()`` (an :class:`ImageDataset`, or vectors for the vector flow)."""
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+
+    def step_loss(xb: torch.Tensor, yb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        loss = model.loss(xb, generator=g)
+        if not bool(torch.isfinite(loss.detach())):
+            raise ModelError(
+                f"{type(model).__name__} training diverged (loss {float(loss)}); lower the learning rate or "
+                "delete the partial checkpoint and retrain with another seed."
+            )
+        return loss
+
+    return _run_epochs(
+        model, data, epochs=cfg.epochs, batch_size=cfg.batch_size, opt=opt, sched=None, step_loss=step_loss,
+        seed=cfg.seed, cache=cache, name=name, key=key or _default_key(cfg, model, data), progress=progress,
+        desc=type(model).__name__,
     )
 
 
