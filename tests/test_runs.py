@@ -370,3 +370,10 @@ def test_alignment_attributions_in_resumable_chunks(tmp_path):
     atomic_torch_save(torch.zeros(4, 1, 8, 8), tmp_path / "units" / "000000-000004" / "E.pt")
     E2 = _attributions(model, "input_x_gradient", x, y, 4, tmp_path, executor=None)
     assert torch.equal(E2[:4], torch.zeros(4, 1, 8, 8)) and torch.equal(E2[4:], E[4:])
+
+
+def test_run_units_batches_are_fixed_whatever_finished_before(tmp_path):
+    append_jsonl(tmp_path / "results.jsonl", [{"id": "u002"}, {"id": "u003"}, {"id": "u005"}])  # e.g. out of order on Ray
+    _CALLS.clear()
+    run_units(_units(8), _counting, tmp_path, context={}, batch_size=2, progress=False)
+    assert _CALLS == [["u000", "u001"], ["u004"], ["u006", "u007"]]

@@ -14,10 +14,12 @@ atomically), a unit with a line is never run or written again, and a line torn b
 processes (or a Ray run and a local run) may work on the same ``out_dir``: each appends only ids that are
 not in the file yet, checked under the lock.
 
-Determinism: before each batch the executor seeds torch's RNG from the first unit's id (:func:`unit_seed`),
-inside ``torch.random.fork_rng`` so the caller's RNG is untouched. A unit's record does not depend on the
-worker that ran it; it can depend on the *batch* it ran in by float round-off (batched kernels sum in
-another order) — measured for the attack campaign: see README "Scaling out".
+Determinism: batches are cut from the full unit list (units ``[0, b)``, ``[b, 2b)``, ...) whatever has
+finished already, so a unit always runs with the same neighbours, and before each batch the executor seeds
+torch's RNG from the batch's first unit id (:func:`unit_seed`), inside ``torch.random.fork_rng`` so the
+caller's RNG is untouched. So a record does not depend on the executor, the worker or an interruption
+(bit-identical in our tests); it does depend, by float round-off, on ``batch_size`` (batched kernels sum
+in another order, and an iterative attack amplifies that) — measured in README "Scaling out".
 """
 from __future__ import annotations
 
@@ -156,8 +158,11 @@ def run_units(
     if not resume:
         log.clear()
     done = log.load(repair=True)
-    todo = [u for u in units if u.id not in done]
-    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    # Batch boundaries are fixed over *all* units, so a unit always runs with the same neighbours (batched
+    # kernels round differently for other compositions) whatever finished before, on whichever executor.
+    batches = [[u for u in units[i:i + batch_size] if u.id not in done] for i in range(0, len(units), batch_size)]
+    batches = [b for b in batches if b]
+    todo = [u for b in batches for u in b]
     executor = executor if executor is not None else LocalExecutor()
     if batches:
         from tqdm.auto import tqdm
