@@ -59,14 +59,14 @@ HOOK_ATTRS = (
 # the model and inputs every row is explained on
 
 
-def make_model(dtype: torch.dtype = F64, seed: int = 0) -> nn.Sequential:
+def make_model(dtype: torch.dtype = F64, seed: int = 0, inplace: bool = False) -> nn.Sequential:
     """conv-BN-ReLU-conv-ReLU-maxpool-flatten-dropout-linear on (1, 8, 8) inputs, 10 classes, eval mode.
     BatchNorm has non-trivial running statistics; Dropout is the identity in eval mode."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         net = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-            nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=inplace),
+            nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(inplace=inplace),
             nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.3), nn.Linear(6 * 4 * 4, 10),
         )
         net[1].running_mean.uniform_(-0.2, 0.2)
@@ -102,9 +102,9 @@ class DictOut(TupleOut):
 class Failing(nn.Module):
     """A forward that flips train/eval, freezes a parameter and registers hooks, then (optionally) raises."""
 
-    def __init__(self, fail: bool) -> None:
+    def __init__(self, net: nn.Module, fail: bool) -> None:
         super().__init__()
-        self.net, self.fail = make_model(), fail
+        self.net, self.fail = net, fail
 
     def forward(self, x):
         self.eval()
@@ -117,9 +117,9 @@ class Failing(nn.Module):
 
 
 class Detaching(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, net: nn.Module) -> None:
         super().__init__()
-        self.net = make_model()
+        self.net = net
 
     def forward(self, x):
         return self.net(x.detach())
@@ -163,6 +163,7 @@ class Config:
     options: dict[str, Any] = field(default_factory=dict)
     build: Callable[[nn.Module], Explainer] | None = None
     noisy: bool = False  # random draws depend on the dtype: float32/float64 compare only dtypes and shapes
+    inplace: bool = False  # the model's ReLUs work in place
 
     def make(self, model: Any, **extra: Any) -> Explainer:
         if self.method is not None:
@@ -202,6 +203,11 @@ CONFIGS: list[Config] = [
     Config("beta_smoothed_gradient", build=lambda m: SmoothedExplainer(Gradient(m), beta=5.0)),
     Config("gradcam_first_conv_signed", build=lambda m: GradCAM(m, _first_conv(m), relu=False, upsample_mode="nearest")),
     Config("gradcam_last_conv_by_module", build=lambda m: GradCAM(m, _last_conv(m))),
+    Config("gradient_inplace_relu", "gradient", inplace=True),
+    Config("guided_backprop_inplace_relu", "guided_backprop", inplace=True),
+    Config("gradcam_inplace_relu", "gradcam", inplace=True),
+    Config("deeplift_inplace_relu", "deeplift", inplace=True),
+    Config("lrp_inplace_relu", "lrp_epsilon_plus", inplace=True),
     Config("lrp_custom_composite", build=lambda m: LRP(m, Composite([(nn.Conv2d, Gamma(0.1)), (nn.Linear, Epsilon(0.01))]))),
 ]
 _BY_NAME = {c.name: c for c in CONFIGS}
@@ -229,8 +235,11 @@ def _inner_ig(explainer: Explainer) -> IntegratedGradients | None:
 class _Contract:
     config: Config
 
+    def net(self, dtype: torch.dtype = F64) -> nn.Sequential:
+        return make_model(dtype, inplace=self.config.inplace)
+
     def explainer(self, model: Any = None, **extra: Any) -> Explainer:
-        return self.config.make(make_model() if model is None else model, **extra)
+        return self.config.make(self.net() if model is None else model, **extra)
 
     def _accepts_plain_callables(self) -> bool:
         try:
@@ -266,7 +275,7 @@ class _Contract:
     def test_callable_float_score_target(self):
         if not self._accepts_plain_callables():
             pytest.skip("hooks the model's modules: a plain callable wrapping the model is not supported")
-        model = make_model()
+        model = self.net()
         x = make_x()
         picked = self.explainer(model)(x, lambda out: out.log_softmax(1)[:, 2])
         wrapped = self.config.make(lambda inp: model(inp).log_softmax(1))(x, 2)
@@ -306,14 +315,14 @@ class _Contract:
         out = {}
         for dtype in (torch.float32, F64):
             x = make_x(dtype=dtype)
-            out[dtype] = self.explainer(make_model(dtype=dtype))(x, Y)
+            out[dtype] = self.explainer(self.net(dtype))(x, Y)
             assert out[dtype].dtype == dtype and out[dtype].shape == x.shape and torch.isfinite(out[dtype]).all()
         if not self.config.noisy:
             scale = float(out[F64].abs().max())
             close(out[torch.float32].double(), out[F64], rtol=1e-3, atol=1e-3 * scale)
 
     def test_create_graph_without_input_grad(self):
-        model = make_model()
+        model = self.net()
         x = make_x()
         close(self.explainer(model)(x, Y, create_graph=True).detach(), self.explainer(model)(x, Y))
         assert all(p.grad is None for p in model.parameters())
@@ -321,7 +330,7 @@ class _Contract:
     # -- model state and hooks
 
     def test_state_and_hooks_left_as_found(self):
-        model = make_model()
+        model = self.net()
         model[0].bias.requires_grad_(False)
         calls = []
         model[0].register_forward_hook(lambda mod, inp, out: calls.append(1))
@@ -338,7 +347,7 @@ class _Contract:
 
     @pytest.mark.parametrize("fail", [False, True], ids=["mutating", "raising"])
     def test_state_restored_after_a_mutating_or_failing_forward(self, fail):
-        model = Failing(fail)
+        model = Failing(self.net(), fail)
         before = snapshot(model)
         if fail:
             with pytest.raises(RuntimeError, match="forward failed"):
@@ -348,14 +357,14 @@ class _Contract:
         assert_same_state(before, snapshot(model))
 
     def test_input_requiring_grad_is_left_alone(self):
-        model = make_model()
+        model = self.net()
         x = make_x().requires_grad_(True)
         out = self.explainer(model)(x, Y)
         assert x.grad is None and not out.requires_grad
         close(out, self.explainer(model)(x.detach(), Y))
 
     def test_model_without_gradient_path_raises(self):
-        model = Detaching()
+        model = Detaching(self.net())
         if isinstance(self.explainer(model), GradCAM):
             pytest.skip("Grad-CAM differentiates at an inner layer: detaching the input does not cut its path")
         before = snapshot(model)
@@ -367,7 +376,7 @@ class _Contract:
 
     @pytest.mark.parametrize("kind", ["tuple", "dict"])
     def test_output_selector(self, kind):
-        net = make_model()
+        net = self.net()
         x = make_x()
         ref = self.explainer(net)(x, Y)
         wrapped = TupleOut(net) if kind == "tuple" else DictOut(net)
@@ -403,7 +412,7 @@ class _Contract:
             warnings.simplefilter("always")
             self.explainer()(x, Y)
         assert not [w for w in caught if issubclass(w.category, TrainModeWarning)], "eval mode: no warning"
-        model = make_model().train()
+        model = self.net().train()
         expl = self.explainer(model)
         refuses = isinstance(expl, LRP) or isinstance(getattr(expl, "inner", None), LRP)
         with pytest.warns(TrainModeWarning, match=r"BatchNorm2d, Dropout.*model\.eval\(\)"):
@@ -432,7 +441,7 @@ class _Contract:
         self._registry_only()
         canonical = OPTION_ALIASES[alias]
         base = {k: v for k, v in self.config.options.items() if k != canonical}
-        model, x, value = make_model(), make_x(), ALIAS_VALUES[alias]
+        model, x, value = self.net(), make_x(), ALIAS_VALUES[alias]
         results = []
         for name in (alias, canonical):
             try:
@@ -449,7 +458,7 @@ class _Contract:
 
     def test_integration_rule_reaches_integrated_gradients(self):
         self._registry_only()
-        model, x = make_model(), make_x()
+        model, x = self.net(), make_x()
         default = self.explainer(model)
         ig = _inner_ig(default)
         if ig is None:

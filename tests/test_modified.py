@@ -5,8 +5,9 @@ Smoothing: the hooked output is softplus(β), nothing is left behind (also after
 place, the smoothed copy leaves the original untouched, β → ∞ recovers the ReLU network, the smoothed
 network has the second derivative a ReLU network lacks (checked against finite differences), functional
 ReLUs are swapped / detected / refused, and the logistic-noise identity of one ReLU layer holds.
-Modified explainers: equal to Captum 0.9 (float64), then one generated contract (batched = per-example,
-per-example targets, model state unchanged after success and after errors), then errors.
+Modified explainers: equal to Captum 0.9 (float64), second order, errors; their contract (batched =
+per-example, per-example targets, model state unchanged after success and after errors) is generated in
+test_contract.py.
 """
 from __future__ import annotations
 
@@ -464,66 +465,12 @@ def test_gradcam_create_graph_under_smoothing():
 
 
 # --------------------------------------------------------------------------------------------------------
-# the generated contract
-
-
-CASES = {
-    "guided_backprop-cnn": (lambda m: GuidedBackprop(m), make_cnn),
-    "guided_backprop-mlp": (lambda m: GuidedBackprop(m), make_mlp),
-    "gradcam-cnn": (lambda m: GradCAM(m, "2"), make_cnn),
-    "gradcam-cnn-inplace": (lambda m: GradCAM(m, "3"), lambda dtype=F64: make_cnn(inplace=True, dtype=dtype)),
-}
-
-
-@pytest.fixture(params=list(CASES))
-def case(request):
-    factory, make = CASES[request.param]
-    return factory, make
+# the contract (batched = per example, targets, model state, output=, ...) is generated for both
+# explainers, with plain and in-place ReLUs, in test_contract.py
 
 
 def test_contract_names():
     assert GuidedBackprop.name == "guided_backprop" and GradCAM.name == "gradcam"
-
-
-def test_contract_batched_equals_per_example(case):
-    factory, make = case
-    net, (x, y) = make(), data()
-    explainer = factory(net)
-    batched = explainer(x, y)
-    assert batched.shape == x.shape and not batched.requires_grad
-    singles = torch.cat([explainer(x[i : i + 1], int(y[i])) for i in range(N)])
-    torch.testing.assert_close(batched, singles, **TIGHT)
-    same = explainer(x, 3)
-    torch.testing.assert_close(same, torch.cat([explainer(x[i : i + 1], 3) for i in range(N)]), **TIGHT)
-    torch.testing.assert_close(explainer(x, lambda out: out.argmax(1)), explainer(x, net(x).argmax(1)), **TIGHT)
-
-
-def test_contract_model_state_unchanged(case):
-    factory, make = case
-    net, (x, y) = make(), data()
-    layer = next(m for m in net if isinstance(m, (nn.Conv2d, nn.Linear)))
-    net.train()
-    layer.eval()
-    layer.bias.requires_grad_(False)
-    layer.register_forward_hook(lambda m, a, o: None)  # a user's hook must survive
-    explainer = factory(net)
-    before = model_state(net)
-    explainer(x, y)
-    assert_same_state(before, model_state(net))
-    with pytest.raises(InputError, match="target"):
-        explainer(x, 99)
-    assert_same_state(before, model_state(net))
-    with pytest.raises(InputError):
-        explainer(x, torch.tensor([0, 1]))
-    assert_same_state(before, model_state(net))
-
-
-def test_contract_float32(case):
-    factory, make = case
-    x, y = data()
-    out32 = factory(make(dtype=torch.float32))(x.float(), y)
-    assert out32.dtype == torch.float32
-    torch.testing.assert_close(out32.double(), factory(make())(x, y), rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------
