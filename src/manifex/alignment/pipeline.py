@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..attribution import canonical_method, make_explainer
+from ..attribution.methods import model_device
 from ..data import load_dataset
 from ..errors import InputError, check_pixel_range
 from ..geometry import TangentSpace, alignment, decompose, random_baseline, tangent_mass, tangent_space
@@ -240,7 +241,8 @@ def _attribute_chunk(units: list[Unit], ctx: dict, out_dir: Path) -> list[dict]:
     for u in units:
         start, stop = u.payload["start"], u.payload["stop"]
         t0 = time.perf_counter()
-        E = explainer(ctx["x"][start:stop], ctx["y"][start:stop]).detach()
+        dev = model_device(ctx["model"]) or ctx["x"].device  # a Ray GPU worker moved the model to its GPU
+        E = explainer(ctx["x"][start:stop].to(dev), ctx["y"][start:stop].to(dev)).detach()
         path = unit_dir(out_dir, u.id) / "E.pt"
         atomic_torch_save(E.cpu(), path)
         records.append({"id": u.id, "start": start, "stop": stop, "seconds": time.perf_counter() - t0,

@@ -35,11 +35,13 @@ def import_ray():
 class _Worker:
     """A Ray actor: holds the run's context and process function; runs one batch per call."""
 
-    def __init__(self, context: Any, process: Process, threads: int | None) -> None:
+    def __init__(self, context: Any, process: Process, threads: int | None, gpus: float = 0) -> None:
         import torch
 
         if threads:
             torch.set_num_threads(int(threads))
+        if gpus and torch.cuda.is_available():  # Ray made this worker's GPU(s) the visible ones
+            _modules_to(context, torch.device("cuda"))
         self.context, self.process = context, process
 
     def run(self, batch: list[Unit], out_dir: str) -> list[dict]:
@@ -47,6 +49,17 @@ class _Worker:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def _modules_to(context: Any, device: Any) -> None:
+    """Move every nn.Module found in ``context`` (a dict or an object's attributes, one level deep) to
+    ``device``, in place — explainers that hold the same module follow it."""
+    from torch import nn
+
+    values = context.values() if isinstance(context, dict) else vars(context).values() if hasattr(context, "__dict__") else ()
+    for v in ([context] if isinstance(context, nn.Module) else values):
+        if isinstance(v, nn.Module):
+            v.to(device)
 
 
 def _positive_int(name: str, value: Any, low: int = 1) -> int:
@@ -63,7 +76,8 @@ class RayExecutor:
     run and stops it afterwards; ``address="auto"`` or ``"ray://host:10001"`` joins an existing cluster (its
     nodes must see ``out_dir`` and import manifex). If Ray is already initialised in this process, that
     session is used and left running. ``gpus_per_worker``: GPUs each actor reserves (fractions share one
-    GPU; the process function should move the model to ``cuda`` when it sees one). ``threads_per_worker``:
+    GPU); the nn.Modules of ``context`` (a dict or an object's attributes) are moved to the worker's GPU,
+    so the driver may stay on the CPU, and ``process`` should follow the model's device (manifex's do). ``threads_per_worker``:
     torch threads per actor (and the CPUs it reserves); default: the local cores divided by ``workers``
     on a local cluster, 1 on an existing one — so N workers never oversubscribe the cores.
     ``in_flight``: batches queued per actor (2 keeps it busy while the driver writes). ``max_retries``:
@@ -124,7 +138,7 @@ class RayExecutor:
             )
             workers = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // self.threads_per_worker)
             n = min(workers, len(batches))
-            actors = [Actor.remote(context_ref, process, self.threads_per_worker) for _ in range(n)]
+            actors = [Actor.remote(context_ref, process, self.threads_per_worker, self.gpus_per_worker) for _ in range(n)]
             queue = collections.deque(batches)
             pending: dict[Any, tuple[list[Unit], Any]] = {}
 
