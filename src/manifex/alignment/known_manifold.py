@@ -205,12 +205,15 @@ def check_known_manifold(km: KnownManifold, num_classes: int) -> tuple[list[str]
     if km.acceptance_rate < 2 * chance**2:
         problems.append(f"acceptance rate {km.acceptance_rate:.1%} (≈ 1/K² = {chance**2:.1%}, what a labeler with "
                         "near-uniform outputs gives): the labeler is not confident on the decoder's images")
+    failed = lambda ok: "" if ok else "FAILED: "  # noqa: E731 - the report marks these
     checks = [
-        f"known-manifold labeler: accuracy {km.labeler_accuracy:.1%} on held-out reconstructions (chance {chance:.1%}; "
-        f"needs ≥ {max(2 * chance, 0.5):.0%})",
-        f"generated classes: effective number {effective:.1f} of {k} (needs ≥ {k / 2:g}); smallest "
-        f"{float(frac.min()):.1%}, largest {float(frac.max()):.1%}" + (f"; no image of class {', '.join(missing)}" if missing else ""),
-        f"acceptance rate {km.acceptance_rate:.1%} of decoder samples (needs ≥ {2 * chance**2:.1%})",
+        f"{failed(km.labeler_accuracy >= max(2 * chance, 0.5))}known-manifold labeler: accuracy {km.labeler_accuracy:.1%} "
+        f"on held-out reconstructions (chance {chance:.1%}; needs ≥ {max(2 * chance, 0.5):.0%})",
+        f"{failed(effective >= k / 2)}generated classes: effective number {effective:.1f} of {k} (needs ≥ {k / 2:g}); "
+        f"smallest {float(frac.min()):.1%}, largest {float(frac.max()):.1%}"
+        + (f"; no image of class {', '.join(missing)}" if missing else ""),
+        f"{failed(km.acceptance_rate >= 2 * chance**2)}acceptance rate {km.acceptance_rate:.1%} of decoder samples "
+        f"(needs ≥ {2 * chance**2:.1%})",
     ]
     return checks, problems
 

@@ -163,8 +163,9 @@ def run_alignment(cfg: AlignConfig = AlignConfig(), *, cache: ModelCache | None 
     check_pixel_range(test.x, f"images of {cfg.dataset}")  # the classifiers and VAE work on [0, 1]
     chance = 1.0 / max(test.num_classes, 1)
     for name, mi in model_info.items():
-        checks.append(f"{name} classifier: test accuracy {mi['accuracy']:.1%} (chance {chance:.1%})")
-        if mi["accuracy"] < 1.5 * chance:
+        low = mi["accuracy"] < 1.5 * chance
+        checks.append(f"{'FAILED: ' if low else ''}{name} classifier: test accuracy {mi['accuracy']:.1%} (chance {chance:.1%})")
+        if low:
             warnings.append(f"the {name} classifier's test accuracy {mi['accuracy']:.1%} is near chance ({chance:.1%}); "
                             "its explanations carry little about the data")
     n = min(cfg.n_samples, len(test))

@@ -208,13 +208,26 @@ def _summary_figure(result: AlignmentResult, stats: dict, colours: dict[str, str
     return fig
 
 
+def _wrap_name(name: str, width: int = 14) -> str:
+    """'integrated_gradients_path' → 'integrated_\ngradients_path': long method names on several lines, broken
+    after underscores, so neighbouring column titles of the example grids do not overlap."""
+    lines, line = [], ""
+    for part in re.split(r"(?<=_)", name):
+        if line and len(line) + len(part) > width:
+            lines.append(line)
+            line = ""
+        line += part
+    return "\n".join(lines + [line])
+
+
 def _parts_figure(result: AlignmentResult, model: str, m: int) -> Figure:
     parts = result.parts[model]
     methods = list(parts)
     kinds = ["image"] + ["signed"] * (2 * len(methods))
     col_titles = ["image"]
     for method in methods:
-        col_titles += [f"{method}\ntangent", f"{method}\northogonal"]
+        name = _wrap_name(method)
+        col_titles += [f"{name}\ntangent", f"{name}\northogonal"]
     labels = to_numpy(result.labels).ravel() if result.labels is not None else None
     rows = []
     for i in range(m):
@@ -302,7 +315,7 @@ def _fmt_num(v: Any, digits: int = 3) -> str:
 
 def _pretty_key(key: str) -> str:
     """"tangent_seconds_per_image" → "tangent time per image"."""
-    key = re.sub(r"_seconds\b", " time", str(key))
+    key = re.sub(r"_seconds(?=_|$)", " time", str(key))
     return key.replace("_", " ")
 
 
@@ -386,8 +399,8 @@ def _unreliable(headline: str | None, warnings: Any) -> str | None:
     """A report on inputs that failed their checks never states its result confidently."""
     if not warnings:
         return headline
-    return "Unreliable: the inputs failed their checks" + (f" — {headline[0].lower()}{headline[1:]} only on this data"
-                                                           if headline else "")
+    n = len(warnings)
+    return f"Unreliable: the inputs failed {n} check{'s' if n != 1 else ''}, so this run supports no conclusion"
 
 
 def _fmt_dataset_value(key: str, v: Any) -> str:
@@ -501,7 +514,8 @@ def _context(result: AlignmentResult, figures: dict[str, Path]) -> dict[str, Any
         "subtitle": (f"How much of each explanation lies in the data manifold's tangent space — "
                      f"{n_scores:,} test images, {len(models)} model{'s' if len(models) != 1 else ''}, "
                      f"{len(methods)} methods"),
-        "findings": [str(f) for f in (metrics.get("findings") or [])],
+        # findings are claims; on inputs that failed their checks they are withheld (metrics.json keeps them)
+        "findings": [] if metrics.get("warnings") else [str(f) for f in (metrics.get("findings") or [])],
         "cards": cards,
         "k": result.k, "d": result.d, "baseline": f"{baseline:.3f}", "baseline_rms": f"{baseline_rms:.3f}",
         "dataset": [(_pretty_key(k), _fmt_dataset_value(k, v)) for k, v in dataset.items()

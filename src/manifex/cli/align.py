@@ -99,6 +99,10 @@ def align(out_dir: Path, cache_dir: Path | None, quiet: bool, methods, model_spe
     report = write_report(result, out_dir)
     for w in result.metrics.get("warnings", []):
         click.secho(f"  warning: {w}", fg="yellow", err=True)
-    for line in result.metrics.get("findings", []):
-        click.echo(f"  {line}")
+    if result.metrics.get("warnings"):
+        click.echo(f"  findings withheld: the inputs failed {len(result.metrics['warnings'])} check(s); "
+                   "the report shows the numbers as a diagnosis")
+    else:
+        for line in result.metrics.get("findings", []):
+            click.echo(f"  {line}")
     click.echo(f"report: {report}")

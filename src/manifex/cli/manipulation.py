@@ -218,8 +218,9 @@ def _check_pairs(n_pairs: int, test) -> None:
 def _accuracy_check(acc: float, num_classes: int, checks: list[str]) -> list[str]:
     """Add the accuracy check to ``checks``; return a warning when the model is no better than chance."""
     chance = 1.0 / num_classes
-    checks.append(f"test accuracy {acc:.1%} against chance {chance:.1%} ({num_classes} classes)")
-    if acc < 1.5 * chance:
+    low = acc < 1.5 * chance
+    checks.append(f"{'FAILED: ' if low else ''}test accuracy {acc:.1%} against chance {chance:.1%} ({num_classes} classes)")
+    if low:
         return [f"the classifier's test accuracy {acc:.1%} is near chance ({chance:.1%}): it has not learned this data, "
                 "so its explanations (and their manipulation) say little; train it longer or check --model/--normalize."]
     return []

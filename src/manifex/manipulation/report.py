@@ -17,6 +17,29 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+def _budget_card(attack: dict) -> dict:
+    eps, norm = attack.get("epsilon"), attack.get("norm", "linf")
+    if eps is None:
+        return {"label": "budget", "value": "none", "sub": "unbounded perturbation (clipped to [0, 1])"}
+    if norm == "linf":
+        return {"label": "budget", "value": f"{eps * 255:.3g}/255", "sub": "L∞ bound per pixel"}
+    return {"label": "budget", "value": f"{eps:.3g}", "sub": f"{norm.upper()} bound (pixels in [0, 1])"}
+
+
+def _readable(model_info: dict) -> dict:
+    """Model facts for the footer: accuracy as a percentage, booleans as yes/no."""
+    out = {}
+    for k, v in model_info.items():
+        if k == "test accuracy" and isinstance(v, float):
+            v = f"{v:.1%}"
+        elif isinstance(v, bool):
+            v = "yes" if v else "no"
+        elif isinstance(v, dict):
+            v = ", ".join(f"{a} {b}" for a, b in v.items())
+        out[k] = v
+    return out
+
+
 def write_attack_report(
     summary: CampaignSummary,
     out_dir: str | Path,
@@ -56,6 +79,7 @@ def write_attack_report(
         {"label": "max |Δp|", "value": _fmt(m.get("max_dp")), "sub": "mean over pairs"},
         {"label": "L∞ perturbation", "value": "n/a" if m.get("linf") is None else f"{m['linf'] * 255:.1f}/255",
          "sub": f"L2 {_fmt(m.get('l2'), 2)} (pixels in [0, 1])"},
+        _budget_card((summary.settings or {}).get("attack", {})),
     ]
     rows = [
         {"id": r["pair_id"], "classes": f"{r.get('explained_class')} / {r.get('class_target_image')}",
@@ -70,7 +94,8 @@ def write_attack_report(
         "attack.html.j2", out / "report.html", title=f"Manipulation report · {method}", headline=headline,
         subtitle=f"{summary.n_pairs} (original, target) pairs; explanation method {method}",
         findings=[], cards=cards, rows=rows, figures=figures, sweep=sweep or [], sweep_png=sweep_png,
-        settings=summary.settings, model=model_info or {}, command=command, checks=list(checks or []), warnings=warnings,
+        settings=summary.settings, model=_readable(model_info or {}), command=command, checks=list(checks or []),
+        warnings=warnings,
     )
 
 
@@ -121,7 +146,7 @@ def write_smooth_report(
                   subtitle=f"softplus(β) in place of every ReLU; {len(sweep)} models compared"
                            + (f"; every attack within the same budget ({budget_text})" if sweep else ""),
                   findings=[], cards=cards, rows=rows, columns=columns, explanations_png=explanations_png,
-                  curves_png=curves_png, model=model_info or {}, command=command, budget=budget_text,
+                  curves_png=curves_png, model=_readable(model_info or {}), command=command, budget=budget_text,
                   checks=list(checks or []), warnings=warnings)
 
 

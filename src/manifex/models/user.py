@@ -142,6 +142,9 @@ def _import_target(module: str) -> object:
             raise InputError(f"--model: cannot import {p} as a Python module.")
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod  # dataclasses/pickling inside the user's file need the module registered
+        folder = str(p.resolve().parent)
+        if folder not in sys.path:  # so the file can import its neighbours, as when run from its folder
+            sys.path.append(folder)
         try:
             spec.loader.exec_module(mod)
         except Exception as e:
