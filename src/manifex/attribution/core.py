@@ -13,7 +13,7 @@ import numbers
 import warnings
 import weakref
 from collections.abc import Mapping
-from typing import Any, Callable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterator, Union
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ __all__ = [
 #: A target: one class index for the whole batch, a (N,) tensor or a list of class indices (one per
 #: example), or a callable that maps the model output (N, ...) to either (N,) integer class indices or (N,)
 #: float scores to explain.
-Target = Union[int, torch.Tensor, Sequence[int], Callable[[torch.Tensor], torch.Tensor], None]
+Target = Union[int, torch.Tensor, list[int], Callable[[torch.Tensor], torch.Tensor], None]
 
 #: Which part of a model's output holds the logits, for models that return a tuple/list (an index), a dict
 #: or Hugging Face style output (a key, or an attribute name), or anything else (a callable
@@ -37,8 +37,17 @@ OutputSelector = Union[int, str, Callable[[Any], torch.Tensor], None]
 
 
 def as_target(target: Target) -> Target:
-    """A list/tuple of class indices as a (N,) long tensor; anything else unchanged (checked later)."""
-    if isinstance(target, (list, tuple)):
+    """A list of class indices as a (N,) long tensor; anything else unchanged (checked later).
+
+    A tuple is refused: Captum reads ``target=(i, j)`` as one index into a multi-dimensional output for every
+    example, not as one class per example, so accepting it here would silently change its meaning.
+    """
+    if isinstance(target, tuple):
+        raise InputError(
+            f"target={target!r}: a tuple is one multi-dimensional output index in Captum, not one class per example; "
+            "pass a list or a (N,) tensor of class indices, or a callable that picks the scores from the output."
+        )
+    if isinstance(target, list):
         if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in target):
             raise InputError(f"a target list must hold integer class indices (one per example), got {list(target)[:10]}.")
         return torch.tensor([int(t) for t in target], dtype=torch.long)
