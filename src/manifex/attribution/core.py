@@ -96,7 +96,7 @@ def select_output(out: object, output: OutputSelector) -> torch.Tensor:
             f"the model returns a {_describe(out)}, not a tensor of logits; say which part holds the logits with "
             f"{_output_hint(out)}, or output=callable (e.g. output=lambda out: out.logits)."
         )
-    if callable(output) and not isinstance(output, (int, str)):
+    if callable(output):
         picked = output(out)
     elif isinstance(out, torch.Tensor):
         raise InputError(
@@ -154,8 +154,7 @@ def selected_output(model: object, output: OutputSelector = None) -> Iterator[No
     for a plain callable through :func:`call_model`. Nested selections on one model: the innermost
     non-None selector applies."""
     output = check_output_selector(output)
-    first, _ = _selector_for(model)
-    first = not first
+    first = not _selector_for(model)[0]
     token = _SELECTIONS.set(_SELECTIONS.get() + ((model, output),))
     handle = model.register_forward_hook(_selection_hook) if first and isinstance(model, nn.Module) else None
     try:
