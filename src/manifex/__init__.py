@@ -23,13 +23,14 @@ from .geometry import (
 
 from .counterfactuals import counterfactual
 from .manipulation import manipulate
+from .concepts import class_concepts
 from .geometry.spectrum import GeneratorSpectrum, generator_spectrum
 from .models.generators import Generator, as_generator, invert_generator
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "explain", "make_explainer", "beta_smooth", "beta_smoothed", "manipulate",
+    "explain", "make_explainer", "beta_smooth", "beta_smoothed", "manipulate", "class_concepts",
     "DataError", "InputError", "ManifexError", "ModelError", "RankDeficientWarning",
     "TangentSpace", "alignment", "decompose", "estimate_dimension", "project", "random_baseline", "tangent_mass",
     "tangent_space", "__version__",

@@ -1,0 +1,19 @@
+"""System 4: concept-based explanations (Herdt & Otero Baguer, arXiv 2502.03422): relevance-weighted NMF
+concepts per class, prototype crops, and the prediction-from-components test.
+
+>>> basis = manifex.class_concepts(model, data, "blocks.2")          # ConceptBasis: vectors (C, k, channels) >= 0
+>>> protos = concept_prototypes(model, data, basis, top_k=8)         # the top crops of every concept
+>>> test = prediction_from_components(model, data, basis)            # p(A) of each class's concept strip
+>>> test.stats, test.control_stats                                   # vs random crops of the same size
+"""
+from .nmf import NMF_SOLVERS, matched_cosine, nmf, nmf_error
+from .basis import RELEVANCES, ConceptBasis, class_concepts, predict_classes
+from .prototypes import Prototypes, cell_boxes, concept_prototypes, crop_boxes, pooled_activations
+from .components import RESEARCH_NUMBERS, ComponentTest, assemble, component_statistics, prediction_from_components
+
+__all__ = [
+    "nmf", "nmf_error", "matched_cosine", "NMF_SOLVERS",
+    "ConceptBasis", "class_concepts", "predict_classes", "RELEVANCES",
+    "Prototypes", "concept_prototypes", "pooled_activations", "cell_boxes", "crop_boxes",
+    "ComponentTest", "prediction_from_components", "assemble", "component_statistics", "RESEARCH_NUMBERS",
+]

@@ -1,0 +1,176 @@
+"""The prediction-from-components test: do a class's concepts alone make the model predict the class?
+
+For each class A, the top crop of each of its k concepts is assembled into one input — the research's
+vertical strip (k·s × s pixels, fed unresized: models with global pooling accept it) or, for models that
+need their own input size, a canvas of that size with the crops in a grid — and the model's softmax p(A) is
+read. Statistics over classes: mean and std of p(A), the fraction with argmax = A, and the fractions with
+p(A) > 0.1 / 0.2 / 0.5. The control assembles k *random* crops of the same size from the same pool of images
+(several draws per class); a test that the concepts pass should beat it clearly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..attribution.methods import model_device
+from ..data.base import ImageDataset
+from ..errors import InputError, ModelError
+from .basis import ConceptBasis, as_images, predict_classes
+from .prototypes import Prototypes, cell_boxes, concept_prototypes, crop_boxes
+
+__all__ = ["ComponentTest", "prediction_from_components", "assemble", "component_statistics", "RESEARCH_NUMBERS"]
+
+Layout = Literal["strip", "canvas"]
+
+#: The research's numbers (ResNet50 on ImageNet, 1000 classes, 6 concepts, from the shipped results).
+RESEARCH_NUMBERS = {
+    "ResNet50 layer4.2, include target": {"mean_p": 0.898, "p_gt_0.5": 0.921},
+    "ResNet50 layer4.2, exclude target": {"mean_p": 0.619, "p_gt_0.5": 0.626, "p_gt_0.1": 0.860},
+    "ResNet50 layer3.5, include target": {"mean_p": 0.539, "p_gt_0.5": 0.540},
+}
+
+
+def component_statistics(p: torch.Tensor, hit: torch.Tensor) -> dict[str, float]:
+    """The research's five statistics of p(A) (any shape) and argmax = A (same shape, bool)."""
+    p = p.double().flatten()
+    return {"mean_p": float(p.mean()), "std_p": float(p.std()) if p.numel() > 1 else 0.0,
+            "argmax_rate": float(hit.double().mean()), "p_gt_0.1": float((p > 0.1).double().mean()),
+            "p_gt_0.2": float((p > 0.2).double().mean()), "p_gt_0.5": float((p > 0.5).double().mean())}
+
+
+@dataclass
+class ComponentTest:
+    """Per class: the assembled input ``inputs`` (C, channels, H', W'), p(A) ``p`` (C,), ``hit`` (C,) argmax = A;
+    the control's ``control_p``/``control_hit`` (C, n_control); ``stats``/``control_stats`` (five statistics)."""
+
+    classes: list[int]
+    inputs: torch.Tensor
+    p: torch.Tensor
+    hit: torch.Tensor
+    predicted: torch.Tensor
+    control_p: torch.Tensor
+    control_hit: torch.Tensor
+    stats: dict[str, float]
+    control_stats: dict[str, float]
+    exclude_target: bool
+    layout: str
+    crop_size: tuple[int, int]
+    prototypes: Prototypes | None = field(default=None, repr=False)
+
+    @property
+    def margin(self) -> float:
+        """argmax = A rate minus the control's, in points (percent)."""
+        return 100.0 * (self.stats["argmax_rate"] - self.control_stats["argmax_rate"])
+
+
+def assemble(crops: torch.Tensor, layout: Layout = "strip", canvas: tuple[int, int] | None = None, fill: float = 0.0) -> torch.Tensor:
+    """One input from crops (..., k, C, s_h, s_w): a vertical strip (..., C, k·s_h, s_w) or a canvas
+    (..., C, H, W) with the crops row by row in a grid (``fill`` elsewhere)."""
+    *lead, k, ch, sh, sw = crops.shape
+    if layout == "strip":
+        return crops.transpose(-4, -3).reshape(*lead, ch, k * sh, sw)
+    if layout != "canvas":
+        raise InputError(f"layout must be 'strip' or 'canvas', got {layout!r}.")
+    if canvas is None:
+        raise InputError("layout='canvas' needs the model's input size (H, W).")
+    H, W = canvas
+    per_row = max(1, W // sw)
+    rows = -(-k // per_row)
+    if per_row * sw > W or rows * sh > H:
+        raise InputError(f"{k} crops of {sh}×{sw} px do not fit a {H}×{W} canvas; use fewer concepts or a smaller layer grid.")
+    out = crops.new_full((*lead, ch, H, W), fill)
+    for m in range(k):
+        r, c = divmod(m, per_row)
+        out[..., r * sh : (r + 1) * sh, c * sw : (c + 1) * sw] = crops[..., m, :, :, :]
+    return out
+
+
+@torch.no_grad()
+def _softmax(model: nn.Module, x: torch.Tensor, layout: str, batch_size: int = 256) -> torch.Tensor:
+    dev = model_device(model)
+    outs = []
+    try:
+        for s in range(0, x.shape[0], batch_size):
+            xb = x[s : s + batch_size]
+            outs.append(torch.softmax(model(xb.to(dev) if dev is not None else xb).float(), dim=1).cpu())
+    except (RuntimeError, ValueError) as e:
+        if layout == "strip":
+            raise ModelError(
+                f"the model rejects the {tuple(x.shape[2:])} strip of concept crops ({type(e).__name__}: {str(e)[:160]}); "
+                "a model without global pooling needs its own input size: use layout='canvas' (--layout canvas)."
+            ) from None
+        raise
+    return torch.cat(outs)
+
+
+def prediction_from_components(
+    model: nn.Module,
+    data: ImageDataset | torch.Tensor,
+    basis: ConceptBasis,
+    *,
+    exclude_target: bool = False,
+    layout: Layout = "strip",
+    n_control: int = 10,
+    prototypes: Prototypes | None = None,
+    predictions: torch.Tensor | None = None,
+    pool: int = 2,
+    seed: int = 0,
+    fill: float = 0.0,
+    batch_size: int = 256,
+) -> ComponentTest:
+    """Run the prediction-from-components test for every class of ``basis`` (see the module docstring).
+
+    ``exclude_target``: crops only from images not predicted as the class (both for the concepts and the
+    control). ``layout``: "strip" (the research's; needs a model with global pooling) or "canvas" (the
+    model's input size). ``n_control`` random assemblies per class. ``prototypes``: reuse computed ones.
+    """
+    x = as_images(data)
+    if isinstance(n_control, bool) or not isinstance(n_control, int) or n_control < 1:
+        raise InputError(f"n_control must be a positive int, got {n_control!r}.")
+    if layout not in ("strip", "canvas"):
+        raise InputError(f"layout must be 'strip' or 'canvas', got {layout!r}.")
+    if predictions is None:
+        predictions = predict_classes(model, x, batch_size)
+    if prototypes is None:
+        prototypes = concept_prototypes(model, x, basis, top_k=1, exclude_target=exclude_target, pool=pool,
+                                        predictions=predictions, batch_size=batch_size)
+    elif prototypes.exclude_target != exclude_target:
+        raise InputError(f"the prototypes were computed with exclude_target={prototypes.exclude_target}.")
+    crops = prototypes.crops[:, :, 0]  # (C, k, ch, sh, sw): the top crop of each concept
+    canvas = tuple(x.shape[2:])
+    inputs = assemble(crops, layout, canvas, fill)
+    cls = torch.tensor(prototypes.classes)
+    probs = _softmax(model, inputs, layout, batch_size)
+    p, predicted = probs.gather(1, cls[:, None])[:, 0], probs.argmax(1)
+
+    # control: k random cells of the same grid geometry (same crop size) from the same image pool
+    g = torch.Generator().manual_seed(seed)
+    h, w = prototypes.grid
+    C, k = crops.shape[:2]
+    grid_boxes = cell_boxes(canvas, (h, w)) if prototypes.geometry == "grid" else None
+    ctrl = []
+    for i, c in enumerate(prototypes.classes):
+        allowed = (predictions != c).nonzero().flatten() if exclude_target else torch.arange(x.shape[0])
+        img = allowed[torch.randint(allowed.numel(), (n_control * k,), generator=g)]
+        if grid_boxes is not None:
+            cell = torch.randint(h * w, (n_control * k,), generator=g)
+            boxes = grid_boxes.reshape(-1, 4)[cell]
+        else:  # receptive-field crops: random boxes of the same size inside the padded image
+            sh, sw = prototypes.crop_size
+            top = torch.randint(x.shape[2] - sh + 1, (n_control * k,), generator=g) if x.shape[2] >= sh else torch.zeros(n_control * k, dtype=torch.long)
+            left = torch.randint(x.shape[3] - sw + 1, (n_control * k,), generator=g) if x.shape[3] >= sw else torch.zeros(n_control * k, dtype=torch.long)
+            boxes = torch.stack([top, left, top + sh, left + sw], 1)
+        ctrl.append(crop_boxes(x, img, boxes, fill).reshape(n_control, k, *crops.shape[2:]))
+    ctrl_inputs = assemble(torch.stack(ctrl), layout, canvas, fill)  # (C, n_control, ch, H', W')
+    cprobs = _softmax(model, ctrl_inputs.flatten(0, 1), layout, batch_size).reshape(C, n_control, -1)
+    control_p = cprobs.gather(2, cls[:, None, None].expand(C, n_control, 1))[..., 0]
+    control_hit = cprobs.argmax(2) == cls[:, None]
+    return ComponentTest(
+        classes=list(prototypes.classes), inputs=inputs, p=p, hit=predicted == cls, predicted=predicted,
+        control_p=control_p, control_hit=control_hit, stats=component_statistics(p, predicted == cls),
+        control_stats=component_statistics(control_p, control_hit), exclude_target=bool(exclude_target),
+        layout=layout, crop_size=prototypes.crop_size, prototypes=prototypes,
+    )

@@ -1,0 +1,274 @@
+"""Non-negative matrix factorisation X ≈ W H for one matrix or a batch of matrices (one per class).
+
+The reference is scikit-learn's ``NMF`` with its defaults (NNDSVDa initialisation, coordinate descent,
+Frobenius loss, ``max_iter=200``, ``tol=1e-4``), which the concept research used per class. manifex's
+``"hals"`` solver is that same algorithm written batched in torch: scikit-learn's coordinate descent updates
+one column of W (then of Hᵀ) at a time with the closed-form step ``w_t ← max(0, w_t − ∇_t / (HHᵀ)_tt)``,
+which is exactly hierarchical ALS; we run it for every matrix of the batch at once (CPU or CUDA), with the
+same update order, the same projected-gradient stopping rule (per matrix: violation / first violation ≤ tol)
+and the same NNDSVDa start (from an exact SVD where it is cheap, a randomized one like scikit-learn's
+otherwise). So it reaches the same error and the same components (tested: error within 0.5%, matched cosine
+≥ 0.999). ``"mu"`` is batched multiplicative updates (Lee & Seung), ``"sklearn"`` loops scikit-learn.
+
+Why written by hand: scikit-learn factorises one matrix per call on the CPU; the batched torch solver
+factorises every class in one loop, on the model's device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+
+__all__ = ["nmf", "nmf_error", "NMF_SOLVERS", "matched_cosine"]
+
+Solver = Literal["auto", "hals", "mu", "sklearn"]
+NMF_SOLVERS = ("auto", "hals", "mu", "sklearn")
+
+# "auto" = "hals" everywhere. Measured (benchmarks/bench_concepts.py, 10 classes × 3,840 rows × 64 channels,
+# k = 6, float32, 2 CPU cores shared with other jobs): hals reaches scikit-learn's error in the same number
+# of iterations, batched; mu needs ~10× more iterations for the same error; looping scikit-learn is slower
+# than one batched hals run. On CUDA the batched solver is the only one on the device.
+_AUTO = "hals"
+
+
+def _check_input(X: torch.Tensor, n_components: int, n_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    if not isinstance(X, torch.Tensor):
+        raise InputError(f"X must be a torch.Tensor (rows × features, or a batch of them), got {type(X).__name__}.")
+    if X.dim() not in (2, 3):
+        raise InputError(f"X must be a matrix (R, c) or a batch of matrices (B, R, c), got shape {tuple(X.shape)}.")
+    if not X.is_floating_point():
+        raise InputError(f"X must be floating point, got {X.dtype}; use X.float().")
+    batched = X.dim() == 3
+    Xb = X if batched else X.unsqueeze(0)
+    B, R, c = Xb.shape
+    bad = ~torch.isfinite(Xb)
+    if bool(bad.any()):
+        raise InputError(f"X contains {int(bad.sum())} NaN/inf values (matrices {bad.flatten(1).any(1).nonzero().flatten().tolist()[:10]}); "
+                         "NMF needs finite input — check the activations or relevances that built it.")
+    if n_rows is None:
+        rows = torch.full((B,), R, dtype=torch.long, device=X.device)
+    else:
+        rows = torch.as_tensor(n_rows, dtype=torch.long, device=X.device).reshape(-1)
+        if rows.shape[0] != B or bool((rows < 0).any()) or bool((rows > R).any()):
+            raise InputError(f"n_rows must hold {B} row counts in [0, {R}], got {rows.tolist()}.")
+    if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
+        raise InputError(f"n_components must be a positive int, got {n_components!r}.")
+    smallest = min(int(rows.min()), c)
+    if n_components > smallest:
+        what = "features (channels)" if c <= int(rows.min()) else "rows"
+        raise InputError(f"n_components={n_components} exceeds the number of {what} ({smallest}); NMF needs "
+                         f"n_components ≤ min(rows, channels): use at most {smallest} components or more data.")
+    valid = torch.arange(R, device=X.device)[None, :] < rows[:, None]  # (B, R)
+    neg = (Xb < 0) & valid[:, :, None]
+    if bool(neg.any()):
+        raise InputError(
+            f"NMF needs non-negative input, but X has {int(neg.sum())} negative entries (min {float(Xb[neg].min()):.3g}). "
+            "For layer activations choose a layer after a ReLU (a block output such as 'blocks.2', not a convolution "
+            "or BatchNorm output), or keep only positive relevance (ReLU of the attribution) before weighting."
+        )
+    return Xb * valid[:, :, None], rows, batched
+
+
+def _svd_top(X: torch.Tensor, k: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k singular triplets of each matrix (B, R, c) in float64: exact where cheap, else randomized
+    subspace iteration as scikit-learn's ``randomized_svd`` (k + 10 vectors, 4 or 7 power iterations)."""
+    Xd = X.double()
+    B, R, c = Xd.shape
+    if min(R, c) <= 512:
+        U, S, Vh = torch.linalg.svd(Xd, full_matrices=False)
+        return U[:, :, :k], S[:, :k], Vh[:, :k, :]
+    p = min(k + 10, min(R, c))
+    n_iter = 7 if k < 0.1 * min(R, c) else 4
+    omega = torch.randn(B, c, p, dtype=Xd.dtype, device=Xd.device, generator=generator)
+    Q = torch.linalg.qr(Xd @ omega).Q
+    for _ in range(n_iter):
+        Q = torch.linalg.qr(Xd.transpose(1, 2) @ Q).Q
+        Q = torch.linalg.qr(Xd @ Q).Q
+    Ub, S, Vh = torch.linalg.svd(Q.transpose(1, 2) @ Xd, full_matrices=False)
+    return (Q @ Ub)[:, :, :k], S[:, :k], Vh[:, :k, :]
+
+
+def _nndsvd(X: torch.Tensor, rows: torch.Tensor, k: int, variant: str, generator: torch.Generator | None,
+            eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """NNDSVD (Boutsidis & Gallopoulos) as scikit-learn's ``_initialize_nmf``; ``"nndsvda"`` fills zeros with
+    the matrix mean. Sign-invariant, so an exact SVD and scikit-learn's randomized one give the same start."""
+    U, S, Vh = _svd_top(X, k, generator)
+    V = Vh.transpose(1, 2)  # (B, c, k)
+    up, un = U.clamp(min=0), (-U).clamp(min=0)
+    vp, vn = V.clamp(min=0), (-V).clamp(min=0)
+    upn, unn = up.norm(dim=1), un.norm(dim=1)  # (B, k)
+    vpn, vnn = vp.norm(dim=1), vn.norm(dim=1)
+    mp, mn = upn * vpn, unn * vnn
+    pos = (mp > mn)[:, None, :]
+    u = torch.where(pos, up / upn.clamp_min(1e-300)[:, None, :], un / unn.clamp_min(1e-300)[:, None, :])
+    v = torch.where(pos, vp / vpn.clamp_min(1e-300)[:, None, :], vn / vnn.clamp_min(1e-300)[:, None, :])
+    lam = torch.sqrt(S * torch.where(pos[:, 0, :], mp, mn))
+    W = u * lam[:, None, :]
+    H = (v * lam[:, None, :]).transpose(1, 2)
+    # the leading triplet of a non-negative matrix is non-negative: |u_0|, |v_0| as is
+    W[:, :, 0] = torch.sqrt(S[:, 0])[:, None] * U[:, :, 0].abs()
+    H[:, 0, :] = torch.sqrt(S[:, 0])[:, None] * V[:, :, 0].abs()
+    W = torch.where(W < eps, torch.zeros_like(W), W)
+    H = torch.where(H < eps, torch.zeros_like(H), H)
+    if variant == "nndsvda":
+        avg = (X.double().sum((1, 2)) / (rows.double() * X.shape[2]).clamp_min(1))  # mean over the real rows
+        W = torch.where(W == 0, avg[:, None, None].expand_as(W), W)
+        H = torch.where(H == 0, avg[:, None, None].expand_as(H), H)
+    valid = torch.arange(X.shape[1], device=X.device)[None, :] < rows[:, None]
+    W = W * valid[:, :, None]  # padding rows stay exactly zero (their updates are then zero too)
+    return W.to(X.dtype), H.to(X.dtype)
+
+
+def _cd_sweep(X: torch.Tensor, W: torch.Tensor, Ht: torch.Tensor) -> torch.Tensor:
+    """One pass of scikit-learn's coordinate descent over the columns of W (in place); the violation (B,)."""
+    HHt = Ht.transpose(1, 2) @ Ht  # (B, k, k)
+    XHt = X @ Ht  # (B, R, k)
+    violation = X.new_zeros(X.shape[0])
+    for t in range(W.shape[2]):
+        grad = W @ HHt[:, :, t : t + 1] - XHt[:, :, t : t + 1]  # (B, R, 1), with the columns updated so far
+        w = W[:, :, t : t + 1]
+        pg = torch.where(w == 0, grad.clamp(max=0), grad)
+        violation += pg.abs().sum((1, 2))
+        hess = HHt[:, t, t].view(-1, 1, 1)
+        step = torch.where(hess != 0, grad / torch.where(hess != 0, hess, torch.ones_like(hess)), torch.zeros_like(grad))
+        W[:, :, t : t + 1] = (w - step).clamp(min=0)
+    return violation
+
+
+def _hals(X, W, H, max_iter: int, tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B = X.shape[0]
+    Xt = X.transpose(1, 2).contiguous()
+    Ht = H.transpose(1, 2).contiguous()
+    W = W.contiguous()
+    n_iter = torch.zeros(B, dtype=torch.long, device=X.device)
+    active = torch.ones(B, dtype=torch.bool, device=X.device)
+    first = torch.zeros(B, dtype=X.dtype, device=X.device)
+    for it in range(1, max_iter + 1):
+        idx = active.nonzero().flatten()
+        if idx.numel() == B:
+            v = _cd_sweep(X, W, Ht) + _cd_sweep(Xt, Ht, W)
+        else:
+            w, ht = W[idx], Ht[idx]
+            v = _cd_sweep(X[idx], w, ht) + _cd_sweep(Xt[idx], ht, w)
+            W[idx], Ht[idx] = w, ht
+        n_iter[idx] = it
+        if it == 1:
+            first[idx] = v
+        stop = (first[idx] == 0) | (v / first[idx].clamp_min(torch.finfo(X.dtype).tiny) <= tol)
+        active[idx[stop]] = False
+        if not bool(active.any()):
+            break
+    return W, Ht.transpose(1, 2), n_iter
+
+
+def _mu(X, W, H, max_iter: int, tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lee–Seung multiplicative updates (Frobenius); stops per matrix as scikit-learn's ``mu`` solver (every
+    10 iterations, relative decrease of the error since the start ≤ tol)."""
+    tiny = torch.finfo(X.dtype).eps
+    B = X.shape[0]
+    n_iter = torch.zeros(B, dtype=torch.long, device=X.device)
+    active = torch.ones(B, dtype=torch.bool, device=X.device)
+    e0 = nmf_error(X, W, H)
+    prev = e0.clone()
+    for it in range(1, max_iter + 1):
+        a = active[:, None, None]
+        W = torch.where(a, W * (X @ H.transpose(1, 2)) / (W @ (H @ H.transpose(1, 2))).clamp_min(tiny), W)
+        H = torch.where(a, H * (W.transpose(1, 2) @ X) / ((W.transpose(1, 2) @ W) @ H).clamp_min(tiny), H)
+        n_iter[active] = it
+        if it % 10 == 0:
+            e = nmf_error(X, W, H)
+            stop = (prev - e) / e0.clamp_min(tiny) < tol
+            active &= ~stop
+            prev = e
+            if not bool(active.any()):
+                break
+    return W, H, n_iter
+
+
+def _sklearn(X, rows, k, init, max_iter, tol, seed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from sklearn.decomposition import NMF
+
+    Ws, Hs, its = [], [], []
+    Xn = X.detach().cpu().numpy()
+    for b in range(X.shape[0]):
+        r = int(rows[b])
+        model = NMF(n_components=k, init=init, max_iter=max_iter, tol=tol, random_state=seed)
+        w = np.zeros((X.shape[1], k), dtype=Xn.dtype)
+        w[:r] = model.fit_transform(Xn[b, :r])
+        Ws.append(w)
+        Hs.append(model.components_)
+        its.append(model.n_iter_)
+    t = lambda a: torch.as_tensor(np.stack(a), device=X.device)  # noqa: E731
+    return t(Ws).to(X.dtype), t(Hs).to(X.dtype), t(its)
+
+
+def nmf(
+    X: torch.Tensor,
+    n_components: int,
+    *,
+    solver: Solver = "auto",
+    init: Literal["nndsvda", "nndsvd"] = "nndsvda",
+    max_iter: int = 200,
+    tol: float = 1e-4,
+    n_rows: torch.Tensor | None = None,
+    seed: int = 0,
+    return_n_iter: bool = False,
+):
+    """Factorise ``X`` (R, c) — or a batch (B, R, c), one matrix per class — as ``X ≈ W H``, W, H ≥ 0.
+
+    Returns ``(W, H)``: W (R, k) or (B, R, k), H (k, c) or (B, k, c) (the rows of H are the components,
+    scikit-learn's ``components_``); with ``return_n_iter`` also the iterations run (B,). Matrices of a batch
+    with fewer real rows are zero-padded at the end and give their row counts in ``n_rows`` (B,); padded rows
+    of W are zero. ``solver``: "auto" (= "hals"), "hals", "mu" or "sklearn" (see the module docstring);
+    ``init``, ``max_iter`` and ``tol`` as scikit-learn's (its defaults). ``seed`` seeds the randomized SVD
+    used for large matrices. Raises InputError for negative or non-finite entries and for ``n_components``
+    above the number of rows or channels.
+    """
+    if solver not in NMF_SOLVERS:
+        raise InputError(f"solver must be one of {', '.join(NMF_SOLVERS)}, got {solver!r}.")
+    if init not in ("nndsvda", "nndsvd"):
+        raise InputError(f"init must be 'nndsvda' (scikit-learn's default) or 'nndsvd', got {init!r}.")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise InputError(f"max_iter must be a positive int, got {max_iter!r}.")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
+        raise InputError(f"tol must be a finite number >= 0, got {tol!r}.")
+    Xb, rows, batched = _check_input(X, n_components, n_rows)
+    Xb = Xb.detach()
+    solver = _AUTO if solver == "auto" else solver
+    if solver == "sklearn":
+        W, H, n_iter = _sklearn(Xb, rows, n_components, init, max_iter, tol, seed)
+    else:
+        g = torch.Generator(device=Xb.device).manual_seed(seed)
+        W, H = _nndsvd(Xb, rows, n_components, init, g)
+        W, H, n_iter = (_hals if solver == "hals" else _mu)(Xb, W, H, max_iter, tol)
+    if not batched:
+        W, H = W[0], H[0]
+    return (W, H, n_iter) if return_n_iter else (W, H)
+
+
+def nmf_error(X: torch.Tensor, W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """The Frobenius reconstruction error ‖X − W H‖_F (scikit-learn's ``reconstruction_err_``): a scalar for
+    one matrix, (B,) for a batch. Computed as ‖X‖² − 2⟨X, WH⟩ + ⟨WᵀW, HHᵀ⟩ without forming W H."""
+    Xd, Wd, Hd = X.double(), W.double(), H.double()
+    xx = (Xd * Xd).sum((-2, -1))
+    cross = ((Xd @ Hd.transpose(-1, -2)) * Wd).sum((-2, -1))
+    gram = ((Wd.transpose(-1, -2) @ Wd) * (Hd @ Hd.transpose(-1, -2))).sum((-2, -1))
+    return (xx - 2 * cross + gram).clamp_min(0).sqrt().to(X.dtype)
+
+
+def matched_cosine(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of the rows of A (k, c) to their best one-to-one partners in B (k, c) (Hungarian
+    matching on the cosine, scipy's ``linear_sum_assignment``); (k,) in A's row order."""
+    from scipy.optimize import linear_sum_assignment
+
+    a = torch.nn.functional.normalize(A.detach().double().cpu(), dim=-1)
+    b = torch.nn.functional.normalize(B.detach().double().cpu(), dim=-1)
+    cos = a @ b.T
+    r, c = linear_sum_assignment(-cos.numpy())
+    out = torch.empty(A.shape[0], dtype=torch.float64)
+    out[torch.as_tensor(r)] = cos[torch.as_tensor(r), torch.as_tensor(c)]
+    return out

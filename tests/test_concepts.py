@@ -1,0 +1,256 @@
+"""Concepts: the batched NMF against scikit-learn, class_concepts against a faithful Captum + scikit-learn
+research loop (batch 1, NoiseTunnel over LayerDeepLift, fixed noise), prototypes' grid geometry, the
+prediction-from-components test, and every bad input."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import manifex
+from manifex.concepts import ConceptBasis, class_concepts, concept_prototypes, matched_cosine, nmf, nmf_error, prediction_from_components
+from manifex.data import load_digits8
+from manifex.errors import InputError, ModelError
+from manifex.models.classifiers import SmallResNet
+
+captum_attr = pytest.importorskip("captum.attr")
+sk_nmf = pytest.importorskip("sklearn.decomposition")
+
+
+def synthetic(B=3, R=300, c=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.rand(B, R, 8, generator=g) ** 3
+    H = torch.rand(B, 8, c, generator=g) ** 3
+    return W @ H + 0.05 * torch.rand(B, R, c, generator=g)
+
+
+_TINY: dict[str, nn.Module] = {}
+
+
+def tiny_resnet() -> nn.Module:
+    """A SmallResNet (8×8, widths 8 and 12, 4 classes) trained for two quick epochs on 600 digits 0–3."""
+    if "model" not in _TINY:
+        d = load_digits8()
+        keep = (d.y < 4).nonzero().flatten()[:600]
+        x, y = d.x[keep], d.y[keep]
+        torch.manual_seed(0)
+        model = SmallResNet((1, 8, 8), 4, (8, 12))
+        opt = torch.optim.Adam(model.parameters(), 1e-2)
+        for epoch in range(2):
+            perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+            for s in range(0, len(x), 50):
+                i = perm[s : s + 50]
+                opt.zero_grad()
+                F.cross_entropy(model(x[i]), y[i]).backward()
+                opt.step()
+        _TINY["model"] = model.eval()
+    return _TINY["model"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = load_digits8()
+    return d.x[d.y < 4][:300]
+
+
+# ------------------------------------------------------------------------------------------------ NMF
+
+
+@pytest.mark.parametrize("solver", ["hals", "auto"])
+def test_batched_nmf_equals_sklearn(solver):
+    X = synthetic()
+    W, H = nmf(X, 5, solver=solver)
+    assert W.shape == (3, 300, 5) and H.shape == (3, 5, 20) and bool((W >= 0).all()) and bool((H >= 0).all())
+    err = nmf_error(X, W, H)
+    for b in range(3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = sk_nmf.NMF(5, random_state=0).fit(X[b].numpy())
+        assert abs(float(err[b]) / ref.reconstruction_err_ - 1) < 5e-3
+        assert float(matched_cosine(H[b], torch.from_numpy(ref.components_)).min()) >= 0.999
+        torch.testing.assert_close(float(err[b]), float((X[b] - W[b] @ H[b]).norm()), rtol=1e-4, atol=1e-6)
+
+
+def test_nmf_padding_single_matrix_and_sklearn_solver():
+    X = synthetic(B=2)
+    X[1, 200:] = 0
+    W, H = nmf(X, 4, n_rows=torch.tensor([300, 200]))
+    W1, H1 = nmf(X[1, :200], 4)
+    torch.testing.assert_close(H[1], H1, rtol=1e-4, atol=1e-5)
+    assert bool((W[1, 200:] == 0).all())
+    Ws, Hs = nmf(X[0], 4, solver="sklearn")
+    assert float(matched_cosine(H[0], Hs).min()) >= 0.999
+
+
+def test_nmf_errors():
+    X = synthetic(B=1)[0]
+    with pytest.raises(InputError, match="non-negative.*ReLU"):
+        nmf(X - 0.5, 3)
+    bad = X.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        nmf(bad, 3)
+    with pytest.raises(InputError, match="channels"):
+        nmf(X, 21)
+    with pytest.raises(InputError, match="rows"):
+        nmf(X[:4], 5)
+    with pytest.raises(InputError, match="solver"):
+        nmf(X, 3, solver="als")
+
+
+# ------------------------------------------------------------------------------------------------ class_concepts
+
+
+def research_loop(model, layer, images, target, k, sigma, baseline, noise_seed):
+    """The research code's per-class loop: Captum NoiseTunnel(LayerDeepLift) at batch 1 (20 samples), the
+    relevance map mean(ReLU(attr)) × activation, every position a row, scikit-learn NMF(k) with defaults.
+    The noise RNG is reseeded before each image, so the noise is known (and shared with manifex)."""
+    nt = captum_attr.NoiseTunnel(captum_attr.LayerDeepLift(model, layer, multiply_by_inputs=True))
+    attrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for img in images:
+            torch.manual_seed(noise_seed)
+            attrs.append(nt.attribute(img[None], target=int(target), nt_samples=20, stdevs=sigma,
+                                      nt_samples_batch_size=1, baselines=baseline).detach())
+        acts = []
+        h = layer.register_forward_hook(lambda m, a, o: acts.append(o.detach()))
+        with torch.no_grad():
+            model(images)
+        h.remove()
+        r = F.relu(torch.cat(attrs)).mean(1, keepdim=True)
+        X = (r * acts[0]).permute(0, 2, 3, 1).reshape(-1, acts[0].shape[1])
+        ref = sk_nmf.NMF(n_components=k).fit(X.numpy())
+    return torch.from_numpy(ref.components_), ref.reconstruction_err_
+
+
+def test_class_concepts_equals_research_loop(digits):
+    model = tiny_resnet()
+    preds = model(digits).argmax(1)
+    classes = preds.bincount(minlength=4).argsort(descending=True)[:3].tolist()
+    sigma, baseline, seed = 0.1, 0.4, 123
+    torch.manual_seed(seed)
+    noise = torch.cat([captum_attr.NoiseTunnel._add_noise_to_input(torch.zeros(1, 1, 8, 8), sigma, 1) for _ in range(20)])
+    basis = class_concepts(model, digits, "blocks.1", classes=classes, n_components=3, images_per_class=6,
+                           relevance_options={"noise": noise, "sigma": sigma, "baseline": baseline}, batch_size=5)
+    assert basis.vectors.shape == (3, 3, 12) and bool((basis.vectors >= 0).all())
+    assert basis.classes == classes and basis.n_images == [6, 6, 6]
+    layer = dict(model.named_modules())["blocks.1"]
+    for i, c in enumerate(classes):
+        assert bool((preds[basis.image_indices[i]] == c).all())
+        comps, err = research_loop(model, layer, digits[basis.image_indices[i]], c, 3, sigma, baseline, seed)
+        assert float(matched_cosine(basis.vectors[i], comps).min()) >= 0.999
+        assert abs(float(basis.recon_error[i]) / err - 1) <= 1e-3
+
+
+def test_class_concepts_options_and_skips(digits):
+    model = tiny_resnet()
+    preds = model(digits).argmax(1)
+    present = [c for c in range(4) if bool((preds == c).any())]
+    basis = class_concepts(model, digits, "blocks.1", classes=present[:2], n_components=2, images_per_class=4,
+                           relevance="gradient_x_activation")
+    assert isinstance(basis, ConceptBasis) and basis.n_components == 2 and basis.relative_error.max() < 1
+    plain = class_concepts(model, digits, "blocks.1", classes=present[:1], n_components=2, images_per_class=4, relevance="none")
+    assert plain.vectors.shape == (1, 2, 12)
+    other = present[0]
+    only = digits[preds == other]
+    with pytest.warns(RuntimeWarning, match=f"no image is predicted as class {(other + 1) % 4}"):
+        b = class_concepts(model, only, "blocks.1", classes=[other, (other + 1) % 4], n_components=2,
+                           images_per_class=3, relevance="none")
+    assert b.classes == [other] and b.n_images == [3]
+    with pytest.raises(InputError, match="no image of the data is predicted"), pytest.warns(RuntimeWarning):
+        class_concepts(model, only, "blocks.1", classes=[c for c in range(4) if c != other], relevance="none")
+
+
+def test_class_concepts_errors(digits):
+    model = tiny_resnet()
+    with pytest.raises(InputError, match="unknown layer 'blocks.9'.*blocks.0"):
+        class_concepts(model, digits, "blocks.9")
+    with pytest.raises(InputError, match="negative activations.*after a ReLU"):
+        class_concepts(model, digits, "blocks.0.conv1")
+    with pytest.raises(InputError, match="exceeds the 12 channels"):
+        class_concepts(model, digits, "blocks.1", n_components=13)
+    with pytest.raises(InputError, match=r"classes must be indices in \[0, 3\]"):
+        class_concepts(model, digits, "blocks.1", classes=[4])
+    bad = digits.clone()
+    bad[3, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        class_concepts(model, bad, "blocks.1")
+    seq = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(2), _Mean(), nn.Linear(4, 3))
+    with pytest.raises(InputError, match=r"\(N, C, H, W\).*\(N, C\)"):
+        class_concepts(seq, digits, "2")
+
+
+class _Mean(nn.Module):
+    def forward(self, x):
+        return x.mean(-1)
+
+
+# ------------------------------------------------------------------------------------------------ prototypes
+
+
+def test_prototypes_grid_geometry(digits):
+    """A concept equal to one pooled activation vector finds that cell first (cosine 1), and its crop is the
+    research's box [i·s, (i+1)·s) × [j·s, (j+1)·s), s = ⌊H/h⌋; exclude_target drops images of the class."""
+    from manifex.concepts import pooled_activations
+
+    model = tiny_resnet()
+    pooled = pooled_activations(model, digits, "blocks.0")  # 8×8 layer → 4×4 grid, s = 2
+    assert pooled.shape[2:] == (4, 4)
+    img, i, j = 17, 2, 1
+    vec = pooled[img, :, i, j]
+    basis = ConceptBasis(vectors=torch.stack([vec, pooled[5, :, 0, 3]])[None], classes=[0], n_images=[1],
+                         recon_error=torch.zeros(1), relative_error=torch.zeros(1), layer="blocks.0")
+    protos = concept_prototypes(model, digits, basis, top_k=3)
+    assert int(protos.image_index[0, 0, 0]) == img and protos.cells[0, 0, 0].tolist() == [i, j]
+    assert abs(float(protos.scores[0, 0, 0]) - 1) < 1e-5 and bool((protos.scores[0, 0, :-1] >= protos.scores[0, 0, 1:]).all())
+    assert protos.boxes[0, 0, 0].tolist() == [4, 2, 6, 4]
+    torch.testing.assert_close(protos.crops[0, 0, 0], digits[img, :, 4:6, 2:4])
+    preds = model(digits).argmax(1)
+    basis.classes = [int(preds[img])]
+    strict = concept_prototypes(model, digits, basis, top_k=3, exclude_target=True, predictions=preds)
+    assert not bool((preds[strict.image_index.flatten()] == int(preds[img])).any())
+    rf = concept_prototypes(model, digits, basis, top_k=2, geometry="receptive_field")
+    assert rf.crop_size[0] > 2 and rf.crop_size == tuple(rf.crops.shape[-2:])
+    with pytest.raises(InputError, match="geometry"):
+        concept_prototypes(model, digits, basis, geometry="box")
+
+
+# ------------------------------------------------------------------------------------------------ components
+
+
+def test_prediction_from_components(digits):
+    model = tiny_resnet()
+    basis = class_concepts(model, digits, "blocks.1", n_components=3, images_per_class=10, relevance_options={"n_samples": 2})
+    test = prediction_from_components(model, digits, basis, n_control=4)
+    C = len(basis.classes)
+    crops = test.prototypes.crops[:, :, 0]
+    assert test.inputs.shape == (C, 1, 3 * crops.shape[-2], crops.shape[-1])  # a vertical strip of 3 crops
+    torch.testing.assert_close(test.inputs[0], torch.cat(list(crops[0]), dim=1))
+    with torch.no_grad():
+        p = torch.softmax(model(test.inputs), 1)
+    torch.testing.assert_close(test.p, p[torch.arange(C), torch.tensor(basis.classes)])
+    assert test.stats["argmax_rate"] == float((p.argmax(1) == torch.tensor(basis.classes)).double().mean())
+    assert set(test.stats) == {"mean_p", "std_p", "argmax_rate", "p_gt_0.1", "p_gt_0.2", "p_gt_0.5"}
+    assert test.control_p.shape == (C, 4) and 0 <= test.control_stats["mean_p"] <= 1
+    strict = prediction_from_components(model, digits, basis, exclude_target=True, n_control=2)
+    preds = model(digits).argmax(1)
+    idx = strict.prototypes.image_index[:, :, 0]
+    assert not bool((preds[idx] == torch.tensor(basis.classes)[:, None]).any())
+
+
+def test_components_layout_errors(digits):
+    """A fixed-size model rejects the strip: a clear error that suggests the canvas, which then works."""
+    torch.manual_seed(0)
+    fixed = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 4)).eval()
+    basis = class_concepts(fixed, digits, "1", classes=[int(fixed(digits).argmax(1)[0])], n_components=2,
+                           images_per_class=4, relevance="none")
+    with pytest.raises(ModelError, match="layout='canvas'"):
+        prediction_from_components(fixed, digits, basis)
+    canvas = prediction_from_components(fixed, digits, basis, layout="canvas", n_control=2)
+    assert canvas.inputs.shape == (1, 1, 8, 8)
+    with pytest.raises(InputError, match="layout"):
+        prediction_from_components(fixed, digits, basis, layout="grid")
