@@ -190,3 +190,19 @@ def test_html_references_existing_files_only(report):
 def test_metrics_json_round_trip(report, result):
     with open(report.parent / "metrics.json", encoding="utf-8") as f:
         assert json.load(f) == result.metrics
+
+
+def test_smooth_figure_one_quantity_per_panel(tmp_path):
+    """The β sweep figure: PCC, accuracy and curvature in separate panels (no two curves on shared twin axes),
+    the ReLU model last and without a curvature point; sweep.json's string β values are accepted."""
+    from manifex.manipulation.report import smooth_figure
+
+    sweep = [{"beta": b, "pcc_orig_target": 0.3, "pcc_manip_target": 0.3 + g, "pcc_gain": g, "accuracy": a, "curvature": c}
+             for b, g, a, c in (("inf", 0.3, 0.95, 0.0), (3.0, 0.1, 0.7, 0.5), ("β=10", 0.2, 0.9, 1.1))]
+    fig = smooth_figure(sweep, tmp_path / "curves.png")
+    axes = fig.get_axes()
+    assert len(axes) == 3 and (tmp_path / "curves.png").stat().st_size > 0
+    assert [t.get_text() for t in axes[0].get_xticklabels()] == ["β = 3", "β = 10", "ReLU"]
+    (curv_line,) = axes[2].get_lines()
+    assert list(curv_line.get_xdata()) == [0, 1] and axes[2].get_yscale() == "log"
+    assert [len(ax.get_lines()) for ax in axes[:2]] == [2, 1]

@@ -163,8 +163,8 @@ def smooth(dataset, classifier, model_spec, weights, normalize, num_classes, epo
     """
     from ..attribution import canonical_method
     from ..manipulation import (RELU, accuracy_across_beta, explanations_across_beta, pairs_from_dataset,
-                               plot_beta_curves, research_gamma, robustness_sweep)
-    from ..manipulation.report import write_smooth_report
+                               research_gamma, robustness_sweep)
+    from ..manipulation.report import smooth_figure, write_smooth_report
     from ..viz import image_grid
 
     method = canonical_method(method)
@@ -194,7 +194,7 @@ def smooth(dataset, classifier, model_spec, weights, normalize, num_classes, epo
                                  data=test, batch_size=batch_size, progress=not quiet, executor=executor,
                                  iterations=iterations, lr=lr,
                                  epsilon=budget, map_loss=map_loss, gamma=research_gamma(h * w, data.num_classes))
-        plot_beta_curves(sweep, out_dir / "beta_curves.png")
+        smooth_figure(sweep, out_dir / "beta_curves.png")
         curves = "beta_curves.png"
     report = write_smooth_report(sweep, out_dir, method=method, accuracy=accuracy, explanations_png="explanations_beta.png",
                                  curves_png=curves, model_info=_model_info(info, dataset, accuracy[RELU], epochs),

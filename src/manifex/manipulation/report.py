@@ -7,7 +7,7 @@ from typing import Any
 from ..reports import render, write_json
 from .campaign import CampaignSummary
 
-__all__ = ["write_attack_report", "write_smooth_report"]
+__all__ = ["write_attack_report", "write_smooth_report", "smooth_figure"]
 
 #: Most per-pair overview figures embedded in the page (all are in pairs/).
 MAX_FIGURES = 12
@@ -169,3 +169,77 @@ _SMOOTH_COLUMNS = (
     ("curvature", "curvature |λmax|", lambda v: "n/a" if v is None else f"{v:.3g}"),
     ("accuracy", "test accuracy", _pct),
 )
+
+
+def smooth_figure(sweep: list[dict], path: str | Path | None = None):
+    """The β sweep in three panels that share the β axis, one quantity each so no two curves overlap:
+    attack success (PCC to the target before and after, with the gain annotated), test accuracy, and
+    curvature (mean |λ_max| of the input Hessian, log axis). The ReLU model sits at the right end; its
+    curvature is 0 almost everywhere and is noted, not plotted. Returns the Figure (saved as PNG at ``path``).
+    """
+    from matplotlib.figure import Figure
+
+    from ..viz import save_figure
+
+    inf = float("inf")
+    def beta(r: dict) -> float:  # records from memory (floats) or from sweep.json ("inf" / "ReLU" / "β=10")
+        b = r["beta"]
+        if isinstance(b, str):
+            b = b.replace("β=", "").strip()
+            return inf if b.lower() in ("inf", "infinity", "relu") else float(b)
+        return float(b)
+
+    rows = sorted(({**r, "beta": beta(r)} for r in sweep), key=lambda r: r["beta"])  # smoothest first, ReLU last
+    xs = list(range(len(rows)))
+    names = ["ReLU" if r["beta"] == inf else f"β = {r['beta']:g}" for r in rows]
+    fig = Figure(figsize=(11.5, 3.5), layout="constrained")
+    ax_pcc, ax_acc, ax_curv = fig.subplots(1, 3)
+
+    def series(key):
+        return [(x, r[key]) for x, r in zip(xs, rows) if r.get(key) is not None]
+
+    before, after = series("pcc_orig_target"), series("pcc_manip_target")
+    if before:
+        ax_pcc.plot(*zip(*before), "o:", color="#888888", label="before the attack")
+    if after:
+        ax_pcc.plot(*zip(*after), "o-", color="#c0392b", lw=2, label="after the attack")
+    for x, r in zip(xs, rows):
+        if r.get("pcc_gain") is not None and r.get("pcc_manip_target") is not None:
+            ax_pcc.annotate(f"{r['pcc_gain']:+.2f}", (x, r["pcc_manip_target"]), textcoords="offset points",
+                            xytext=(0, 7), ha="center", fontsize=9, color="#c0392b")
+    ax_pcc.set_title("attack success: PCC to the target map", fontsize=11)
+    ax_pcc.legend(fontsize=9, frameon=False, loc="lower left")
+    ax_pcc.margins(y=0.25)
+
+    acc = series("accuracy")
+    if acc:
+        ax_acc.plot(*zip(*acc), "s-", color="#2e7d32", lw=2)
+        for x, a in acc:
+            ax_acc.annotate(f"{a:.1%}", (x, a), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=9)
+    ax_acc.set_title("test accuracy", fontsize=11)
+    ax_acc.margins(y=0.3)
+    ax_acc.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}" if abs(v * 100 - round(v * 100)) < 1e-6 else f"{v:.1%}")
+
+    curv = [(x, c) for x, c in series("curvature") if rows[x]["beta"] != inf and c > 0]
+    if curv:
+        ax_curv.plot(*zip(*curv), "^-", color="#e67e22", lw=2)
+        ax_curv.set_yscale("log")
+        for x, c in curv:
+            ax_curv.annotate(f"{c:.3g}", (x, c), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=9)
+        ax_curv.margins(y=0.3)
+        ax_curv.yaxis.set_major_formatter(lambda v, _: f"{v:g}")
+        ax_curv.yaxis.set_minor_formatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else "")
+    if rows and rows[-1]["beta"] == inf:
+        ax_curv.text(0.97, 0.5, "ReLU:\n∇²f = 0\nalmost\neverywhere", transform=ax_curv.transAxes, ha="right",
+                     va="center", fontsize=9, color="#e67e22")
+    ax_curv.set_title("curvature: mean |λ_max(∇²f)|", fontsize=11)
+
+    for ax in (ax_pcc, ax_acc, ax_curv):
+        ax.set_xticks(xs, names)
+        ax.set_xlim(-0.5, len(xs) - 0.5)
+        ax.grid(alpha=0.25)
+        ax.tick_params(labelsize=9)
+    fig.supxlabel("softplus β: smoother to the left, the ReLU model at the right", fontsize=10)
+    if path is not None:
+        save_figure(fig, Path(path))
+    return fig
