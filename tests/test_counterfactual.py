@@ -297,3 +297,88 @@ def test_budget_exhausted_is_a_failure_not_an_error(digits):
     assert not r.success.any() and r.steps.tolist() == [3, 3]
     assert isinstance(r, CounterfactualResult) and r.success_rate == 0.0
     assert (r.x_cf >= 0).all() and (r.x_cf <= 1).all()
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def test_manifold_distance_of_a_linear_decoder_is_the_orthogonal_residual():
+    from manifex.counterfactuals.evaluate import manifold_distance
+
+    torch.manual_seed(0)
+    A = torch.linalg.qr(torch.randn(20, 3, dtype=torch.float64))[0]
+    decode = lambda z: z @ A.T  # noqa: E731 - the plane spanned by A's columns
+    x = torch.randn(5, 20, dtype=torch.float64)
+    exact = (x - (x @ A) @ A.T).norm(dim=1)
+    dist, z = manifold_distance(decode, x, torch.zeros(5, 3, dtype=torch.float64), steps=400, lr=0.05)
+    assert torch.allclose(dist, exact, atol=1e-4)
+    on = decode(torch.randn(5, 3, dtype=torch.float64))
+    assert manifold_distance(decode, on, torch.zeros(5, 3, dtype=torch.float64), steps=400, lr=0.05)[0].max() < 1e-4
+
+
+def test_judges_and_example_metrics(digits):
+    from manifex.counterfactuals.evaluate import Judges, evaluate
+
+    data, clf = digits
+    train, test = data.split(0.2, seed=0)
+    second = manifex.models.MLP((1, 8, 8), 10, hidden=(16,))
+    judges = Judges.fit(train.x, train.y, second=second, svm_max=500, x_val=test.x, y_val=test.y)
+    assert judges.svm_accuracy > 0.9
+    j = judges(test.x[:50], test.y[:50])
+    assert j["svm"].mean() > 0.9 and j["knn_vote"].mean() > 0.9
+    assert ((j["knn_fraction"] >= 0) & (j["knn_fraction"] <= 1)).all()
+    # a training image's nearest neighbour is itself: 10-NN fraction counts it
+    jt = judges(train.x[:5], train.y[:5])
+    assert (jt["knn_fraction"] >= 0.1).all()
+
+    gen = AffineSigmoid()
+    x = test.x[test.y == 4][:4]
+    lat = counterfactual(clf, x, 9, generator=gen, lr=5e-2, max_steps=300)
+    pix = counterfactual(clf, x, 9, space="pixel", lr=2e-2, max_steps=300)
+    z0 = gen.encode(x)
+    T = manifex.tangent_space(gen.decode, z0)  # full rank: every change is tangent
+    ev = evaluate({"latent": lat, "pixel": pix}, judges=judges, tangent=T,
+                  manifold=lambda v: torch.zeros(v.shape[0]), bits_per_dim=lambda v: v.flatten(1).sum(1))
+    rows = ev["per_example"]["latent"]
+    assert len(rows) == 4 and all(r["success"] for r in rows)
+    d = (lat.x_cf - x).flatten(1).double()
+    assert rows[0]["l2"] == pytest.approx(float(d[0].norm()), rel=1e-6)
+    assert rows[0]["linf"] == pytest.approx(float(d[0].abs().max()), rel=1e-6)
+    assert rows[0]["l1"] == pytest.approx(float(d[0].abs().sum()), rel=1e-6)
+    assert all(r["tangent_fraction"] == pytest.approx(1.0, abs=1e-4) for r in rows)
+    assert rows[0]["bpd_after"] == pytest.approx(float(lat.x_cf[0].sum()), rel=1e-5)
+    s = ev["summary"]
+    assert s["latent"]["success_rate"] == 1.0 and s["latent"]["n"] == 4
+    assert s["latent"]["l2"]["mean"] == pytest.approx(float(d.norm(dim=1).mean()), rel=1e-6)
+    assert set(s["latent"]) >= {"svm", "knn_vote", "knn_fraction", "second", "tangent_fraction", "off_manifold_fraction"}
+    assert "l2_median" in s["latent_vs_pixel"]
+
+
+def test_normflows_flow_works_as_generator(digits):
+    normflows = pytest.importorskip("normflows")
+    data, clf = digits
+    torch.manual_seed(0)
+    flows = []
+    for i in range(4):
+        mask = torch.tensor([(j + i) % 2 for j in range(64)], dtype=torch.float32)
+        flows.append(normflows.flows.MaskedAffineFlow(mask, normflows.nets.MLP([64, 32, 64], init_zeros=True),
+                                                       normflows.nets.MLP([64, 32, 64], init_zeros=True)))
+    base = normflows.distributions.DiagGaussian(64)
+
+    class Flat(nn.Module):  # normflows flows act on vectors: wrap reshape around it
+        def __init__(self):
+            super().__init__()
+            self.nf = normflows.NormalizingFlow(base, flows)
+            self.exact = True
+
+        def encode(self, x):
+            return self.nf.inverse(x.reshape(x.shape[0], -1))
+
+        def decode(self, z):
+            return self.nf.forward(z).reshape(-1, 1, 8, 8)
+
+    x = data.x[data.y == 4][:3]
+    r = counterfactual(clf, x, 9, generator=Flat(), lr=5e-2, max_steps=300)
+    assert r.success.all() and r.recon_error.max() < 1e-5
+    g = manifex.as_generator(Flat().nf)  # the adapter: encode = inverse, decode = forward
+    assert g.kind == "flow" and g.exact

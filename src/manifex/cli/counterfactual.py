@@ -1,0 +1,128 @@
+"""`manifex counterfactual`: system 3, diffeomorphic counterfactuals (latent vs pixel space)."""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from . import main
+from .common import _csv, classifier_options, executor_options, make_executor, preflight
+
+
+def _lr(ctx, param, value):
+    if value is None or str(value).lower() in ("none", "default"):
+        return None
+    try:
+        v = float(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a learning rate such as 5e-2, or 'default'; got {value!r}") from None
+    if not v > 0:
+        raise click.BadParameter("the learning rate must be > 0")
+    return v
+
+
+@main.command()
+@click.option("--dataset", default="mnist5k", show_default=True,
+              help="mnist5k, digits8, 'known:<data>' (images sampled from a VAE trained on <data>: the manifold is "
+                   "known, so the distance of each counterfactual to it is measured), a .npz (x, y), an image folder, "
+                   "or 'helix' (the research's toy experiment: a 3-D flow and an MLP, exact distances to the helix).")
+@click.option("--generator", type=click.Choice(["flow", "vae", "gan"]), default="flow", show_default=True,
+              help="Generative model whose latent space is searched (trained on the data and cached).")
+@click.option("--classifier", type=click.Choice(["lenet", "mlp", "vgg", "resnet"]), default="lenet", show_default=True,
+              help="Built-in classifier under test (or your own with --model).")
+@click.option("--epochs", "classifier_epochs", type=click.IntRange(1), default=3, show_default=True, help="Classifier epochs.")
+@click.option("--source", type=int, default=4, show_default=True, help="Class of the images to change (-1: any class but --target).")
+@click.option("--target", type=int, default=9, show_default=True, help="Class the counterfactuals should get.")
+@click.option("--n", type=click.IntRange(1), default=32, show_default=True, help="Images (correctly classified test images of --source).")
+@click.option("--space", "spaces", callback=_csv, default="latent,pixel", show_default=True,
+              help="Search spaces: latent (through the generator), pixel (the adversarial baseline), or both.")
+@click.option("--lr-latent", callback=_lr, default=None, help="Adam lr in latent space [default: research value: flow 5e-2, vae/gan 5e-3].")
+@click.option("--lr-pixel", callback=_lr, default=None, help="Adam lr in pixel space [default: 5e-4, the research's].")
+@click.option("--max-steps", type=click.IntRange(1), default=2000, show_default=True, help="Step budget per image.")
+@click.option("--stop-prob", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.99, show_default=True,
+              help="Stop once p(target) exceeds this.")
+@click.option("--path-frames", type=click.IntRange(2), default=8, show_default=True, help="Frames in each path strip.")
+@click.option("--generator-epochs", type=click.IntRange(1), default=None,
+              help="Override the generator's documented training schedule (part of the cache key).")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Images searched together.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/cf"),
+              show_default=True, help="Output folder: report.html, metrics.json, results.jsonl, figures.")
+@click.option("--resume/--no-resume", default=True, show_default=True, help="Skip images already in --out/results.jsonl.")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Model cache (default $MANIFEX_CACHE or ~/.cache/manifex). Re-runs reuse trained models.")
+@click.option("--trust-pickle", is_flag=True, help="Allow loading pickled dataset files (MNIST32 .pt); only for files you trust.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@classifier_options
+@executor_options
+def counterfactual(out_dir: Path, cache_dir: Path | None, quiet: bool, device: str, spaces, resume: bool,
+                   model_spec, weights, normalize, num_classes, workers, ray_address, gpus_per_worker, **options) -> None:
+    """Counterfactuals through a generative model's latent space vs pixel space.
+
+    \b
+    For each image of class --source, search x' with p(--target | x') > 0.99:
+    by Adam on the latent code of a flow / VAE / GAN (the change follows the
+    data manifold), and on the pixels (adversarial noise). Then compare them:
+    success and steps, size of the change, whether an SVM, the 10 nearest
+    training images and a second network agree with the target, the tangent
+    fraction of the change, the generator's spectrum (manifold dimension), and
+    on known:<data> the distance to the true manifold.
+
+    \b
+    Examples:
+        manifex counterfactual                                # MNIST 4 -> 9, 32 images, flow
+        manifex counterfactual --dataset known:mnist5k        # + distance to the known manifold
+        manifex counterfactual --generator vae --source 3 --target 8 --n 16
+        manifex counterfactual --dataset helix --out runs/helix  # the toy experiment
+        manifex counterfactual --dataset digits8 --n 8 --max-steps 500 --space latent
+    Interrupted runs resume (trained models are cached, finished images skipped).
+    """
+    from ..errors import InputError
+    from ..models import ModelCache
+
+    device = preflight(device=device, out_dir=out_dir, cache_dir=cache_dir)
+    command = "manifex " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    cache = ModelCache(cache_dir)
+    if options["dataset"] == "helix":
+        from ..counterfactuals.helix import HelixConfig, run_helix
+        from ..counterfactuals.report import write_helix_report
+
+        res = run_helix(HelixConfig(seed=options["seed"]), cache=cache, progress=not quiet)
+        report = write_helix_report(res, out_dir, command=command)
+        s = res["summary"]
+        click.echo(f"  success: latent {s['latent']['success_rate']:.0%}, pixel {s['pixel']['success_rate']:.0%}; median "
+                   f"distance to the helix latent/pixel = {s['distance_ratio_median']:.3f}; dimension 1 for "
+                   f"{s['spectrum']['dimension_is_1_fraction']:.0%} of points")
+        click.echo(f"report: {report}")
+        return
+    from ..counterfactuals.campaign import CounterfactualConfig, run_campaign
+    from ..counterfactuals.report import write_report
+
+    spaces = tuple(spaces or ("latent", "pixel"))
+    bad = [s for s in spaces if s not in ("latent", "pixel")]
+    if bad:
+        raise InputError(f"--space takes latent and/or pixel, got {', '.join(bad)}.")
+    if options["source"] is not None and options["source"] < 0:
+        options["source"] = None
+    executor = make_executor(workers, ray_address, gpus_per_worker)
+    user_model = None
+    if model_spec is not None:
+        from .common import load_classifier, load_data
+
+        data, _ = load_data(options["dataset"].split(":", 1)[-1] if not options["dataset"].startswith("known:") else
+                            options["dataset"].split(":", 1)[1], trust_pickle=options["trust_pickle"], num_classes=num_classes)
+        train, test = data.split(0.2, seed=options["seed"])
+        user_model, _ = load_classifier(train, test, model_spec=model_spec, weights=weights, normalize=normalize,
+                                        device=device, cache_dir=cache_dir, progress=not quiet)
+    cfg = CounterfactualConfig(spaces=spaces, device=device, **options)
+    result = run_campaign(cfg, out_dir, cache=cache, executor=executor, resume=resume, progress=not quiet,
+                          classifier=user_model)
+    report = write_report(result, command=command)
+    from ..counterfactuals.report import _findings
+
+    for line in _findings(result.summary, list(spaces)):
+        click.echo(f"  {line}")
+    click.echo(f"report: {report}")

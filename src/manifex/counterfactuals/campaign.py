@@ -1,0 +1,294 @@
+"""Counterfactual campaigns: many images, latent and pixel space side by side, resumable (one record per image).
+
+:func:`run_campaign` prepares everything once (data, classifier, a second classifier, the generator, the
+judges), then runs the images as units of the shared run layer (:func:`manifex.runs.run_units`). ``out_dir``::
+
+    campaign.json          the settings; a resume must use the same ones
+    results.jsonl          one JSON object per finished image: its numbers for every space
+    units/<id>/cf.pt       its tensors: x, decode(encode(x)), the counterfactual and path of each space
+
+An interrupted campaign resumes where it stopped: images with a line are never run again.
+
+Datasets: ``known:<data>`` samples images from a VAE trained on ``<data>`` (the manifold is then known: the
+distance of a counterfactual to it is measured), ``<data>`` itself (mnist5k, digits8, a .npz, an image folder).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DataError, InputError
+from ..models import ModelCache, TrainConfig, accuracy, get_classifier
+from ..runs import Unit, atomic_torch_save, atomic_write_json, run_units, unit_dir
+from .ascent import counterfactual
+from .evaluate import Judges, example_metrics, manifold_distance, summarize
+
+__all__ = ["CounterfactualConfig", "CampaignResult", "run_campaign", "prepare", "SECOND_CLASSIFIER"]
+
+SETTINGS_FILE = "campaign.json"
+#: The judge of another architecture for each classifier under test.
+SECOND_CLASSIFIER = {"lenet": "mlp", "mlp": "lenet", "vgg": "mlp", "resnet": "mlp"}
+
+
+@dataclass(frozen=True)
+class CounterfactualConfig:
+    """Settings of a counterfactual campaign (defaults: the research's MNIST 4 → 9 setting, sized for 2 CPU cores)."""
+
+    dataset: str = "mnist5k"
+    generator: str = "flow"
+    classifier: str = "lenet"
+    classifier_epochs: int = 3
+    second_classifier: str | None = None  # None: SECOND_CLASSIFIER[classifier]
+    source: int | None = 4
+    target: int = 9
+    n: int = 32
+    spaces: tuple[str, ...] = ("latent", "pixel")
+    lr_latent: float | None = None  # None: the research default of the generator kind
+    lr_pixel: float | None = None  # None: 5e-4
+    max_steps: int = 2000
+    stop_prob: float = 0.99
+    path_frames: int = 8
+    generator_epochs: int | None = None  # None: the zoo's documented schedule
+    spectrum_top: int = 32
+    svm_max: int = 3000
+    manifold_steps: int = 300
+    batch_size: int = 16
+    seed: int = 0
+    device: str = "cpu"
+    trust_pickle: bool = False
+    known_n_train: int = 6000
+    known_n_test: int = 1000
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["spaces"] = list(self.spaces)
+        return d
+
+    def results_settings(self) -> dict:
+        """The settings a resume must match (everything that changes a record)."""
+        d = self.to_dict()
+        d.pop("device")
+        d.pop("batch_size")
+        return d
+
+
+@dataclass
+class CampaignResult:
+    """Records (one per image), the summary per space, and what was prepared (for the report)."""
+
+    records: list[dict]
+    summary: dict
+    info: dict
+    config: CounterfactualConfig
+    out_dir: Path
+    n_new: int = 0
+    checks: list[str] = field(default_factory=list)
+
+
+def _known(cfg: CounterfactualConfig, cache: ModelCache, progress: bool):
+    from ..alignment.known_manifold import KnownManifoldConfig, make_known_manifold
+    from ..data import load_dataset
+    from ..models import GenerativeTrainConfig, get_generative
+
+    real = load_dataset(cfg.dataset.split(":", 1)[1], trust_pickle=cfg.trust_pickle)
+    vae, _ = get_generative(real, "vae", 10, GenerativeTrainConfig(seed=cfg.seed), cache=cache, device=cfg.device, progress=progress)
+    km = make_known_manifold(real, vae, KnownManifoldConfig(n_train=cfg.known_n_train, n_test=cfg.known_n_test, seed=cfg.seed),
+                             cache=cache, progress=progress)
+    return km.train, km.test, km
+
+
+def prepare(cfg: CounterfactualConfig, *, cache: ModelCache | None = None, progress: bool = True,
+            classifier: torch.nn.Module | None = None) -> dict:
+    """Everything the units need: data, classifier, second classifier, generator, judges, the chosen images.
+
+    ``classifier`` (optional): your own model instead of the built-in ``cfg.classifier``.
+    """
+    from ..data import load_dataset
+    from ..models.generator_zoo import get_generator
+
+    cache = cache or ModelCache()
+    checks: list[str] = []
+    known = None
+    if cfg.dataset.startswith("known:"):
+        train, test, known = _known(cfg, cache, progress)
+        checks.append(f"known manifold: images sampled from a VAE decoder (labeler accuracy {known.labeler_accuracy:.3f}, "
+                      f"acceptance {known.acceptance_rate:.2f}); distances to it are measured")
+    else:
+        data = load_dataset(cfg.dataset, trust_pickle=cfg.trust_pickle)
+        if data.z is not None:
+            data.z = None
+        train, test = data.split(0.2, seed=cfg.seed)
+    lo, hi = float(train.x.min()), float(train.x.max())
+    if lo < 0 or hi > 1:
+        raise DataError(f"{cfg.dataset}: pixels lie in [{lo:.3g}, {hi:.3g}]; counterfactuals need images in [0, 1].")
+    checks.append(f"pixels of {cfg.dataset} in [0, 1] (found [{lo:.3g}, {hi:.3g}])")
+    k = train.num_classes
+    for name, c in (("target", cfg.target), ("source", cfg.source)):
+        if c is not None and not 0 <= c < k:
+            raise InputError(f"--{name} {c} is not a class of {cfg.dataset} (classes 0..{k - 1}).")
+    if cfg.source is not None and cfg.source == cfg.target:
+        raise InputError("--source and --target are the same class; pick two different classes.")
+    t0 = time.perf_counter()
+    if classifier is None:
+        clf, cinfo = get_classifier(train, cfg.classifier, TrainConfig(epochs=cfg.classifier_epochs, seed=cfg.seed),
+                                    cache=cache, device=cfg.device, progress=progress)
+    else:
+        clf, cinfo = classifier.to(cfg.device).eval(), {"source": "user"}
+    acc = accuracy(clf, test)
+    second_arch = cfg.second_classifier or SECOND_CLASSIFIER.get(cfg.classifier, "mlp")
+    second, _ = get_classifier(train, second_arch, TrainConfig(epochs=cfg.classifier_epochs, seed=cfg.seed + 1),
+                               cache=cache, device=cfg.device, progress=progress)
+    acc2 = accuracy(second, test)
+    checks.append(f"classifier {cfg.classifier}: test accuracy {acc:.3f}; judge {second_arch}: {acc2:.3f}")
+    gen = ginfo = None
+    if "latent" in cfg.spaces:
+        gen, ginfo = get_generator(train, cfg.generator, cache=cache, device=cfg.device, progress=progress,
+                                   epochs=cfg.generator_epochs, seed=cfg.seed)
+    judges = Judges.fit(train.x, train.y, second=second, second_name=second_arch, svm_max=cfg.svm_max, seed=cfg.seed,
+                        x_val=test.x[:1000], y_val=test.y[:1000])
+    checks.append(f"judges: RBF-SVM on {min(cfg.svm_max, len(train))} training images (held-out accuracy "
+                  f"{judges.svm_accuracy:.3f}), 10 nearest of {len(train)} training images, {second_arch} ({acc2:.3f})")
+    prep_seconds = time.perf_counter() - t0
+
+    # the images: test images of the source class that the classifier predicts as such (the research's setting)
+    with torch.no_grad():
+        pred = torch.cat([clf(test.x[i : i + 256].to(cfg.device)).argmax(1).cpu() for i in range(0, len(test), 256)])
+    ok = pred == test.y
+    pool = ok & (test.y == cfg.source) if cfg.source is not None else ok & (test.y != cfg.target)
+    idx = pool.nonzero().flatten()
+    if len(idx) == 0:
+        raise DataError(f"no correctly classified test image of class {cfg.source} in {cfg.dataset}; pick another --source.")
+    perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(cfg.seed))
+    chosen = idx[perm[: cfg.n]].sort().values
+    if len(chosen) < cfg.n:
+        checks.append(f"only {len(chosen)} correctly classified test images of class {cfg.source} (asked for {cfg.n})")
+    info = {
+        "dataset": cfg.dataset, "n_train": len(train), "n_test": len(test), "image_shape": list(test.image_shape),
+        "classifier": {"arch": cfg.classifier, "accuracy": acc, "cached": cinfo.get("cached")},
+        "second_classifier": {"arch": second_arch, "accuracy": acc2},
+        "svm_accuracy": judges.svm_accuracy,
+        "generator": None if gen is None else {"kind": gen.kind, "exact": gen.exact, "name": gen.name,
+                                               "cached": ginfo.get("cached"), "train_seconds": ginfo.get("train_seconds"),
+                                               "bits_per_dim": ginfo.get("bits_per_dim")},
+        "known_manifold": known is not None, "prepare_seconds": prep_seconds,
+    }
+    return {"classifier": clf, "generator": gen, "judges": judges, "known": known, "test": test, "chosen": chosen,
+            "checks": checks, "info": info}
+
+
+def _tangent(gen, z0, top: int):
+    """Spectrum of ∂decode/∂z at z0 and the tangent space of the estimated dimension (flows: leading ``top``)."""
+    from ..geometry.spectrum import generator_spectrum
+
+    parts = z0 if isinstance(z0, list) else [z0]
+    k = sum(p[0].numel() for p in parts)
+    spec = generator_spectrum(gen, z0, top=min(top, k) if k > top else None)
+    return spec, spec.tangent_space()
+
+
+def process_units(units: list[Unit], ctx: dict, out_dir: Path) -> list[dict]:
+    """Counterfactuals of one batch of images in every space, evaluated; one record per image (run_units' process)."""
+    cfg: CounterfactualConfig = ctx["config"]
+    test, clf, gen, judges, known = ctx["test"], ctx["classifier"], ctx["generator"], ctx["judges"], ctx["known"]
+    index = torch.tensor([u.payload["index"] for u in units])
+    x = test.x[index].to(cfg.device)
+    target = torch.tensor([u.payload["target"] for u in units], device=cfg.device)
+    results, per_space = {}, {}
+    spec = tangent = None
+    if gen is not None:
+        with torch.no_grad():
+            z0 = gen.encode(x)
+        spec, tangent = _tangent(gen, z0, cfg.spectrum_top)
+    manifold = None
+    if known is not None:
+        z_true = test.z[index].to(cfg.device)
+        vae = known.generative
+
+        def known_distance(xc: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                z_guess = vae.encode(xc)
+            return manifold_distance(known.decode, xc, [z_true, z_guess], steps=cfg.manifold_steps)[0]
+
+        manifold = known_distance
+
+    bpd = gen.bits_per_dim if gen is not None and gen.has_log_prob else None
+    for space in cfg.spaces:
+        lr = cfg.lr_latent if space == "latent" else cfg.lr_pixel
+        r = counterfactual(clf, x, target, generator=gen if space == "latent" else None, space=space, lr=lr,
+                           max_steps=cfg.max_steps, stop_prob=cfg.stop_prob, batch_size=len(units),
+                           record_path=cfg.path_frames)
+        results[space] = r
+        with torch.enable_grad():
+            per_space[space] = example_metrics(r, judges=judges, tangent=tangent, manifold=manifold, bits_per_dim=bpd)
+    records = []
+    for i, u in enumerate(units):
+        tensors = {"x": x[i].cpu()}
+        rec: dict[str, Any] = {"id": u.id, "index": int(index[i]), "label": int(test.y[index[i]]), "target": int(target[i])}
+        for space, r in results.items():
+            rec[space] = per_space[space][i]
+            tensors[f"x_cf_{space}"] = r.x_cf[i].cpu()
+            tensors[f"path_{space}"] = r.path[i].cpu()
+            tensors[f"path_steps_{space}"] = r.path_steps[i].cpu()
+            if r.x_recon is not None:
+                tensors["x_recon"] = r.x_recon[i].cpu()
+        if spec is not None:
+            rec["dimension"] = int(spec.dimension[i])
+            rec["singular_values"] = spec.singular_values[i].double().cpu().tolist()
+        d = unit_dir(out_dir, u.id)
+        atomic_torch_save(tensors, d / "cf.pt")
+        rec["files"] = {"tensors": str((d / "cf.pt").relative_to(out_dir))}
+        records.append(rec)
+    return records
+
+
+def _check_settings(out: Path, cfg: CounterfactualConfig, resume: bool) -> None:
+    path = out / SETTINGS_FILE
+    settings = cfg.results_settings()
+    if resume and path.is_file() and (out / "results.jsonl").is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path} is unreadable ({e}); delete it or use a new --out.") from e
+        if old != json.loads(json.dumps(settings)):
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != json.loads(json.dumps(settings)).get(k))
+            raise InputError(f"{out} holds a campaign with other settings ({', '.join(diff)}); resume with the same "
+                             "options, pass --no-resume to start over, or use a new --out.")
+    atomic_write_json(path, settings)
+
+
+def run_campaign(cfg: CounterfactualConfig = CounterfactualConfig(), out_dir: str | Path = "runs/cf", *,
+                 cache: ModelCache | None = None, executor=None, resume: bool = True, progress: bool = True,
+                 classifier: torch.nn.Module | None = None, prepared: dict | None = None) -> CampaignResult:
+    """Run (or resume) a counterfactual campaign; returns the records and their summary per space."""
+    bad = [s for s in cfg.spaces if s not in ("latent", "pixel")]
+    if bad or not cfg.spaces:
+        raise InputError(f"spaces must be a non-empty subset of latent,pixel; got {list(cfg.spaces)}.")
+    if cfg.dataset == "helix":
+        raise InputError("the helix is its own experiment: use manifex.counterfactuals.run_helix (manifex counterfactual --dataset helix).")
+    if cfg.n < 1:
+        raise InputError(f"n must be >= 1, got {cfg.n}.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_settings(out, cfg, resume)
+    t0 = time.perf_counter()
+    prep = prepared or prepare(cfg, cache=cache, progress=progress, classifier=classifier)
+    units = [Unit(f"img{int(i):05d}", {"index": int(i), "target": int(cfg.target)}) for i in prep["chosen"]]
+    ctx = {"config": cfg, **{k: prep[k] for k in ("test", "classifier", "generator", "judges", "known")}}
+    before = (out / "results.jsonl").is_file()
+    n_before = sum(1 for _ in open(out / "results.jsonl")) if before else 0
+    records = run_units(units, process_units, out, context=ctx, batch_size=cfg.batch_size, executor=executor,
+                        resume=resume, progress=progress, desc="counterfactual images")
+    summary = summarize({space: [r[space] for r in records if space in r] for space in cfg.spaces})
+    if records and "dimension" in records[0]:
+        dims = torch.tensor([r["dimension"] for r in records])
+        summary["spectrum"] = {"dimension_median": float(dims.float().median()),
+                               "dimension_counts": {int(k): int(v) for k, v in zip(*dims.unique(return_counts=True))},
+                               "top": len(records[0]["singular_values"])}
+    info = {**prep["info"], "seconds": time.perf_counter() - t0}
+    return CampaignResult(records, summary, info, replace(cfg), out, n_new=max(0, len(records) - n_before),
+                          checks=list(prep["checks"]))
