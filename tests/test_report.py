@@ -206,3 +206,18 @@ def test_smooth_figure_one_quantity_per_panel(tmp_path):
     (curv_line,) = axes[2].get_lines()
     assert list(curv_line.get_xdata()) == [0, 1] and axes[2].get_yscale() == "log"
     assert [len(ax.get_lines()) for ax in axes[:2]] == [2, 1]
+
+
+def test_many_methods_are_split_over_readable_example_grids(tmp_path):
+    """More than METHODS_PER_GRID methods: the example grids are split, every figure is linked in the report."""
+    from manifex.alignment.report import METHODS_PER_GRID
+
+    res = _synthetic_result()
+    for extra in ("integrated_gradients_path", "input_x_gradient"):
+        for model in MODELS:
+            res.parts[model][extra] = res.parts[model]["gradient"]
+    assert len(res.parts["standard"]) > METHODS_PER_GRID
+    html = write_report(res, tmp_path).read_text()
+    for name in ("parts_standard.png", "parts_standard_2.png", "parts_robust_2.png"):
+        assert (tmp_path / name).stat().st_size > 0 and f'src="{name}"' in html
+    assert not (tmp_path / "parts_standard_3.png").exists()

@@ -30,6 +30,8 @@ __all__ = ["alignment_figures", "write_report", "MAX_EXAMPLES"]
 
 #: Most examples shown in the parts grids and the tangent-mass figure.
 MAX_EXAMPLES = 6
+#: Most methods per example grid (2 columns each); more are split over several figures.
+METHODS_PER_GRID = 3
 _TEMPLATE = "align.html.j2"
 _RANDOM_GREY = "#8a8a8a"
 
@@ -220,9 +222,9 @@ def _wrap_name(name: str, width: int = 14) -> str:
     return "\n".join(lines + [line])
 
 
-def _parts_figure(result: AlignmentResult, model: str, m: int) -> Figure:
+def _parts_figure(result: AlignmentResult, model: str, m: int, methods: list[str] | None = None) -> Figure:
     parts = result.parts[model]
-    methods = list(parts)
+    methods = list(parts) if methods is None else methods
     kinds = ["image"] + ["signed"] * (2 * len(methods))
     col_titles = ["image"]
     for method in methods:
@@ -240,7 +242,8 @@ def _parts_figure(result: AlignmentResult, model: str, m: int) -> Figure:
     return image_grid(rows, kinds=kinds, col_titles=col_titles, row_titles=row_titles, shared_scale=False,
                       clip_quantile=0.995,
                       title=f"{model}: tangent part P_T E and orthogonal part E − P_T E "
-                            "(each part normalised on its own, 99.5% clip; red +, blue −)")
+                            "(each part normalised on its own, 99.5% clip; red +, blue −)",
+                      cell_size=1.3)
 
 
 def _tangent_mass_figure(result: AlignmentResult, m: int) -> Figure:
@@ -283,9 +286,13 @@ def alignment_figures(result: AlignmentResult, out_dir: Path) -> dict[str, Path]
     m = min(MAX_EXAMPLES, int(result.images.shape[0]))
     if m > 0:
         for model in result.parts:
-            if result.parts[model]:
-                name = f"parts_{_safe_name(model)}"
-                paths[name] = save_figure(_parts_figure(result, model, m), out_dir / f"{name}.png")
+            methods = list(result.parts[model])
+            # at most METHODS_PER_GRID methods per figure, so a 1280-px page shows the titles at a readable size:
+            # parts_<model>.png, then parts_<model>_2.png, ...
+            for c, start in enumerate(range(0, len(methods), METHODS_PER_GRID)):
+                name = f"parts_{_safe_name(model)}" + (f"_{c + 1}" if c else "")
+                fig = _parts_figure(result, model, m, methods[start:start + METHODS_PER_GRID])
+                paths[name] = save_figure(fig, out_dir / f"{name}.png")
         if result.tangent_mass is not None and int(result.tangent_mass.shape[0]) >= m:
             paths["tangent_mass"] = save_figure(_tangent_mass_figure(result, m), out_dir / "tangent_mass.png")
     return paths
@@ -526,8 +533,9 @@ def _context(result: AlignmentResult, figures: dict[str, Path]) -> dict[str, Any
         "model_rows": model_rows,
         "summary_png": name("summary"),
         "density_png": name("density"),
-        "parts": [{"model": m, "png": name(f"parts_{_safe_name(m)}")} for m in result.parts
-                  if f"parts_{_safe_name(m)}" in figures],
+        "parts": [{"model": m, "pngs": [f.name for k, f in figures.items()
+                                        if k == f"parts_{_safe_name(m)}" or k.startswith(f"parts_{_safe_name(m)}_")]}
+                  for m in result.parts if f"parts_{_safe_name(m)}" in figures],
         "tangent_mass_png": name("tangent_mass"),
         "generative": [(_pretty_key(k), _fmt_seconds(float(v)) if "second" in k and isinstance(v, (int, float)) else _fmt_num(v))
                        for k, v in (metrics.get("generative") or {}).items() if not isinstance(v, (dict, list))],
