@@ -202,6 +202,69 @@ def test_any_callable_linear_map_gives_column_space_exactly():
         assert max_angle(U_ref, as_columns(T32.basis[i], K)) < 1e-4
 
 
+def test_float32_gram_path_matches_per_pixel_reference_in_float64(decoder):
+    """float32 tangent spaces (Gram-matrix path) against the seed's per-pixel loop on a float64 copy of the decoder."""
+    z = torch.randn(3, K, generator=torch.Generator().manual_seed(31))
+    T = tangent_space(decoder, z)
+    assert T.basis.dtype == torch.float32 and T.rank.tolist() == [K] * 3
+    J = seed_reference_jacobian(make_decoder().double(), z[1].double())  # same weights (same seed) in float64
+    s_ref = np.linalg.svd(J, compute_uv=False)
+    # float32 rounding of J bounds the agreement: angles ~1e-6 rad, singular values ~1e-7 relative
+    assert max_angle(scipy.linalg.orth(J), as_columns(T.basis[1], K)) < 1e-5
+    np.testing.assert_allclose(T.singular_values[1].double().numpy(), s_ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "spectrum, rank",
+    [
+        (torch.logspace(0, -3, K, dtype=torch.float64), K),  # condition number 1e3
+        (torch.cat([torch.logspace(0, -2, 7, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)]), 7),
+        # around the float32 rank threshold max(d, k)·eps = 1.2e-4: 3e-4 is kept, 1e-6 dropped
+        (torch.tensor([1, 0.5, 0.2, 0.1, 5e-2, 1e-2, 5e-3, 1e-3, 3e-4, 1e-6], dtype=torch.float64), 9),
+    ],
+    ids=["graded", "rank7", "threshold"],
+)
+def test_float32_ranks_subspaces_match_svd_on_hard_spectra(spectrum, rank):
+    """The Gram path (float32 Jacobian) gives the ranks of an SVD and subspaces at least as close to the exact ones.
+
+    The Jacobian of z ↦ M z is exactly M (stored in float32), so the float64 SVD of that M is the truth; the
+    former method — a float32 SVD of the Jacobian — is the yardstick.
+    """
+    g = torch.Generator().manual_seed(32)
+    U = torch.linalg.qr(torch.randn(D, K, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(K, K, generator=g, dtype=torch.float64))[0]
+    M = ((U * spectrum) @ V.T).float()
+    z = torch.randn(3, K, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RankDeficientWarning)
+        T = tangent_space(lambda z: (z @ M.T).reshape(-1, 1, SIDE, SIDE), z)
+    u_true, s_true, _ = np.linalg.svd(M.double().numpy(), full_matrices=False)
+    _, s_svd, vh_svd = torch.linalg.svd(M.T.contiguous(), full_matrices=False)  # float32, as before
+    assert T.rank.tolist() == [rank] * 3
+    assert int((s_true > T.rtol * s_true[0]).sum()) == int((s_svd > T.rtol * s_svd[0]).sum()) == rank
+    angle_svd = max_angle(u_true[:, :rank], vh_svd[:rank].T.double().numpy())
+    for i in range(3):
+        angle = max_angle(u_true[:, :rank], as_columns(T.basis[i], rank))
+        assert angle <= max(angle_svd, 1e-6)
+        s = T.singular_values[i].double().numpy()
+        assert np.abs(s - s_true).max() <= np.abs(s_svd.double().numpy() - s_true).max() + 1e-9
+        B = T.flat()[i, :rank].double()
+        assert float((B @ B.T - torch.eye(rank, dtype=torch.float64)).abs().max()) < 1e-4
+        assert torch.count_nonzero(T.flat()[i, rank:]) == 0
+
+
+def test_gram64_blocks_equal_one_product():
+    from manifex.geometry.tangent import _gram64
+
+    rows = torch.randn(3, 4, 1000, generator=torch.Generator().manual_seed(33))
+    full = _gram64(rows)
+    r64 = rows.double()
+    torch.testing.assert_close(full, r64 @ r64.transpose(1, 2), rtol=1e-14, atol=1e-12)
+    torch.testing.assert_close(_gram64(rows, block_bytes=8 * 3 * 4 * 7), full, rtol=1e-14, atol=1e-12)  # 7 columns a block
+    torch.testing.assert_close(_gram64(rows.transpose(1, 2).contiguous().transpose(1, 2), block_bytes=1000), full,
+                               rtol=1e-14, atol=1e-12)  # strided rows
+
+
 # --------------------------------------------------------------------------------------------------------
 # tangent_space: rank deficiency and errors
 # --------------------------------------------------------------------------------------------------------

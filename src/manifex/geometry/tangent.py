@@ -2,14 +2,15 @@
 
 The Jacobian J = ∂decoder/∂z (d × k per sample) is built from k forward-mode Jacobian-vector products
 (one per latent direction), batched over samples and latent directions — never d backward passes.
-An SVD of J gives an orthonormal basis of its column space, the singular values and the numerical rank.
+Its singular values, numerical rank and an orthonormal basis of its column space follow from the small
+k × k Gram matrix JᵀJ, accumulated in float64 (see :func:`_reduce_gram`); float64 Jacobians use a full SVD.
 """
 from __future__ import annotations
 
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -103,12 +104,14 @@ def _jvp_rows(decoder: Decoder, zb: torch.Tensor, dirs: torch.Tensor) -> torch.T
     return jv.detach()
 
 
-def decoder_jacobian(decoder: Decoder, z: torch.Tensor, *, max_rows: int = 256, progress: bool = False) -> torch.Tensor:
-    """Jacobian rows ``J[i, j] = ∂decoder(z_i)/∂z_ij`` as a tensor (N, k, *x_shape), by forward-mode AD.
+def _jacobian_groups(
+    decoder: Decoder, z: torch.Tensor, max_rows: int, progress: bool, desc: str = "tangent spaces"
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yields (first sample b0, Jacobian rows (nb, k, *x_shape)) for consecutive groups of samples.
 
-    Each pass pushes one-hot tangents through ``torch.func.jvp`` for a chunk of (sample, direction) pairs;
-    ``max_rows`` bounds the pairs per pass, hence the memory of a pass.
-    The decoder must treat batch rows independently (e.g. BatchNorm in eval mode).
+    A group is one forward-mode pass when all k directions fit in ``max_rows`` (the rows are then the pass's
+    own output, possibly a non-contiguous view — no copy); otherwise the directions of one sample are
+    computed in several passes and assembled.
     """
     check_tensor(z, "z", ndim=2)
     check_finite(z, "z")
@@ -117,23 +120,112 @@ def decoder_jacobian(decoder: Decoder, z: torch.Tensor, *, max_rows: int = 256, 
         raise InputError(f"z must have shape (N, k) with N, k > 0, got {tuple(z.shape)}.")
     per_batch, per_dir = _plan(n, k, max_rows)
     eye = torch.eye(k, dtype=z.dtype, device=z.device)
-    out: torch.Tensor | None = None
     chunks = [(b, j) for b in range(0, n, per_batch) for j in range(0, k, per_dir)]
-    it = chunks
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(chunks, desc="tangent spaces", unit="chunk", leave=False)
-    for b0, j0 in it:
-        zb = z[b0 : b0 + per_batch].detach()
-        dirs = eye[j0 : j0 + per_dir]
-        nb, m = zb.shape[0], dirs.shape[0]
-        jv = _jvp_rows(decoder, zb, dirs)
+        bar = tqdm(total=len(chunks), desc=desc, unit="chunk", leave=False)
+    try:
+        for b0 in range(0, n, per_batch):
+            zb = z[b0 : b0 + per_batch].detach()
+            if per_dir == k:
+                group = _jvp_rows(decoder, zb, eye)
+            else:  # k > max_rows: one sample, its directions in several passes
+                group = None
+                for j0 in range(0, k, per_dir):
+                    jv = _jvp_rows(decoder, zb, eye[j0 : j0 + per_dir])
+                    if group is None:
+                        group = torch.empty((zb.shape[0], k, *jv.shape[2:]), dtype=jv.dtype, device=jv.device)
+                    group[:, j0 : j0 + jv.shape[1]] = jv
+                    if bar is not None and j0 + per_dir < k:
+                        bar.update(1)
+            if bar is not None:
+                bar.update(1)
+            yield b0, group
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def decoder_jacobian(decoder: Decoder, z: torch.Tensor, *, max_rows: int = 256, progress: bool = False) -> torch.Tensor:
+    """Jacobian rows ``J[i, j] = ∂decoder(z_i)/∂z_ij`` as a tensor (N, k, *x_shape), by forward-mode AD.
+
+    Each pass pushes one-hot tangents through ``torch.func.jvp`` for a chunk of (sample, direction) pairs;
+    ``max_rows`` bounds the pairs per pass, hence the memory of a pass.
+    The decoder must treat batch rows independently (e.g. BatchNorm in eval mode).
+    """
+    n = z.shape[0] if isinstance(z, torch.Tensor) and z.dim() == 2 else 0
+    out: torch.Tensor | None = None
+    for b0, group in _jacobian_groups(decoder, z, max_rows, progress):
         if out is None:
-            out = torch.empty((n, k, *jv.shape[2:]), dtype=jv.dtype, device=jv.device)
-        out[b0 : b0 + nb, j0 : j0 + m] = jv
+            if group.shape[0] == n:
+                return group.contiguous()
+            out = torch.empty((n, *group.shape[1:]), dtype=group.dtype, device=group.device)
+        out[b0 : b0 + group.shape[0]] = group
     assert out is not None
     return out
+
+
+def _gram64(rows: torch.Tensor, block_bytes: int = 1 << 23) -> torch.Tensor:
+    """J Jᵀ in float64 for rows (nb, k, d) of any float dtype: (nb, k, k).
+
+    Float32 products are exact in float64, so only the float64 summation rounds: the Gram matrix is accurate
+    to ~eps64 · ‖J‖², enough to resolve singular values down to ~1e-7 · s_max, and it cannot overflow or
+    underflow for float32 entries. Converted in column blocks of about ``block_bytes`` so no float64 copy of J
+    is ever held.
+    """
+    nb, k, d = rows.shape
+    step = max(1, block_bytes // (8 * nb * k))
+    if step >= d:
+        r64 = rows.to(torch.float64)
+        return torch.bmm(r64, r64.transpose(1, 2))
+    G = torch.zeros((nb, k, k), dtype=torch.float64, device=rows.device)
+    for j in range(0, d, step):
+        blk = rows[:, :, j : j + step].to(torch.float64)
+        G.baddbmm_(blk, blk.transpose(1, 2))
+    return G
+
+
+def _reduce_gram(rows: torch.Tensor, tol: float, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (nb, k) and ranks (nb,) of rows (nb, k, d); writes the basis rows into ``out`` (nb, k, d).
+
+    With JJᵀ = V Λ Vᵀ (eigh, float64), the rows of diag(1/√λ) Vᵀ J are J's right singular vectors — the
+    orthonormal tangent directions — ordered by decreasing singular value √λ. Rows at or beyond the rank are
+    written as exact zeros. One pass over J for the Gram matrix and one for the basis, instead of a d × k SVD
+    with its copies (an SVD costs several times more on wide Jacobians, see benchmarks/bench_tangent.py). In
+    float32 the basis is as accurate as an SVD's (direction error ~eps32 · s_max/s_i, from rounding J itself).
+    """
+    G = _gram64(rows)
+    if not bool(torch.isfinite(G).all()):  # any NaN/inf in J reaches the diagonal of JJᵀ
+        raise ModelError("the decoder Jacobian contains NaN/inf; check the decoder at these latent codes.")
+    lam, V = torch.linalg.eigh(G)  # ascending
+    lam, V = lam.flip(-1), V.flip(-1)
+    s = lam.clamp_min(0).sqrt()
+    rank = _rank(s, tol)
+    keep = torch.arange(s.shape[1], device=s.device)[None, :] < rank[:, None]
+    scale = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
+    factor = (V.transpose(1, 2) * scale[:, :, None]).to(rows.dtype)
+    torch.bmm(factor, rows, out=out)
+    return s.to(rows.dtype), rank
+
+
+def _reduce_svd(rows: torch.Tensor, tol: float, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`_reduce_gram` by a full SVD (float64 Jacobians: exact to ~eps64 · s_max, like LAPACK)."""
+    if not bool(torch.isfinite(rows).all()):
+        raise ModelError("the decoder Jacobian contains NaN/inf; check the decoder at these latent codes.")
+    # Rows of Vh span the row space of J^T, i.e. the column space of J (the tangent space).
+    _, s, vh = torch.linalg.svd(rows, full_matrices=False)
+    rank = _rank(s, tol)
+    keep = torch.arange(s.shape[1], device=s.device)[None, :] < rank[:, None]
+    torch.mul(vh, keep[:, :, None].to(vh.dtype), out=out)
+    return s, rank
+
+
+def _rank(s: torch.Tensor, tol: float) -> torch.Tensor:
+    s_max = s[:, :1]
+    rank = (s > tol * s_max).sum(1)
+    return torch.where(s_max[:, 0] > 0, rank, torch.zeros_like(rank))
 
 
 def tangent_space(
@@ -149,21 +241,28 @@ def tangent_space(
     The numerical rank of sample i counts singular values ``s > rtol · s_max``; ``rtol`` defaults to
     :func:`default_rtol` (max(d, k) · eps of the Jacobian's dtype). A sample whose Jacobian vanishes
     (rank 0: the decoder ignores z or is not differentiable) raises :class:`ModelError`; a rank below k
-    emits a :class:`RankDeficientWarning`.
+    emits a :class:`RankDeficientWarning`. ``max_rows`` bounds the (sample, direction) rows of one
+    forward-mode pass; the whole Jacobian is never held, only one group of samples at a time.
     """
-    J = decoder_jacobian(decoder, z, max_rows=max_rows, progress=progress)
-    n, k = J.shape[:2]
-    x_shape = tuple(J.shape[2:])
-    d = math.prod(x_shape)
-    rows = J.reshape(n, k, d)
-    if not bool(torch.isfinite(rows).all()):
-        raise ModelError("the decoder Jacobian contains NaN/inf; check the decoder at these latent codes.")
-    # Rows of Vh span the row space of J^T, i.e. the column space of J (the tangent space).
-    _, s, vh = torch.linalg.svd(rows, full_matrices=False)
-    tol = default_rtol(d, k, rows.dtype) if rtol is None else float(rtol)
-    s_max = s[:, :1]
-    rank = (s > tol * s_max).sum(1)
-    rank = torch.where(s_max[:, 0] > 0, rank, torch.zeros_like(rank))
+    n = z.shape[0] if isinstance(z, torch.Tensor) and z.dim() == 2 else 0
+    basis: torch.Tensor | None = None
+    svals, ranks = [], []
+    tol = float(rtol) if rtol is not None else math.nan
+    for b0, group in _jacobian_groups(decoder, z, max_rows, progress):
+        nb, k = group.shape[:2]
+        x_shape = tuple(group.shape[2:])
+        d = math.prod(x_shape)
+        rows = group.reshape(nb, k, d)
+        if basis is None:
+            basis = torch.empty((n, k, d), dtype=rows.dtype, device=rows.device)
+            if rtol is None:
+                tol = default_rtol(d, k, rows.dtype)
+        reduce = _reduce_svd if rows.dtype == torch.float64 else _reduce_gram
+        s, rank = reduce(rows, tol, basis[b0 : b0 + nb])
+        svals.append(s)
+        ranks.append(rank)
+    assert basis is not None
+    s, rank = torch.cat(svals), torch.cat(ranks)
     if bool((rank == 0).any()):
         bad = (rank == 0).nonzero().flatten().tolist()
         raise ModelError(
@@ -179,7 +278,6 @@ def tangent_space(
             stacklevel=2,
         )
     r = int(rank.max())
-    basis = vh[:, :r].clone()
-    keep = torch.arange(r, device=basis.device)[None, :] < rank[:, None]
-    basis = basis * keep[:, :, None].to(basis.dtype)
+    if r < k:  # rows beyond every sample's rank are zero: drop them (a copy, only for rank-deficient batches)
+        basis = basis[:, :r].contiguous()
     return TangentSpace(basis.reshape(n, r, *x_shape), rank, s, tol)
