@@ -299,7 +299,7 @@ def test_ray_worker_killed_mid_run(ray_cluster, tmp_path):
     assert [r["y"] for r in recs] == [i * i for i in range(12)]
     assert sorted(r["id"] for r in read_jsonl(tmp_path / "a" / "results.jsonl")) == [f"u{i:03d}" for i in range(12)]
     # without retries the run fails; the re-run (here: locally) completes the rest, nothing lost or duplicated
-    with pytest.raises(Exception):
+    with pytest.raises(ManifexError, match="run the same command again to resume"):
         run_units(_units(12), _die_once, tmp_path / "b", context={"victim": "u005"}, batch_size=2,
                   executor=RayExecutor(workers=1, max_retries=0), progress=False)
     before = read_jsonl(tmp_path / "b" / "results.jsonl")

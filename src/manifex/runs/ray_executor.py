@@ -35,9 +35,13 @@ def import_ray():
 class _Worker:
     """A Ray actor: holds the run's context and process function; runs one batch per call."""
 
-    def __init__(self, context: Any, process: Process, threads: int | None, gpus: float = 0) -> None:
+    def __init__(self, context_box: list, process: Process, threads: int | None, gpus: float = 0) -> None:
+        import ray
         import torch
 
+        # the context's ObjectRef comes boxed in a list, so Ray passes the reference and this worker fetches
+        # it (once); the driver keeps the reference alive for the whole run, also for restarted workers
+        context = ray.get(context_box[0])
         if threads:
             torch.set_num_threads(int(threads))
         if gpus and torch.cuda.is_available():  # Ray made this worker's GPU(s) the visible ones
@@ -138,7 +142,7 @@ class RayExecutor:
             )
             workers = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // self.threads_per_worker)
             n = min(workers, len(batches))
-            actors = [Actor.remote(context_ref, process, self.threads_per_worker, self.gpus_per_worker) for _ in range(n)]
+            actors = [Actor.remote([context_ref], process, self.threads_per_worker, self.gpus_per_worker) for _ in range(n)]
             queue = collections.deque(batches)
             pending: dict[Any, tuple[list[Unit], Any]] = {}
 
@@ -153,7 +157,13 @@ class RayExecutor:
             while pending:
                 (ready,), _ = ray.wait(list(pending), num_returns=1)
                 batch, actor = pending.pop(ready)
-                records = ray.get(ready)
+                try:
+                    records = ray.get(ready)
+                except ray.exceptions.RayActorError as e:  # the worker died (more often than max_retries)
+                    raise ManifexError(
+                        f"a Ray worker died while running units {[u.id for u in batch][:3]}... ({type(e).__name__}); "
+                        "the units finished so far are saved: run the same command again to resume."
+                    ) from e
                 if queue:
                     submit(actor)
                 yield batch, records
