@@ -43,7 +43,8 @@ def component_statistics(p: torch.Tensor, hit: torch.Tensor) -> dict[str, float]
 
 @dataclass
 class ComponentTest:
-    """Per class: the assembled input ``inputs`` (C, channels, H', W'), p(A) ``p`` (C,), ``hit`` (C,) argmax = A;
+    """Per class: the assembled input ``inputs`` (C, channels, H', W'), p(A) ``p`` (C,), ``hit`` (C,) argmax = A
+    (with ``strips_per_class`` n > 1: (C, n, ...), (C, n));
     the control's ``control_p``/``control_hit`` (C, n_control); ``stats``/``control_stats`` (five statistics)."""
 
     classes: list[int]
@@ -64,6 +65,10 @@ class ComponentTest:
     def margin(self) -> float:
         """argmax = A rate minus the control's, in points (percent)."""
         return 100.0 * (self.stats["argmax_rate"] - self.control_stats["argmax_rate"])
+
+
+def _col(cls: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return cls if like.dim() == 1 else cls[:, None]
 
 
 def assemble(crops: torch.Tensor, layout: Layout = "strip", canvas: tuple[int, int] | None = None, fill: float = 0.0) -> torch.Tensor:
@@ -114,6 +119,7 @@ def prediction_from_components(
     exclude_target: bool = False,
     layout: Layout = "strip",
     n_control: int = 10,
+    strips_per_class: int = 1,
     prototypes: Prototypes | None = None,
     predictions: torch.Tensor | None = None,
     pool: int = 2,
@@ -125,31 +131,41 @@ def prediction_from_components(
 
     ``exclude_target``: crops only from images not predicted as the class (both for the concepts and the
     control). ``layout``: "strip" (the research's; needs a model with global pooling) or "canvas" (the
-    model's input size). ``n_control`` random assemblies per class. ``prototypes``: reuse computed ones.
+    model's input size). ``n_control`` random assemblies per class. ``strips_per_class``: the research
+    assembles the top-1 crop of each concept (1); n > 1 also assembles the rank-2 … rank-n crops into n
+    inputs per class (statistics over all of them: steadier with few classes). ``prototypes``: reuse
+    computed ones (with ``top_k`` ≥ ``strips_per_class``).
     """
     x = as_images(data)
     if isinstance(n_control, bool) or not isinstance(n_control, int) or n_control < 1:
         raise InputError(f"n_control must be a positive int, got {n_control!r}.")
     if layout not in ("strip", "canvas"):
         raise InputError(f"layout must be 'strip' or 'canvas', got {layout!r}.")
+    if isinstance(strips_per_class, bool) or not isinstance(strips_per_class, int) or strips_per_class < 1:
+        raise InputError(f"strips_per_class must be a positive int, got {strips_per_class!r}.")
+    n_s = strips_per_class
     if predictions is None:
         predictions = predict_classes(model, x, batch_size)
     if prototypes is None:
-        prototypes = concept_prototypes(model, x, basis, top_k=1, exclude_target=exclude_target, pool=pool,
+        prototypes = concept_prototypes(model, x, basis, top_k=n_s, exclude_target=exclude_target, pool=pool,
                                         predictions=predictions, batch_size=batch_size)
-    elif prototypes.exclude_target != exclude_target:
-        raise InputError(f"the prototypes were computed with exclude_target={prototypes.exclude_target}.")
-    crops = prototypes.crops[:, :, 0]  # (C, k, ch, sh, sw): the top crop of each concept
+    elif prototypes.exclude_target != exclude_target or prototypes.scores.shape[2] < n_s:
+        raise InputError(f"the prototypes were computed with exclude_target={prototypes.exclude_target} and "
+                         f"top_k={prototypes.scores.shape[2]}; need exclude_target={exclude_target}, top_k >= {n_s}.")
+    crops = prototypes.crops[:, :, :n_s].transpose(1, 2)  # (C, n_s, k, ch, sh, sw): rank-r crop of each concept
     canvas = tuple(x.shape[2:])
-    inputs = assemble(crops, layout, canvas, fill)
+    inputs = assemble(crops, layout, canvas, fill)  # (C, n_s, ch, H', W')
     cls = torch.tensor(prototypes.classes)
-    probs = _softmax(model, inputs, layout, batch_size)
-    p, predicted = probs.gather(1, cls[:, None])[:, 0], probs.argmax(1)
+    probs = _softmax(model, inputs.flatten(0, 1), layout, batch_size).reshape(len(cls), n_s, -1)
+    p = probs.gather(2, cls[:, None, None].expand(len(cls), n_s, 1))[..., 0]
+    predicted = probs.argmax(2)
+    if n_s == 1:
+        inputs, p, predicted = inputs[:, 0], p[:, 0], predicted[:, 0]
 
     # control: k random cells of the same grid geometry (same crop size) from the same image pool
     g = torch.Generator().manual_seed(seed)
     h, w = prototypes.grid
-    C, k = crops.shape[:2]
+    C, k = len(cls), crops.shape[2]
     grid_boxes = cell_boxes(canvas, (h, w)) if prototypes.geometry == "grid" else None
     ctrl = []
     for i, c in enumerate(prototypes.classes):
@@ -163,14 +179,14 @@ def prediction_from_components(
             top = torch.randint(x.shape[2] - sh + 1, (n_control * k,), generator=g) if x.shape[2] >= sh else torch.zeros(n_control * k, dtype=torch.long)
             left = torch.randint(x.shape[3] - sw + 1, (n_control * k,), generator=g) if x.shape[3] >= sw else torch.zeros(n_control * k, dtype=torch.long)
             boxes = torch.stack([top, left, top + sh, left + sw], 1)
-        ctrl.append(crop_boxes(x, img, boxes, fill).reshape(n_control, k, *crops.shape[2:]))
+        ctrl.append(crop_boxes(x, img, boxes, fill).reshape(n_control, k, *crops.shape[3:]))
     ctrl_inputs = assemble(torch.stack(ctrl), layout, canvas, fill)  # (C, n_control, ch, H', W')
     cprobs = _softmax(model, ctrl_inputs.flatten(0, 1), layout, batch_size).reshape(C, n_control, -1)
     control_p = cprobs.gather(2, cls[:, None, None].expand(C, n_control, 1))[..., 0]
     control_hit = cprobs.argmax(2) == cls[:, None]
     return ComponentTest(
-        classes=list(prototypes.classes), inputs=inputs, p=p, hit=predicted == cls, predicted=predicted,
-        control_p=control_p, control_hit=control_hit, stats=component_statistics(p, predicted == cls),
+        classes=list(prototypes.classes), inputs=inputs, p=p, hit=predicted == _col(cls, p), predicted=predicted,
+        control_p=control_p, control_hit=control_hit, stats=component_statistics(p, predicted == _col(cls, p)),
         control_stats=component_statistics(control_p, control_hit), exclude_target=bool(exclude_target),
         layout=layout, crop_size=prototypes.crop_size, prototypes=prototypes,
     )
