@@ -151,3 +151,19 @@ def test_exported_and_torchscript_models_load(user_model, tmp_path):
         loaded = load_model(str(tmp_path / path))
         loaded.eval()  # an exported program's own .eval() raises; the loaded one must not
         torch.testing.assert_close(check_classifier(loaded, x, 10), net(x))
+
+
+@pytest.mark.slow
+def test_align_cli_scores_the_users_model(user_model, tmp_path):
+    root, _ = user_model
+    args = ["align", "--dataset", "known:digits8", "--model", f"{root / 'my_nets.py'}:build", "--weights",
+            str(root / "small.pt"), "--normalize", f"{MEAN},{STD}", "--samples", "8", "--n-train", "50", "--n-test", "16",
+            "--vae-epochs", "1", "--methods", "gradient", "--allow-degenerate", "--quiet", "--out", str(tmp_path / "o"),
+            "--cache-dir", str(tmp_path / "c")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "scoring your model only" in res.output  # the l2-robust fine-tune needs a built-in architecture
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert set(m["scores"]) == {"your model"} and set(m["scores"]["your model"]) == {"gradient", "random"}
+    assert m["seed_reference"] == {} and any("logits of shape (8, 10)" in c for c in m["checks"])
+    assert (tmp_path / "o" / "parts_your_model.png").stat().st_size > 0
