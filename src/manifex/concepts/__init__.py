@@ -10,10 +10,16 @@ from .nmf import NMF_SOLVERS, matched_cosine, nmf, nmf_error
 from .basis import RELEVANCES, ConceptBasis, class_concepts, predict_classes
 from .prototypes import Prototypes, cell_boxes, concept_prototypes, crop_boxes, pooled_activations
 from .components import RESEARCH_NUMBERS, ComponentTest, assemble, component_statistics, prediction_from_components
+from .contrast import (ClassActivations, ContrastiveConcepts, Hyperplanes, OODFilter, class_activation_data,
+                       contrastive_concepts, fit_ood_filter, hyperplane_loop, train_hyperplanes)
+from .shift import T_GRID, PatchResult, ShiftResult, patch_test, shift_probabilities, shifted_layer, shifting_test
 
 __all__ = [
     "nmf", "nmf_error", "matched_cosine", "NMF_SOLVERS",
     "ConceptBasis", "class_concepts", "predict_classes", "RELEVANCES",
     "Prototypes", "concept_prototypes", "pooled_activations", "cell_boxes", "crop_boxes",
     "ComponentTest", "prediction_from_components", "assemble", "component_statistics", "RESEARCH_NUMBERS",
+    "ClassActivations", "class_activation_data", "Hyperplanes", "train_hyperplanes", "hyperplane_loop",
+    "ContrastiveConcepts", "contrastive_concepts", "OODFilter", "fit_ood_filter",
+    "T_GRID", "ShiftResult", "shifting_test", "shift_probabilities", "shifted_layer", "PatchResult", "patch_test",
 ]
