@@ -56,6 +56,15 @@ def test_atomic_writes_round_trip_and_leave_no_temp_files(tmp_path):
     assert _leftovers(tmp_path) == [] and _leftovers(tmp_path / "a") == []
 
 
+def test_atomic_write_gives_the_mode_of_a_plain_write(tmp_path):
+    (tmp_path / "plain.txt").write_text("x")
+    atomic_write_text(tmp_path / "atomic.txt", "x")
+    assert (tmp_path / "atomic.txt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
+    os.chmod(tmp_path / "atomic.txt", 0o640)
+    atomic_write_text(tmp_path / "atomic.txt", "y")  # an existing file keeps its mode
+    assert (tmp_path / "atomic.txt").stat().st_mode & 0o777 == 0o640
+
+
 def test_atomic_write_failure_keeps_old_file_and_removes_temp(tmp_path):
     target = tmp_path / "m.pt"
     atomic_write_text(target, "old")
