@@ -51,7 +51,7 @@ def test_degenerate_data_is_flagged_at_the_top_of_the_report(first_run):
     _, _, out, res = first_run
     m = json.loads((out / "metrics.json").read_text())
     assert any("near chance" in w for w in m["warnings"])
-    assert any(c.startswith("known-manifold labeler: accuracy") for c in m["checks"])
+    assert any(c.startswith("FAILED: known-manifold labeler: accuracy") for c in m["checks"])  # marked in the box
     html = (out / "report.html").read_text()
     warning, first_section = html.index('class="warning"'), html.index("<section")
     assert warning < first_section and "near chance" in html[warning:first_section]
