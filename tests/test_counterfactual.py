@@ -99,6 +99,30 @@ def test_batched_equals_batch1_research_loop(digits, space, split):
     assert torch.equal(r.delta, r.x_cf - x)
 
 
+def test_batched_equals_batch1_through_a_multiscale_image_flow_float64(digits):
+    """The zoo's Glow-style flow (normflows layers, a list of latents per level): equal to 1e-10 in float64.
+
+    (In float32 a random-init flow is ill-conditioned for this comparison: Adam's first steps are ≈ lr·sign(g), so
+    latent coordinates whose gradient is at round-off level move ±lr in either run; see the benchmark's docstring.)"""
+    import copy
+
+    from manifex.models.flows import ImageFlow
+
+    data, clf = digits
+    torch.manual_seed(0)
+    flow = ImageFlow((1, 8, 8), levels=2, blocks=1, hidden=8)
+    flow.initialize(data.x[:64])
+    flow = flow.double().eval()
+    c64 = copy.deepcopy(clf).double()
+    x = data.x[data.y == 4][:3].double()
+    r = counterfactual(c64, x, 9, generator=flow, lr=5e-2, max_steps=40, stop_prob=0.9, batch_size=3)
+    assert isinstance(r.z_cf, list) and len(r.z_cf) == 2
+    for i in range(3):
+        xr, s, ok = research_loop(c64, x[i : i + 1], 9, 5e-2, 40, stop_prob=0.9, gen=flow)
+        assert int(r.steps[i]) == s and bool(r.success[i]) == ok
+        assert torch.allclose(r.x_cf[i : i + 1], xr, atol=1e-10, rtol=0)
+
+
 def test_targets_int_tensor_list_agree_and_per_example_targets(digits):
     data, clf = digits
     x = data.x[data.y == 4][:4]

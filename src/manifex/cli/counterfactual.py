@@ -32,6 +32,8 @@ def _lr(ctx, param, value):
               help="Generative model whose latent space is searched (trained on the data and cached).")
 @click.option("--classifier", type=click.Choice(["lenet", "mlp", "vgg", "resnet"]), default="lenet", show_default=True,
               help="Built-in classifier under test (or your own with --model).")
+@click.option("--second-classifier", type=click.Choice(["lenet", "mlp", "vgg", "resnet"]), default=None,
+              help="Architecture of the second-network judge [default: mlp, or lenet when --classifier is mlp].")
 @click.option("--epochs", "classifier_epochs", type=click.IntRange(1), default=3, show_default=True, help="Classifier epochs.")
 @click.option("--source", type=int, default=4, show_default=True, help="Class of the images to change (-1: any class but --target).")
 @click.option("--target", type=int, default=9, show_default=True, help="Class the counterfactuals should get.")
