@@ -235,6 +235,8 @@ def test_gan_and_vector_flow_training(tmp_path):
     assert isinstance(gen, Generator) and gen.kind == "flow" and gen.exact
     with pytest.raises(InputError, match="kind"):
         get_generator(data, "diffusion", cache=cache)
+    with pytest.raises(InputError, match="helix"):
+        get_generator("spiral", "flow", cache=cache)
 
 
 def test_training_divergence_is_a_clear_error():

@@ -4,7 +4,7 @@ from .classifiers import CLASSIFIERS, MLP, ClassifierConfig, LeNet, SmallResNet,
 from .generative import VAE, ConvAutoencoder, GenerativeConfig, GenerativeModel, build_generative
 from .flows import ImageFlow, VectorFlow
 from .gan import DCGAN
-from .generator_zoo import get_gan, get_generator, get_image_flow, get_vector_flow
+from .generator_zoo import get_gan, get_generator, get_helix_flow, get_image_flow, get_vector_flow
 from .generators import (
     ApproximateGeneratorWarning,
     Generator,
@@ -34,7 +34,7 @@ __all__ = [
     "VAE", "ConvAutoencoder", "GenerativeConfig", "GenerativeModel", "build_generative",
     "Generator", "as_generator", "invert_generator", "Inversion", "ApproximateGeneratorWarning",
     "flatten_latent", "unflatten_latent", "ImageFlow", "VectorFlow", "DCGAN",
-    "GeneratorTrainConfig", "fit_generator", "get_image_flow", "get_vector_flow", "get_gan", "get_generator",
+    "GeneratorTrainConfig", "fit_generator", "get_image_flow", "get_vector_flow", "get_helix_flow", "get_gan", "get_generator",
     "AdversarialConfig", "GenerativeTrainConfig", "TrainConfig", "accuracy", "fit_classifier", "fit_generative",
     "pgd_l2", "predict", "get_classifier", "get_generative", "state_fingerprint",
 ]

@@ -296,7 +296,7 @@ def fit_generator(
         loss = model.loss(xb, generator=g)
         if not bool(torch.isfinite(loss.detach())):
             raise ModelError(
-                f"{type(model).__name__} training diverged (loss {float(loss)}); lower the learning rate or "
+                f"{type(model).__name__} training diverged (loss {float(loss.detach())}); lower the learning rate or "
                 "delete the partial checkpoint and retrain with another seed."
             )
         return loss
