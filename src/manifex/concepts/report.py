@@ -7,6 +7,7 @@ per class to ``results.jsonl`` and writes the class's figure; a re-run skips fin
 """
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from ..reports import render, write_json
-from ..runs import Unit, atomic_savefig, run_units
+from ..runs import Unit, atomic_write_bytes, run_units
 from .basis import class_concepts
 from .components import RESEARCH_NUMBERS, component_statistics, prediction_from_components
 from .prototypes import concept_prototypes, pooled_activations
@@ -36,31 +37,26 @@ def _mosaic(crops: np.ndarray, gap: int = 1, value: float = 1.0) -> np.ndarray:
     return out
 
 
-def class_figure(cls_name: str, crops: dict[str, torch.Tensor], strips: dict[str, torch.Tensor], p: dict[str, float],
-                 path: Path) -> Path:
-    """One figure per class: the top crops of each concept (rows) from both pools, and the two strips with p(A)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def class_figure(crops: dict[str, torch.Tensor], strips: dict[str, torch.Tensor], path: Path, scale: int = 3) -> Path:
+    """One image per class, composed in NumPy and written as a PNG (no plotting machinery: fast under load):
+    the top crops of each concept (rows) from any image, from images not predicted as the class, then the
+    two strips. Gaps are white; the report's caption names the panels."""
     import matplotlib.pyplot as plt
 
-    k = next(iter(crops.values())).shape[0]
-    fig, axes = plt.subplots(1, 4, figsize=(13, 0.55 * k + 1.2), gridspec_kw={"width_ratios": [8, 8, 1.3, 1.3]})
-    for ax, pool in zip(axes[:2], POOLS):
-        img = _mosaic(crops[pool].clamp(0, 1).numpy())
-        ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(f"top crops, {'any image' if pool == 'include' else 'images not predicted ' + cls_name}", fontsize=9)
-        ax.set_yticks([(i + 0.5) * (img.shape[0] + 1) / k - 0.5 for i in range(k)], [f"concept {i}" for i in range(k)], fontsize=8)
-        ax.set_xticks([])
-    for ax, pool in zip(axes[2:], POOLS):
-        s = strips[pool].clamp(0, 1).numpy().transpose(1, 2, 0)
-        ax.imshow(s.squeeze(-1) if s.shape[-1] == 1 else s, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(f"{pool}\np({cls_name})={p[pool]:.2f}", fontsize=9)
-        ax.axis("off")
-    fig.suptitle(f"class {cls_name}: concepts and the strip of their top crops", fontsize=11)
-    fig.tight_layout()
-    atomic_savefig(fig, path, dpi=110)
-    plt.close(fig)
+    panels = [_mosaic(crops[p].clamp(0, 1).numpy()) for p in POOLS]
+    panels += [strips[p].clamp(0, 1).numpy().transpose(1, 2, 0) for p in POOLS]
+    height = max(q.shape[0] for q in panels)
+    gap = np.ones((height, 4, panels[0].shape[2]), dtype=np.float32)
+    row = []
+    for q in panels:
+        padded = np.ones((height, q.shape[1], q.shape[2]), dtype=np.float32)
+        padded[: q.shape[0]] = q
+        row += [padded, gap]
+    img = np.concatenate(row[:-1], axis=1).repeat(scale, 0).repeat(scale, 1)
+    img = img[..., 0] if img.shape[2] == 1 else img
+    buf = io.BytesIO()
+    plt.imsave(buf, img, cmap="gray", vmin=0, vmax=1, format="png")
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
@@ -97,7 +93,7 @@ def process_classes(units: list[Unit], context: dict[str, Any], out_dir: Path) -
                                "recon_error": float(basis.recon_error[i]), "relative_error": float(basis.relative_error[i]),
                                "nmf_iterations": basis.n_iter[i], "vectors": basis.vectors[i].tolist(),
                                "image_indices": basis.image_indices[i].tolist()}
-        crops, strips, pmain = {}, {}, {}
+        crops, strips = {}, {}
         for pool in POOLS:
             protos, test = results[pool]
             p = test.p[i].reshape(-1)
@@ -107,10 +103,8 @@ def process_classes(units: list[Unit], context: dict[str, Any], out_dir: Path) -
                          "top_image_index": protos.image_index[i].tolist(), "top_scores": protos.scores[i].tolist()}
             crops[pool] = protos.crops[i, :, : opts["top_k"]]
             strips[pool] = test.inputs[i] if test.inputs.dim() == 4 else test.inputs[i, 0]
-            pmain[pool] = float(p[0])
-        name = context["class_names"][c] if c < len(context["class_names"]) else str(c)
         fig = Path(out_dir) / "classes" / f"class_{c:03d}.png"
-        class_figure(name, crops, strips, pmain, fig)
+        class_figure(crops, strips, fig)
         rec["figure"] = str(fig.relative_to(out_dir))
         records.append(rec)
     warned = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
