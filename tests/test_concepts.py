@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import manifex
 from manifex.concepts import ConceptBasis, class_concepts, concept_prototypes, matched_cosine, nmf, nmf_error, prediction_from_components
 from manifex.data import load_digits8
 from manifex.errors import InputError, ModelError
