@@ -69,14 +69,14 @@ def blobs(C=4, c=6, seed=0, dtype=torch.float64):
 # ------------------------------------------------------------------------------------------------ hyperplanes
 def test_batched_hyperplanes_equal_per_pair_loop():
     vecs = blobs()
-    batched = train_hyperplanes(vecs, epochs=60)
-    loop = hyperplane_loop(vecs, epochs=60)
+    batched = train_hyperplanes(vecs, epochs=40)
+    loop = hyperplane_loop(vecs, epochs=40)
     assert batched.trained.sum() == 12 and not batched.trained.diagonal().any()
     torch.testing.assert_close(batched.normals, loop.normals, atol=1e-6, rtol=0)
     torch.testing.assert_close(batched.biases, loop.biases, atol=1e-6, rtol=0)
     torch.testing.assert_close(batched.accuracy, loop.accuracy, atol=1e-12, rtol=0, equal_nan=True)
     # a subset of pairs trains only those pairs, with the same result
-    sub = train_hyperplanes(vecs, epochs=60, pairs=[(2, 0), (1, 3)])
+    sub = train_hyperplanes(vecs, epochs=40, pairs=[(2, 0), (1, 3)])
     assert sub.trained.sum() == 2
     torch.testing.assert_close(sub.normals[2, 0], loop.normals[2, 0], atol=1e-6, rtol=0)
     torch.testing.assert_close(sub.normals[1, 3], loop.normals[1, 3], atol=1e-6, rtol=0)
@@ -320,3 +320,64 @@ def test_patch_test_against_mean_colour(digits):
         patch_test(model, x1, patch, 1, 1)
     with pytest.raises(InputError, match="out of range"):
         patch_test(model, x1, patch, 0, 5)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+SMALL = ["--dataset", "digits8", "--epochs", "1", "--layer", "blocks.1", "--images-per-class", "8", "--noise-samples", "2",
+         "--random-directions", "3", "--components", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def cli_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.mark.slow
+def test_contrast_cli_end_to_end_and_resume(tmp_path, cli_cache):
+    import json
+
+    from click.testing import CliRunner
+
+    from manifex.cli import main
+    from manifex.runs import read_jsonl
+
+    out = tmp_path / "run"
+    args = ["contrast", *SMALL, "--pairs", "0:1,3:8", "--cache-dir", cli_cache, "--out", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "swaps the prediction" in res.output and "report:" in res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    s = metrics["summary"]
+    assert s["n_pairs"] == 2 and s["n_control"] == 6 and 0 <= s["swap_rate"] <= 1 and len(s["mean_p_b"]) == len(T_GRID)
+    assert metrics["concepts"]["a"] == 0 and metrics["concepts"]["b"] == 1
+    assert any("t = 0 leaves the output unchanged" in c for c in metrics["checks"])
+    records = read_jsonl(out / "results.jsonl")
+    assert [(r["a"], r["b"]) for r in records] == [(0, 1), (3, 8)]
+    html = (out / "report.html").read_text()
+    assert "shift.png" in html and "Why 0 rather than 1" in html and "hyperplane_accuracy.png" in html
+    stamp = (out / "hyperplanes.pt").stat().st_mtime_ns
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert len(read_jsonl(out / "results.jsonl")) == 2 and (out / "hyperplanes.pt").stat().st_mtime_ns == stamp  # resumed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, message", [
+    (["--pairs", "3:3"], "with itself"),
+    (["--pairs", "0:12"], "out of range"),
+    (["--pairs", "0-1"], "A:B class pairs"),
+    (["--pairs", "0:1", "--random-pairs", "3"], "not both"),
+    (["--pairs", "0:1", "--layer", "blocks.9"], "unknown layer 'blocks.9'"),
+])
+def test_contrast_cli_errors(tmp_path, cli_cache, args, message):
+    from click.testing import CliRunner
+
+    from manifex.cli import main
+
+    base = [a for a in SMALL]
+    if "--layer" in args:
+        i = base.index("--layer")
+        del base[i : i + 2]
+    res = CliRunner().invoke(main, ["contrast", *base, *args, "--cache-dir", cli_cache, "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -101,7 +100,8 @@ class ClassActivations:
     """Per class, the raw activation vectors at its high-relevance positions.
 
     ``vectors[k]`` (n_k, channels): rows of class ``classes[k]``; ``image_indices[k]``: the images used
-    (indices into the data); ``fraction[k]``: the share of positions kept; ``layer``: the layer's name.
+    (indices into the data); ``fraction[k]``: the share of positions kept; ``fallback[k]``: images whose relevance
+    was ≤ 0 everywhere (cut at min + threshold · (max − min) instead); ``layer``: the layer's name.
     """
 
     vectors: list[torch.Tensor]
@@ -109,6 +109,7 @@ class ClassActivations:
     layer: str
     image_indices: list[torch.Tensor] = field(default_factory=list)
     fraction: list[float] = field(default_factory=list)
+    fallback: list[int] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -146,6 +147,8 @@ def class_activation_data(
 ) -> ClassActivations:
     """The hyperplane training data of each class: raw activation vectors (rows, channels) of ``layer`` at the
     positions whose channel-mean relevance for the class (no ReLU) exceeds ``threshold`` × that image's max.
+    An image whose relevance is ≤ 0 everywhere (where the research rule keeps nothing) is cut at
+    min + ``threshold`` · (max − min) instead; ``fallback`` counts those images per class.
 
     Images: up to ``images_per_class`` the model predicts as the class (the seeded pick of ``class_concepts``).
     ``relevance`` and ``relevance_options`` as in :func:`~manifex.concepts.class_concepts` (LayerDeepLift in a
@@ -179,7 +182,7 @@ def class_activation_data(
     dev = model_device(model)
     index = torch.cat(picks)
     targets = torch.cat([torch.full((len(p),), c, dtype=torch.long) for c, p in zip(kept, picks)])
-    rows, keep = [], []
+    rows, keep, nonpos = [], [], []
     for s in tqdm(range(0, index.numel(), batch_size), desc="contrast: relevance", disable=not progress, leave=False):
         xb = x[index[s : s + batch_size]]
         xb = xb.to(dev) if dev is not None else xb
@@ -187,18 +190,24 @@ def class_activation_data(
         r = a if explainer is None else explainer.attribute(xb, targets[s : s + batch_size].to(xb.device)).detach()
         r = r.mean(1)  # (n, h, w) or (n,): channel mean, no ReLU (the research's hyperplane path)
         r = r.reshape(r.shape[0], -1)
-        keep.append((r > threshold * r.max(1, keepdim=True).values).cpu())
+        hi, lo = r.max(1, keepdim=True).values, r.min(1, keepdim=True).values
+        # the research rule r > τ·max keeps nothing when an image's relevance is negative everywhere (its
+        # baseline scores higher than the image); such images use the same cut within their range instead
+        cut = torch.where(hi > 0, threshold * hi, lo + threshold * (hi - lo))
+        keep.append((r > cut).cpu())
+        nonpos.append((hi[:, 0] <= 0).cpu())
         rows.append(_rows(a).cpu())
-    A, K = torch.cat(rows), torch.cat(keep)
+    A, K, NP = torch.cat(rows), torch.cat(keep), torch.cat(nonpos)
     if not bool(torch.isfinite(A).all()):
         raise ModelError(f"layer {name!r} produced NaN/inf activations; check the model and its inputs.")
-    vectors, fraction, start = [], [], 0
+    vectors, fraction, fallback, start = [], [], [], 0
     for p in picks:
         sel = K[start : start + len(p)]
         vectors.append(A[start : start + len(p)][sel])
         fraction.append(float(sel.float().mean()))
+        fallback.append(int(NP[start : start + len(p)].sum()))
         start += len(p)
-    return ClassActivations(vectors=vectors, classes=kept, layer=name, image_indices=picks, fraction=fraction,
+    return ClassActivations(vectors=vectors, classes=kept, layer=name, image_indices=picks, fraction=fraction, fallback=fallback,
                             options={"threshold": threshold, "relevance": relevance, "images_per_class": images_per_class,
                                      "seed": seed, **{k: v for k, v in opts.items() if k != "noise"}})
 
@@ -328,23 +337,26 @@ def train_hyperplanes(
     W0, b0 = init if init is not None else hyperplane_init(C, c, seed=seed, dtype=dtype, device=dev)
     if W0.shape != (C, C, c) or b0.shape != (C, C):
         raise InputError(f"init must be (W ({C}, {C}, {c}), b ({C}, {C})), got {tuple(W0.shape)}, {tuple(b0.shape)}.")
-    W = W0.detach().to(dtype=dtype, device=dev).clone().requires_grad_(True)
-    b = b0.detach().to(dtype=dtype, device=dev).clone().requires_grad_(True)
+    W = W0.detach().to(dtype=dtype, device=dev).clone()
+    b = b0.detach().to(dtype=dtype, device=dev).clone()
     pm = mask.to(dev)
     denom = (counts[:, None] + counts[None, :]).to(dtype)  # (C, C): rows of the pair (i, j)
+    scale = pm.to(dtype) / denom                           # d(mean loss)/d(row loss) of each trained pair, else 0
+    v = valid[:, :, None]
     # Class i's rows meet the pairs (i, ·) as label 0, class j's rows the pairs (·, j) as label 1: two batched
-    # matmuls give exactly the logits every pair needs, with no row of a class outside the pair.
-    with torch.enable_grad():
-        for _ in range(epochs):
-            zi = torch.bmm(X, W.transpose(1, 2)) + b[:, None, :]                  # (C_i, n, C_j): pair (i, j) on i's rows
-            zj = torch.bmm(X, W.permute(1, 2, 0)) + b.transpose(0, 1)[:, None, :]  # (C_j, n, C_i): pair (i, j) on j's rows
-            li = (F.softplus(zi) * valid[:, :, None]).sum(1)                        # (C_i, C_j), label 0: log(1 + e^z)
-            lj = (F.softplus(-zj) * valid[:, :, None]).sum(1).transpose(0, 1)       # (C_i, C_j), label 1: log(1 + e^−z)
-            loss = (((li + lj) / denom) * pm).sum()
-            gW, gb = torch.autograd.grad(loss, (W, b))
-            with torch.no_grad():
-                W -= lr * gW
-                b -= lr * gb
+    # matmuls give exactly the logits every pair needs, with no row of a class outside the pair. The gradient
+    # of the mean BCE-with-logits is written out (σ(z) − y per row), which is what autograd would compute for
+    # the per-pair loss, without building a graph each step.
+    for _ in range(epochs):
+        zi = torch.baddbmm(b[:, None, :], X, W.transpose(1, 2))                    # (C_i, n, C_j): pair (i, j) on i's rows
+        Wt = W.transpose(0, 1)                                                       # Wt[j, i] = w_ij
+        zj = torch.baddbmm(b.transpose(0, 1)[:, None, :], X, Wt.transpose(1, 2))    # (C_j, n, C_i): pair (i, j) on j's rows
+        gi = torch.sigmoid(zi).mul_(v).mul_(scale[:, None, :])                      # label 0: σ(z)
+        gj = torch.sigmoid(zj).sub_(1).mul_(v).mul_(scale.transpose(0, 1)[:, None, :])  # label 1: σ(z) − 1
+        gW = torch.bmm(gi.transpose(1, 2), X) + torch.bmm(gj.transpose(1, 2), X).transpose(0, 1)
+        gb = gi.sum(1) + gj.sum(1).transpose(0, 1)
+        W -= lr * gW
+        b -= lr * gb
     W, b = W.detach(), b.detach()
     with torch.no_grad():
         zi = torch.bmm(X, W.transpose(1, 2)) + b[:, None, :]
