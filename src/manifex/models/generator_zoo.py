@@ -10,7 +10,7 @@ Fixed, documented schedules (no early stopping, so a cached model is a function 
   budget of ``manifex counterfactual``;
 * helix flow (:class:`VectorFlow`, the research's 12-coupling RealNVP with 3-256-256-3 nets): Adam 1e-3, batch 128,
   :data:`HELIX_FLOW_EPOCHS` epochs over 50,000 helix points (``helix(50_000, seed=0)``; 391 steps an epoch, 1,173 in
-  all, about a minute of one CPU core). The research trained 5,000 steps × batch 500 at lr 1e-4 (2.5 M samples,
+  all, 110 s of one CPU core measured on a shared machine). The research trained 5,000 steps × batch 500 at lr 1e-4 (2.5 M samples,
   ~17 CPU-minutes here); measured with our quick probe (MLP 3-256-1, 100 points, lr 3e-2): the median distance
   to the helix of latent counterfactuals was 0.018× that of pixel ones after 500 steps and 0.010× after 1,000;
 * DCGAN: Adam 2e-4, β = (0.5, 0.999), batch 64, 20 epochs (about 18 s of one CPU core an epoch on MNIST-5k 32×32;
