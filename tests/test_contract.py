@@ -10,8 +10,9 @@ does not reach. For each row a test class ``TestContract_<name>`` is generated f
   callables; target and input errors;
 - the model's state (mode, ``requires_grad``, buffers, hooks) is left as found, also when the call raises
   (bad target, a failing forward, a forward that mutates the model), and no hook is left behind;
-- ``output=`` (index, key, callable) on tuple/dict models equals the plain model; without it a clear error
-  names the option (issue 10, item 7);
+- ``output=`` (index, key, callable) on tuple/dict models equals the plain model — set on the explainer, as
+  the registry's option and as a constructor argument (class rows with ``takes_options``); without it a clear
+  error names the option (issue 10, item 7);
 - a train-mode model with Dropout/BatchNorm warns once, naming ``model.eval()``; LRP still refuses a
   train-mode BatchNorm (item 8);
 - Captum's option names behave exactly like manifex's (both accepted and equal, or both refused), both
@@ -37,10 +38,11 @@ from manifex.attribution import (
     InputXGradient,
     IntegratedGradients,
     SmoothGrad,
+    explain,
     make_explainer,
 )
 from manifex.attribution.core import TrainModeWarning, preserve_model_state
-from manifex.attribution.lrp import LRP, Composite, Epsilon, Gamma
+from manifex.attribution.lrp import LRP, Composite, Epsilon, EpsilonGammaBox, Gamma, LRPGamma
 from manifex.attribution.smoothing import SmoothedExplainer
 from manifex.errors import InputError, ModelError
 from manifex.manipulation import manipulate
@@ -161,15 +163,16 @@ class Config:
     name: str
     method: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
-    build: Callable[[nn.Module], Explainer] | None = None
+    build: Callable[..., Explainer] | None = None
     noisy: bool = False  # random draws depend on the dtype: float32/float64 compare only dtypes and shapes
     inplace: bool = False  # the model's ReLUs work in place
+    takes_options: bool = False  # ``build(model, **options)`` passes options (output=) to the constructor
 
     def make(self, model: Any, **extra: Any) -> Explainer:
         if self.method is not None:
             return make_explainer(model, self.method, **{**self.options, **extra})
-        assert not extra
-        return self.build(model)
+        assert not extra or self.takes_options
+        return self.build(model, **extra)
 
 
 #: Cheaper options for some registry methods (the contract does not depend on them).
@@ -209,6 +212,13 @@ CONFIGS: list[Config] = [
     Config("deeplift_inplace_relu", "deeplift", inplace=True),
     Config("lrp_inplace_relu", "lrp_epsilon_plus", inplace=True),
     Config("lrp_custom_composite", build=lambda m: LRP(m, Composite([(nn.Conv2d, Gamma(0.1)), (nn.Linear, Epsilon(0.01))]))),
+    # the γ rule's two modes through the registry (sign_aware is the registry rows' default)
+    Config("lrp_gamma_textbook", "lrp_gamma", {"gamma_mode": "textbook"}),
+    Config("lrp_epsilon_gamma_box_textbook", "lrp_epsilon_gamma_box", {"gamma_mode": "textbook"}),
+    # LRP classes built with output= in the constructor, like every other explainer
+    Config("lrp_class_composite_output", build=lambda m, **o: LRP(m, EpsilonGammaBox(-4.0, 4.0), **o), takes_options=True),
+    Config("lrp_gamma_class_textbook_output", build=lambda m, **o: LRPGamma(m, gamma=0.1, gamma_mode="textbook", **o),
+           takes_options=True),
 ]
 _BY_NAME = {c.name: c for c in CONFIGS}
 assert len(_BY_NAME) == len(CONFIGS), "config names must be unique"
@@ -390,7 +400,7 @@ class _Contract:
             expl = self.explainer(wrapped)
             expl.output = selector
             close(expl(x, Y), ref)
-            if self.config.method is not None:  # the registry's output= option
+            if self.config.method is not None or self.config.takes_options:  # the registry's/constructor's output=
                 close(self.explainer(wrapped, output=selector)(x, Y), ref)
         if kind == "tuple":
             expl = self.explainer(wrapped)
@@ -519,3 +529,32 @@ def test_preserve_model_state_on_plain_callable_and_exception():
 
 def test_table_covers_every_registered_method():
     assert {c.method for c in CONFIGS if c.method is not None and c.name == c.method} == set(METHODS)
+
+
+GAMMA_METHODS = sorted(m for m, spec in METHODS.items() if "gamma_mode" in spec.defaults)
+
+
+def test_gamma_methods_declare_their_mode():
+    """The γ methods show gamma_mode as a registry default (so `manifex methods` and make_explainer agree)."""
+    assert GAMMA_METHODS == ["lrp_epsilon_gamma_box", "lrp_gamma"]
+    for m in GAMMA_METHODS:
+        assert METHODS[m].defaults["gamma_mode"] == "sign_aware" and "gamma_mode" in METHODS[m].description
+
+
+@pytest.mark.parametrize("method", GAMMA_METHODS)
+def test_gamma_mode_through_explain(method):
+    """Both γ modes run through ``explain``: batched = per example, the default is "sign_aware", and the modes
+    differ where a γ layer's negative outputs carry relevance (here: the second conv with its ReLU removed;
+    behind a ReLU they carry none and the modes agree); a bad mode is an InputError naming the choices."""
+    model, x = make_model(), make_x()
+    model[4] = nn.Identity()
+    maps = {}
+    for mode in ("sign_aware", "textbook"):
+        maps[mode] = explain(model, x, Y, method=method, gamma_mode=mode)
+        assert torch.isfinite(maps[mode]).all()
+        close(maps[mode], torch.cat([explain(model, x[i : i + 1], Y[i : i + 1], method=method, gamma_mode=mode)
+                                     for i in range(N)]))
+    close(explain(model, x, Y, method=method), maps["sign_aware"])
+    assert not torch.allclose(maps["sign_aware"], maps["textbook"]), "gamma_mode was ignored"
+    with pytest.raises(InputError, match="'sign_aware'.*'textbook'"):
+        explain(model, x, Y, method=method, gamma_mode="zennit")

@@ -53,11 +53,16 @@ METHODS: dict[str, MethodSpec] = {
     "gradcam": MethodSpec(GradCAM, "Grad-CAM at a conv layer (layer=name or module; default the last conv), upsampled"),
     "lrp": MethodSpec(LRP, "LRP, EpsilonPlus composite (z+ on conv, ε on dense); BatchNorm folded, residual sums split"),
     "lrp_epsilon": MethodSpec(LRPEpsilon, "LRP-ε on every Linear/Conv layer", {"epsilon": 1e-6}),
-    "lrp_gamma": MethodSpec(LRPGamma, "LRP-γ on every Linear/Conv layer", {"gamma": 0.25}),
+    "lrp_gamma": MethodSpec(
+        LRPGamma, "LRP-γ on every Linear/Conv layer; gamma_mode='sign_aware' (default: boosts the contributions "
+        "of each output's sign, stable on negative outputs) or 'textbook' (w + γw⁺ for every output, as Captum)",
+        {"gamma": 0.25, "gamma_mode": "sign_aware"},
+    ),
     "lrp_alpha1beta0": MethodSpec(LRPZPlus, "LRP-α1β0 (z+) on every Linear/Conv layer"),
     "lrp_epsilon_gamma_box": MethodSpec(
-        LRPEpsilonGammaBox, "LRP: z^B first layer (pixels in [low, high]), γ on conv, ε on dense",
-        {"low": 0.0, "high": 1.0, "epsilon": 1e-6, "gamma": 0.25},
+        LRPEpsilonGammaBox, "LRP: z^B first layer (pixels in [low, high]), γ on conv (gamma_mode='sign_aware' "
+        "default, or 'textbook'), ε on dense",
+        {"low": 0.0, "high": 1.0, "epsilon": 1e-6, "gamma": 0.25, "gamma_mode": "sign_aware"},
     ),
     "lrp_epsilon_plus": MethodSpec(LRPEpsilonPlus, "LRP: z+ on conv, ε on dense layers", {"epsilon": 1e-6}),
 }

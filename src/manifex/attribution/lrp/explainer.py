@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ...errors import InputError, ModelError
-from ..core import Target, target_gradient
+from ..core import OutputSelector, Target, target_gradient
 from ..methods import Explainer
 from .canonizers import BatchNormFolding, Canonizer, ResidualSum
 from .composites import Composite, EpsilonGammaBox, EpsilonPlus, _under
@@ -28,14 +28,15 @@ class LRP(Explainer):
     ``composite`` maps layers to rules (default :class:`EpsilonPlus`); ``canonizers`` default to
     ``(BatchNormFolding(), ResidualSum())``, pass ``()`` for none. A layer with parameters that no rule and
     no canonizer covers raises ``ModelError`` naming it. The model's modules are only hooked, never
-    modified; ``context()`` exposes the hooked state for hand-written passes.
+    modified; ``context()`` exposes the hooked state for hand-written passes. ``output``: which part of a
+    tuple/dict model output holds the logits (index, key or callable; see :class:`~manifex.attribution.Explainer`).
     """
 
     name = "lrp"
 
     def __init__(self, model: nn.Module, composite: Composite | None = None, *,
-                 canonizers: Sequence[Canonizer] | None = None) -> None:
-        super().__init__(model)
+                 canonizers: Sequence[Canonizer] | None = None, output: OutputSelector = None) -> None:
+        super().__init__(model, output=output)
         if not isinstance(model, nn.Module):
             raise ModelError(
                 f"LRP hooks the layers of an nn.Module; got {type(model).__name__}. Wrap the function in a module "
@@ -126,8 +127,9 @@ class LRPEpsilon(LRP):
 
     name = "lrp_epsilon"
 
-    def __init__(self, model: nn.Module, *, epsilon: float = 1e-6, canonizers: Sequence[Canonizer] | None = None) -> None:
-        super().__init__(model, Composite.uniform(Epsilon(epsilon)), canonizers=canonizers)
+    def __init__(self, model: nn.Module, *, epsilon: float = 1e-6, canonizers: Sequence[Canonizer] | None = None,
+                 output: OutputSelector = None) -> None:
+        super().__init__(model, Composite.uniform(Epsilon(epsilon)), canonizers=canonizers, output=output)
 
 
 class LRPGamma(LRP):
@@ -136,9 +138,10 @@ class LRPGamma(LRP):
     name = "lrp_gamma"
 
     def __init__(self, model: nn.Module, *, gamma: float = 0.25, stabilizer: float = 1e-6,
-                 gamma_mode: GammaMode = "sign_aware", canonizers: Sequence[Canonizer] | None = None) -> None:
+                 gamma_mode: GammaMode = "sign_aware", canonizers: Sequence[Canonizer] | None = None,
+                 output: OutputSelector = None) -> None:
         rule = Gamma(gamma, stabilizer=stabilizer, mode=gamma_mode)
-        super().__init__(model, Composite.uniform(rule), canonizers=canonizers)
+        super().__init__(model, Composite.uniform(rule), canonizers=canonizers, output=output)
 
 
 class LRPZPlus(LRP):
@@ -146,8 +149,9 @@ class LRPZPlus(LRP):
 
     name = "lrp_alpha1beta0"
 
-    def __init__(self, model: nn.Module, *, stabilizer: float = 1e-6, canonizers: Sequence[Canonizer] | None = None) -> None:
-        super().__init__(model, Composite.uniform(ZPlus(stabilizer=stabilizer)), canonizers=canonizers)
+    def __init__(self, model: nn.Module, *, stabilizer: float = 1e-6, canonizers: Sequence[Canonizer] | None = None,
+                 output: OutputSelector = None) -> None:
+        super().__init__(model, Composite.uniform(ZPlus(stabilizer=stabilizer)), canonizers=canonizers, output=output)
 
 
 class LRPEpsilonGammaBox(LRP):
@@ -157,9 +161,9 @@ class LRPEpsilonGammaBox(LRP):
 
     def __init__(self, model: nn.Module, *, low: float | torch.Tensor = 0.0, high: float | torch.Tensor = 1.0,
                  epsilon: float = 1e-6, gamma: float = 0.25, gamma_mode: GammaMode = "sign_aware",
-                 canonizers: Sequence[Canonizer] | None = None) -> None:
+                 canonizers: Sequence[Canonizer] | None = None, output: OutputSelector = None) -> None:
         composite = EpsilonGammaBox(low, high, epsilon=epsilon, gamma=gamma, gamma_mode=gamma_mode)
-        super().__init__(model, composite, canonizers=canonizers)
+        super().__init__(model, composite, canonizers=canonizers, output=output)
 
 
 class LRPEpsilonPlus(LRP):
@@ -167,6 +171,7 @@ class LRPEpsilonPlus(LRP):
 
     name = "lrp_epsilon_plus"
 
-    def __init__(self, model: nn.Module, *, epsilon: float = 1e-6, canonizers: Sequence[Canonizer] | None = None) -> None:
-        super().__init__(model, EpsilonPlus(epsilon=epsilon), canonizers=canonizers)
+    def __init__(self, model: nn.Module, *, epsilon: float = 1e-6, canonizers: Sequence[Canonizer] | None = None,
+                 output: OutputSelector = None) -> None:
+        super().__init__(model, EpsilonPlus(epsilon=epsilon), canonizers=canonizers, output=output)
 
