@@ -386,3 +386,27 @@ def test_run_units_batches_are_fixed_whatever_finished_before(tmp_path):
     _CALLS.clear()
     run_units(_units(8), _counting, tmp_path, context={}, batch_size=2, progress=False)
     assert _CALLS == [["u000", "u001"], ["u004"], ["u006", "u007"]]
+
+
+def test_sweep_curvature_runs_per_pair_on_the_run_layer(tmp_path):
+    from manifex.data import load_digits8
+    from manifex.manipulation import hessian_top_eigenvalue, pairs_from_dataset, robustness_sweep
+    from manifex.models import ClassifierConfig, build_classifier
+
+    torch.manual_seed(0)
+    model = build_classifier(ClassifierConfig("mlp", (1, 8, 8), 10)).eval()
+    pairs = pairs_from_dataset(load_digits8(), 3, seed=1)
+    opts = dict(batch_size=2, iterations=1, figures=False, curvature_iterations=3)
+    rec = robustness_sweep(model, "input_x_gradient", pairs, [3.0], tmp_path, **opts)[0]
+    lines = read_jsonl(tmp_path / "beta_3" / "curvature.jsonl")
+    xo, _ = pairs.images(range(3))
+    expected = hessian_top_eigenvalue(model, xo, beta=3.0, iterations=3).abs()
+    assert [r["id"] for r in lines] == pairs.ids
+    torch.testing.assert_close(torch.tensor([r["curvature"] for r in lines]), expected, atol=1e-6, rtol=1e-5)
+    assert rec["curvature"] == pytest.approx(float(expected.mean()), rel=1e-5)
+    (tmp_path / "beta_3" / "defence.json").unlink()  # interrupted before the record: the lines are reused
+    again = robustness_sweep(model, "input_x_gradient", pairs, [3.0], tmp_path, **opts)[0]
+    assert again["curvature"] == rec["curvature"] and again["n_new"] == 0
+    other = robustness_sweep(model, "input_x_gradient", pairs, [3.0], tmp_path, **{**opts, "curvature_iterations": 2})[0]
+    assert other["curvature"] == pytest.approx(float(hessian_top_eigenvalue(model, xo, beta=3.0, iterations=2).abs().mean()),
+                                               rel=1e-5)  # other settings: recomputed, not mixed with the old lines

@@ -43,7 +43,7 @@ from ..attribution.methods import model_device
 from ..data import ImageDataset
 from ..errors import InputError
 from ..models.training import accuracy
-from ..runs import Executor, atomic_write_json
+from ..runs import Executor, Unit, atomic_write_json, run_units
 from .campaign import PairSet, _campaign, _check_attack_options
 
 __all__ = [
@@ -65,6 +65,9 @@ RELU = float("inf")
 SWEEP_FILE = "sweep.json"
 #: Written into each ``out_dir/beta_<β>/``: the per-β record, including the per-pair curvature values.
 DEFENCE_FILE = "defence.json"
+#: The per-pair curvature in each ``beta_<β>/`` (one JSON line per pair) and the settings it was computed with.
+CURVATURE_FILE = "curvature.jsonl"
+CURVATURE_SETTINGS_FILE = "curvature.json"
 
 FunctionalPolicy = Literal["handle", "error", "ignore"]
 _RELU_HESSIAN_WARNING = "create_graph=True, but the explanation does not depend differentiably"
@@ -441,7 +444,8 @@ def robustness_sweep(
 
     Resumable per β: each campaign skips the pairs in its ``results.jsonl`` (``resume``; the attack
     settings must match), and the curvature of a β is reused from its ``defence.json`` when pairs and
-    curvature settings are unchanged. ``attack_options`` go to :func:`~manifex.manipulation.manipulate`;
+    curvature settings are unchanged; it is computed per pair on the run layer (``curvature.jsonl``, resumable,
+    on ``executor`` too). ``attack_options`` go to :func:`~manifex.manipulation.manipulate`;
     ``explainer_options``, ``batch_size``, ``figures``, ``pixel_scale``, ``progress``, ``executor`` (where the
     batches run: locally by default, or a :class:`manifex.runs.RayExecutor`) to the campaign.
 
@@ -493,15 +497,17 @@ def robustness_sweep(
             executor=executor, smooth=None if math.isinf(beta) else (beta, functional), attack_options=options,
         )
         curv = _cached_curvature(beta_dir, curvature_settings) if resume else None
-        if curv is None:
-            curv = []
-            for start in range(0, len(pairs), batch_size):  # originals loaded one batch at a time
-                xo, _ = pairs.images(range(start, min(start + batch_size, len(pairs))))
-                lam = hessian_top_eigenvalue(
-                    model, xo.to(dtype), None, beta=None if math.isinf(beta) else beta, iterations=curvature_iterations,
-                    tol=curvature_tol, seed=curvature_seed, functional=functional,
-                )
-                curv += lam.abs().cpu().tolist()
+        if curv is None:  # per pair on the run layer (resumable, any executor): curvature.jsonl in beta_dir
+            settings_path = beta_dir / CURVATURE_SETTINGS_FILE
+            same = settings_path.is_file() and json.loads(settings_path.read_text(encoding="utf-8")) == curvature_settings
+            atomic_write_json(settings_path, curvature_settings)
+            context = {"model": model, "pairs": pairs, "beta": None if math.isinf(beta) else beta, "dtype": dtype,
+                       "iterations": curvature_iterations, "tol": curvature_tol, "seed": curvature_seed,
+                       "functional": functional}
+            recs = run_units([Unit(pid, {"index": i}) for i, pid in enumerate(pairs.ids)], _curvature_batch, beta_dir,
+                             context=context, batch_size=batch_size, executor=executor, resume=resume and same,
+                             progress=False, results=CURVATURE_FILE)
+            curv = [float(r["curvature"]) for r in recs]
         record: dict[str, Any] = {
             "beta": beta,
             "model": "relu" if math.isinf(beta) else f"softplus({beta:g})",
@@ -524,6 +530,15 @@ def robustness_sweep(
         records.append(record)
     _write_json(out / SWEEP_FILE, records)
     return records
+
+
+def _curvature_batch(units: list[Unit], ctx: dict[str, Any], out_dir: Path) -> list[dict]:
+    """Run-layer process of the sweep's curvature: |λ_max| of the input Hessian per original image."""
+    xo, _ = ctx["pairs"].images([int(u.payload["index"]) for u in units])
+    dev = model_device(ctx["model"])
+    lam = hessian_top_eigenvalue(ctx["model"], xo.to(device=dev, dtype=ctx["dtype"]), None, beta=ctx["beta"],
+                                 iterations=ctx["iterations"], tol=ctx["tol"], seed=ctx["seed"], functional=ctx["functional"])
+    return [{"id": u.id, "curvature": float(v)} for u, v in zip(units, lam.abs().cpu().tolist())]
 
 
 def _cached_curvature(beta_dir: Path, settings: dict[str, Any]) -> list[float] | None:
