@@ -7,7 +7,7 @@ concepts per class, prototype crops, and the prediction-from-components test.
 >>> test.stats, test.control_stats                                   # vs random crops of the same size
 """
 from .nmf import NMF_SOLVERS, matched_cosine, nmf, nmf_error
-from .basis import RELEVANCES, ConceptBasis, class_concepts, predict_classes
+from .basis import RELEVANCES, ConceptBasis, class_concepts, predict_classes, relevance_explainer, select_class_images
 from .prototypes import Prototypes, cell_boxes, concept_prototypes, crop_boxes, pooled_activations
 from .components import RESEARCH_NUMBERS, ComponentTest, assemble, component_statistics, prediction_from_components
 from .contrast import (ClassActivations, ContrastiveConcepts, Hyperplanes, OODFilter, class_activation_data,
@@ -16,7 +16,7 @@ from .shift import T_GRID, PatchResult, ShiftResult, patch_test, shift_probabili
 
 __all__ = [
     "nmf", "nmf_error", "matched_cosine", "NMF_SOLVERS",
-    "ConceptBasis", "class_concepts", "predict_classes", "RELEVANCES",
+    "ConceptBasis", "class_concepts", "predict_classes", "RELEVANCES", "relevance_explainer", "select_class_images",
     "Prototypes", "concept_prototypes", "pooled_activations", "cell_boxes", "crop_boxes",
     "ComponentTest", "prediction_from_components", "assemble", "component_statistics", "RESEARCH_NUMBERS",
     "ClassActivations", "class_activation_data", "Hyperplanes", "train_hyperplanes", "hyperplane_loop",

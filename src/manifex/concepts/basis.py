@@ -38,7 +38,8 @@ from ..data.base import ImageDataset
 from ..errors import InputError, ModelError
 from .nmf import NMF_SOLVERS, nmf, nmf_error
 
-__all__ = ["ConceptBasis", "class_concepts", "RELEVANCES", "predict_classes", "as_images"]
+__all__ = ["ConceptBasis", "class_concepts", "RELEVANCES", "predict_classes", "as_images", "relevance_explainer",
+           "select_class_images"]
 
 RELEVANCES = ("deeplift", "integrated_gradients", "gradient_x_activation", "none")
 _DEFAULT_OPTIONS = {"n_samples": 20, "sigma": "auto", "baseline": "auto", "noise": None, "steps": 50, "relu": True}
@@ -115,6 +116,22 @@ def predict_classes(model: nn.Module, x: torch.Tensor, batch_size: int = 256) ->
     return torch.cat(out)
 
 
+def select_class_images(predictions: torch.Tensor, classes: Sequence[int], images_per_class: int, seed: int = 0,
+                        ) -> tuple[list[int], list[torch.Tensor]]:
+    """``(kept classes, per class the sorted indices of at most images_per_class images predicted as it)``: a
+    seeded random pick; a class without predicted images is skipped with a RuntimeWarning."""
+    g = torch.Generator().manual_seed(seed)
+    kept, picks = [], []
+    for c in classes:
+        idx = (predictions == c).nonzero().flatten()
+        if idx.numel() == 0:
+            warnings.warn(f"no image is predicted as class {c}; it is skipped.", RuntimeWarning, stacklevel=3)
+            continue
+        kept.append(int(c))
+        picks.append(idx[torch.randperm(idx.numel(), generator=g)][:images_per_class].sort().values)
+    return kept, picks
+
+
 def _stat_options(x: torch.Tensor, opts: dict[str, Any]) -> tuple[float | torch.Tensor, float | torch.Tensor]:
     """(σ, baseline): numbers from the options, or translated from the normalised space ("auto")."""
     mean = x.mean((0, 2, 3))
@@ -132,7 +149,15 @@ def _stat_options(x: torch.Tensor, opts: dict[str, Any]) -> tuple[float | torch.
     return float(sigma), base
 
 
-def _relevance_explainer(model, layer, relevance, opts, x):
+def relevance_explainer(model: nn.Module, layer: str | nn.Module, x: torch.Tensor, relevance: str = "deeplift",
+                        relevance_options: dict[str, Any] | None = None, seed: int = 0):
+    """``(explainer, sigma, baseline)``: the layer-relevance explainer of the recipe (see :func:`class_concepts`
+    for ``relevance`` and ``relevance_options``; σ and the baseline "auto" come from the images ``x``).
+    ``explainer.attribute(images, targets)`` returns the relevance shaped like the layer's output; ``None``
+    for ``relevance="none"``."""
+    opts = {**_DEFAULT_OPTIONS, **(relevance_options or {}), "seed": seed}
+    if relevance == "none":
+        return None, None, None
     sigma, base = _stat_options(x, opts)
     if relevance == "deeplift":
         inner = LayerDeepLift(model, layer, baseline=base)
@@ -217,20 +242,11 @@ def class_concepts(
     preds = predict_classes(model, x, batch_size=4 * batch_size) if predictions is None else torch.as_tensor(predictions).cpu()
     if preds.shape != (x.shape[0],):
         raise InputError(f"predictions must have shape ({x.shape[0]},), got {tuple(preds.shape)}.")
-    g = torch.Generator().manual_seed(seed)
-    kept, picks = [], []
-    for c in classes:
-        idx = (preds == c).nonzero().flatten()
-        if idx.numel() == 0:
-            warnings.warn(f"no image is predicted as class {c}; it is skipped.", RuntimeWarning, stacklevel=2)
-            continue
-        idx = idx[torch.randperm(idx.numel(), generator=g)][:images_per_class].sort().values
-        kept.append(c)
-        picks.append(idx)
+    kept, picks = select_class_images(preds, classes, images_per_class, seed)
     if not kept:
         raise InputError(f"no image of the data is predicted as any of the classes {classes}; use more or other data.")
 
-    explainer = None if relevance == "none" else _relevance_explainer(model, module, relevance, {**opts, "seed": seed}, x)
+    explainer = None if relevance == "none" else relevance_explainer(model, module, x, relevance, opts, seed)
     index = torch.cat(picks)
     targets = torch.cat([torch.full((len(p),), c, dtype=torch.long) for c, p in zip(kept, picks)])
     weighted = []
