@@ -230,16 +230,19 @@ def test_shift_at_t0_leaves_output_unchanged_and_state_restored(digits):
     assert not model.training
 
 
-def test_shift_probabilities_equal_a_plain_hook(digits):
-    """Batched over directions × t × images = one plain hook per (direction, t)."""
+@pytest.mark.parametrize("layer", ["blocks.1", "blocks.1.conv1"])  # conv1: the block's skip connection refuses reuse
+@pytest.mark.parametrize("reuse_prefix", [True, False])
+def test_shift_probabilities_equal_a_plain_hook(digits, layer, reuse_prefix):
+    """Batched over directions × t × images (prefix reused or not) = one plain hook per (direction, t)."""
     model = tiny_resnet()
     x = digits[:10]
     dirs = random_directions(torch.ones(12), 2, seed=3)
     ts = [0.5, 2.0, 20.0]
-    P = shift_probabilities(model, x, "blocks.1", dirs, ts, batch_size=8)
+    P = shift_probabilities(model, x, layer, dirs, ts, batch_size=8, reuse_prefix=reuse_prefix)
+    module = dict(model.named_modules())[layer]
     for d in range(2):
         for k, t in enumerate(ts):
-            h = model.blocks[1].register_forward_hook(lambda m, i, o: torch.relu(o + t * dirs[d][None, :, None, None]))
+            h = module.register_forward_hook(lambda m, i, o: torch.relu(o + t * dirs[d][None, :, None, None]))
             with torch.no_grad():
                 p = torch.softmax(model(x).double(), 1).mean(0)
             h.remove()

@@ -54,6 +54,8 @@ def shifted_layer(model: nn.Module, layer: str | nn.Module, shift: torch.Tensor 
         if s is None:
             return None
         s = s.to(out)
+        if state.get("repeat", 1) > 1:  # every image once per shift: rows [shift 0: images..., shift 1: images..., ...]
+            out = out.repeat(state["repeat"], *([1] * (out.dim() - 1)))
         if s.dim() == 1:
             s = s[None]
         if out.dim() == 4:
@@ -84,18 +86,44 @@ def random_directions(w: torch.Tensor, n: int, *, seed: int = 0) -> torch.Tensor
 
 @torch.no_grad()
 def shift_probabilities(model: nn.Module, x: torch.Tensor, layer: str | nn.Module, directions: torch.Tensor,
-                        ts: Sequence[float] = T_GRID, *, batch_size: int = 256) -> torch.Tensor:
+                        ts: Sequence[float] = T_GRID, *, batch_size: int = 256, reuse_prefix: bool = True,
+                        max_rows: int = 4096) -> torch.Tensor:
     """Mean softmax over the images ``x`` when ``layer``'s output a is replaced by ReLU(a + t·d):
-    (D, T, classes) for ``directions`` (D, channels) and the shift sizes ``ts`` (T,)."""
+    (D, T, classes) for ``directions`` (D, channels) and the shift sizes ``ts`` (T,).
+
+    ``reuse_prefix``: run the model up to the layer once per image and let the hook hand every shifted copy
+    (up to ``max_rows`` rows per call) to the rest of the network, which is exact when the layers after
+    ``layer`` treat the batch rows independently (any feed-forward net in eval mode). When the rest does not
+    accept the larger batch (a skip connection around the layer, a reshape by the input's batch size) it
+    falls back to running every shifted copy through the whole model (``batch_size`` rows per call).
+    """
     if directions.dim() == 1:
         directions = directions[None]
     ts_t = torch.as_tensor([float(t) for t in ts], dtype=directions.dtype, device=directions.device)
     D, T, N = directions.shape[0], ts_t.shape[0], x.shape[0]
-    shifts = (ts_t[None, :, None] * directions[:, None, :]).reshape(D * T, -1)  # (D·T, channels)
+    K = D * T
+    shifts = (ts_t[None, :, None] * directions[:, None, :]).reshape(K, -1)  # (D·T, channels)
     dev = model_device(model)
-    total = D * T * N
     sums = None
     with shifted_layer(model, layer, None) as state:
+        if reuse_prefix and K > 1:
+            m = max(1, max_rows // K)
+            try:
+                for s in range(0, N, m):
+                    xb = x[s : s + m]
+                    xb = xb.to(dev) if dev is not None else xb
+                    state["repeat"], state["shift"] = K, shifts.repeat_interleave(xb.shape[0], 0)
+                    out = model(xb)
+                    if not isinstance(out, torch.Tensor) or out.shape[0] != K * xb.shape[0]:
+                        raise RuntimeError("the rows of the output do not follow the shifted rows")
+                    p = torch.softmax(out.double(), dim=1).reshape(K, xb.shape[0], -1).sum(1)
+                    sums = p if sums is None else sums + p
+                return (sums / N).reshape(D, T, -1)
+            except RuntimeError:
+                sums = None  # the rest of the model mixes rows with tensors from before the layer: no reuse
+            finally:
+                state["repeat"] = 1
+        total = K * N
         for s in range(0, total, batch_size):
             k = torch.arange(s, min(s + batch_size, total))
             combo, img = k // N, k % N                                 # row k: shift combo, image img
@@ -104,7 +132,7 @@ def shift_probabilities(model: nn.Module, x: torch.Tensor, layer: str | nn.Modul
             state["shift"] = shifts[combo.to(shifts.device)]
             p = torch.softmax(model(xb).double(), dim=1)
             if sums is None:
-                sums = torch.zeros(D * T, p.shape[1], dtype=torch.float64, device=p.device)
+                sums = torch.zeros(K, p.shape[1], dtype=torch.float64, device=p.device)
             sums.index_add_(0, combo.to(p.device), p)
     return (sums / N).reshape(D, T, -1)
 
