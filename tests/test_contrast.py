@@ -353,11 +353,13 @@ def test_contrast_cli_end_to_end_and_resume(tmp_path, cli_cache):
     s = metrics["summary"]
     assert s["n_pairs"] == 2 and s["n_control"] == 6 and 0 <= s["swap_rate"] <= 1 and len(s["mean_p_b"]) == len(T_GRID)
     assert metrics["concepts"]["a"] == 0 and metrics["concepts"]["b"] == 1
+    patches = metrics["concepts"]["patches"]
+    assert [p["concept"] for p in patches] == [1, 2] and all(0 <= p["p_a"] <= 1 and 0 <= p["control_p_a"] <= 1 for p in patches)
     assert any("t = 0 leaves the output unchanged" in c for c in metrics["checks"])
     records = read_jsonl(out / "results.jsonl")
     assert [(r["a"], r["b"]) for r in records] == [(0, 1), (3, 8)]
     html = (out / "report.html").read_text()
-    assert "shift.png" in html and "Why 0 rather than 1" in html and "hyperplane_accuracy.png" in html
+    assert "shift.png" in html and "Why 0 rather than 1" in html and "hyperplane_accuracy.png" in html and "Patch test" in html
     stamp = (out / "hyperplanes.pt").stat().st_mtime_ns
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output

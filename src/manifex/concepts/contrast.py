@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -32,7 +31,7 @@ from ..attribution.layer import check_layer_shape, layer_activations, resolve_la
 from ..attribution.methods import model_device
 from ..data.base import ImageDataset
 from ..errors import InputError, ModelError
-from .basis import _DEFAULT_OPTIONS, RELEVANCES, ConceptBasis, _relevance_explainer, as_images, predict_classes
+from .basis import _DEFAULT_OPTIONS, RELEVANCES, ConceptBasis, as_images, predict_classes, relevance_explainer, select_class_images
 from .nmf import NMF_SOLVERS, nmf, nmf_error
 
 __all__ = [
@@ -77,16 +76,7 @@ def _check_model_layer(model: nn.Module, x: torch.Tensor, layer: str | nn.Module
 
 def _pick_images(preds: torch.Tensor, classes: Sequence[int], per_class: int, seed: int) -> tuple[list[int], list[torch.Tensor]]:
     """The same seeded pick as ``class_concepts``: up to ``per_class`` images predicted as each class."""
-    g = torch.Generator().manual_seed(seed)
-    kept, picks = [], []
-    for c in classes:
-        idx = (preds == c).nonzero().flatten()
-        if idx.numel() == 0:
-            warnings.warn(f"no image is predicted as class {c}; it is skipped.", RuntimeWarning, stacklevel=3)
-            continue
-        kept.append(int(c))
-        picks.append(idx[torch.randperm(idx.numel(), generator=g)][:per_class].sort().values)
-    return kept, picks
+    return select_class_images(preds, classes, per_class, seed)
 
 
 def _rows(a: torch.Tensor) -> torch.Tensor:
@@ -178,7 +168,7 @@ def class_activation_data(
     kept, picks = _pick_images(preds, classes, images_per_class, seed)
     if not kept:
         raise InputError(f"no image of the data is predicted as any of the classes {classes}; use more or other data.")
-    explainer = None if relevance == "none" else _relevance_explainer(model, module, relevance, {**opts, "seed": seed}, x)[0]
+    explainer = relevance_explainer(model, module, x, relevance, {k: v for k, v in opts.items() if k != "seed"}, seed)[0]
     dev = model_device(model)
     index = torch.cat(picks)
     targets = torch.cat([torch.full((len(p),), c, dtype=torch.long) for c, p in zip(kept, picks)])

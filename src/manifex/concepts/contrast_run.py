@@ -34,7 +34,7 @@ from .contrast import (
     fit_ood_filter,
     train_hyperplanes,
 )
-from .shift import T_GRID, shifting_test
+from .shift import T_GRID, patch_test, shifting_test
 
 __all__ = ["ContrastConfig", "ContrastRun", "run_contrast", "random_pairs", "write_contrast_report", "parse_pairs"]
 
@@ -270,8 +270,16 @@ def _contrastive(model, x, hp, pair, cfg: ContrastConfig, preds, out: Path) -> d
     protos = concept_prototypes(model, x, cc.basis, top_k=cfg.top_k, predictions=preds)
     atomic_torch_save({"vectors": cc.vectors.cpu(), "pair": [a, b], "crops": protos.crops[0], "scores": protos.scores[0],
                        "image_index": protos.image_index[0]}, out / "contrastive_concepts.pt")
+    # patch test: each concept's top crop pasted into images of B (bottom-right) against a mean-colour patch
+    _, picks = _pick_images(preds, [b], cfg.images_per_class, cfg.seed)
+    patches = []
+    if picks and protos.crops.shape[-2] <= x.shape[-2] and protos.crops.shape[-1] <= x.shape[-1]:
+        for i in range(cc.vectors.shape[0]):
+            r = patch_test(model, x[picks[0]], protos.crops[0, i, 0], a, b, position="bottom-right", batch_size=cfg.batch_size)
+            patches.append({"concept": i + 1, **r.to_record()})
     return {"a": a, "b": b, "mask_fraction": cc.mask_fraction, "relative_error": float(cc.basis.relative_error[0]),
-            "ood_kept": cc.ood_kept, "seed_compat": cc.seed_compat, "crops": protos.crops[0], "scores": protos.scores[0]}
+            "ood_kept": cc.ood_kept, "seed_compat": cc.seed_compat, "patches": patches,
+            "crops": protos.crops[0], "scores": protos.scores[0]}
 
 
 # ------------------------------------------------------------------------------------------------ figures and report
