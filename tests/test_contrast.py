@@ -149,6 +149,25 @@ def test_class_activation_data_keeps_high_relevance_positions(digits):
     assert X.shape == (2, int(counts.max()), 12)
 
 
+def test_class_activation_data_negative_relevance_falls_back_to_the_range(digits):
+    """An image whose relevance is ≤ 0 everywhere (the research cut τ·max keeps nothing) is cut at
+    min + τ·(max − min); gradient × activation with negative head weights makes every relevance ≤ 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2)).eval()
+    with torch.no_grad():
+        model[4].weight.copy_(torch.tensor([[-1.0, -0.5, -2.0], [-3.0, -3.0, -3.0]]))
+        model[4].bias.copy_(torch.tensor([1.0, 0.0]))  # every image predicted 0
+    x = digits[:6]
+    data = class_activation_data(model, x, "1", classes=[0], images_per_class=6, relevance="gradient_x_activation")
+    assert data.fallback == [6]
+    with torch.no_grad():
+        a = model[1](model[0](x))
+    r = (a * model[4].weight[0][None, :, None, None] / 64).mean(1).flatten(1)
+    lo, hi = r.min(1, keepdim=True).values, r.max(1, keepdim=True).values
+    keep = r > lo + 0.25 * (hi - lo)
+    torch.testing.assert_close(data.vectors[0], a.permute(0, 2, 3, 1).reshape(6, -1, 3)[keep])
+
+
 def test_class_activation_data_errors(digits):
     model = tiny_resnet()
     with pytest.raises(InputError, match="unknown layer"):

@@ -205,14 +205,14 @@ def run_contrast(model: nn.Module, data: ImageDataset | torch.Tensor, pairs: Seq
                                       threshold=cfg.threshold, relevance=cfg.relevance,
                                       relevance_options={"n_samples": cfg.n_samples}, seed=cfg.seed,
                                       batch_size=64, predictions=preds, progress=progress)
-        hp = train_hyperplanes(cdata, epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed, pairs=pairs + [cpair] if cpair not in pairs else pairs)
+        hp = train_hyperplanes(cdata, epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed)  # every ordered pair of these classes
         hp.layer = layer
         data_info = {"rows": {c: int(v.shape[0]) for c, v in zip(cdata.classes, cdata.vectors)},
                      "fraction": {c: f for c, f in zip(cdata.classes, cdata.fraction)},
                      "fallback": {c: n for c, n in zip(cdata.classes, cdata.fallback) if n},
                      "images": {c: int(len(i)) for c, i in zip(cdata.classes, cdata.image_indices)}}
         atomic_torch_save({"key": key, "hyperplanes": hp.to_dict(), "data": data_info,
-                           "vectors": {c: v for c, v in zip(cdata.classes, cdata.vectors)} if cfg.ood else None}, hp_path)
+                           "vectors": {c: v for c, v in zip(cdata.classes, cdata.vectors)}}, hp_path)
     checks.append(f"hyperplane data: rows per class {data_info['rows']} (positions above {cfg.threshold} × the image's max "
                   f"relevance: {', '.join(f'{c}: {f:.0%}' for c, f in data_info['fraction'].items())})")
     if data_info.get("fallback"):
