@@ -37,12 +37,12 @@ import torch
 import torch.nn as nn
 
 try:
-    from manifex.geometry import alignment, decompose, decoder_jacobian, tangent_space
+    from manifex.geometry import alignment, decompose, decoder_jacobian, random_baseline, tangent_space
     from manifex.models import VAE
     from manifex.alignment import upsampled_decoder
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-    from manifex.geometry import alignment, decompose, decoder_jacobian, tangent_space
+    from manifex.geometry import alignment, decompose, decoder_jacobian, random_baseline, tangent_space
     from manifex.models import VAE
     from manifex.alignment import upsampled_decoder
 
@@ -147,6 +147,10 @@ def main() -> None:
     ap.add_argument("--passes256", type=int, default=None,
                     help="backward passes timed for the seed loop at 256x256 (default 2000; quick 300)")
     ap.add_argument("--repeats", type=int, default=None, help="repeats of manifex timings, median (default 3; quick 1)")
+    ap.add_argument("--cost-images", type=int, default=64,
+                    help="images for the cost-vs-forward-passes section at both sizes (default 64, also with --quick)")
+    ap.add_argument("--cost-repeats", type=int, default=5,
+                    help="interleaved runs for the cost-vs-forward-passes section; the minimum is reported (default 5)")
     ap.add_argument("--seed", type=int, default=0, help="torch seed for weights and latent codes")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads for both methods (default: leave torch's default)")
@@ -300,13 +304,15 @@ def main() -> None:
     print(f"  max principal angle seed vs manifex: {max(angles):.2e} rad (float32)")
     print(f"agreement (256x256, the {passes256:,} Jacobian rows the seed loop computed): max relative difference "
           f"{rel_err_256:.2e}")
-    print(f"mean alignment of random Gaussian E: 32x32 {float(a32.mean()):.4f} (baseline sqrt(k/d) {np.sqrt(k / d32):.4f}), "
-          f"256x256 {float(a256.mean()):.5f} (baseline {np.sqrt(k / d256):.5f})")
+    print(f"mean alignment of random Gaussian E: 32x32 {float(a32.mean()):.4f} (exact mean random_baseline {random_baseline(k, d32):.4f}; "
+          f"RMS sqrt(k/d) {np.sqrt(k / d32):.4f}), 256x256 {float(a256.mean()):.5f} (exact mean {random_baseline(k, d256):.5f}; "
+          f"RMS {np.sqrt(k / d256):.5f})")
     print()
-    cost_reps = max(repeats, 5)
+    cost_reps = args.cost_repeats
+    zc = torch.randn(args.cost_images, k, generator=torch.Generator().manual_seed(args.seed + 2))
     print(f"cost relative to k = {k} batched forward passes of the decoder (minimum of {cost_reps} interleaved runs; "
           f"load average now {loadavg()}):")
-    for label, dec, z in (("32x32", dec32, z32), ("256x256", dec256, z256)):
+    for label, dec, z in (("32x32", dec32, zc), ("256x256", dec256, zc)):
         c = cost_vs_forward(dec, z, cost_reps)
         f = c["forward"]
         ratio = c["tangent_space"] / f
