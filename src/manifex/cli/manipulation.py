@@ -15,6 +15,15 @@ from .common import (_beta_pair, _betas, _fraction, classifier_options, executor
 _NEEDS_BETA = {"gradient", "guided_backprop", "smoothgrad", "smoothgrad_sq", "vargrad", "integrated_gradients_path"}
 
 
+def unsupported_option(f):
+    """--unsupported raise|warn|ignore: β-smoothing's policy for activations it cannot smooth (parameter ``unsupported``)."""
+    return click.option(
+        "--unsupported", type=click.Choice(["raise", "warn", "ignore"]), default="raise", show_default=True,
+        help="What β-smoothing does with activations it has no softplus analogue for (SELU, ELU with α ≠ 1, "
+             "Threshold, Hardshrink, ...): refuse the model before any work (raise), warn, or leave them as they "
+             "are (ignore; the attack then gets no curvature from them).")(f)
+
+
 @main.command()
 @click.option("--dataset", default="mnist5k", show_default=True,
               help="Data the classifier is trained on and pairs are drawn from (same forms as `align --dataset`, "
@@ -43,6 +52,7 @@ _NEEDS_BETA = {"gradient", "guided_backprop", "smoothgrad", "smoothgrad_sq", "va
 @click.option("--beta-growth", callback=_beta_pair, default="auto", show_default=True,
               help="Softplus β from B0 to B1 during the attack ('B0,B1'); 'auto' = 10,100 for methods whose "
                    "ReLU explanation has no input derivative (gradient, guided backprop, ...), 'none' = off.")
+@unsupported_option
 @click.option("--stop-pcc", type=click.FloatRange(-1, 1), default=None, help="Stop a pair early at this PCC to the target.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/attack"), show_default=True)
@@ -55,8 +65,8 @@ _NEEDS_BETA = {"gradient", "guided_backprop", "smoothgrad", "smoothgrad_sq", "va
 @executor_options
 @click.option("--quiet", is_flag=True)
 def attack(dataset, classifier, model_spec, weights, normalize, num_classes, epochs, method, n_pairs, pairs_csv, data_dir,
-           iterations, lr, gamma, map_loss, budget, norm, beta_growth, stop_pcc, batch_size, out_dir, resume, device, seed,
-           cache_dir, trust_pickle, workers, ray_address, gpus_per_worker, quiet) -> None:
+           iterations, lr, gamma, map_loss, budget, norm, beta_growth, unsupported, stop_pcc, batch_size, out_dir, resume, device,
+           seed, cache_dir, trust_pickle, workers, ray_address, gpus_per_worker, quiet) -> None:
     """Manipulate explanations: make them match another image's while the prediction stays.
 
     \b
@@ -99,9 +109,13 @@ def attack(dataset, classifier, model_spec, weights, normalize, num_classes, epo
     warnings = _accuracy_check(acc, test, checks)
     if beta_growth == "auto":
         beta_growth = (10.0, 100.0) if method in _NEEDS_BETA else None
+    if beta_growth is not None:
+        _check_smoothable(model, test.x[:8].to(device), unsupported)
     h, w = data.image_shape[1:]
     options = dict(iterations=iterations, lr=lr, gamma=gamma if gamma is not None else research_gamma(h * w, data.num_classes),
                    map_loss=map_loss, epsilon=budget, norm=norm, beta_growth=beta_growth, stop_pcc=stop_pcc)
+    if beta_growth is not None and unsupported != "raise":  # recorded in the settings only when not the default
+        options["unsupported"] = unsupported
     summary = run_campaign(model, method, pairs, out_dir, batch_size=batch_size, resume=resume, progress=not quiet,
                            executor=executor, **options)
     report = write_attack_report(summary, out_dir, method=method, model_info=_model_info(info, dataset, acc, epochs),
@@ -134,6 +148,7 @@ def attack(dataset, classifier, model_spec, weights, normalize, num_classes, epo
                    "The same budget for every β, so the PCC reached measures how manipulable each model is.")
 @click.option("--loss", "map_loss", type=click.Choice(["mse", "pcc"]), default="mse", show_default=True,
               help="Map term of the sweep's attacks (see `manifex attack --help`).")
+@unsupported_option
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/smooth"), show_default=True)
 @click.option("--device", default="cpu", show_default=True)
@@ -143,8 +158,8 @@ def attack(dataset, classifier, model_spec, weights, normalize, num_classes, epo
 @executor_options
 @click.option("--quiet", is_flag=True)
 def smooth(dataset, classifier, model_spec, weights, normalize, num_classes, epochs, method, betas, n_pairs, iterations, lr,
-           budget, map_loss, batch_size, out_dir, device, seed, cache_dir, trust_pickle, workers, ray_address, gpus_per_worker,
-           quiet) -> None:
+           budget, map_loss, unsupported, batch_size, out_dir, device, seed, cache_dir, trust_pickle, workers, ray_address,
+           gpus_per_worker, quiet) -> None:
     """β-smoothing defence: explanations, accuracy, curvature and manipulability across β.
 
     \b
@@ -178,21 +193,22 @@ def smooth(dataset, classifier, model_spec, weights, normalize, num_classes, epo
                                   classifier=classifier, epochs=epochs, seed=seed, device=device, cache_dir=cache_dir,
                                   progress=not quiet)
     checks += info["checks"]
+    _check_smoothable(model, test.x[:8].to(device), unsupported)
     x = test.x[:4].to(device)
-    maps = explanations_across_beta(model, x, method=method, betas=betas)
+    maps = explanations_across_beta(model, x, method=method, betas=betas, unsupported=unsupported)
     order = [RELU, *betas]
     image_grid([[x[i], *(maps[b][i] for b in order)] for i in range(len(x))],
                kinds=["image"] + ["signed"] * len(order),
                col_titles=["image"] + ["ReLU" if b == RELU else f"β = {b:g}" for b in order],
                path=out_dir / "explanations_beta.png")
-    accuracy = accuracy_across_beta(model, test, betas=betas)
+    accuracy = accuracy_across_beta(model, test, betas=betas, unsupported=unsupported)
     warnings = _accuracy_check(accuracy[RELU], test, checks)
     sweep, curves = [], None
     if n_pairs:
         h, w = data.image_shape[1:]
         sweep = robustness_sweep(model, method, pairs_from_dataset(test, n_pairs, seed=seed), [*betas, RELU], out_dir,
                                  data=test, batch_size=batch_size, progress=not quiet, executor=executor,
-                                 iterations=iterations, lr=lr,
+                                 unsupported=unsupported, iterations=iterations, lr=lr,
                                  epsilon=budget, map_loss=map_loss, gamma=research_gamma(h * w, data.num_classes))
         smooth_figure(sweep, out_dir / "beta_curves.png")
         curves = "beta_curves.png"
@@ -207,6 +223,28 @@ def smooth(dataset, classifier, model_spec, weights, normalize, num_classes, epo
                    f"(gain {r['pcc_gain']:+.2f}), "
                    f"accuracy {r['accuracy']:.3f}, curvature {r['curvature']:.3g}")
     click.echo(f"report: {report}")
+
+
+def _check_smoothable(model, x, unsupported: str) -> None:
+    """Refuse, before any work, a model with activations β-smoothing cannot smooth (one smoothed forward on
+    ``x``), naming the --unsupported option; nothing to check unless --unsupported raise."""
+    if unsupported != "raise":
+        return
+    import torch
+
+    from ..attribution import beta_smooth, preserve_model_state
+    from ..errors import ModelError
+
+    try:
+        with preserve_model_state(model), torch.no_grad():
+            model.eval()
+            with beta_smooth(model, 10.0, unsupported="raise"):
+                model(x)
+    except ModelError as e:
+        message = str(e).replace("pass unsupported='warn' or 'ignore'", "pass --unsupported warn or --unsupported ignore")
+        if "--unsupported" not in message:
+            message += " (--unsupported warn or ignore leaves them as they are)"
+        raise ModelError(message) from None
 
 
 def _check_pairs(n_pairs: int, test) -> None:

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from ..attribution import Explainer, beta_smooth, make_explainer, preserve_model_state
 from ..attribution.core import OutputSelector, check_output_selector, selected_output, target_gradient
 from ..attribution.methods import Gradient, InputXGradient, model_device
+from ..attribution.smoothing import UnsupportedPolicy, _check_unsupported_policy
 from ..errors import InputError, ModelError, check_finite, check_tensor
 from ..metrics import normalize_map, pearson
 
@@ -386,6 +387,7 @@ def manipulate(
     callback: Callable[[AttackStep], bool | None] | None = None,
     progress: bool = False,
     output: OutputSelector = None,
+    unsupported: UnsupportedPolicy = "raise",
 ) -> ManipulationResult:
     """Manipulate the explanations of a batch ``x`` (N, C, H, W) towards ``target_map``; returns a
     :class:`ManipulationResult`.
@@ -412,6 +414,9 @@ def manipulate(
     after every step with an :class:`AttackStep`; returning True stops all examples. ``progress``: tqdm bar.
     ``output``: for a model returning a tuple or dict, which part holds the logits (index, key or callable;
     default the explainer's own ``output``); every model call of the attack then sees only the logits.
+    ``unsupported``: with ``beta_growth``, what β-smoothing does with activations it cannot smooth (SELU,
+    ELU with α ≠ 1, ...): "raise" (default, ModelError naming them), "warn" or "ignore" (left as they are;
+    see :func:`~manifex.attribution.beta_smooth`).
 
     The model's state (mode, hooks, ``requires_grad``, buffers) is restored, also on error or interrupt.
     Warns :class:`ExplanationGradientWarning` if the explanation has zero input-gradient at the start.
@@ -441,6 +446,7 @@ def manipulate(
             raise InputError(f"beta_growth must be a pair (beta0, beta1), e.g. (10, 100), got {beta_growth!r}.")
         for b in beta_growth:
             _check_number("beta_growth values", b, low=0.0)
+    _check_unsupported_policy(unsupported)
     history_every = max(1, iterations // 100) if history_every is None else history_every
     _check_number("history_every", history_every, low=1, inclusive=True, integer=True)
 
@@ -460,7 +466,7 @@ def manipulate(
         "box": None if box is None else [b.tolist() if isinstance(b, torch.Tensor) else b for b in box],
         "epsilon": epsilon, "norm": norm, "signed": signed, "preserve_relevance": preserve_relevance,
         "beta_growth": None if beta_growth is None else list(beta_growth), "stop_pcc": stop_pcc,
-        "check_every": check_every, "eval_mode": eval_mode,
+        "check_every": check_every, "eval_mode": eval_mode, "unsupported": unsupported,
     }
 
     with preserve_model_state(model), selected_output(model, output):
@@ -494,7 +500,7 @@ def manipulate(
             model, explainer, x, target_idx, tmap, logits,
             gamma=gamma, map_weight=map_weight, map_loss_kind=map_loss, lr=lr, iterations=iterations, bounds=bounds, epsilon=epsilon,
             norm=norm, signed=signed, beta_growth=beta_growth, stop_pcc=stop_pcc, check_every=check_every,
-            history_every=history_every, callback=callback, progress=progress,
+            history_every=history_every, callback=callback, progress=progress, unsupported=unsupported,
         )
 
         manipulated_expl = _explain(explainer, x_adv, target_idx, False)
@@ -533,6 +539,7 @@ def _optimise(
     history_every: int,
     callback: Callable[[AttackStep], bool | None] | None,
     progress: bool,
+    unsupported: UnsupportedPolicy = "raise",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """The Adam loop; returns x_adv, iterations (N,), stopped (N,), history, history steps."""
     n = x.shape[0]
@@ -545,7 +552,7 @@ def _optimise(
     nan = torch.full((n,), math.nan, dtype=x.dtype, device=x.device)
     records: dict[str, list[torch.Tensor]] = {"loss": [], "map": [], "output": []}
     steps: list[int] = []
-    smoothing = beta_smooth(model, beta_growth[0]) if beta_growth is not None else None
+    smoothing = beta_smooth(model, beta_growth[0], unsupported=unsupported) if beta_growth is not None else None
     bar = tqdm(total=iterations, disable=not progress, desc="manipulate", leave=False)
 
     term = _map_term_fn(map_loss_kind)

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..attribution import Explainer, beta_smooth, make_explainer, preserve_model_state
+from ..attribution.core import OutputSelector, check_output_selector, select_output, selected_output
 from ..attribution.methods import model_device
 from ..data import ImageDataset
 from ..errors import DataError, InputError
@@ -288,6 +289,7 @@ def run_campaign(
     pixel_scale: float | Sequence[float] | torch.Tensor = 1.0,
     progress: bool = False,
     executor: Executor | None = None,
+    output: OutputSelector = None,
     **attack_options: Any,
 ) -> CampaignSummary:
     """Attack every pair of ``pairs`` (batches of ``batch_size``) and record the results in ``out_dir``.
@@ -302,6 +304,10 @@ def run_campaign(
     ``executor``: where the batches run — :class:`manifex.runs.LocalExecutor` (default: here) or
     :class:`manifex.runs.RayExecutor` (Ray workers; the model, explainer and pairs go to each worker once,
     and the pairs' images must be readable there). Records are the same up to float round-off.
+    ``output``: for a model returning a tuple or dict, which part holds the logits (index, key or callable;
+    default the explainer's own ``output``); every model call of the campaign (the target images' classes,
+    the attack) then sees only the logits. It travels to the workers with the model; a callable must be
+    picklable there (a top-level function, not a lambda).
     Returns a :class:`CampaignSummary` (also written to ``summary.json``).
     """
     if not isinstance(pairs, PairSet):
@@ -319,14 +325,22 @@ def run_campaign(
         raise InputError("explainer must be a method name or a manifex Explainer built on the campaign's model.")
 
     return _campaign(model, explainer, pairs, out_dir, batch_size=batch_size, resume=resume, figures=figures,
-                     pixel_scale=pixel_scale, progress=progress, executor=executor, smooth=None, attack_options=attack_options)
+                     pixel_scale=pixel_scale, progress=progress, executor=executor, smooth=None, attack_options=attack_options,
+                     output=output)
+
+
+def _output_setting(output: OutputSelector) -> Any:
+    """The selector as the campaign's settings record it (a callable by name, stable across runs)."""
+    return output if output is None or isinstance(output, (int, str)) else getattr(output, "__qualname__", repr(output))
 
 
 def _campaign(model: nn.Module, explainer: Explainer, pairs: PairSet, out_dir: PathLike, *, batch_size: int,
               resume: bool, figures: bool, pixel_scale: Any, progress: bool, executor: Executor | None,
-              smooth: tuple[float, str] | None, attack_options: dict[str, Any]) -> CampaignSummary:
-    """run_campaign after its checks; ``smooth=(β, functional)``: attack the softplus(β) model (applied by
-    whichever process runs a batch, so it also holds on Ray workers)."""
+              smooth: tuple | None, attack_options: dict[str, Any], output: OutputSelector = None) -> CampaignSummary:
+    """run_campaign after its checks; ``smooth=(β, functional[, unsupported])``: attack the softplus(β) model
+    (applied by whichever process runs a batch, so it also holds on Ray workers). ``output``: the logits
+    selector (default the explainer's), applied around every model call of a batch."""
+    output = check_output_selector(explainer.output if output is None else output)
     out = Path(out_dir).expanduser()
     (out / "pairs").mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS_FILE
@@ -335,6 +349,8 @@ def _campaign(model: nn.Module, explainer: Explainer, pairs: PairSet, out_dir: P
         "attack": {k: to_jsonable(v) for k, v in sorted(attack_options.items()) if k not in _VOLATILE_OPTIONS},
         "pixel_scale": to_jsonable(pixel_scale),
     }
+    if output is not None:  # recorded only when set, so campaigns of plain models resume as before
+        settings["output"] = _output_setting(output)
     settings_path = out / SETTINGS_FILE
     log = JsonlLog(results_path, key="id")
     if not resume:
@@ -354,10 +370,10 @@ def _campaign(model: nn.Module, explainer: Explainer, pairs: PairSet, out_dir: P
     if todo:
         dev = model_device(model)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        _check_model_accepts(model, pairs, todo[0], dev, dtype)
+        _check_model_accepts(model, pairs, todo[0], dev, dtype, output)
 
     context = _CampaignContext(model=model, explainer=explainer, pairs=pairs, attack_options=dict(attack_options),
-                               pixel_scale=pixel_scale, figures=figures, smooth=smooth)
+                               pixel_scale=pixel_scale, figures=figures, smooth=smooth, output=output)
     units = [Unit(pid, {"index": i}) for i, pid in enumerate(pairs.ids)]
     run_units(units, _attack_batch, out, context=context, batch_size=batch_size, executor=executor, resume=True,
               progress=progress, results=RESULTS_FILE, desc="campaign")
@@ -376,7 +392,8 @@ class _CampaignContext:
     attack_options: dict[str, Any]
     pixel_scale: Any
     figures: bool
-    smooth: tuple[float, str] | None = None
+    smooth: tuple | None = None  # (β, functional[, unsupported])
+    output: OutputSelector = None  # the logits selector of a tuple/dict-output model
 
 
 def _attack_batch(units: list[Unit], ctx: _CampaignContext, out: Path) -> list[dict]:
@@ -391,16 +408,18 @@ def _attack_batch(units: list[Unit], ctx: _CampaignContext, out: Path) -> list[d
     xo, xt = pairs.images(batch)
     xo, xt = xo.to(device=dev, dtype=dtype), xt.to(device=dev, dtype=dtype)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(selected_output(model, ctx.output))  # model(xt) below sees the logits too
         if ctx.smooth is not None:
             stack.enter_context(preserve_model_state(model))
-            stack.enter_context(beta_smooth(model, ctx.smooth[0], functional=ctx.smooth[1]))
+            unsupported = ctx.smooth[2] if len(ctx.smooth) > 2 else "raise"
+            stack.enter_context(beta_smooth(model, ctx.smooth[0], functional=ctx.smooth[1], unsupported=unsupported))
         with preserve_model_state(model):
             if eval_mode:
                 model.eval()
             with torch.no_grad():
                 class_t = model(xt).argmax(1)
             target_expl = explainer.attribute(xt, class_t)
-        res = manipulate(model, explainer, xo, target_expl, **ctx.attack_options)
+        res = manipulate(model, explainer, xo, target_expl, output=ctx.output, **ctx.attack_options)
     seconds = (time.perf_counter() - t0) / len(batch)
     records = _records(res, pairs, batch, class_t, ctx.pixel_scale, seconds)
     for j, (i, rec) in enumerate(zip(batch, records)):
@@ -421,17 +440,19 @@ def _attack_batch(units: list[Unit], ctx: _CampaignContext, out: Path) -> list[d
     return records
 
 
-def _check_model_accepts(model: nn.Module, pairs: PairSet, i: int, dev: torch.device | None, dtype: torch.dtype) -> None:
+def _check_model_accepts(model: nn.Module, pairs: PairSet, i: int, dev: torch.device | None, dtype: torch.dtype,
+                         output: OutputSelector = None) -> None:
     x = pairs.load(pairs.originals[i]).unsqueeze(0).to(device=dev, dtype=dtype)
     try:
         with preserve_model_state(model), torch.no_grad():
             model.eval()
-            out = model(x)
+            raw = model(x)
     except Exception as e:  # the model's own error says little about the images
         raise InputError(
             f"the model does not accept the pair images of shape {tuple(pairs.image_shape)} (C, H, W) ({type(e).__name__}: {e}); "
             "the images must have the model's input size and channels."
         ) from e
+    out = select_output(raw, output)  # a tuple/dict output without output= is an InputError naming the option
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise InputError(f"the model must return (N, K) logits, got {type(out).__name__} of shape {tuple(getattr(out, 'shape', ()))}.")
 

@@ -38,8 +38,9 @@ import torch
 from torch import nn
 
 from ..attribution import Explainer, beta_smooth, make_explainer, preserve_model_state
-from ..attribution.core import Target, check_input, target_gradient
+from ..attribution.core import OutputSelector, Target, check_input, selected_output, target_gradient
 from ..attribution.methods import model_device
+from ..attribution.smoothing import UnsupportedPolicy, _check_unsupported_policy
 from ..data import ImageDataset
 from ..errors import InputError
 from ..models.training import accuracy
@@ -112,12 +113,13 @@ def _check_positive_int(name: str, value: object, low: int = 1) -> int:
 
 
 @contextlib.contextmanager
-def _smoothed(model: nn.Module, beta: float | None, functional: FunctionalPolicy) -> Iterator[None]:
+def _smoothed(model: nn.Module, beta: float | None, functional: FunctionalPolicy,
+              unsupported: UnsupportedPolicy = "raise") -> Iterator[None]:
     """softplus(β) in place of every ReLU inside the block; ``None`` or inf: the model as it is (ReLU)."""
     if beta is None or math.isinf(beta):
         yield
     else:
-        with beta_smooth(model, beta, functional=functional):
+        with beta_smooth(model, beta, functional=functional, unsupported=unsupported):
             yield
 
 
@@ -168,6 +170,8 @@ def explanations_across_beta(
     include_relu: bool = True,
     eval_mode: bool = True,
     functional: FunctionalPolicy = "handle",
+    unsupported: UnsupportedPolicy = "raise",
+    output: OutputSelector = None,
     **options: Any,
 ) -> dict[float, torch.Tensor]:
     """The explanation of the same inputs ``x`` (N, ...) under softplus(β) for each β, and under ReLU.
@@ -178,7 +182,9 @@ def explanations_across_beta(
     IG) or an Explainer built on ``model``. ``target``: as for any explainer; ``None`` (or a callable
     picking classes) is resolved **once on the ReLU model**, so every β explains the same class.
     ``eval_mode``: run the model in eval mode (restored afterwards). ``functional``: how functional ReLU
-    calls are treated while smoothed (see :func:`~manifex.attribution.beta_smooth`).
+    calls are treated while smoothed; ``unsupported``: what to do with activations β-smoothing cannot smooth
+    (SELU, ...: "raise", "warn" or "ignore"; see :func:`~manifex.attribution.beta_smooth`). ``output``: the
+    logits of a model returning a tuple or dict (index, key or callable; default the explainer's own).
 
     As β grows the explanations approach the ReLU explanation (softplus_β → ReLU); small β gives
     smoother, blurrier maps (for one ReLU layer, the gradient averaged under logistic noise of scale 1/β).
@@ -186,17 +192,19 @@ def explanations_across_beta(
     model = _check_model(model, "explanations_across_beta")
     check_input(x, "x")
     beta_list = _check_betas(betas, include_relu=include_relu)
+    _check_unsupported_policy(unsupported)
     explainer = _resolve_explainer(model, method, options)
+    output = explainer.output if output is None else output
     dev = model_device(model)
     if dev is not None:
         x = x.to(dev)
     out: dict[float, torch.Tensor] = {}
-    with preserve_model_state(model):
+    with preserve_model_state(model), selected_output(model, output):
         if eval_mode:
             model.eval()
         target = _fixed_classes(model, x, target)
         for beta in beta_list:
-            with _smoothed(model, beta, functional):
+            with _smoothed(model, beta, functional, unsupported):
                 out[beta] = explainer.attribute(x, target).detach()
     return out
 
@@ -209,20 +217,25 @@ def accuracy_across_beta(
     include_relu: bool = True,
     batch_size: int = 512,
     functional: FunctionalPolicy = "handle",
+    unsupported: UnsupportedPolicy = "raise",
+    output: OutputSelector = None,
 ) -> dict[float, float]:
     """Top-1 accuracy on ``data`` of the softplus(β) model for each β (eval mode): ``{β: accuracy}``, with
     the ReLU model under ``float("inf")`` when ``include_relu`` (equal to
-    :func:`manifex.models.accuracy` ``(model, data)``). The accuracy cost of β is ``acc[inf] - acc[β]``."""
+    :func:`manifex.models.accuracy` ``(model, data)``). The accuracy cost of β is ``acc[inf] - acc[β]``.
+    ``unsupported``: activations β-smoothing cannot smooth ("raise", "warn", "ignore"); ``output``: the
+    logits of a model returning a tuple or dict (index, key or callable)."""
     model = _check_model(model, "accuracy_across_beta")
     if not isinstance(data, ImageDataset):
         raise InputError(f"data must be an ImageDataset, got {type(data).__name__}.")
     if len(data) == 0:
         raise InputError("data is empty; accuracy needs at least one example.")
     batch_size = _check_positive_int("batch_size", batch_size)
+    _check_unsupported_policy(unsupported)
     out: dict[float, float] = {}
-    with preserve_model_state(model):
+    with preserve_model_state(model), selected_output(model, output):
         for beta in _check_betas(betas, include_relu=include_relu):
-            with _smoothed(model, beta, functional):
+            with _smoothed(model, beta, functional, unsupported):
                 out[beta] = accuracy(model, data, batch_size)
     return out
 
@@ -304,6 +317,8 @@ def hessian_power_iteration(
     batch_size: int | None = None,
     eval_mode: bool = True,
     functional: FunctionalPolicy = "handle",
+    unsupported: UnsupportedPolicy = "raise",
+    output: OutputSelector = None,
 ) -> HessianEigen:
     """Power iteration on the input Hessian H_i = ∇²ₓ f_{c_i}(x_i) of the class score, every example at once.
 
@@ -324,6 +339,8 @@ def hessian_power_iteration(
     ``beta``: compute on softplus(β) in place of every ReLU (``None`` or inf: the model as it is).
     ``batch_size``: examples per chunk (memory: one retained double-backprop graph per chunk).
     ``eval_mode``: run in eval mode (needed for examples to be independent with BatchNorm/Dropout).
+    ``unsupported``: activations β-smoothing cannot smooth ("raise", "warn", "ignore"; see
+    :func:`~manifex.attribution.beta_smooth`); ``output``: the logits of a tuple/dict model output.
 
     A ReLU network is piecewise linear, so its input Hessian is zero almost everywhere (the kinks have
     measure zero): unsmoothed, the result is exactly zero (``converged`` True, λ = 0). That is the point of
@@ -340,6 +357,7 @@ def hessian_power_iteration(
         raise InputError(f"tol must be a finite number >= 0, got {tol!r}.")
     if batch_size is not None:
         batch_size = _check_positive_int("batch_size", batch_size)
+    _check_unsupported_policy(unsupported)
     dev = model_device(model)
     if dev is not None:
         x = x.to(dev)
@@ -350,12 +368,12 @@ def hessian_power_iteration(
     v0 = torch.randn(x.shape[1:], generator=g, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
     step = batch_size or x.shape[0]
     parts: list[HessianEigen] = []
-    with preserve_model_state(model):
+    with preserve_model_state(model), selected_output(model, output):
         if eval_mode:
             model.eval()
         for p in model.parameters():  # only input derivatives: no parameter graphs
             p.requires_grad_(False)
-        with _smoothed(model, beta, functional):
+        with _smoothed(model, beta, functional, unsupported):
             target = _fixed_classes(model, x, target)
             for start in range(0, x.shape[0], step):
                 sl = slice(start, start + step)
@@ -378,6 +396,8 @@ def hessian_top_eigenvalue(
     batch_size: int | None = None,
     eval_mode: bool = True,
     functional: FunctionalPolicy = "handle",
+    unsupported: UnsupportedPolicy = "raise",
+    output: OutputSelector = None,
 ) -> torch.Tensor:
     """(N,) the eigenvalue of largest magnitude (signed) of the input Hessian of the class score per example
     — the curvature diagnostic of the defence; take ``.abs()`` for the curvature magnitude.
@@ -388,7 +408,7 @@ def hessian_top_eigenvalue(
     """
     return hessian_power_iteration(
         model, x, target, beta=beta, iterations=iterations, tol=tol, seed=seed, batch_size=batch_size,
-        eval_mode=eval_mode, functional=functional,
+        eval_mode=eval_mode, functional=functional, unsupported=unsupported, output=output,
     ).values
 
 
@@ -426,8 +446,10 @@ def robustness_sweep(
     curvature_seed: int = 0,
     relu_beta_growth: tuple[float, float] | None = (10.0, 100.0),
     functional: FunctionalPolicy = "handle",
+    unsupported: UnsupportedPolicy = "raise",
     progress: bool = False,
     executor: Executor | None = None,
+    output: OutputSelector = None,
     **attack_options: Any,
 ) -> list[dict[str, Any]]:
     """Run the same manipulation campaign against the softplus(β) model for every β; one record per β.
@@ -448,6 +470,10 @@ def robustness_sweep(
     on ``executor`` too). ``attack_options`` go to :func:`~manifex.manipulation.manipulate`;
     ``explainer_options``, ``batch_size``, ``figures``, ``pixel_scale``, ``progress``, ``executor`` (where the
     batches run: locally by default, or a :class:`manifex.runs.RayExecutor`) to the campaign.
+    ``functional``/``unsupported``: β-smoothing's policies (:func:`~manifex.attribution.beta_smooth`) for every
+    smoothed model call, the ReLU entry's β-growth included. ``output``: the logits of a model returning a
+    tuple or dict (index, key or callable; default the explainer's), for every model call: campaigns,
+    accuracy, curvature.
 
     Each record (also written to ``beta_<β>/defence.json`` and, all together, to ``out_dir/sweep.json``,
     where inf is written ``"inf"``) holds: ``beta``, ``out_dir``, ``n_pairs``/``n_new``/``n_skipped``; the
@@ -465,7 +491,8 @@ def robustness_sweep(
         raise InputError(f"pairs must be a PairSet (pairs_from_csv / pairs_from_dataset), got {type(pairs).__name__}.")
     if not isinstance(explainer_name, str):
         raise InputError(f"explainer_name must be a method name such as 'gradient', got {type(explainer_name).__name__}.")
-    make_explainer(model, explainer_name, **(explainer_options or {}))  # fail early on a bad name or option
+    output = make_explainer(model, explainer_name, **(explainer_options or {})).output if output is None else output
+    _check_unsupported_policy(unsupported)  # the line above also fails early on a bad name or option
     if "beta_growth" in attack_options:
         raise InputError(
             "robustness_sweep fixes β for each campaign; beta_growth is not an option here "
@@ -478,10 +505,17 @@ def robustness_sweep(
     curvature_iterations = _check_positive_int("curvature_iterations", curvature_iterations)
     batch_size = _check_positive_int("batch_size", batch_size)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if unsupported == "raise" and len(pairs):  # refuse an unsmoothable model before any campaign or accuracy run
+        xo, _ = pairs.images([0])
+        with preserve_model_state(model), selected_output(model, output), torch.no_grad():
+            model.eval()
+            with _smoothed(model, 10.0, functional, unsupported):  # ModelError naming the activations
+                model(xo.to(device=model_device(model), dtype=dtype))
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
 
-    acc = accuracy_across_beta(model, data, beta_list, include_relu=True, functional=functional) if data is not None else None
+    acc = accuracy_across_beta(model, data, beta_list, include_relu=True, functional=functional, unsupported=unsupported,
+                               output=output) if data is not None else None
     curvature_settings = {"iterations": curvature_iterations, "tol": float(curvature_tol), "seed": int(curvature_seed),
                           "pair_ids": list(pairs.ids)}
     records: list[dict[str, Any]] = []
@@ -490,11 +524,14 @@ def robustness_sweep(
         options = dict(attack_options)
         if math.isinf(beta) and relu_beta_growth is not None:
             options["beta_growth"] = tuple(relu_beta_growth)
+            if unsupported != "raise":  # the attack's own smoothing (recorded only when not the default)
+                options["unsupported"] = unsupported
         # smoothing is applied by whichever process runs a batch (here or a Ray worker), not around the call
         summary = _campaign(
             model, make_explainer(model, explainer_name, **(explainer_options or {})), pairs, beta_dir,
             batch_size=batch_size, resume=resume, figures=figures, pixel_scale=pixel_scale, progress=progress,
-            executor=executor, smooth=None if math.isinf(beta) else (beta, functional), attack_options=options,
+            executor=executor, smooth=None if math.isinf(beta) else (beta, functional, unsupported), attack_options=options,
+            output=output,
         )
         curv = _cached_curvature(beta_dir, curvature_settings) if resume else None
         if curv is None:  # per pair on the run layer (resumable, any executor): curvature.jsonl in beta_dir
@@ -503,7 +540,7 @@ def robustness_sweep(
             atomic_write_json(settings_path, curvature_settings)
             context = {"model": model, "pairs": pairs, "beta": None if math.isinf(beta) else beta, "dtype": dtype,
                        "iterations": curvature_iterations, "tol": curvature_tol, "seed": curvature_seed,
-                       "functional": functional}
+                       "functional": functional, "unsupported": unsupported, "output": output}
             recs = run_units([Unit(pid, {"index": i}) for i, pid in enumerate(pairs.ids)], _curvature_batch, beta_dir,
                              context=context, batch_size=batch_size, executor=executor, resume=resume and same,
                              progress=False, results=CURVATURE_FILE)
@@ -537,7 +574,8 @@ def _curvature_batch(units: list[Unit], ctx: dict[str, Any], out_dir: Path) -> l
     xo, _ = ctx["pairs"].images([int(u.payload["index"]) for u in units])
     dev = model_device(ctx["model"])
     lam = hessian_top_eigenvalue(ctx["model"], xo.to(device=dev, dtype=ctx["dtype"]), None, beta=ctx["beta"],
-                                 iterations=ctx["iterations"], tol=ctx["tol"], seed=ctx["seed"], functional=ctx["functional"])
+                                 iterations=ctx["iterations"], tol=ctx["tol"], seed=ctx["seed"], functional=ctx["functional"],
+                                 unsupported=ctx.get("unsupported", "raise"), output=ctx.get("output"))
     return [{"id": u.id, "curvature": float(v)} for u, v in zip(units, lam.abs().cpu().tolist())]
 
 
