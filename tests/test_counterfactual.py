@@ -334,7 +334,8 @@ def test_manifold_distance_of_a_linear_decoder_is_the_orthogonal_residual():
     decode = lambda z: z @ A.T  # noqa: E731 - the plane spanned by A's columns
     x = torch.randn(5, 20, dtype=torch.float64)
     exact = (x - (x @ A) @ A.T).norm(dim=1)
-    dist, z = manifold_distance(decode, x, torch.zeros(5, 3, dtype=torch.float64), steps=400, lr=0.05)
+    with torch.no_grad():  # works under no_grad too (the evaluation calls it so)
+        dist, z = manifold_distance(decode, x, torch.zeros(5, 3, dtype=torch.float64), steps=400, lr=0.05)
     assert torch.allclose(dist, exact, atol=1e-4)
     on = decode(torch.randn(5, 3, dtype=torch.float64))
     assert manifold_distance(decode, on, torch.zeros(5, 3, dtype=torch.float64), steps=400, lr=0.05)[0].max() < 1e-4

@@ -130,8 +130,9 @@ def manifold_distance(
         z = z0.detach().clone().requires_grad_(True)
         opt = torch.optim.Adam([z], lr=lr)
         for i in range(steps + 1):
-            with torch.enable_grad():
+            with torch.enable_grad():  # callers may hold torch.no_grad()
                 d2 = (decode(z).reshape(x.shape[0], -1) - xf).pow(2).sum(1)
+                loss = d2.sum()
             dist = d2.detach().sqrt()
             better = dist < best
             best = torch.where(better, dist, best)
@@ -139,7 +140,7 @@ def manifold_distance(
             if i == steps:
                 break
             opt.zero_grad()
-            d2.sum().backward()
+            loss.backward()
             opt.step()
     return best, best_z
 

@@ -1,7 +1,7 @@
 """The research's toy experiment: counterfactuals on a helix, where the data manifold is known exactly.
 
 Data x = (sin t, cos t, t), t ~ U(−4, 4), label [x₃ > 0] (:mod:`manifex.data.toy`). A RealNVP vector flow
-(:func:`manifex.models.generator_zoo.get_vector_flow`, fixed documented schedule) models the data; an MLP
+(:func:`manifex.models.generator_zoo.get_helix_flow`, the zoo's fixed documented schedule) models the data; an MLP
 3-256-1 with a sigmoid output classifies it (research: Adam 1e-4, 3000 steps of 500 fresh helix points, BCE).
 For each of 100 test points the output is pushed past 0.9 (if it was < 0.5) or below 0.1 (otherwise), by Adam
 with lr 3e-2 for ≤ 1000 steps, once in the flow's latent space and once in data space; the metric is the
@@ -38,8 +38,7 @@ class HelixConfig:
     max_steps: int = 1000
     high: float = 0.9
     low: float = 0.1
-    flow_epochs: int | None = None  # None: the zoo's documented schedule (HELIX_FLOW_EPOCHS × 100 steps)
-    flow_points: int = 50000
+    flow_epochs: int | None = None  # None: the zoo's documented schedule (get_helix_flow)
     classifier_steps: int = 3000
     seed: int = 0
 
@@ -69,11 +68,12 @@ def helix_classifier(steps: int = 3000, seed: int = 0, *, cache: ModelCache | No
 
 def run_helix(cfg: HelixConfig = HelixConfig(), *, cache: ModelCache | None = None, progress: bool = True) -> dict:
     """Run the helix experiment; returns per-point records, a summary and the tensors for the figures."""
-    from ..models.generator_zoo import HELIX_FLOW_EPOCHS, get_generator
+    from ..models.generator_zoo import HELIX_FLOW_EPOCHS, HELIX_TRAIN_POINTS, get_helix_flow
+    from ..models.generators import as_generator
 
     t_start = time.perf_counter()
-    x_train, _ = helix(cfg.flow_points, seed=cfg.seed + 1)
-    gen, flow_info = get_generator(x_train, "flow", cache=cache, progress=progress, epochs=cfg.flow_epochs, seed=cfg.seed)
+    flow, flow_info = get_helix_flow(epochs=cfg.flow_epochs or HELIX_FLOW_EPOCHS, seed=cfg.seed, cache=cache, progress=progress)
+    gen = as_generator(flow)
     clf = helix_classifier(cfg.classifier_steps, cfg.seed, cache=cache)
     x, y = helix(cfg.n, seed=cfg.seed + 12345)
     with torch.no_grad(), preserve_model_state(clf):
@@ -107,7 +107,7 @@ def run_helix(cfg: HelixConfig = HelixConfig(), *, cache: ModelCache | None = No
         "dimension_is_1_fraction": float((spec.dimension == 1).float().mean()),
         "dimension_counts": {int(k): int(v) for k, v in zip(*np.unique(spec.dimension.numpy(), return_counts=True))},
     }
-    summary["flow"] = {"epochs": cfg.flow_epochs or HELIX_FLOW_EPOCHS, "steps_per_epoch": cfg.flow_points // 500,
+    summary["flow"] = {"epochs": cfg.flow_epochs or HELIX_FLOW_EPOCHS, "steps_per_epoch": -(-HELIX_TRAIN_POINTS // 128),
                        "nll_history": flow_info.get("history"), "cached": flow_info.get("cached"),
                        "train_seconds": flow_info.get("train_seconds")}
     summary["seconds"] = time.perf_counter() - t_start
