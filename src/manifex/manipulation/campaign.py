@@ -290,6 +290,7 @@ def run_campaign(
     progress: bool = False,
     executor: Executor | None = None,
     output: OutputSelector = None,
+    desc: str | None = None,
     **attack_options: Any,
 ) -> CampaignSummary:
     """Attack every pair of ``pairs`` (batches of ``batch_size``) and record the results in ``out_dir``.
@@ -307,7 +308,8 @@ def run_campaign(
     ``output``: for a model returning a tuple or dict, which part holds the logits (index, key or callable;
     default the explainer's own ``output``); every model call of the campaign (the target images' classes,
     the attack) then sees only the logits. It travels to the workers with the model; a callable must be
-    picklable there (a top-level function, not a lambda).
+    picklable there (a top-level function, not a lambda). ``desc``: the progress bar's label (default
+    "campaign").
     Returns a :class:`CampaignSummary` (also written to ``summary.json``).
     """
     if not isinstance(pairs, PairSet):
@@ -326,7 +328,7 @@ def run_campaign(
 
     return _campaign(model, explainer, pairs, out_dir, batch_size=batch_size, resume=resume, figures=figures,
                      pixel_scale=pixel_scale, progress=progress, executor=executor, smooth=None, attack_options=attack_options,
-                     output=output)
+                     output=output, desc=desc)
 
 
 def _output_setting(output: OutputSelector) -> Any:
@@ -336,7 +338,8 @@ def _output_setting(output: OutputSelector) -> Any:
 
 def _campaign(model: nn.Module, explainer: Explainer, pairs: PairSet, out_dir: PathLike, *, batch_size: int,
               resume: bool, figures: bool, pixel_scale: Any, progress: bool, executor: Executor | None,
-              smooth: tuple | None, attack_options: dict[str, Any], output: OutputSelector = None) -> CampaignSummary:
+              smooth: tuple | None, attack_options: dict[str, Any], output: OutputSelector = None,
+              desc: str | None = None) -> CampaignSummary:
     """run_campaign after its checks; ``smooth=(β, functional[, unsupported])``: attack the softplus(β) model
     (applied by whichever process runs a batch, so it also holds on Ray workers). ``output``: the logits
     selector (default the explainer's), applied around every model call of a batch."""
@@ -376,7 +379,7 @@ def _campaign(model: nn.Module, explainer: Explainer, pairs: PairSet, out_dir: P
                                pixel_scale=pixel_scale, figures=figures, smooth=smooth, output=output)
     units = [Unit(pid, {"index": i}) for i, pid in enumerate(pairs.ids)]
     run_units(units, _attack_batch, out, context=context, batch_size=batch_size, executor=executor, resume=True,
-              progress=progress, results=RESULTS_FILE, desc="campaign")
+              progress=progress, results=RESULTS_FILE, desc=desc or "campaign")
     summary = _summarise(out, pairs, read_results(results_path), n_new=len(todo), n_skipped=n_skipped, settings=settings)
     atomic_write_json(out / SUMMARY_FILE, {**summary.to_dict(), "records": summary.records})
     return summary
@@ -490,18 +493,24 @@ def _records(res: ManipulationResult, pairs: PairSet, batch: list[int], class_t:
     return records
 
 
+def _overview_title(rec: dict) -> str:
+    """The overview figure's title for a pair's record; L∞ in units of 1/255 like the reports."""
+    fmt = lambda v, spec=".2f": "n/a" if v is None else format(v, spec)  # noqa: E731
+    linf = None if rec.get("linf") is None else rec["linf"] * 255
+    return (f"{rec['pair_id']}: PCC to target {fmt(rec['pcc_orig_target'])} → {fmt(rec['pcc_manip_target'])}, "
+            f"max |Δp| {fmt(rec['max_dp'], '.3f')}, L∞ {fmt(linf, '.1f')}/255, "
+            f"top-1 {'kept' if rec['top1_kept'] else 'changed'}")
+
+
 def _overview(res: ManipulationResult, j: int, x_target: torch.Tensor, rec: dict, signed: bool, path: Path) -> None:
     from ..viz import image_grid
 
     kind = "signed" if signed else "absolute"
-    pcc_b, pcc_a = rec["pcc_orig_target"], rec["pcc_manip_target"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     image_grid(
         [[res.x[j], x_target, res.x_adv[j], res.x_adv[j] - res.x[j], res.original_map[j], res.target_map[j], res.manipulated_map[j]]],
         kinds=["image", "image", "image", "signed", kind, kind, kind],
         col_titles=["original", "target image", "manipulated", "difference", "original map", "target map", "manipulated map"],
-        title=f"{rec['pair_id']}: PCC to target {fmt(pcc_b)} → {fmt(pcc_a)}, max |Δp| {rec['max_dp']:.3f}, "
-              f"L∞ {rec['linf']:.3f}, top-1 {'kept' if rec['top1_kept'] else 'changed'}",
+        title=_overview_title(rec),
         path=path,
     )
 

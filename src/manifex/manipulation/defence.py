@@ -521,6 +521,7 @@ def robustness_sweep(
     records: list[dict[str, Any]] = []
     for beta in beta_list:
         beta_dir = out / _beta_key(beta)
+        label = "ReLU" if math.isinf(beta) else f"β={beta:g}"  # the progress bars' names
         options = dict(attack_options)
         if math.isinf(beta) and relu_beta_growth is not None:
             options["beta_growth"] = tuple(relu_beta_growth)
@@ -531,7 +532,7 @@ def robustness_sweep(
             model, make_explainer(model, explainer_name, **(explainer_options or {})), pairs, beta_dir,
             batch_size=batch_size, resume=resume, figures=figures, pixel_scale=pixel_scale, progress=progress,
             executor=executor, smooth=None if math.isinf(beta) else (beta, functional, unsupported), attack_options=options,
-            output=output,
+            output=output, desc=f"attack {label}",
         )
         curv = _cached_curvature(beta_dir, curvature_settings) if resume else None
         if curv is None:  # per pair on the run layer (resumable, any executor): curvature.jsonl in beta_dir
@@ -543,7 +544,7 @@ def robustness_sweep(
                        "functional": functional, "unsupported": unsupported, "output": output}
             recs = run_units([Unit(pid, {"index": i}) for i, pid in enumerate(pairs.ids)], _curvature_batch, beta_dir,
                              context=context, batch_size=batch_size, executor=executor, resume=resume and same,
-                             progress=False, results=CURVATURE_FILE)
+                             progress=progress, results=CURVATURE_FILE, desc=f"curvature {label}")
             curv = [float(r["curvature"]) for r in recs]
         record: dict[str, Any] = {
             "beta": beta,
