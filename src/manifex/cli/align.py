@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from . import main
-from .common import _csv, _positive_floats, classifier_options, load_classifier, load_data, preflight
+from .common import (_csv, _positive_floats, classifier_options, executor_options, load_classifier, load_data,
+                     make_executor, preflight)
 
 
 @main.command()
@@ -45,9 +46,10 @@ from .common import _csv, _positive_floats, classifier_options, load_classifier,
 @click.option("--allow-degenerate", is_flag=True,
               help="Write the report even when the generated known-manifold dataset fails its checks (labeler near "
                    "chance, one class dominating, near-uniform labeler); the report then opens with the warning.")
+@executor_options
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def align(out_dir: Path, cache_dir: Path | None, quiet: bool, methods, model_spec, weights, normalize, num_classes,
-          **options) -> None:
+          workers, ray_address, gpus_per_worker, **options) -> None:
     """Score how much attributions lie in the data manifold's tangent space.
 
     \b
@@ -62,6 +64,7 @@ def align(out_dir: Path, cache_dir: Path | None, quiet: bool, methods, model_spe
       manifex align --out runs/align                        # the demo (about 5 min on 2 cores)
       manifex align --dataset known:digits8 --vae-epochs 40 --samples 100
       manifex align --model my_nets.py:SmallNet --weights small.pt   # score your own classifier
+      manifex align --workers 2                             # attributions on 2 Ray workers
     """
     from ..alignment import AlignConfig, run_alignment, write_report
     from ..models import ModelCache
@@ -70,6 +73,7 @@ def align(out_dir: Path, cache_dir: Path | None, quiet: bool, methods, model_spe
         options["methods"] = methods
     # Everything that can be wrong is checked before the VAE or a classifier is trained.
     options["device"] = preflight(device=options["device"], out_dir=out_dir, cache_dir=cache_dir)
+    executor = make_executor(workers, ray_address, gpus_per_worker)
     cfg = AlignConfig(**options)
     from ..attribution import canonical_method
 
@@ -94,7 +98,8 @@ def align(out_dir: Path, cache_dir: Path | None, quiet: bool, methods, model_spe
             cfg = replace(cfg, robust=False)
     elif weights is not None or normalize is not None:
         load_classifier(real, real, weights=weights, normalize=normalize)  # raises: they need --model
-    result = run_alignment(cfg, cache=ModelCache(cache_dir), progress=not quiet, classifier=model)
+    result = run_alignment(cfg, cache=ModelCache(cache_dir), progress=not quiet, classifier=model,
+                           executor=executor)
     result.metrics["checks"] = checks + result.metrics.get("checks", [])
     report = write_report(result, out_dir)
     for w in result.metrics.get("warnings", []):
