@@ -7,6 +7,7 @@ max(p)², label = argmax p. The dataset stores X, Y and Z; tangent spaces follow
 """
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -20,6 +21,7 @@ from ..data.base import ImageDataset
 from ..errors import DataError, InputError
 from ..geometry import TangentSpace, tangent_space
 from ..models import GenerativeModel, ModelCache, TrainConfig, accuracy, cache_key, get_classifier, state_fingerprint
+from ..runs import atomic_write_bytes
 
 __all__ = ["KnownManifoldConfig", "KnownManifold", "make_known_manifold", "upsampled_decoder", "check_known_manifold"]
 
@@ -83,15 +85,20 @@ class KnownManifold:
         return replace(self, train=train, test=test, size=size)
 
     def save(self, path: str | Path) -> Path:
-        """Write ``x_train, y_train, z_train, x_test, y_test, z_test`` to an ``.npz`` (no pickles)."""
+        """Write ``x_train, y_train, z_train, x_test, y_test, z_test`` to an ``.npz`` (no pickles), atomically.
+
+        As ``np.savez_compressed``, ``.npz`` is appended to a path without it; returns the path written."""
         path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_name(path.name + ".npz")
         arrays = {}
         for split, data in (("train", self.train), ("test", self.test)):
-            arrays[f"x_{split}"] = data.x.numpy()
-            arrays[f"y_{split}"] = data.y.numpy()
-            arrays[f"z_{split}"] = data.z.numpy()
-        np.savez_compressed(path, **arrays)
-        return path
+            arrays[f"x_{split}"] = data.x.cpu().numpy()
+            arrays[f"y_{split}"] = data.y.cpu().numpy()
+            arrays[f"z_{split}"] = data.z.cpu().numpy()
+        buf = io.BytesIO()  # the archive is built in memory, then written by the one atomic helper
+        np.savez_compressed(buf, **arrays)
+        return atomic_write_bytes(path, buf.getvalue())
 
     @property
     def latent_dim(self) -> int:
