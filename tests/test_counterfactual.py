@@ -407,3 +407,24 @@ def test_normflows_flow_works_as_generator(digits):
     assert r.success.all() and r.recon_error.max() < 1e-5
     g = manifex.as_generator(Flat().nf)  # the adapter: encode = inverse, decode = forward
     assert g.kind == "flow" and g.exact
+
+
+def test_a_diverging_decoder_stops_the_row_as_a_failure(digits):
+    data, clf = digits
+
+    class Diverging(AffineSigmoid):
+        """NaN images once z leaves the ball of radius 0.3 around the start (row 0 only: its z sums highest)."""
+
+        def decode(self, z):
+            out = super().decode(z)
+            far = ((z - self.z0[: z.shape[0]]).norm(dim=1) > 0.3) & (self.z0[: z.shape[0]].sum(1) >= self.top)
+            return torch.where(far[:, None, None, None], torch.full_like(out, float("nan")), out)
+
+    gen = Diverging()
+    x = data.x[data.y == 4][:1]
+    gen.z0 = gen.encode(x).detach()
+    gen.top = float(gen.z0.sum(1).max())
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        r = counterfactual(clf, x, 9, generator=gen, lr=5e-2, max_steps=200)
+    assert r.info["diverged"] == [0] and not r.success[0] and r.steps[0] > 0
+    assert torch.isfinite(r.x_cf).all()

@@ -278,6 +278,8 @@ def _search_chunk(
     value_out = torch.empty(n, dtype=x.dtype, device=x.device)
     frames: list[tuple[int, torch.Tensor]] = []
     stride = 1
+    diverged = torch.zeros(n, dtype=torch.bool, device=x.device)
+    prev: torch.Tensor | None = None
     for step in range(max_steps + 1):
         leaves = [p.requires_grad_(True) for p in params]
         with torch.enable_grad():
@@ -302,7 +304,14 @@ def _search_chunk(
                 if len(frames) > 2 * record_path:
                     stride *= 2
                     frames = [f for f in frames if f[0] % stride == 0]
-        done = reached.detach() | (step == max_steps)
+        # A row whose image or score turned NaN/inf (a diverging decoder) stops as a failure at its last finite image.
+        bad = ~torch.isfinite(xp.detach().reshape(len(active), -1)).all(1) | ~torch.isfinite(value.detach())
+        if bool(bad.any()):
+            xp = torch.where(bad.reshape(-1, *([1] * (xp.dim() - 1))), prev if prev is not None else x[active], xp)
+            reached = reached & ~bad
+            diverged[active[bad]] = True
+        prev = xp.detach()
+        done = reached.detach() | bad | (step == max_steps)
         if bool(done.any()):
             rows = active[done]
             x_cf[rows] = xp.detach()[done]
@@ -331,6 +340,7 @@ def _search_chunk(
             if not bool(torch.isfinite(flat).all()):
                 raise ModelError("the loss gradient holds NaN/inf at the start; check the models at these inputs.")
         active = active[keep]
+        prev = prev[keep]
         params = [p.detach()[keep] for p in params]
         adam.keep(keep)
         adam.step(params, grads)
@@ -339,7 +349,7 @@ def _search_chunk(
         if bar is not None:
             bar.update(1)
             bar.set_postfix(active=len(active))
-    out = {"x_cf": x_cf, "z_cf": z_cf, "steps": steps, "success": success, "value": value_out}
+    out = {"x_cf": x_cf, "z_cf": z_cf, "steps": steps, "success": success, "value": value_out, "diverged": diverged}
     if record_path:
         out["path"], out["path_steps"] = _select_frames(frames, x_cf, steps, record_path)
     return out
@@ -502,6 +512,7 @@ def counterfactual(
         success = torch.zeros(n, dtype=torch.bool, device=device)
         value = torch.empty(n, dtype=x.dtype, device=device)
         z_cf = [p.clone() for p in z0] if z0 is not None else None
+        diverged = torch.zeros(n, dtype=torch.bool, device=device)
         path = path_steps = None
         if record_path:
             path = x[:, None].repeat(1, record_path, *([1] * (x.dim() - 1)))
@@ -519,6 +530,7 @@ def counterfactual(
                 res = _search_chunk(x[rows], start, multi, decode, scorer, rows, lr=lr, max_steps=int(max_steps), box=box,
                                     record_path=int(record_path), bar=bar)
                 x_cf[rows], steps[rows], success[rows], value[rows] = res["x_cf"], res["steps"], res["success"], res["value"]
+                diverged[rows] = res["diverged"]
                 if z_cf is not None:
                     for buf, part in zip(z_cf, res["z_cf"]):
                         buf[rows] = part
@@ -539,7 +551,12 @@ def counterfactual(
             x_cf[rows], value[rows], success[rows] = start, v, reached
             if record_path:
                 path[rows] = start[:, None].expand_as(path[rows])
-    info = {"kind": kind, "max_steps": int(max_steps), "stop_prob": float(stop_prob) if objective is None else None,
+    if bool(diverged.any()):
+        rows = diverged.nonzero().flatten().tolist()
+        warnings.warn(f"the search diverged (NaN/inf image or score) for {len(rows)} of {n} examples {rows[:10]}; they "
+                      "stopped as failures at their last finite image (result.info['diverged']). Lower lr.",
+                      RuntimeWarning, stacklevel=2)
+    info = {"kind": kind, "max_steps": int(max_steps), "diverged": diverged.nonzero().flatten().tolist(), "stop_prob": float(stop_prob) if objective is None else None,
             "box": None if box is None else [float(box[0]), float(box[1])], "exact": getattr(gen, "exact", None)}
     return CounterfactualResult(
         x=x, x_cf=x_cf.detach(), success=success, steps=steps, p_target=value.detach(), already=already, target=t,

@@ -216,8 +216,9 @@ SUMMARY_FIELDS = ("steps", "p_target", "l1", "l2", "linf", "svm", "knn_vote", "k
 
 
 def summarize(per_space: Mapping[str, Sequence[dict]]) -> dict:
-    """Per space: ``n``, ``success_rate`` (over examples that did not already have the target) and mean/median
-    of every per-example field over the successful ones; plus latent/pixel ratios when both spaces are present."""
+    """Per space: ``n``, ``success_rate`` (over examples that did not already have the target), mean/median of
+    every per-example field over the successful ones, and under ``"all"`` over every searched example; plus
+    latent/pixel ratios of medians (``*_all``: over every searched example) when both spaces are present."""
     out: dict[str, Any] = {}
     for space, rows in per_space.items():
         live = [r for r in rows if not r.get("already")]
@@ -228,13 +229,18 @@ def summarize(per_space: Mapping[str, Sequence[dict]]) -> dict:
             st = _stats([r.get(f) for r in ok if f in r])
             if st is not None:
                 s[f] = st
+        # the same over every searched example, successful or not (what the budget reached)
+        s["all"] = {f: st for f in SUMMARY_FIELDS if (st := _stats([r.get(f) for r in live if f in r])) is not None}
         out[space] = s
     if "latent" in out and "pixel" in out:
-        ratios = {}
+        ratios: dict[str, Any] = {}
         for f in ("manifold_distance", "off_manifold_fraction", "l2", "linf", "steps"):
             a, b = out["latent"].get(f), out["pixel"].get(f)
             if a and b and b["median"] > 0:
                 ratios[f"{f}_median"] = a["median"] / b["median"]
+            a, b = out["latent"]["all"].get(f), out["pixel"]["all"].get(f)
+            if a and b and b["median"] > 0:
+                ratios[f"{f}_median_all"] = a["median"] / b["median"]
         out["latent_vs_pixel"] = ratios
     return out
 

@@ -122,7 +122,9 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def _stat(summary: dict, space: str, key: str, which: str = "mean") -> float | None:
-    v = summary.get(space, {}).get(key)
+    """Over the successful counterfactuals of ``space``; over every searched example when none succeeded."""
+    sp = summary.get(space, {})
+    v = sp.get(key) if sp.get("n_success") else sp.get("all", {}).get(key)
     return None if v is None else v[which]
 
 
@@ -175,7 +177,8 @@ def write_report(result: CampaignResult, *, command: str | None = None) -> Path:
         vals = [_stat(summary, s, key) for s in spaces]
         if all(v is not None for v in vals):
             cards.append({"label": label, "value": " / ".join(f"{v * 100:.0f}%" for v in vals), "sub": " / ".join(spaces)})
-    ratio = summary.get("latent_vs_pixel", {}).get("off_manifold_fraction_median")
+    lvp = summary.get("latent_vs_pixel", {})
+    ratio = lvp.get("off_manifold_fraction_median", lvp.get("off_manifold_fraction_median_all"))
     if ratio is not None:
         cards.append({"label": "off-manifold, latent ÷ pixel", "value": f"{ratio:.2f}×", "sub": "median fraction dist/‖δ‖", "accent": True})
     findings = _findings(summary, spaces)
@@ -203,7 +206,8 @@ def _findings(summary: dict, spaces: list[str]) -> list[str]:
             if a is not None and b is not None:
                 out.append(f"{name[0].upper() + name[1:]} agree{'s' if key == 'svm' else ''} with the target for "
                            f"{a * 100:.0f}% of latent and {b * 100:.0f}% of pixel counterfactuals.")
-        ratio = summary.get("latent_vs_pixel", {}).get("off_manifold_fraction_median")
+        lvp = summary.get("latent_vs_pixel", {})
+        ratio = lvp.get("off_manifold_fraction_median", lvp.get("off_manifold_fraction_median_all"))
         if ratio is not None:
             out.append(f"Off-manifold part of the change (distance to the known manifold ÷ ‖δ‖, median): latent is "
                        f"{ratio:.2f}× pixel's.")
