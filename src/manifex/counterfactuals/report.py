@@ -53,7 +53,8 @@ def grid_figure(items: list[dict], spaces: list[str]) -> Figure:
         for s in spaces:
             rec = it["record"][s]
             _img(axes[r, c], t[f"x_cf_{s}"])
-            axes[r, c].set_xlabel(f"p={rec['p_target']:.2f}, {rec['steps']} st" + ("" if rec["success"] else " ✗"), fontsize=7)
+            p = "n/a" if rec.get("p_target") is None else f"{rec['p_target']:.2f}"
+            axes[r, c].set_xlabel(f"p={p}, {rec['steps']} st" + ("" if rec["success"] else " ✗"), fontsize=7)
             _img(axes[r, c + 1], _absdiff(t[f"x_cf_{s}"], t["x"]), cmap="magma", vmax=scale)
             c += 2
         axes[r, 0].set_ylabel(f"#{it['record']['index']}", fontsize=7)
