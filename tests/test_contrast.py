@@ -21,7 +21,7 @@ from manifex.concepts.contrast import (
 )
 from manifex.concepts.shift import T_GRID, patch_test, paste, random_directions, shift_probabilities, shifted_layer, shifting_test, swap
 from manifex.data import load_digits8
-from manifex.errors import InputError
+from manifex.errors import InputError, ModelError
 from manifex.models.classifiers import SmallResNet
 
 _TINY: dict[str, nn.Module] = {}
@@ -166,6 +166,21 @@ def test_class_activation_data_negative_relevance_falls_back_to_the_range(digits
     lo, hi = r.min(1, keepdim=True).values, r.max(1, keepdim=True).values
     keep = r > lo + 0.25 * (hi - lo)
     torch.testing.assert_close(data.vectors[0], a.permute(0, 2, 3, 1).reshape(6, -1, 3)[keep])
+
+
+class _Inf(nn.Module):
+    def forward(self, x):
+        return x * float("inf")
+
+
+def test_nan_inf_activations_are_refused(digits):
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), _Inf(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2)).eval()
+    h = train_hyperplanes(blobs(C=2, c=3), epochs=1)
+    h.layer = "2"
+    with pytest.raises(ModelError, match="NaN/inf activations"):
+        class_activation_data(model, digits[:8], "2")
+    with pytest.raises(ModelError, match="NaN/inf activations"):
+        contrastive_concepts(model, digits[:8], h, 0, 1)
 
 
 def test_class_activation_data_errors(digits):
