@@ -211,7 +211,8 @@ def test_generator_training_is_cached_and_resumes(tmp_path):
     cfg3 = GeneratorTrainConfig(epochs=2, batch_size=32, lr=1e-3, seed=5)
     one, info_one = get_image_flow(data, blocks=1, hidden=4, train=GeneratorTrainConfig(epochs=1, batch_size=32, lr=1e-3, seed=5),
                                    cache=None, progress=False)
-    arch = {"arch": "image_flow", "image_shape": [1, 8, 8], "levels": gz.default_flow_levels((1, 8, 8)), "blocks": 1, "hidden": 4}
+    arch = {"arch": "image_flow", "image_shape": [1, 8, 8], "levels": gz.default_flow_levels((1, 8, 8)), "blocks": 1, "hidden": 4,
+            "scale_map": "sigmoid_inv"}
     key = cache_key(arch, cfg3.to_dict(), data.fingerprint())
     cache2 = ModelCache(tmp_path / "resume")
     opt = torch.optim.Adam(one.parameters(), lr=1e-3)
@@ -289,3 +290,24 @@ def test_distance_to_helix_matches_brute_force():
     torch.testing.assert_close(distance_to_helix(q), torch.full((2,), 0.3, dtype=torch.float64))
     with pytest.raises(InputError, match=r"\(N, 3\)"):
         distance_to_helix(torch.zeros(2, 2))
+
+
+def test_image_flow_decode_is_bounded_far_from_the_data():
+    """The default coupling scale (σ(s + 2) multiplies in decode) keeps decode and its gradient finite for latents
+    far outside the typical set; Glow's map (divides by σ(s + 2) in decode) overflows on the same weights."""
+    torch.manual_seed(0)
+    f = ImageFlow((1, 8, 8), levels=2, blocks=2, hidden=8)
+    f.initialize(torch.rand(32, 1, 8, 8) * 0.98 + 0.01)
+    _perturb(f, 0.5)
+    glow = ImageFlow((1, 8, 8), levels=2, blocks=2, hidden=8, scale_map="sigmoid")
+    glow.load_state_dict(f.state_dict())
+    z = [1e3 * p for p in f.sample_latent(4, torch.Generator().manual_seed(1))]
+    with torch.no_grad():
+        assert not bool(torch.isfinite(glow.decode(z)).all())
+    z = [p.requires_grad_() for p in z]
+    x = f.decode(z)
+    assert bool(torch.isfinite(x).all()) and float(x.detach().min()) >= -f.alpha / (1 - 2 * f.alpha) - 1e-6
+    x.sum().backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in z)
+    with pytest.raises(InputError, match="scale_map"):
+        ImageFlow((1, 8, 8), levels=2, scale_map="tanh")

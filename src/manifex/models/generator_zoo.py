@@ -95,7 +95,8 @@ def get_image_flow(
     info: history (bits/dim per epoch), bits_per_dim (last epoch, training data), train_seconds, cached, key."""
     levels = default_flow_levels(data.image_shape) if levels is None else levels
     train = train or image_flow_train_config()
-    arch = {"arch": "image_flow", "image_shape": list(data.image_shape), "levels": levels, "blocks": blocks, "hidden": hidden}
+    arch = {"arch": "image_flow", "image_shape": list(data.image_shape), "levels": levels, "blocks": blocks, "hidden": hidden,
+            "scale_map": "sigmoid_inv"}
     key = cache_key(arch, train.to_dict(), data.fingerprint())
     torch.manual_seed(train.seed)
     model = ImageFlow(data.image_shape, levels, blocks, hidden).to(device)
