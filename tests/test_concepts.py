@@ -13,7 +13,7 @@ from torch import nn
 from manifex.concepts import ConceptBasis, class_concepts, concept_prototypes, matched_cosine, nmf, nmf_error, prediction_from_components
 from manifex.data import load_digits8
 from manifex.errors import InputError, ModelError
-from manifex.models.classifiers import SmallResNet
+from _tiny_models import tiny_resnet
 
 captum_attr = pytest.importorskip("captum.attr")
 sk_nmf = pytest.importorskip("sklearn.decomposition")
@@ -24,29 +24,6 @@ def synthetic(B=3, R=300, c=20, seed=0):
     W = torch.rand(B, R, 8, generator=g) ** 3
     H = torch.rand(B, 8, c, generator=g) ** 3
     return W @ H + 0.05 * torch.rand(B, R, c, generator=g)
-
-
-_TINY: dict[str, nn.Module] = {}
-
-
-def tiny_resnet() -> nn.Module:
-    """A SmallResNet (8×8, widths 8 and 12, 4 classes) trained for two quick epochs on 600 digits 0–3."""
-    if "model" not in _TINY:
-        d = load_digits8()
-        keep = (d.y < 4).nonzero().flatten()[:600]
-        x, y = d.x[keep], d.y[keep]
-        torch.manual_seed(0)
-        model = SmallResNet((1, 8, 8), 4, (8, 12))
-        opt = torch.optim.Adam(model.parameters(), 1e-2)
-        for epoch in range(2):
-            perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
-            for s in range(0, len(x), 50):
-                i = perm[s : s + 50]
-                opt.zero_grad()
-                F.cross_entropy(model(x[i]), y[i]).backward()
-                opt.step()
-        _TINY["model"] = model.eval()
-    return _TINY["model"]
 
 
 @pytest.fixture(scope="module")
