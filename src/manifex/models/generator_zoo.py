@@ -3,11 +3,12 @@ classifiers (same :class:`ModelCache`, per-epoch partial checkpoints, resume aft
 
 Fixed, documented schedules (no early stopping, so a cached model is a function of its config):
 
-* image flow (:class:`ImageFlow`, 3 levels × 4 Glow blocks, 32 hidden channels on 32×32; 2 levels on 8×8):
-  Adam 1e-3, batch 64, :data:`IMAGE_FLOW_EPOCHS` epochs, dequantised data, loss = bits per dimension. On MNIST-5k
-  32×32 an epoch costs about 20 s of one CPU core; training bits/dim by epoch 4.89, 3.60, 2.95, 2.55, 2.25, 2.04,
-  1.91, 1.82, 1.77, 1.73 (epoch 10) … 1.63 (epoch 15): 10 epochs are the default, sized for the 15-minute cold
-  budget of ``manifex counterfactual``;
+* image flow (:class:`ImageFlow`, 3 levels × 4 Glow blocks, 32 hidden channels on 32×32; 2 levels on 8×8; coupling
+  scale bounded in decode, ``scale_map="sigmoid_inv"``): Adam 1e-3, batch 64, :data:`IMAGE_FLOW_EPOCHS` epochs,
+  dequantised data, loss = bits per dimension. On MNIST-5k 32×32 (the 4,000 training images) 10 epochs took 130 s
+  of one CPU core on a shared machine; training bits/dim by epoch 5.07, 3.58, 2.82, 2.75, 2.27, 2.13, 2.02, 2.01,
+  1.84, 1.78 (held-out: 3.17). 10 epochs are the default, sized for the 15-minute cold budget of
+  ``manifex counterfactual``;
 * helix flow (:class:`VectorFlow`, the research's 12-coupling RealNVP with 3-256-256-3 nets): Adam 1e-3, batch 128,
   :data:`HELIX_FLOW_EPOCHS` epochs over 50,000 helix points (``helix(50_000, seed=0)``; 391 steps an epoch, 1,173 in
   all, 110 s of one CPU core measured on a shared machine). The research trained 5,000 steps × batch 500 at lr 1e-4 (2.5 M samples,
