@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from . import main
-from .common import (_csv, _positive_floats, classifier_options, executor_options, load_classifier, load_data,
+from .common import (_csv, _positive_floats, classifier_options, environment_options, executor_options, load_classifier, load_data,
                      make_executor, preflight)
 
 
@@ -38,16 +38,11 @@ from .common import (_csv, _positive_floats, classifier_options, executor_option
 @click.option("--latent-dim", type=click.IntRange(1), default=10, show_default=True, help="Manifold dimension k of the VAE.")
 @click.option("--n-train", type=click.IntRange(10), default=6000, show_default=True, help="Generated training images.")
 @click.option("--n-test", type=click.IntRange(2), default=1000, show_default=True, help="Generated test images.")
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Model/attribution cache (default $MANIFEX_CACHE or ~/.cache/manifex). Re-runs reuse it.")
-@click.option("--trust-pickle", is_flag=True, help="Allow loading pickled dataset files (MNIST32 .pt); only for files you trust.")
 @click.option("--allow-degenerate", is_flag=True,
               help="Write the report even when the generated known-manifold dataset fails its checks (labeler near "
                    "chance, one class dominating, near-uniform labeler); the report then opens with the warning.")
+@environment_options
 @executor_options
-@click.option("--quiet", is_flag=True, help="No progress bars.")
 def align(out_dir: Path, cache_dir: Path | None, quiet: bool, methods, model_spec, weights, normalize, num_classes,
           workers, ray_address, gpus_per_worker, **options) -> None:
     """Score how much attributions lie in the data manifold's tangent space.

@@ -214,6 +214,25 @@ def load_classifier(train, test, *, model_spec: str | None = None, weights: str 
     return model, info
 
 
+def environment_options(f):
+    """Click options every command shares: --device, --seed, --cache-dir, --trust-pickle, --quiet (parameters
+    ``device``, ``seed``, ``cache_dir``, ``trust_pickle``, ``quiet``)."""
+    options = [
+        click.option("--device", default="cpu", show_default=True,
+                     help="torch device, e.g. cpu, cuda or cuda:1 (checked before any work)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of data splits, training and sampling."),
+        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Model cache (default $MANIFEX_CACHE or ~/.cache/manifex). Re-runs reuse trained models; "
+                          "concurrent runs share it safely."),
+        click.option("--trust-pickle", is_flag=True,
+                     help="Allow loading pickled dataset files (MNIST32 .pt); only for files you trust."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def executor_options(f):
     """Click options that choose where a campaign's units run: --workers, --ray-address, --gpus-per-worker
     (parameters ``workers``, ``ray_address``, ``gpus_per_worker``; build the executor with :func:`make_executor`)."""

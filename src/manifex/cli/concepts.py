@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from . import main
-from .common import _csv, classifier_options, executor_options, load_classifier, load_data, make_executor, preflight
+from .common import _csv, classifier_options, environment_options, executor_options, load_classifier, load_data, make_executor, preflight
 
 
 @main.command()
@@ -53,12 +53,8 @@ from .common import _csv, classifier_options, executor_options, load_classifier,
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Images per attribution batch.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/concepts"), show_default=True)
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Skip classes already finished in --out.")
+@environment_options
 @executor_options
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
-@click.option("--trust-pickle", is_flag=True, help="Allow pickled dataset files (only for files you trust).")
-@click.option("--quiet", is_flag=True)
 def concepts(dataset, classifier, model_spec, weights, normalize, num_classes, epochs, layer, components, images_per_class,
              classes, relevance, samples, solver, pool, geometry, layout, exclude_target, top_k, strips, controls, batch_size,
              out_dir, resume, workers, ray_address, gpus_per_worker, device, seed, cache_dir, trust_pickle, quiet) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from . import main
-from .common import classifier_options, executor_options, make_executor, preflight
+from .common import classifier_options, environment_options, executor_options, make_executor, preflight
 
 
 @main.command()
@@ -37,13 +37,8 @@ from .common import classifier_options, executor_options, make_executor, preflig
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/contrast"),
               show_default=True, help="Output folder: report.html, metrics.json, results.jsonl, hyperplanes.pt, figures.")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Skip pairs already in --out/results.jsonl.")
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Model cache (default $MANIFEX_CACHE or ~/.cache/manifex). Re-runs reuse trained models.")
-@click.option("--trust-pickle", is_flag=True, help="Allow loading pickled dataset files (MNIST32 .pt); only for files you trust.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
 @classifier_options
+@environment_options
 @executor_options
 def contrast(dataset: str, classifier: str, classifier_epochs: int, layer: str, pairs: str | None, random_pairs: int | None,
              images_per_class: int, n_random: int, n_components: int, concepts_pair: str | None, n_samples: int, ood: bool,

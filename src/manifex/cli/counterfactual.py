@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from . import main
-from .common import _csv, classifier_options, executor_options, make_executor, preflight
+from .common import _csv, classifier_options, environment_options, executor_options, make_executor, preflight
 
 
 def _lr(ctx, param, value):
@@ -52,13 +52,8 @@ def _lr(ctx, param, value):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/cf"),
               show_default=True, help="Output folder: report.html, metrics.json, results.jsonl, figures.")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Skip images already in --out/results.jsonl.")
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Model cache (default $MANIFEX_CACHE or ~/.cache/manifex). Re-runs reuse trained models.")
-@click.option("--trust-pickle", is_flag=True, help="Allow loading pickled dataset files (MNIST32 .pt); only for files you trust.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
 @classifier_options
+@environment_options
 @executor_options
 def counterfactual(out_dir: Path, cache_dir: Path | None, quiet: bool, device: str, spaces, resume: bool,
                    model_spec, weights, normalize, num_classes, workers, ray_address, gpus_per_worker, **options) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from . import main
-from .common import (_beta_pair, _betas, _fraction, classifier_options, executor_options, load_classifier, load_data,
+from .common import (_beta_pair, _betas, _fraction, classifier_options, environment_options, executor_options, load_classifier, load_data,
                      make_executor, preflight)
 
 
@@ -58,12 +58,8 @@ def unsupported_option(f):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/attack"), show_default=True)
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Skip pairs already finished in --out (an interrupted campaign loses at most one batch).")
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
-@click.option("--trust-pickle", is_flag=True, help="Allow pickled dataset files (only for files you trust).")
+@environment_options
 @executor_options
-@click.option("--quiet", is_flag=True)
 def attack(dataset, classifier, model_spec, weights, normalize, num_classes, epochs, method, n_pairs, pairs_csv, data_dir,
            iterations, lr, gamma, map_loss, budget, norm, beta_growth, unsupported, stop_pcc, batch_size, out_dir, resume, device,
            seed, cache_dir, trust_pickle, workers, ray_address, gpus_per_worker, quiet) -> None:
@@ -151,12 +147,8 @@ def attack(dataset, classifier, model_spec, weights, normalize, num_classes, epo
 @unsupported_option
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/smooth"), show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
-@click.option("--trust-pickle", is_flag=True)
+@environment_options
 @executor_options
-@click.option("--quiet", is_flag=True)
 def smooth(dataset, classifier, model_spec, weights, normalize, num_classes, epochs, method, betas, n_pairs, iterations, lr,
            budget, map_loss, unsupported, batch_size, out_dir, device, seed, cache_dir, trust_pickle, workers, ray_address,
            gpus_per_worker, quiet) -> None:
