@@ -171,11 +171,6 @@ def relevance_explainer(model: nn.Module, layer: str | nn.Module, x: torch.Tenso
     return SmoothGrad(inner, sigma=sigma, n_samples=max(n, 1), noise=noise, seed=opts.get("seed", 0)), sigma, base
 
 
-def _relevance_explainer(model, layer, relevance, opts, x):
-    """The former private name and argument order of :func:`relevance_explainer` (used by ``contrast``)."""
-    return relevance_explainer(model, layer, x, relevance, opts, opts.get("seed", 0))
-
-
 def class_concepts(
     model: nn.Module,
     data: ImageDataset | torch.Tensor,
