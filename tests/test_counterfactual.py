@@ -177,6 +177,21 @@ def test_path_frames_are_on_the_trajectory(digits):
         assert torch.allclose(mid.x_cf[0], r.path[i, 1], atol=1e-6)
 
 
+def test_path_of_a_row_that_stops_early_keeps_its_frames(digits):
+    """A row that stops early keeps K distinct frames although another row of its batch runs much longer."""
+    data, _ = digits
+    x = data.x[data.y == 4][:2] * 0.5
+    total = x.flatten(1).sum(1)
+    stop = torch.stack([total[0] + 20.0, torch.tensor(1e9)])  # row 0 stops after a few dozen steps, row 1 never
+    r = counterfactual(None, x, None, space="pixel", lr=1e-2, max_steps=400, objective=lambda v: v.flatten(1).sum(1),
+                       stop_value=stop, record_path=6)
+    assert bool(r.success[0]) and 12 <= int(r.steps[0]) < 400 and int(r.steps[1]) == 400
+    for i in range(2):
+        s = r.path_steps[i].tolist()
+        assert s[0] == 0 and s[-1] == int(r.steps[i]) and all(a < b for a, b in zip(s, s[1:])), s
+        assert torch.equal(r.path[i, -1], r.x_cf[i])
+
+
 def test_regression_objective_with_per_row_direction():
     torch.manual_seed(0)
     f = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1), nn.Sigmoid())

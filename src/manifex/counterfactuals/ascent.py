@@ -277,6 +277,9 @@ def _search_chunk(
     success = torch.zeros(n, dtype=torch.bool, device=x.device)
     value_out = torch.empty(n, dtype=x.dtype, device=x.device)
     frames: list[tuple[int, torch.Tensor]] = []
+    if record_path:
+        path_out = torch.empty((n, record_path, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        path_steps_out = torch.empty((n, record_path), dtype=torch.long)
     stride = 1
     diverged = torch.zeros(n, dtype=torch.bool, device=x.device)
     prev: torch.Tensor | None = None
@@ -321,6 +324,11 @@ def _search_chunk(
             steps[rows] = step
             success[rows] = reached.detach()[done]
             value_out[rows] = value.detach()[done]
+            if record_path:
+                # choose a finished row's frames now: later thinning of `frames` (for rows still running) would
+                # otherwise leave a row that stopped early with only its first frame
+                for r in rows.tolist():
+                    path_out[r], path_steps_out[r] = _select_frames(frames, r, x_cf[r], step, record_path)
         keep = ~done
         if not bool(keep.any()):
             break
@@ -351,23 +359,16 @@ def _search_chunk(
             bar.set_postfix(active=len(active))
     out = {"x_cf": x_cf, "z_cf": z_cf, "steps": steps, "success": success, "value": value_out, "diverged": diverged}
     if record_path:
-        out["path"], out["path_steps"] = _select_frames(frames, x_cf, steps, record_path)
+        out["path"], out["path_steps"] = path_out, path_steps_out
     return out
 
 
-def _select_frames(frames, x_cf, steps, k):
-    """K frames per row, evenly spaced over its recorded trajectory, the last one x_cf itself."""
-    n = x_cf.shape[0]
-    path = torch.empty((n, k, *x_cf.shape[1:]), dtype=x_cf.dtype, device=x_cf.device)
-    path_steps = torch.empty((n, k), dtype=torch.long)
-    for i in range(n):
-        s_i = int(steps[i])
-        rec = [(s, f[i]) for s, f in frames if s < s_i and not bool(torch.isnan(f[i]).any())]
-        rec.append((s_i, x_cf[i]))
-        pick = torch.linspace(0, len(rec) - 1, k).round().long().tolist()
-        for j, p in enumerate(pick):
-            path_steps[i, j], path[i, j] = rec[p][0], rec[p][1]
-    return path, path_steps
+def _select_frames(frames, row: int, x_final: torch.Tensor, step: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K frames of one row that finished at ``step``, evenly spaced over its recorded trajectory; the last is x_cf."""
+    rec = [(s, f[row]) for s, f in frames if s < step]
+    rec.append((step, x_final))
+    pick = torch.linspace(0, len(rec) - 1, k).round().long().tolist()
+    return torch.stack([rec[p][1] for p in pick]), torch.tensor([rec[p][0] for p in pick], dtype=torch.long)
 
 
 def counterfactual(
