@@ -443,3 +443,25 @@ def test_a_diverging_decoder_stops_the_row_as_a_failure(digits):
         r = counterfactual(clf, x, 9, generator=gen, lr=5e-2, max_steps=200)
     assert r.info["diverged"] == [0] and not r.success[0] and r.steps[0] > 0
     assert torch.isfinite(r.x_cf).all()
+
+
+def test_overflowing_likelihood_is_counted_not_raised():
+    """An x′ whose log-density overflows (far off a flow's support) is +inf bits/dim: flagged and counted, no error."""
+    from manifex.counterfactuals.evaluate import example_metrics, summarize
+
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5
+    r = CounterfactualResult(x=x, x_cf=x + 0.3, target=torch.tensor([9, 9, 9]), success=torch.tensor([True, True, False]),
+                             steps=torch.tensor([3, 4, 9]), p_target=torch.tensor([0.995, 0.995, 0.5]),
+                             already=torch.zeros(3, dtype=torch.bool), space="latent", lr=0.05)
+
+    def bpd(v):  # finite for the originals, overflowing for the first and last counterfactual
+        out = v.flatten(1).mean(1).double()
+        return torch.where(v.flatten(1).amax(1) > 0.55, torch.tensor(float("inf"), dtype=torch.float64), out) \
+            if v is r.x_cf else out
+
+    r.x_cf[1] = x[1]  # the second one did not move: finite
+    rows = example_metrics(r, bits_per_dim=bpd)
+    assert rows[0]["bpd_after"] is None and rows[0]["bpd_after_overflow"] is True
+    assert rows[1]["bpd_after"] is not None and "bpd_after_overflow" not in rows[1]
+    s = summarize({"latent": rows})["latent"]
+    assert s["bpd_after_overflow"] == 1 and s["all"]["bpd_after_overflow"] == 2 and s["bpd_after"]["n"] == 1

@@ -209,3 +209,29 @@ def test_invert_generator_bad_input():
 
 def test_top_level_exports():
     assert manifex.as_generator is as_generator and manifex.invert_generator is invert_generator
+
+
+def test_log_prob_overflow_raises_or_returns_inf():
+    """A non-finite log-density raises by default; strict=False returns −inf log p / +inf bits per dimension."""
+
+    class Overflowing(nn.Module):
+        exact = True
+
+        def encode(self, x):
+            return x.flatten(1)
+
+        def decode(self, z):
+            return z.reshape(-1, 1, 2, 2)
+
+        def log_prob(self, x):
+            lp = -x.flatten(1).pow(2).sum(1)
+            return torch.where(x.flatten(1).amax(1) > 0.9, torch.tensor(float("nan")), lp)
+
+    g = as_generator(Overflowing())
+    x = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.1, 0.2, 0.3, 0.95]).reshape(2, 1, 2, 2)
+    with pytest.raises(ModelError, match=r"non-finite .* examples \[1\]"):
+        g.log_prob(x)
+    lp = g.log_prob(x, strict=False)
+    assert lp[1] == float("-inf") and torch.isfinite(lp[0])
+    bpd = g.bits_per_dim(x, strict=False)
+    assert bpd[1] == float("inf") and torch.isfinite(bpd[0])

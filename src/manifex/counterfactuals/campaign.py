@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -216,7 +217,8 @@ def process_units(units: list[Unit], ctx: dict, out_dir: Path) -> list[dict]:
 
         manifold = known_distance
 
-    bpd = gen.bits_per_dim if gen is not None and gen.has_log_prob else None
+    # strict=False: an x′ whose log-density overflows (far off the flow's support) scores +inf bits/dim, counted
+    bpd = partial(gen.bits_per_dim, strict=False) if gen is not None and gen.has_log_prob else None
     for space in cfg.spaces:
         lr = cfg.lr_latent if space == "latent" else cfg.lr_pixel
         r = counterfactual(clf, x, target, generator=gen if space == "latent" else None, space=space, lr=lr,

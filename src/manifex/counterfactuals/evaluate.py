@@ -191,14 +191,24 @@ def example_metrics(
             l2 = torch.as_tensor(cols["l2"])
             cols["off_manifold_fraction"] = torch.where(l2 > 0, dist / l2.clamp_min(1e-12), torch.full_like(dist, float("nan"))).numpy()
         if bits_per_dim is not None:
-            cols["bpd_before"] = bits_per_dim(result.x).double().cpu().numpy()
-            cols["bpd_after"] = bits_per_dim(result.x_cf).double().cpu().numpy()
+            for key, images in (("bpd_before", result.x), ("bpd_after", result.x_cf)):
+                bpd = bits_per_dim(images).double().cpu()
+                # non-finite: the log-density overflowed (an image far outside the flow's support); kept as a
+                # flag, since JSON has no inf, and counted in the summary rather than silently dropped
+                over = ~torch.isfinite(bpd)
+                cols[key] = torch.where(over, torch.full_like(bpd, float("nan")), bpd).numpy()
+                if bool(over.any()):
+                    cols[f"{key}_overflow"] = over.numpy()
     rows = []
     for i in range(n):
         row = {}
         for k, v in cols.items():
             val = v[i].item() if hasattr(v[i], "item") else v[i]
-            row[k] = bool(val) if k in ("success", "already") else val
+            if k.endswith("_overflow") and not val:
+                continue
+            row[k] = bool(val) if k in ("success", "already") or k.endswith("_overflow") else val
+            if isinstance(row[k], float) and math.isnan(row[k]):
+                row[k] = None
         rows.append(row)
     return rows
 
@@ -231,6 +241,11 @@ def summarize(per_space: Mapping[str, Sequence[dict]]) -> dict:
                 s[f] = st
         # the same over every searched example, successful or not (what the budget reached)
         s["all"] = {f: st for f in SUMMARY_FIELDS if (st := _stats([r.get(f) for r in live if f in r])) is not None}
+        for f in ("bpd_before", "bpd_after"):  # log-densities that overflowed: +inf bits/dim, not in the means
+            for where, group in ((s, ok), (s["all"], live)):
+                k = sum(1 for r in group if r.get(f"{f}_overflow"))
+                if k:
+                    where[f"{f}_overflow"] = k
         out[space] = s
     if "latent" in out and "pixel" in out:
         ratios: dict[str, Any] = {}

@@ -167,8 +167,14 @@ def write_report(result: CampaignResult, *, command: str | None = None) -> Path:
         ("bpd_before", "bits/dim of x (mean)", "mean", 3), ("bpd_after", "bits/dim of x′ (mean)", "mean", 3),
     ]:
         vals = {s: _stat(summary, s, key, which) for s in spaces}
-        if any(v is not None for v in vals.values()):
-            metric_rows.append({"name": label, **{s: "n/a" if v is None else f"{v:.{digits}f}" for s, v in vals.items()}})
+        over = {s: (summary[s] if summary[s].get("n_success") else summary[s].get("all", {})).get(f"{key}_overflow", 0)
+                for s in spaces}
+        if any(v is not None for v in vals.values()) or any(over.values()):
+            cells = {s: "n/a" if v is None else f"{v:.{digits}f}" for s, v in vals.items()}
+            for s in spaces:  # bits/dim beyond float range: far outside the flow's support, not in the mean
+                if over[s]:
+                    cells[s] += f" (+{over[s]} overflow: −log p beyond float range)"
+            metric_rows.append({"name": label, **cells})
     cards = []
     for s in spaces:
         sr = summary[s].get("success_rate")

@@ -174,13 +174,19 @@ class Generator:
     def __call__(self, z: Latent) -> torch.Tensor:
         return self.decode(z)
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """Natural-log density of x under the generator, (N,); flows only. Raises ModelError if non-finite."""
+    def log_prob(self, x: torch.Tensor, *, strict: bool = True) -> torch.Tensor:
+        """Natural-log density of x under the generator, (N,); flows only.
+
+        Raises ModelError if a value is non-finite; with ``strict=False`` such values come back as −inf instead
+        (an image so far outside the flow's support that its log-det overflows, e.g. an adversarial one: for
+        evaluation, where that is a finding, not an error)."""
         if self._log_prob is None:
             raise ModelError(
                 f"{self.name} ({self.kind}) has no likelihood; log_prob / bits_per_dim need a normalizing flow."
             )
         lp = self._log_prob(x)
+        if not strict:
+            return torch.where(torch.isfinite(lp), lp, torch.full_like(lp, float("-inf")))
         if not bool(torch.isfinite(lp.detach()).all()):
             bad = (~torch.isfinite(lp.detach())).nonzero().flatten().tolist()
             raise ModelError(
@@ -189,15 +195,16 @@ class Generator:
             )
         return lp
 
-    def bits_per_dim(self, x: torch.Tensor, levels: int | None = 256) -> torch.Tensor:
+    def bits_per_dim(self, x: torch.Tensor, levels: int | None = 256, *, strict: bool = True) -> torch.Tensor:
         """Negative log-likelihood in bits per dimension, (N,).
 
         With ``levels`` (256 for 8-bit images scaled to [0, 1]) the density on [0, 1]^d is turned into the
         discrete likelihood of the quantised data: bpd = −log p(x) / (d ln 2) + log2(levels). ``levels=None``
-        gives the plain continuous −log p(x) / (d ln 2).
+        gives the plain continuous −log p(x) / (d ln 2). ``strict=False``: +inf where the log-density overflows
+        (see :meth:`log_prob`) instead of an error.
         """
         d = math.prod(x.shape[1:])
-        bpd = -self.log_prob(x) / (d * math.log(2.0))
+        bpd = -self.log_prob(x, strict=strict) / (d * math.log(2.0))
         return bpd + math.log2(levels) if levels else bpd
 
     def round_trip(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
