@@ -311,3 +311,27 @@ def test_image_flow_decode_is_bounded_far_from_the_data():
     assert all(bool(torch.isfinite(p.grad).all()) for p in z)
     with pytest.raises(InputError, match="scale_map"):
         ImageFlow((1, 8, 8), levels=2, scale_map="tanh")
+
+
+def test_frozen_lu_weights_are_cached_exactly_and_invalidated():
+    """The frozen 1×1-convolution cache gives the uncached decode bit for bit, follows weight changes, and never
+    blocks the weights' gradients in training."""
+    torch.manual_seed(0)
+    flow = ImageFlow((1, 8, 8), levels=2, blocks=2, hidden=8).double().eval()
+    z = flow.sample_latent(3)
+    z = [t.double() for t in z]
+    ref = flow.decode(z)  # weights require grad: uncached path
+    for p in flow.parameters():
+        p.requires_grad_(False)
+    first, again = flow.decode(z), flow.decode(z)
+    assert torch.equal(first, ref) and torch.equal(again, ref)
+    conv = next(m for m in flow.modules() if hasattr(m, "_frozen_w"))
+    with torch.no_grad():
+        conv.log_S.add_(0.1)  # an in-place change (optimiser step, load_state_dict) invalidates the cache
+    changed = flow.decode(z)
+    for p in flow.parameters():
+        p.requires_grad_(True)
+    assert torch.equal(changed, flow.decode(z)) and not torch.equal(changed, ref)
+    # training: the weights get gradients through the 1×1 convolutions
+    flow.decode(z).sum().backward()
+    assert conv.log_S.grad is not None and conv.log_S.grad.abs().sum() > 0
