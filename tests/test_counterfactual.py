@@ -146,6 +146,12 @@ def test_default_lr_follows_generator_kind(digits):
         assert counterfactual(clf, x, 3, generator=vae, max_steps=1).lr == 5e-3
     assert counterfactual(clf, x, 3, space="pixel", max_steps=1).lr == 5e-4
     assert manifex.counterfactuals.default_lr("flow") == 5e-2
+    # a generator that declares its own lr (the zoo's image flow, from a measured sweep) gets it
+    flow = manifex.models.flows.ImageFlow((1, 8, 8), levels=2, blocks=1, hidden=4).eval()
+    assert manifex.counterfactuals.default_lr("flow", flow) == flow.counterfactual_lr == 1e-2
+    x8 = data.x[:2].clamp(0.02, 0.98)
+    assert counterfactual(clf, x8, 3, generator=flow, max_steps=1).lr == 1e-2
+    assert counterfactual(clf, x8, 3, generator=flow, max_steps=1, lr=5e-2).lr == 5e-2
 
 
 def test_vae_warns_approximate_and_starts_from_reconstruction(digits):

@@ -54,8 +54,14 @@ Latent = Union[torch.Tensor, list]
 DEFAULT_LR: dict[str | None, float] = {"flow": 5e-2, "vae": 5e-3, "gan": 5e-3, "autoencoder": 5e-3, None: 5e-4}
 
 
-def default_lr(kind: str | None) -> float:
-    """Research default Adam learning rate for a generator kind ("flow", "vae", "gan"; ``None``: pixel space)."""
+def default_lr(kind: str | None, generator: Any = None) -> float:
+    """Default Adam learning rate: the ``counterfactual_lr`` a generator's module declares (the zoo's image flow
+    does, from a measured sweep), else the research value for its kind ("flow", "vae", "gan"; ``None``: pixel
+    space)."""
+    module = getattr(generator, "module", generator)
+    declared = getattr(module, "counterfactual_lr", None)
+    if declared is not None:
+        return float(declared)
     return DEFAULT_LR.get(kind, DEFAULT_LR["vae"])
 
 
@@ -399,7 +405,8 @@ def counterfactual(
 
     ``generator``: any object with ``encode(x) → z`` and ``decode(z) → x`` (z a tensor or a list of multi-scale
     tensors, all optimised), e.g. a flow or VAE of :mod:`manifex.models` or your own ``nn.Module``; needed for
-    ``space="latent"``. ``lr=None`` takes the research default for the generator's kind (flow 5e-2, VAE/GAN
+    ``space="latent"``. ``lr=None`` takes the generator's declared ``counterfactual_lr`` (the zoo's image flow:
+    1e-2, see :class:`manifex.models.flows.ImageFlow`), else the research default for its kind (flow 5e-2, VAE/GAN
     5e-3, pixel space 5e-4). ``box``: the valid input range x′ is clipped to (``None``: no clipping).
     ``batch_size`` rows are searched together; each follows exactly its batch-1 trajectory. ``record_path=K``
     keeps K frames from the start to x′ per example.
@@ -438,7 +445,7 @@ def counterfactual(
     n = x.shape[0]
     gen = as_generator(generator) if space == "latent" else None
     kind = gen.kind if gen is not None else None
-    lr = float(lr) if lr is not None else default_lr(kind if space == "latent" else None)
+    lr = float(lr) if lr is not None else default_lr(kind, gen) if space == "latent" else default_lr(None)
 
     if objective == "output":
         if classifier is None:

@@ -75,7 +75,17 @@ class CounterfactualConfig:
         d = self.to_dict()
         d.pop("device")
         d.pop("batch_size")
+        d["lr_latent_effective"] = self.effective_lr_latent()
         return d
+
+    def effective_lr_latent(self) -> float:
+        """The latent lr the search uses (a default resolved now, so a resume never mixes two defaults)."""
+        if self.lr_latent is not None:
+            return float(self.lr_latent)
+        from ..models.flows import ImageFlow
+        from .ascent import DEFAULT_LR
+
+        return ImageFlow.counterfactual_lr if self.generator == "flow" else DEFAULT_LR.get(self.generator, DEFAULT_LR["vae"])
 
 
 @dataclass

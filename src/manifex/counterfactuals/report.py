@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from ..reports import environment
 from ..runs import atomic_savefig, atomic_write_json, atomic_write_text, to_jsonable
 from .campaign import CampaignResult
+from .ascent import DEFAULT_LR
 
 __all__ = ["grid_figure", "path_figure", "spectrum_figure", "helix_figure", "write_report", "write_helix_report"]
 
@@ -197,7 +198,10 @@ def write_report(result: CampaignResult, *, command: str | None = None) -> Path:
                    subtitle=f"{len(records)} images of class {cfg.source} → {cfg.target} on {cfg.dataset}; "
                             f"generator {cfg.generator}, classifier {cfg.classifier}",
                    findings=findings[1:], cards=cards, spaces=spaces, judge_rows=judge_rows, metric_rows=metric_rows,
-                   figures=figures, checks=result.checks, settings=cfg.to_dict(), info=result.info, command=command,
+                   figures=figures, checks=result.checks,
+                   settings={**cfg.to_dict(), "lr_latent_effective": cfg.effective_lr_latent(),
+                             "lr_pixel_effective": cfg.lr_pixel if cfg.lr_pixel is not None else DEFAULT_LR[None]},
+                   info=result.info, command=command,
                    helix=None)
 
 
