@@ -298,9 +298,15 @@ def run_campaign(cfg: CounterfactualConfig = CounterfactualConfig(), out_dir: st
     summary = summarize({space: [r[space] for r in records if space in r] for space in cfg.spaces})
     if records and "dimension" in records[0]:
         dims = torch.tensor([r["dimension"] for r in records])
+        top = len(records[0]["singular_values"])
+        sv = torch.tensor([r["singular_values"] for r in records], dtype=torch.float64)
+        # estimate_dimension returns `top` when no ratio σᵢ/σᵢ₊₁ reaches 10: no gap, so no dimension was found
+        gap = dims < top
         summary["spectrum"] = {"dimension_median": float(dims.float().median()),
                                "dimension_counts": {int(k): int(v) for k, v in zip(*dims.unique(return_counts=True))},
-                               "top": len(records[0]["singular_values"])}
+                               "top": top, "gap_found_fraction": float(gap.double().mean()),
+                               "dimension_median_where_gap": float(dims[gap].float().median()) if bool(gap.any()) else None,
+                               "sigma_first_median": float(sv[:, 0].median()), "sigma_last_median": float(sv[:, -1].median())}
     info = {**prep["info"], "seconds": time.perf_counter() - t0}
     return CampaignResult(records, summary, info, replace(cfg), out, n_new=max(0, len(records) - n_before),
                           checks=list(prep["checks"]))

@@ -89,8 +89,14 @@ def spectrum_figure(singular_values: np.ndarray, dims: np.ndarray, title: str = 
     i = np.arange(1, s.shape[1] + 1)
     ax.fill_between(i, np.percentile(s, 10, axis=0), np.percentile(s, 90, axis=0), color="#1e4e9c", alpha=0.2, lw=0)
     ax.plot(i, np.median(s, axis=0), "o-", color="#1e4e9c", ms=3, label="median")
-    med = float(np.median(dims))
-    ax.axvline(med + 0.5, color="#c0392b", ls="--", lw=1, label=f"estimated dimension (median {med:g})")
+    dims = np.asarray(dims)
+    gap = dims < s.shape[1]  # estimate_dimension gives k when no σᵢ/σᵢ₊₁ ≥ 10: no gap, no estimate
+    if gap.mean() >= 0.5:
+        med = float(np.median(dims[gap]))
+        ax.axvline(med + 0.5, color="#c0392b", ls="--", lw=1, label=f"estimated dimension (median {med:g})")
+    else:
+        ax.plot([], [], " ", label=f"no gap (σᵢ/σᵢ₊₁ ≥ 10) in the top {s.shape[1]} at {(~gap).sum()} of {len(dims)}:\n"
+                                    "dimension not determined")
     ax.set_yscale("log")
     ax.set_xlabel("singular value index")
     ax.set_ylabel("σᵢ of ∂decode/∂z")
@@ -222,6 +228,15 @@ def _findings(summary: dict, spaces: list[str]) -> list[str]:
         if ratio is not None:
             out.append(f"Off-manifold part of the change (distance to the known manifold ÷ ‖δ‖, median): latent is "
                        f"{ratio:.2f}× pixel's.")
+    sp = summary.get("spectrum")
+    if sp and sp.get("gap_found_fraction") is not None:
+        if sp["gap_found_fraction"] < 0.5:
+            out.append(f"Generator spectrum: no gap (σᵢ/σᵢ₊₁ ≥ 10) among the top {sp['top']} singular values for "
+                       f"{(1 - sp['gap_found_fraction']) * 100:.0f}% of images (median σ₁ {sp['sigma_first_median']:.3g} → "
+                       f"σ_{sp['top']} {sp['sigma_last_median']:.3g}): the manifold dimension is not determined here.")
+        else:
+            out.append(f"Generator spectrum: estimated dimension {sp['dimension_median_where_gap']:g} (median, gap "
+                       f"found for {sp['gap_found_fraction'] * 100:.0f}% of images).")
     return out
 
 
