@@ -493,3 +493,17 @@ def test_report_says_when_the_spectrum_has_no_gap():
         labels = fig.axes[0].get_legend_handles_labels()[1]
         assert any(("not determined" in l) == (s is smooth) for l in labels)
         assert np.isfinite(fig.axes[0].get_ylim()).all()
+
+
+def test_paired_summary_uses_only_images_where_both_searches_succeeded():
+    from manifex.counterfactuals.evaluate import summarize
+
+    lat = [{"success": True, "svm": 1.0, "knn_vote": 1.0}, {"success": True, "svm": 0.0, "knn_vote": 1.0},
+           {"success": True, "svm": 1.0, "knn_vote": 0.0}]
+    pix = [{"success": True, "svm": 1.0, "knn_vote": 0.0}, {"success": False, "svm": 1.0, "knn_vote": 1.0},
+           {"success": True, "svm": 0.0, "knn_vote": 0.0}]
+    s = summarize({"latent": lat, "pixel": pix})
+    assert s["paired"]["n"] == 2
+    assert s["paired"]["svm"] == {"latent": 1.0, "pixel": 0.5} and s["paired"]["knn_vote"] == {"latent": 0.5, "pixel": 0.0}
+    # the per-space means use each space's own successes (three latent, two pixel)
+    assert s["latent"]["svm"]["n"] == 3 and s["pixel"]["svm"]["n"] == 2

@@ -257,6 +257,20 @@ def summarize(per_space: Mapping[str, Sequence[dict]]) -> dict:
             if a and b and b["median"] > 0:
                 ratios[f"{f}_median_all"] = a["median"] / b["median"]
         out["latent_vs_pixel"] = ratios
+        # paired: the images where both searches succeeded (rows align: one list entry per image in each space).
+        # Success rates differ a lot (pixel search often runs out of steps), so per-space means compare different
+        # image sets; the paired numbers compare the two kinds of change on the same images.
+        lat, pix = per_space["latent"], per_space["pixel"]
+        if len(lat) == len(pix):
+            both = [i for i in range(len(lat)) if lat[i].get("success") and pix[i].get("success")
+                    and not lat[i].get("already") and not pix[i].get("already")]
+            paired: dict[str, Any] = {"n": len(both)}
+            for f in JUDGE_KEYS + ("l2", "tangent_fraction", "off_manifold_fraction"):
+                a = _stats([lat[i].get(f) for i in both if f in lat[i]])
+                b = _stats([pix[i].get(f) for i in both if f in pix[i]])
+                if a and b:
+                    paired[f] = {"latent": a["mean"], "pixel": b["mean"]}
+            out["paired"] = paired
     return out
 
 

@@ -223,6 +223,11 @@ def _findings(summary: dict, spaces: list[str]) -> list[str]:
             if a is not None and b is not None:
                 out.append(f"{name[0].upper() + name[1:]} agree{'s' if key == 'svm' else ''} with the target for "
                            f"{a * 100:.0f}% of latent and {b * 100:.0f}% of pixel counterfactuals.")
+        pair = summary.get("paired", {})
+        if pair.get("n") and "svm" in pair and "knn_vote" in pair:
+            out.append(f"On the {pair['n']} images where both searches succeeded: the RBF-SVM agrees for "
+                       f"{pair['svm']['latent'] * 100:.0f}% (latent) vs {pair['svm']['pixel'] * 100:.0f}% (pixel), the "
+                       f"10-NN vote for {pair['knn_vote']['latent'] * 100:.0f}% vs {pair['knn_vote']['pixel'] * 100:.0f}%.")
         lvp = summary.get("latent_vs_pixel", {})
         ratio = lvp.get("off_manifold_fraction_median", lvp.get("off_manifold_fraction_median_all"))
         if ratio is not None:
