@@ -49,7 +49,9 @@ def _lr(ctx, param, value):
 @click.option("--path-frames", type=click.IntRange(2), default=8, show_default=True, help="Frames in each path strip.")
 @click.option("--generator-epochs", type=click.IntRange(1), default=None,
               help="Override the generator's documented training schedule (part of the cache key).")
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Images searched together.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+              help="Images searched together (one resumable unit). Larger is faster on CPU: the slowest image sets a "
+                   "batch's length (measured: the default 32 images took 4.0 min in one batch, 5.4 in two of 16).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/cf"),
               show_default=True, help="Output folder: report.html, metrics.json, results.jsonl, figures.")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Skip images already in --out/results.jsonl.")

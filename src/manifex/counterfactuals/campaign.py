@@ -58,7 +58,7 @@ class CounterfactualConfig:
     spectrum_top: int = 32
     svm_max: int = 3000
     manifold_steps: int = 300
-    batch_size: int = 16
+    batch_size: int = 32  # one batch for the default 32 images: the slowest image of a batch sets its length
     seed: int = 0
     device: str = "cpu"
     trust_pickle: bool = False
