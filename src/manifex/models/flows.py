@@ -96,7 +96,7 @@ class ImageFlow(nn.Module):
     #: Adam, LeNet (lr: median steps; L2 of the change; off-manifold fraction on known:mnist5k; RBF-SVM agreement on
     #: MNIST-5k): known:mnist5k 5e-2: 14, 3.57, 0.514; 1e-2: 44, 2.63, 0.481; 3e-3: 238, 2.31, 0.472. MNIST-5k
     #: 5e-2: 114 steps, SVM 77%, 10-NN 90%; 1e-2: 493 steps, SVM 91%, 10-NN 94%. 1e-2 is within 2% of the small-step
-    #: limit at a quarter of 3e-3's steps.
+    #: limit at a fifth of 3e-3's steps.
     counterfactual_lr = 1e-2
 
     def __init__(
