@@ -148,6 +148,32 @@ def _():
     return True, f"batch {n}: {t_b:.2f} s, {n} × batch 1 (4 timed): {t_1:.2f} s, ratio {t_1 / t_b:.1f}×"
 
 
+@check("counterfactual float32 on CUDA: exact flow stays exact (TF32 off for the call, flags restored)")
+def _():
+    import warnings
+
+    from manifex.data import load_mnist5k
+    from manifex.models.flows import ImageFlow
+    from manifex.models.generators import ApproximateGeneratorWarning
+    torch.manual_seed(0)
+    xs = load_mnist5k().x[:64].to(cuda)  # at batch 16 cuDNN picked non-TF32 kernels on an H100
+    flow = ImageFlow((1, 32, 32)).to(cuda)
+    flow.initialize(xs)
+    flow.eval()
+    clf = LeNet((1, 32, 32), 10).eval().to(cuda)
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default for cuDNN convolutions
+    with torch.no_grad():
+        tf32_err = float((flow.decode(flow.encode(xs)) - xs).abs().max())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ApproximateGeneratorWarning)
+        r = manifex.counterfactual(clf, xs, 3, generator=flow, max_steps=5)
+    restored = torch.backends.cudnn.allow_tf32 is True
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    err = float(r.recon_error.max())
+    return err < 1e-4 and restored, f"round trip {err:.1e} in the search (TF32 outside it: {tf32_err:.1e}); flags restored: {restored}"
+
+
 @check("nmf: batched HALS solver on CUDA = CPU, error vs scikit-learn; batched speed")
 def _():
     from manifex.concepts import nmf

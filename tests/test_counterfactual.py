@@ -507,3 +507,19 @@ def test_paired_summary_uses_only_images_where_both_searches_succeeded():
     assert s["paired"]["svm"] == {"latent": 1.0, "pixel": 0.5} and s["paired"]["knn_vote"] == {"latent": 0.5, "pixel": 0.0}
     # the per-space means use each space's own successes (three latent, two pixel)
     assert s["latent"]["svm"]["n"] == 3 and s["pixel"]["svm"]["n"] == 2
+
+
+def test_tf32_switch_restores_the_global_flags_also_on_error():
+    """counterfactual() turns TensorFloat-32 off on CUDA for the call; the flags come back as found, even on error."""
+    from manifex.counterfactuals.ascent import _no_tf32
+
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+        with pytest.raises(RuntimeError, match="boom"):
+            with _no_tf32():
+                assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+                raise RuntimeError("boom")
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

@@ -395,6 +395,7 @@ def counterfactual(
     record_path: int = 0,
     recon_tol: float = 1e-3,
     progress: bool = False,
+    tf32: bool = False,
 ) -> CounterfactualResult:
     """Counterfactuals of ``x`` (N, ...) for ``target`` by gradient descent in a generator's latent space or on pixels.
 
@@ -409,7 +410,10 @@ def counterfactual(
     1e-2, see :class:`manifex.models.flows.ImageFlow`), else the research default for its kind (flow 5e-2, VAE/GAN
     5e-3, pixel space 5e-4). ``box``: the valid input range x′ is clipped to (``None``: no clipping).
     ``batch_size`` rows are searched together; each follows exactly its batch-1 trajectory. ``record_path=K``
-    keeps K frames from the start to x′ per example.
+    keeps K frames from the start to x′ per example. ``tf32`` (CUDA only): allow TensorFloat-32 convolutions and
+    matrix products during the call. PyTorch enables them for cuDNN convolutions by default, and they make an
+    exact flow approximate: measured on the zoo's image flow on an H100, round trip 2.4e-3 with TF32 against
+    1.2e-6 without (CPU: 1.3e-6). The default turns them off for the call and restores the settings after.
 
     Raises :class:`~manifex.errors.InputError` / :class:`~manifex.errors.ModelError` before the search for bad
     options, x outside the box or non-finite, targets out of range, a non-finite encoding or log-density, and a
@@ -459,7 +463,7 @@ def counterfactual(
         raise InputError("objective must be a callable x -> (N,) scores or 'output'.")
 
     models = [m for m in (classifier, getattr(gen, "module", None), generator) if isinstance(m, nn.Module)]
-    with _preserved(models):
+    with _preserved(models), (contextlib.nullcontext() if tf32 or device.type != "cuda" else _no_tf32()):
         for m in models:
             m.eval()
             for p in m.parameters():
@@ -577,6 +581,17 @@ def _check_log_density(gen: Any, x: torch.Tensor, batch_size: int) -> None:
     if gen.exact and gen.has_log_prob:
         for i in range(0, x.shape[0], batch_size):
             gen.log_prob(x[i : i + batch_size])  # raises ModelError naming the examples with a non-finite log-det
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """Full float32 on CUDA for the duration (cuDNN convolutions and matmuls), restoring the global flags."""
+    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
 
 
 def _preserved(models: list[nn.Module]) -> contextlib.ExitStack:
