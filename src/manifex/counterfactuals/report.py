@@ -171,13 +171,13 @@ def write_report(result: CampaignResult, *, command: str | None = None) -> Path:
         ("linf", "L∞ of δ (mean)", "mean", 3), ("tangent_fraction", "tangent fraction of the change (median)", "median", 3),
         ("manifold_distance", "distance to the known manifold (median)", "median", 3),
         ("off_manifold_fraction", "off-manifold fraction dist/‖δ‖ (median)", "median", 3),
-        ("bpd_before", "bits/dim of x (mean)", "mean", 3), ("bpd_after", "bits/dim of x′ (mean)", "mean", 3),
+        ("bpd_before", "bits/dim of x (median)", "median", 3), ("bpd_after", "bits/dim of x′ (median)", "median", 3),
     ]:
         vals = {s: _stat(summary, s, key, which) for s in spaces}
         over = {s: (summary[s] if summary[s].get("n_success") else summary[s].get("all", {})).get(f"{key}_overflow", 0)
                 for s in spaces}
         if any(v is not None for v in vals.values()) or any(over.values()):
-            cells = {s: "n/a" if v is None else f"{v:.{digits}f}" for s, v in vals.items()}
+            cells = {s: "n/a" if v is None else f"{v:.3g}" if abs(v) >= 1e4 else f"{v:.{digits}f}" for s, v in vals.items()}
             for s in spaces:  # bits/dim beyond float range: far outside the flow's support, not in the mean
                 if over[s]:
                     cells[s] += f" (+{over[s]} overflow: −log p beyond float range)"
