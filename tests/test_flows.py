@@ -335,3 +335,11 @@ def test_frozen_lu_weights_are_cached_exactly_and_invalidated():
     # training: the weights get gradients through the 1×1 convolutions
     flow.decode(z).sum().backward()
     assert conv.log_S.grad is not None and conv.log_S.grad.abs().sum() > 0
+    # the flow still pickles (Ray workers, torch.save of a module), cache filled or not, and decodes the same after
+    import pickle
+
+    for p in flow.parameters():
+        p.requires_grad_(False)
+    filled = flow.decode(z)
+    again = pickle.loads(pickle.dumps(flow))
+    assert torch.equal(again.decode(z), filled)

@@ -51,33 +51,6 @@ def dequantize(x: torch.Tensor, generator: torch.Generator | None = None, levels
     return (x * (levels - 1) + u) / levels
 
 
-def _frozen_lu_conv_class():
-    """normflows' LU-parametrised invertible 1×1 convolution, reusing its assembled W and W⁻¹ while frozen.
-
-    normflows assembles W = P L U (and, for decode, W⁻¹ from two float64 ``torch.inverse`` calls) on every call.
-    In a counterfactual search the weights are frozen and decode runs thousands of times: measured on the
-    MNIST flow, assembling took ~7 ms of a 28 ms batch-1 search step. The cache is used only when no gradient can
-    flow to the weights (grad mode off, or none of L, U, log S requires grad) and is keyed on the parameters'
-    storage and in-place version counters, so training, ``load_state_dict`` and optimiser steps invalidate it.
-    """
-    import normflows as nf
-
-    class FrozenLUConv(nf.flows.Invertible1x1Conv):
-        def _assemble_W(self, inverse: bool = False) -> torch.Tensor:
-            parts = (self.L, self.U, self.log_S)
-            if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
-                return super()._assemble_W(inverse)
-            key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in (*parts, self.P, self.sign_S))
-            cache = self.__dict__.setdefault("_frozen_w", {})
-            hit = cache.get(inverse)
-            if hit is None or hit[0] != key:
-                with torch.no_grad():
-                    hit = cache[inverse] = (key, super()._assemble_W(inverse))
-            return hit[1]
-
-    return FrozenLUConv
-
-
 class ImageFlow(nn.Module):
     """Glow-style multi-scale flow on images (C, H, W) in [0, 1], H and W divisible by 2^levels.
 
@@ -138,12 +111,13 @@ class ImageFlow(nn.Module):
             else:
                 merges.append(nf.flows.Merge())
                 shapes.append((c * 2 ** (levels - i), h // 2 ** (levels - i), w // 2 ** (levels - i)))
-        frozen_lu = _frozen_lu_conv_class()
+        from ._frozen_lu import FrozenLUConv
+
         for level in flows:
             for block in level:
                 for m in block.modules():
                     if type(m) is nf.flows.Invertible1x1Conv and m.use_lu:
-                        m.__class__ = frozen_lu  # same parameters and state dict; see _frozen_lu_conv_class
+                        m.__class__ = FrozenLUConv  # same parameters and state dict; see manifex.models._frozen_lu
         self.latent_shapes = [tuple(s) for s in shapes]
         self.flows = nn.ModuleList([nn.ModuleList(level) for level in flows])
         self.merges = nn.ModuleList(merges)
