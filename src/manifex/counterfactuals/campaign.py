@@ -83,9 +83,10 @@ class CounterfactualConfig:
         if self.lr_latent is not None:
             return float(self.lr_latent)
         from ..models.flows import ImageFlow
-        from .ascent import DEFAULT_LR
+        from .ascent import default_lr
 
-        return ImageFlow.counterfactual_lr if self.generator == "flow" else DEFAULT_LR.get(self.generator, DEFAULT_LR["vae"])
+        # the rule counterfactual() applies, with the zoo model class standing in for the model trained later
+        return default_lr(self.generator, ImageFlow if self.generator == "flow" else None)
 
 
 @dataclass
