@@ -693,3 +693,16 @@ def test_trapezoid_completeness_error_falls_as_one_over_n_squared():
     err = [float((IntegratedGradients(model, steps=n, integration="riemann_trapezoid")(x, Y).flatten(1).sum(1) - gap)
                  .abs().max()) for n in (10, 20)]
     assert 3.5 < err[0] / err[1] < 4.5
+
+
+@pytest.mark.parametrize("method", ["gradient", "lrp_epsilon", "deeplift", "ig"])
+def test_wrong_shape_channels_and_dtype_name_the_input(method):
+    """A batch the model cannot take is one InputError naming its shape and dtype, for every kind of method
+    (plain gradient, hook-based LRP and DeepLift, path methods that batch copies of the input)."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    for bad in (torch.rand(2, 3, 8, 8), torch.rand(2, 8, 8), torch.rand(2, 1, 9, 9)):
+        with pytest.raises(InputError, match=r"the model cannot run on inputs of shape .*channels, image size"):
+            explain(net, bad, 0, method=method)
+    with pytest.raises(InputError, match=r"dtype torch.float64 .*float32"):
+        explain(net, torch.rand(2, 1, 8, 8, dtype=torch.float64), 0, method=method)
+    assert explain(net, torch.rand(2, 1, 8, 8), 0, method=method).shape == (2, 1, 8, 8)

@@ -18,11 +18,12 @@ from typing import Any, Callable, Iterator, Union
 import torch
 from torch import nn
 
-from ..errors import InputError, ModelError, check_finite, check_tensor
+from ..errors import InputError, ManifexError, ModelError, check_finite, check_tensor
 
 __all__ = [
     "Target", "OutputSelector", "select_target", "select_output", "selected_output", "call_model", "as_target",
-    "target_gradient", "preserve_model_state", "check_input", "TrainModeWarning", "warn_if_training",
+    "target_gradient", "preserve_model_state", "check_input", "check_model_input", "model_device",
+    "TrainModeWarning", "warn_if_training",
 ]
 
 #: A target: one class index for the whole batch, a (N,) tensor or a list of class indices (one per
@@ -165,9 +166,32 @@ def selected_output(model: object, output: OutputSelector = None) -> Iterator[No
         _SELECTIONS.reset(token)
 
 
+# Fragments of the messages torch raises when a layer meets an input of the wrong shape, channel count or
+# dtype. They only decide whether a model's own RuntimeError is re-raised with the input named in it (the
+# original message is kept, chained); an unknown message passes through unchanged.
+_INPUT_MISMATCH = (
+    "expected input", "channels", "shapes cannot be multiplied", "size mismatch", "must match the size",
+    "expected scalar type", "should be the same", "same dtype", "to be 3d", "to be 4d", "unbatched",
+    "dimension out of range", "cannot be multiplied", "invalid for input of size", "found dtype",
+)
+
+
 def call_model(model: Callable[[torch.Tensor], Any], x: torch.Tensor) -> torch.Tensor:
-    """``model(x)`` reduced to its logits tensor by the selection in force (see :func:`selected_output`)."""
-    out = model(x)
+    """``model(x)`` reduced to its logits tensor by the selection in force (see :func:`selected_output`).
+
+    A shape, channel or dtype mismatch inside the model is re-raised as an :class:`InputError` that names
+    the input's shape and dtype (the model's own message is kept), so every entry point reports it alike."""
+    try:
+        out = model(x)
+    except RuntimeError as e:
+        msg = str(e)
+        if isinstance(e, ManifexError) or not any(k in msg.lower() for k in _INPUT_MISMATCH):
+            raise
+        raise InputError(
+            f"the model cannot run on inputs of shape {tuple(x.shape)} and dtype {x.dtype} "
+            f"({msg.splitlines()[0][:300]}); pass a batch shaped (N, C, H, W) with the channels, image size and "
+            "dtype the model was built for."
+        ) from e
     if isinstance(model, nn.Module) and _selector_for(model)[0]:
         return out  # the forward hook has selected already
     return select_output(out, _selector_for(model)[1])
@@ -260,6 +284,36 @@ def check_input(x: torch.Tensor, name: str = "inputs") -> torch.Tensor:
     """Batch-first floating-point input without NaN/inf."""
     check_tensor(x, name, min_ndim=2)
     return check_finite(x, name)
+
+
+def model_device(model: object) -> torch.device | None:
+    """The device of the model's first parameter or buffer (``None`` for a plain callable)."""
+    if isinstance(model, nn.Module):
+        for t in model.parameters():
+            return t.device
+        for t in model.buffers():
+            return t.device
+    return None
+
+
+def check_model_input(model: object, x: torch.Tensor, name: str = "inputs") -> torch.Tensor:
+    """The checks every entry point runs on a batch before the model sees it; returns ``x`` on the model's device.
+
+    ``x`` must be a batch-first, floating-point tensor without NaN/inf, of the dtype of the model's
+    floating-point parameters (a float64 batch for a float32 model is refused with the conversion to make,
+    not silently cast). Shape and channel mismatches are named when the model first runs (:func:`call_model`)."""
+    check_input(x, name)
+    dev = model_device(model)
+    if dev is not None and x.device != dev:
+        x = x.to(dev)
+    if isinstance(model, nn.Module):
+        dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()})
+        if dtypes and str(x.dtype) not in dtypes:
+            raise InputError(
+                f"{name} have dtype {x.dtype} but the model's parameters are {dtypes}; convert one of them "
+                f"({name}.to({dtypes[0]}) or model.to({x.dtype}))."
+            )
+    return x
 
 
 def target_gradient(

@@ -21,7 +21,9 @@ from .core import (
     as_target,
     call_model,
     check_input,
+    check_model_input,
     check_output_selector,
+    model_device,
     preserve_model_state,
     selected_output,
     target_gradient,
@@ -39,16 +41,6 @@ __all__ = [
 ]
 
 Model = Callable[[torch.Tensor], torch.Tensor]
-
-
-def model_device(model: object) -> torch.device | None:
-    """The device of the model's first parameter or buffer (``None`` for a plain callable)."""
-    if isinstance(model, nn.Module):
-        for t in model.parameters():
-            return t.device
-        for t in model.buffers():
-            return t.device
-    return None
 
 
 def _repeat_target(target: Target, times: int) -> Target:
@@ -103,16 +95,8 @@ class Explainer:
 
         ``target``: a class index, a (N,) tensor or list of class indices, or a callable (see ``core.Target``).
         """
-        check_input(x)
+        x = check_model_input(self.model, x)
         target = as_target(target)
-        dev = model_device(self.model)
-        if dev is not None and x.device != dev:
-            x = x.to(dev)
-        if isinstance(self.model, nn.Module):
-            dtypes = {p.dtype for p in self.model.parameters() if p.is_floating_point()}
-            if dtypes and x.dtype not in dtypes:
-                raise InputError(f"inputs have dtype {x.dtype} but the model's parameters are {sorted(map(str, dtypes))}; "
-                                 f"convert one of them (x.to({sorted(map(str, dtypes))[0]}) or model.to(x.dtype)).")
         if isinstance(target, torch.Tensor):
             target = target.to(x.device)
         warn_if_training(self.model)
