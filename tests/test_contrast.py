@@ -96,6 +96,15 @@ def test_hyperplane_errors():
         train_hyperplanes(bad)
     with pytest.raises(InputError, match="no rows"):
         train_hyperplanes([vecs[0], vecs[1][:0]])
+    # classes in different dtypes are refused with the conversion to make (not silently cast to the first's)
+    with pytest.raises(InputError, match=r"class data 1 is torch.float32 .* convert them to one dtype"):
+        train_hyperplanes([vecs[0], vecs[1].float(), vecs[2]])
+    with pytest.raises(InputError, match="channels|like the others"):
+        train_hyperplanes([vecs[0], vecs[1][:, :3], vecs[2]])
+    for init, msg in ((torch.zeros(3, 3, 6), "pair of tensors"), ((torch.zeros(3, 3, 5), torch.zeros(3, 3)), r"init must be \(W"),
+                      ((torch.full((3, 3, 6), float("nan")), torch.zeros(3, 3)), "finite")):
+        with pytest.raises(InputError, match=msg):
+            train_hyperplanes(vecs, init=init)
     h = train_hyperplanes(vecs, pairs=[(0, 1)], epochs=2)
     with pytest.raises(InputError, match="not trained"):
         h.pair(1, 0)

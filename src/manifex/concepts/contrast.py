@@ -18,15 +18,25 @@ updates them all (the loss is the sum of the pairs' mean losses, so each pair's 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..attribution.core import (
+    OutputSelector,
+    call_model,
+    check_model_input,
+    check_output_selector,
+    preserve_model_state,
+    selected_output,
+    warn_if_training,
+)
 from ..attribution.layer import check_layer_shape, layer_activations, resolve_layer
 from ..attribution.methods import model_device
 from ..data.base import ImageDataset
@@ -36,7 +46,7 @@ from .nmf import NMF_SOLVERS, nmf, nmf_error
 
 __all__ = [
     "ClassActivations", "class_activation_data", "Hyperplanes", "train_hyperplanes", "hyperplane_loop",
-    "ContrastiveConcepts", "contrastive_concepts", "OODFilter", "fit_ood_filter", "check_pair",
+    "ContrastiveConcepts", "contrastive_concepts", "OODFilter", "fit_ood_filter", "check_pair", "negative_layer_message",
 ]
 
 
@@ -55,18 +65,33 @@ def check_pair(a: int, b: int, n_classes: int) -> tuple[int, int]:
     return a, b
 
 
+@contextlib.contextmanager
+def model_session(model: nn.Module, output: OutputSelector = None) -> Iterator[None]:
+    """The model as the explainers use it: a TrainModeWarning for a model in train mode, its logits picked by
+    ``output`` (tuple/dict outputs), and its flags, ``requires_grad``, buffers and hooks restored afterwards,
+    also on an exception."""
+    warn_if_training(model, stacklevel=5)
+    with preserve_model_state(model), selected_output(model, output):
+        yield
+
+
+def negative_layer_message(name: str, minimum: float, what: str) -> str:
+    """The one-line refusal of a layer with negative activations where ``what`` needs a non-negative one."""
+    return (f"layer {name!r} has negative activations (min {minimum:.3g}), but {what} needs a non-negative layer; "
+            "pick a layer after a ReLU (a block output such as 'blocks.2', not a convolution or BatchNorm before its ReLU).")
+
+
 def _check_model_layer(model: nn.Module, x: torch.Tensor, layer: str | nn.Module, what: str) -> tuple[nn.Module, str, int, torch.Tensor]:
-    """(module, name, n_classes, activations of one batch): the model and layer checked on one batch."""
+    """(module, name, n_classes, activations of one batch): the model and layer checked on one batch (the images'
+    dtype against the model's, their shape through :func:`call_model`). Call inside :func:`model_session`."""
     if not isinstance(model, nn.Module):
         raise InputError(f"{what} needs an nn.Module (it hooks a layer), got {type(model).__name__}.")
     module, name = resolve_layer(model, layer)
-    dev = model_device(model)
-    probe = x[: min(8, x.shape[0])]
-    probe = probe.to(dev) if dev is not None else probe
+    probe = check_model_input(model, x[: min(8, x.shape[0])], "the images")
     with torch.no_grad():
-        out = model(probe)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise ModelError(f"{what} needs a model that returns logits (N, classes), got {getattr(out, 'shape', type(out))}.")
+        out = call_model(model, probe)
+    if out.dim() != 2:
+        raise ModelError(f"{what} needs a model that returns logits (N, classes), got {tuple(out.shape)}.")
     acts = layer_activations(model, probe, module)
     check_layer_shape(tuple(acts.shape), name, what=what)
     if not bool(torch.isfinite(acts).all()):
@@ -134,6 +159,7 @@ def class_activation_data(
     batch_size: int = 64,
     predictions: torch.Tensor | None = None,
     progress: bool = False,
+    output: OutputSelector = None,
 ) -> ClassActivations:
     """The hyperplane training data of each class: raw activation vectors (rows, channels) of ``layer`` at the
     positions whose channel-mean relevance for the class (no ReLU) exceeds ``threshold`` × that image's max.
@@ -143,9 +169,18 @@ def class_activation_data(
     Images: up to ``images_per_class`` the model predicts as the class (the seeded pick of ``class_concepts``).
     ``relevance`` and ``relevance_options`` as in :func:`~manifex.concepts.class_concepts` (LayerDeepLift in a
     noise tunnel by default; "none" = the channel mean of the activations). A class without predicted images
-    is skipped with a warning; InputError if none remains.
+    is skipped with a warning; InputError if none remains. ``output``: which part of a tuple/dict model output
+    holds the logits (as in ``explain``). The model is left as found (train/eval flags, buffers, hooks).
     """
+    output = check_output_selector(output)
     x = as_images(data)
+    with model_session(model, output):
+        return _class_activation_data(model, x, layer, classes, images_per_class, threshold, relevance, relevance_options,
+                                      seed, batch_size, predictions, progress)
+
+
+def _class_activation_data(model, x, layer, classes, images_per_class, threshold, relevance, relevance_options, seed,
+                           batch_size, predictions, progress) -> ClassActivations:
     module, name, n_classes, _ = _check_model_layer(model, x, layer, "class_activation_data")
     if relevance not in RELEVANCES:
         raise InputError(f"relevance must be one of {', '.join(RELEVANCES)}, got {relevance!r}.")
@@ -290,6 +325,21 @@ def _check_vectors(vecs: list[torch.Tensor]) -> None:
             raise InputError(f"class data {k} has no rows; lower the relevance threshold or use more images.")
         if not bool(torch.isfinite(v).all()):
             raise InputError(f"class data {k} contains NaN/inf values; check the activations it was built from.")
+        if v.dtype != vecs[0].dtype or v.device != vecs[0].device:
+            raise InputError(f"class data {k} is {v.dtype} on {v.device} but class data 0 is {vecs[0].dtype} on "
+                             f"{vecs[0].device}; convert them to one dtype and device (e.g. [v.to({vecs[0].dtype}) for v in data]).")
+
+
+def _check_init(init: object, C: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    want = f"(W ({C}, {C}, {c}), b ({C}, {C}))"
+    if not isinstance(init, (tuple, list)) or len(init) != 2 or not all(isinstance(t, torch.Tensor) for t in init):
+        raise InputError(f"init must be a pair of tensors {want}, got {type(init).__name__}.")
+    W0, b0 = init
+    if W0.shape != (C, C, c) or b0.shape != (C, C):
+        raise InputError(f"init must be {want}, got {tuple(W0.shape)}, {tuple(b0.shape)}.")
+    if not (W0.is_floating_point() and b0.is_floating_point()) or not bool(torch.isfinite(W0).all() and torch.isfinite(b0).all()):
+        raise InputError("init must hold finite floating-point values; check the starting hyperplanes.")
+    return W0, b0
 
 
 def train_hyperplanes(
@@ -324,9 +374,7 @@ def train_hyperplanes(
     for k, v in enumerate(vecs):
         X[k, : v.shape[0]] = v.to(dtype)
     valid = (torch.arange(X.shape[1], device=dev)[None, :] < counts[:, None]).to(dtype)  # (C, n_max)
-    W0, b0 = init if init is not None else hyperplane_init(C, c, seed=seed, dtype=dtype, device=dev)
-    if W0.shape != (C, C, c) or b0.shape != (C, C):
-        raise InputError(f"init must be (W ({C}, {C}, {c}), b ({C}, {C})), got {tuple(W0.shape)}, {tuple(b0.shape)}.")
+    W0, b0 = _check_init(init, C, c) if init is not None else hyperplane_init(C, c, seed=seed, dtype=dtype, device=dev)
     W = W0.detach().to(dtype=dtype, device=dev).clone()
     b = b0.detach().to(dtype=dtype, device=dev).clone()
     pm = mask.to(dev)
@@ -369,7 +417,7 @@ def hyperplane_loop(data: ClassActivations | Sequence[torch.Tensor], *, pairs: S
     C, c = len(vecs), vecs[0].shape[1]
     mask = _pair_mask(C, classes, pairs)
     dtype, dev = vecs[0].dtype, vecs[0].device
-    W0, b0 = init if init is not None else hyperplane_init(C, c, seed=seed, dtype=dtype, device=dev)
+    W0, b0 = _check_init(init, C, c) if init is not None else hyperplane_init(C, c, seed=seed, dtype=dtype, device=dev)
     normals = torch.zeros(C, C, c, dtype=dtype, device=dev)
     biases = torch.zeros(C, C, dtype=dtype, device=dev)
     acc = torch.full((C, C), float("nan"), dtype=dtype, device=dev)
@@ -462,6 +510,7 @@ def contrastive_concepts(
     seed: int = 0,
     batch_size: int = 64,
     predictions: torch.Tensor | None = None,
+    output: OutputSelector = None,
 ) -> ContrastiveConcepts:
     """Why A rather than B: NMF (``n_components``) of a ⊙ m on images predicted A, at ``hyperplanes.layer``.
 
@@ -469,12 +518,25 @@ def contrastive_concepts(
     on A's side, growing with the distance from the A/B boundary). ``seed_compat=True`` uses b = +b_AB (the
     research code's defect: it negated the normal only). ``ood``: drop positions that class A's mixture calls
     out of distribution. Returns a :class:`ContrastiveConcepts` whose ``basis`` works with
-    :func:`~manifex.concepts.concept_prototypes` (top crops).
+    :func:`~manifex.concepts.concept_prototypes` (top crops). NMF needs non-negative activations: a layer with
+    negative ones (a convolution or BatchNorm before its ReLU) is refused on the first batch, before any work.
+    ``output``: which part of a tuple/dict model output holds the logits (as in ``explain``).
     """
+    output = check_output_selector(output)
     x = as_images(data)
     if not isinstance(hyperplanes, Hyperplanes):
         raise InputError(f"hyperplanes must be a Hyperplanes (from train_hyperplanes), got {type(hyperplanes).__name__}.")
+    with model_session(model, output):
+        return _contrastive_concepts(model, x, hyperplanes, a, b, n_components, images_per_class, seed_compat, ood, solver,
+                                     seed, batch_size, predictions)
+
+
+def _contrastive_concepts(model, x, hyperplanes, a, b, n_components, images_per_class, seed_compat, ood, solver, seed,
+                          batch_size, predictions) -> ContrastiveConcepts:
     module, name, n_classes, acts = _check_model_layer(model, x, hyperplanes.layer, "contrastive_concepts")
+    what = "contrastive concepts (NMF of a ⊙ m)"
+    if bool((acts < 0).any()):
+        raise InputError(negative_layer_message(name, float(acts.min()), what))
     a, b = check_pair(a, b, n_classes)
     w_ab, b_ab = hyperplanes.pair(a, b)
     if acts.shape[1] != w_ab.shape[0]:
@@ -493,6 +555,8 @@ def contrastive_concepts(
         xb = x[picks[0][s : s + batch_size]]
         rows.append(_rows(layer_activations(model, xb.to(dev) if dev is not None else xb, module)).cpu())
     R = torch.cat(rows).reshape(-1, acts.shape[1])  # (n·h·w, c)
+    if bool((R < 0).any()):
+        raise InputError(negative_layer_message(name, float(R.min()), what))
     m = torch.relu(R @ w.to(R) + bias.to(R))
     ood_kept = None
     if ood is not None:
