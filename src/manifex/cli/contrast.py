@@ -25,7 +25,7 @@ from .common import classifier_options, environment_options, executor_options, m
 @click.option("--images-per-class", type=click.IntRange(1), default=60, show_default=True,
               help="Images predicted as each class (hyperplane data and shifting test).")
 @click.option("--random-directions", "n_random", type=click.IntRange(0), default=10, show_default=True,
-              help="Control: random directions of the same norm as w_AB per pair.")
+              help="Control: random directions of the same norm as w_AB per pair (0: no control, reported as such).")
 @click.option("--components", "n_components", type=click.IntRange(1), default=6, show_default=True,
               help="Contrastive concepts (NMF components).")
 @click.option("--concepts-pair", default=None, metavar="A:B", help="Pair whose contrastive concepts are shown [default: the first pair].")
@@ -52,9 +52,10 @@ def contrast(dataset: str, classifier: str, classifier_epochs: int, layer: str, 
     the class (LayerDeepLift in a noise tunnel, > 0.25 × the image's max); per
     ordered pair a logistic hyperplane (all pairs trained at once; the normal
     w_AB points from A toward B). The shifting test moves the layer's output of
-    A's images to ReLU(a + t·w_AB), t in {0, 0.5, ..., 200}: a swap is p(B) >
-    0.5 and ≥ p(A) at the same t; random directions of the same norm are the
-    control. Contrastive concepts ("why A rather than B") are NMF components of
+    A's images to ReLU(a + t·w_AB), t in {0, 0.5, ..., 200} (to a + t·w_AB on
+    a layer with negative activations, which gets no contrastive concepts): a
+    swap is p(B) > 0.5 and ≥ p(A) at the same t; random directions of the same
+    norm are the control. Contrastive concepts ("why A rather than B") are NMF components of
     A's activations weighted by their distance toward A.
 
     \b
@@ -90,6 +91,11 @@ def contrast(dataset: str, classifier: str, classifier_epochs: int, layer: str, 
                                   classifier=classifier, epochs=classifier_epochs, seed=seed, device=device,
                                   cache_dir=cache_dir, progress=not quiet)
     model.eval()
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) == 1 and test.x.dtype not in dtypes:  # e.g. a float64 --model: its images in its own dtype
+        import dataclasses
+
+        test = dataclasses.replace(test, x=test.x.to(dtypes.pop()))
     n_classes = test.num_classes
     if chosen is None:
         chosen = draw_pairs(random_pairs or 20, n_classes, seed=seed)

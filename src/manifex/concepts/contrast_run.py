@@ -20,9 +20,12 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from ..attribution.core import OutputSelector, check_output_selector, preserve_model_state
+from ..attribution.layer import layer_activations
 from ..data.base import ImageDataset
 from ..errors import InputError
 from ..runs import Unit, atomic_savefig, atomic_torch_save, atomic_write_json, run_units, to_jsonable
+from ..attribution.methods import model_device
 from .basis import as_images, predict_classes
 from .contrast import (
     Hyperplanes,
@@ -32,9 +35,10 @@ from .contrast import (
     class_activation_data,
     contrastive_concepts,
     fit_ood_filter,
+    model_session,
     train_hyperplanes,
 )
-from .shift import T_GRID, patch_test, shifting_test
+from .shift import T_GRID, first_swap, patch_test, shifting_test
 
 __all__ = ["ContrastConfig", "ContrastRun", "run_contrast", "random_pairs", "write_contrast_report", "parse_pairs"]
 
@@ -136,7 +140,8 @@ def shift_units(units: list[Unit], context: dict, out_dir: Path) -> list[dict]:
         _, picks = _pick_images(preds, [a], cfg.images_per_class, cfg.seed)
         w, bias = hp.pair(a, b)
         res = shifting_test(model, x[picks[0]], cfg.layer, w, a, b, ts=cfg.ts, n_random=cfg.n_random,
-                            seed=cfg.seed + 1000 * a + b, batch_size=cfg.batch_size)
+                            seed=cfg.seed + 1000 * a + b, batch_size=cfg.batch_size, relu=context.get("relu", True),
+                            output=context.get("output"))
         i, j = hp.classes.index(a), hp.classes.index(b)
         out.append({"id": u.id, **res.to_record(), "accuracy": float(hp.accuracy[i, j]), "bias": float(bias)})
     return out
@@ -153,39 +158,71 @@ def _check_pairs(pairs: Sequence[tuple[int, int]], n_classes: int) -> list[tuple
 
 def run_contrast(model: nn.Module, data: ImageDataset | torch.Tensor, pairs: Sequence[tuple[int, int]], out_dir: str | Path, *,
                  config: ContrastConfig | None = None, executor: Any = None, resume: bool = True, progress: bool = True,
-                 checks: Sequence[str] = (), info: dict | None = None) -> ContrastRun:
+                 checks: Sequence[str] = (), info: dict | None = None, output: OutputSelector = None) -> ContrastRun:
     """The contrast campaign: per-class activation data and batched hyperplanes for the classes of ``pairs``
     (cached in ``out_dir/hyperplanes.pt``), one shifting-test unit per pair on :func:`manifex.runs.run_units`
     (``results.jsonl``; finished pairs skipped on resume), and the contrastive concepts of
     ``config.concepts_pair`` (default the first pair) with their top crops. Everything is checked on one batch
-    before any relevance is computed."""
+    before any relevance is computed.
+
+    A layer with negative activations on the images the tests use (a convolution or BatchNorm before its ReLU,
+    Tanh, ELU) is shifted purely, a + t·w (the research code's ``use_relu=False``; ReLU(a + t·w) would change it
+    even at t = 0), and its contrastive concepts are skipped with a warning (NMF needs non-negative data).
+    ``output``: which part of a tuple/dict model output holds the logits (as in ``explain``). The model is left
+    as found (train/eval flags, buffers, hooks)."""
     cfg = config or ContrastConfig()
+    output = check_output_selector(output)
     x = as_images(data)
     out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    module, layer, n_classes, acts = _check_model_layer(model, x, cfg.layer, "manifex contrast")
-    cfg.layer = layer
-    pairs = _check_pairs(pairs, n_classes)
-    cpair = tuple(cfg.concepts_pair) if cfg.concepts_pair else pairs[0]
-    check_pair(cpair[0], cpair[1], n_classes)
-    if cfg.n_components > acts.shape[1]:
-        raise InputError(f"--components {cfg.n_components} exceeds the {acts.shape[1]} channels of layer {layer!r}.")
+    with preserve_model_state(model):
+        with model_session(model, output):
+            module, layer, n_classes, acts = _check_model_layer(model, x, cfg.layer, "manifex contrast")
+            cfg.layer = layer
+            pairs = _check_pairs(pairs, n_classes)
+            cpair = tuple(cfg.concepts_pair) if cfg.concepts_pair else pairs[0]
+            check_pair(cpair[0], cpair[1], n_classes)
+            if cfg.n_components > acts.shape[1]:
+                raise InputError(f"--components {cfg.n_components} exceeds the {acts.shape[1]} channels of layer {layer!r}.")
+            preds = predict_classes(model, x, cfg.batch_size)
+            classes = sorted({c for p in pairs for c in p} | set(cpair))
+            counts = {c: int((preds == c).sum()) for c in classes}
+            missing = [c for c, n in counts.items() if n == 0]
+            if missing:
+                raise InputError(f"no image of the data is predicted as class(es) {missing}; the pairs need images of both "
+                                 "classes — drop those pairs or use more data.")
+            # the layer's sign on every image the shifting test and the contrastive concepts will use (one cheap pass)
+            used = sorted({int(i) for c in {a for a, _ in pairs} | {cpair[0]} for i in _pick_images(preds, [c], cfg.images_per_class, cfg.seed)[1][0]})
+            minimum = min(float(acts.min()), _layer_min(model, x, module, torch.tensor(used), cfg.batch_size))
+        out.mkdir(parents=True, exist_ok=True)
+        return _run(model, x, out, cfg, module, layer, acts, pairs, cpair, preds, classes, counts, minimum, executor, resume,
+                    progress, checks, info, output)
+
+
+@torch.no_grad()
+def _layer_min(model: nn.Module, x: torch.Tensor, module: nn.Module, index: torch.Tensor, batch_size: int) -> float:
+    dev = model_device(model)
+    lo = float("inf")
+    for s in range(0, index.numel(), batch_size):
+        xb = x[index[s : s + batch_size]]
+        lo = min(lo, float(layer_activations(model, xb.to(dev) if dev is not None else xb, module).min()))
+    return lo
+
+
+def _run(model, x, out, cfg, module, layer, acts, pairs, cpair, preds, classes, counts, minimum, executor, resume, progress,
+         checks, info, output) -> ContrastRun:
     checks = list(checks)
     warnings_: list[str] = []
     checks.append(f"layer {layer!r}: output {tuple(acts.shape[1:])} per image, finite on a first batch")
-    if bool((acts < 0).any()):
-        warnings_.append(f"layer {layer!r} has negative activations (min {float(acts.min()):.3g}): ReLU(a + t·w) changes "
-                         "them even at t = 0, so the shifting test is not a pure shift; choose a block output after a ReLU.")
-        checks.append(f"FAILED: layer {layer!r} is non-negative (so t = 0 leaves the output unchanged)")
+    relu = minimum >= 0
+    if relu:
+        checks.append(f"layer {layer!r} is non-negative on every image the tests use, so the shift ReLU(a + t·w) at "
+                      "t = 0 leaves the output unchanged")
     else:
-        checks.append(f"layer {layer!r} is non-negative on a first batch, so t = 0 leaves the output unchanged")
-    preds = predict_classes(model, x, cfg.batch_size)
-    classes = sorted({c for p in pairs for c in p} | set(cpair))
-    counts = {c: int((preds == c).sum()) for c in classes}
-    missing = [c for c, n in counts.items() if n == 0]
-    if missing:
-        raise InputError(f"no image of the data is predicted as class(es) {missing}; the pairs need images of both "
-                         "classes — drop those pairs or use more data.")
+        warnings_.append(f"layer {layer!r} has negative activations (min {minimum:.3g}): the shifting test uses the pure shift "
+                         "a + t·w (ReLU(a + t·w) would change the output even at t = 0) and the contrastive concepts are "
+                         "skipped (NMF needs non-negative data); for them pick a layer after a ReLU.")
+        checks.append(f"layer {layer!r} has negative activations (min {minimum:.3g}): shift a + t·w, the identity at t = 0 "
+                      "(the research code's use_relu=False)")
     few = [c for c, n in counts.items() if n < min(10, cfg.images_per_class)]
     if few:
         warnings_.append(f"few images predicted as class(es) {few} ({[counts[c] for c in few]}): their numbers are noisy.")
@@ -204,7 +241,7 @@ def run_contrast(model: nn.Module, data: ImageDataset | torch.Tensor, pairs: Seq
         cdata = class_activation_data(model, x, module, classes=classes, images_per_class=cfg.images_per_class,
                                       threshold=cfg.threshold, relevance=cfg.relevance,
                                       relevance_options={"n_samples": cfg.n_samples}, seed=cfg.seed,
-                                      batch_size=64, predictions=preds, progress=progress)
+                                      batch_size=64, predictions=preds, progress=progress, output=output)
         hp = train_hyperplanes(cdata, epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed)  # every ordered pair of these classes
         hp.layer = layer
         data_info = {"rows": {c: int(v.shape[0]) for c, v in zip(cdata.classes, cdata.vectors)},
@@ -220,30 +257,40 @@ def run_contrast(model: nn.Module, data: ImageDataset | torch.Tensor, pairs: Seq
                       "instead) for images of class " + ", ".join(f"{c}: {n}/{data_info['images'][c]}" for c, n in data_info["fallback"].items()))
 
     units = [Unit(f"pair-{a}-{b}", {"a": a, "b": b}) for a, b in pairs]
-    context = {"model": model, "x": x, "preds": preds, "hyperplanes": hp, "config": cfg}
+    context = {"model": model, "x": x, "preds": preds, "hyperplanes": hp, "config": cfg, "relu": relu, "output": output}
     records = run_units(units, shift_units, out, context=context, batch_size=4, executor=executor, resume=resume,
                         progress=progress, desc="contrast: shifting test")
     summary = summarize(records)
-    checks.append(f"random-direction control: {cfg.n_random} Gaussian directions per pair, each scaled to ‖w_AB‖")
+    if cfg.n_random:
+        checks.append(f"random-direction control: {cfg.n_random} Gaussian directions per pair, each scaled to ‖w_AB‖")
+    else:
+        warnings_.append("no random-direction control (--random-directions 0): the swap rate along w_AB has no baseline.")
 
-    concepts = _contrastive(model, x, hp, cpair, cfg, preds, out)
+    concepts = _contrastive(model, x, hp, cpair, cfg, preds, out, output) if relu else None
     return ContrastRun(config=cfg, out_dir=out, pairs=pairs, records=records, summary=summary, hyperplanes=hp,
                        checks=checks, warnings=warnings_, concepts=concepts, info={**(info or {}), "hyperplane_key": key})
 
 
 def summarize(records: Sequence[dict]) -> dict[str, Any]:
-    """Swap rate along w_AB and along random directions, their ratio, mean hyperplane accuracy, curves."""
+    """Swap rate along w_AB and along random directions, their ratio, mean hyperplane accuracy, curves.
+
+    Without random directions (``n_random=0``) the control's rate and the ratio are ``None`` ("no control"),
+    and so is the ratio when no random direction swapped (``swap_ratio_unbounded`` says so): never NaN or inf."""
     if not records:
         return {"n_pairs": 0}
     sw = np.array([r["swapped"] for r in records], dtype=float)
     ctrl = np.array([v for r in records for v in r["control_swapped"]], dtype=float)
     p_b = np.array([r["p_b"] for r in records])
     cp_b = np.array([c for r in records for c in r["control_p_b"]]) if ctrl.size else np.zeros((0, p_b.shape[1]))
-    rate, crate = float(sw.mean()), float(ctrl.mean()) if ctrl.size else float("nan")
+    rate = float(sw.mean())
+    crate = float(ctrl.mean()) if ctrl.size else None
+    t_first = [t for t in (swap_t(r) for r in records) if t is not None]
     return {
         "n_pairs": len(records), "swap_rate": rate, "n_swapped": int(sw.sum()),
-        "control_swap_rate": crate, "n_control": int(ctrl.size),
-        "swap_ratio": (rate / crate) if crate > 0 else (float("inf") if rate > 0 else float("nan")),
+        "control_swap_rate": crate, "n_control": int(ctrl.size), "n_control_swapped": int(ctrl.sum()),
+        "swap_ratio": rate / crate if crate else None,
+        "swap_ratio_unbounded": bool(crate == 0 and rate > 0),
+        "median_t_swap": float(np.median(t_first)) if t_first else None,
         "hyperplane_accuracy": float(np.mean([r["accuracy"] for r in records])),
         "ts": list(records[0]["ts"]),
         "mean_p_b": p_b.mean(0).tolist(), "mean_p_a": np.array([r["p_a"] for r in records]).mean(0).tolist(),
@@ -253,7 +300,16 @@ def summarize(records: Sequence[dict]) -> dict[str, Any]:
     }
 
 
-def _contrastive(model, x, hp, pair, cfg: ContrastConfig, preds, out: Path) -> dict[str, Any] | None:
+def swap_t(record: dict) -> float | None:
+    """The first t where the pair's prediction swaps to B (``None`` without a swap), from its curves: also right
+    for records of older runs, whose ``t_swap`` held the t of the largest p(B)."""
+    if not record["swapped"]:
+        return None
+    k = first_swap(record["p_a"], record["p_b"], record.get("threshold", 0.5))
+    return None if k is None else float(record["ts"][k])
+
+
+def _contrastive(model, x, hp, pair, cfg: ContrastConfig, preds, out: Path, output: OutputSelector = None) -> dict[str, Any] | None:
     from .prototypes import concept_prototypes
 
     a, b = pair
@@ -266,8 +322,9 @@ def _contrastive(model, x, hp, pair, cfg: ContrastConfig, preds, out: Path) -> d
         ood = fit_ood_filter(ClassActivations(vectors=list(vecs.values()), classes=list(vecs), layer=cfg.layer),
                              classes=[a], seed=cfg.seed)
     cc = contrastive_concepts(model, x, hp, a, b, n_components=cfg.n_components, images_per_class=cfg.images_per_class,
-                              seed_compat=cfg.seed_compat, ood=ood, seed=cfg.seed, predictions=preds)
-    protos = concept_prototypes(model, x, cc.basis, top_k=cfg.top_k, predictions=preds)
+                              seed_compat=cfg.seed_compat, ood=ood, seed=cfg.seed, predictions=preds, output=output)
+    with model_session(model, output):
+        protos = concept_prototypes(model, x, cc.basis, top_k=cfg.top_k, predictions=preds)
     atomic_torch_save({"vectors": cc.vectors.cpu(), "pair": [a, b], "crops": protos.crops[0], "scores": protos.scores[0],
                        "image_index": protos.image_index[0]}, out / "contrastive_concepts.pt")
     # patch test: each concept's top crop pasted into images of B (bottom-right) against a mean-colour patch
@@ -275,7 +332,8 @@ def _contrastive(model, x, hp, pair, cfg: ContrastConfig, preds, out: Path) -> d
     patches = []
     if picks and protos.crops.shape[-2] <= x.shape[-2] and protos.crops.shape[-1] <= x.shape[-1]:
         for i in range(cc.vectors.shape[0]):
-            r = patch_test(model, x[picks[0]], protos.crops[0, i, 0], a, b, position="bottom-right", batch_size=cfg.batch_size)
+            r = patch_test(model, x[picks[0]], protos.crops[0, i, 0], a, b, position="bottom-right", batch_size=cfg.batch_size,
+                           output=output)
             patches.append({"concept": i + 1, **r.to_record()})
     return {"a": a, "b": b, "mask_fraction": cc.mask_fraction, "relative_error": float(cc.basis.relative_error[0]),
             "ood_kept": cc.ood_kept, "seed_compat": cc.seed_compat, "patches": patches,
@@ -300,7 +358,8 @@ def shift_figure(summary: dict, records: Sequence[dict]) -> Figure:
     ax.axhline(0.5, color="k", lw=0.6, ls=":")
     ax.set_xticks(x)
     ax.set_xticklabels([f"{t:g}" for t in ts])
-    ax.set_xlabel("shift t (a → ReLU(a + t·w_AB))")
+    relu = all(r.get("shift", "relu") == "relu" for r in records)
+    ax.set_xlabel("shift t (a → ReLU(a + t·w_AB))" if relu else "shift t (a → a + t·w_AB)")
     ax.set_ylabel("mean softmax over the images of A")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8, loc="center right")
@@ -329,10 +388,18 @@ def accuracy_figure(hp: Hyperplanes) -> Figure:
     return fig
 
 
+#: The report's content width at a 1280 px window (``.wrap``: 1180 px less 2 × 28 px padding) and the dpi of its
+#: figures: a figure at most this wide is shown at its own pixel size, so a label of f points is f·dpi/72 px tall.
+REPORT_WIDTH_PX = 1124
+FIGURE_DPI = 110
+
+
 def crops_figure(crops: torch.Tensor, scores: torch.Tensor) -> Figure:
-    """(k, top_k, C, h, w) crops: one row per contrastive concept."""
+    """(k, top_k, C, h, w) crops: one row per contrastive concept, at most :data:`REPORT_WIDTH_PX` wide at
+    :data:`FIGURE_DPI` (shown full width, unscaled), with labels of 10–11 pt (15–17 px)."""
     k, n = crops.shape[:2]
-    fig = Figure(figsize=(1.0 * n + 0.6, 1.05 * k + 0.2))
+    cell = min(1.0, (REPORT_WIDTH_PX / FIGURE_DPI - 1.2) / n)  # inches per crop; 1.2 in for the row labels
+    fig = Figure(figsize=(cell * n + 1.2, (cell + 0.3) * k + 0.1))
     axes = fig.subplots(k, n, squeeze=False)
     for i in range(k):
         for j in range(n):
@@ -341,25 +408,40 @@ def crops_figure(crops: torch.Tensor, scores: torch.Tensor) -> Figure:
             axes[i, j].imshow(a.clip(0, 1), cmap="gray" if a.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
             axes[i, j].set_xticks([])
             axes[i, j].set_yticks([])
-            axes[i, j].set_xlabel(f"{float(scores[i, j]):.2f}", fontsize=6, labelpad=1)
-        axes[i, 0].set_ylabel(f"concept {i + 1}", fontsize=7)
-    fig.subplots_adjust(wspace=0.08, hspace=0.35, left=0.06, right=0.99, top=0.98, bottom=0.04)
+            axes[i, j].set_xlabel(f"{float(scores[i, j]):.2f}", fontsize=10, labelpad=2)
+        axes[i, 0].set_ylabel(f"concept {i + 1}", fontsize=11)
+    fig.subplots_adjust(wspace=0.08, hspace=0.45, left=1.1 / (cell * n + 1.2), right=0.99, top=0.98,
+                        bottom=0.3 / ((cell + 0.3) * k + 0.1))
     return fig
 
 
 def findings(summary: dict, cfg: ContrastConfig) -> list[str]:
     if not summary.get("n_pairs"):
         return []
-    out = [f"Moving layer {cfg.layer}'s activations along w_AB swaps the prediction to B for "
-           f"{summary['n_swapped']}/{summary['n_pairs']} pairs ({summary['swap_rate']:.0%}); random directions of the same "
-           f"norm swap {summary['control_swap_rate']:.0%} of {summary['n_control']} tries."]
-    ratio = summary["swap_ratio"]
-    if np.isfinite(ratio):
-        out.append(f"Swap rate along w_AB ÷ random directions: {ratio:.1f}× (goal ≥ 3×).")
-    elif summary["swap_rate"] > 0:
-        out.append("No random direction swapped the prediction: the swap is specific to w_AB.")
+    head = (f"Moving layer {cfg.layer}'s activations along w_AB swaps the prediction to B for "
+            f"{summary['n_swapped']}/{summary['n_pairs']} pairs ({summary['swap_rate']:.0%})")
+    if summary.get("median_t_swap") is not None:
+        head += f", at a median t = {summary['median_t_swap']:g}"
+    if summary["control_swap_rate"] is None:
+        out = [head + "; no random-direction control was run (--random-directions 0), so there is no baseline."]
+    else:
+        out = [head + f"; random directions of the same norm swap {summary['control_swap_rate']:.0%} of "
+                      f"{summary['n_control']} tries."]
+        if summary["swap_ratio"] is not None:
+            out.append(f"Swap rate along w_AB ÷ random directions: {summary['swap_ratio']:.1f}× (goal ≥ 3×).")
+        elif summary["swap_rate"] > 0:
+            out.append(f"No random direction swapped the prediction (0 of {summary['n_control']}): the swap is specific to w_AB.")
     out.append(f"Mean hyperplane accuracy over the pairs: {summary['hyperplane_accuracy']:.1%}.")
     return out
+
+
+def _ratio_card(s: dict) -> dict[str, Any]:
+    if s["control_swap_rate"] is None:
+        return {"label": "ratio", "value": "—", "sub": "no control run", "accent": True}
+    if s["swap_ratio"] is not None:
+        return {"label": "ratio", "value": f"{s['swap_ratio']:.1f}×", "sub": "w_AB ÷ random (goal ≥ 3×)", "accent": True}
+    sub = f"no random swap in {s['n_control']} tries" if s["swap_rate"] > 0 else "no swap either way"
+    return {"label": "ratio", "value": "—", "sub": sub, "accent": True}
 
 
 def write_contrast_report(run: ContrastRun, *, command: str | None = None) -> Path:
@@ -369,14 +451,14 @@ def write_contrast_report(run: ContrastRun, *, command: str | None = None) -> Pa
     out, s, cfg = run.out_dir, run.summary, run.config
     figures = {}
     if s.get("n_pairs"):
-        atomic_savefig(shift_figure(s, run.records), out / "shift.png", dpi=110)
+        atomic_savefig(shift_figure(s, run.records), out / "shift.png", dpi=FIGURE_DPI)
         figures["shift"] = "shift.png"
-    atomic_savefig(accuracy_figure(run.hyperplanes), out / "hyperplane_accuracy.png", dpi=110)
+    atomic_savefig(accuracy_figure(run.hyperplanes), out / "hyperplane_accuracy.png", dpi=FIGURE_DPI)
     figures["accuracy"] = "hyperplane_accuracy.png"
     concepts = None
     if run.concepts is not None:
         c = run.concepts
-        atomic_savefig(crops_figure(c["crops"], c["scores"]), out / "contrastive_concepts.png", dpi=110)
+        atomic_savefig(crops_figure(c["crops"], c["scores"]), out / "contrastive_concepts.png", dpi=FIGURE_DPI)
         figures["concepts"] = "contrastive_concepts.png"
         concepts = {k: v for k, v in c.items() if k not in ("crops", "scores")}
     metrics = {"config": cfg.to_dict(), "summary": s, "pairs": [list(p) for p in run.pairs], "concepts": concepts,
@@ -385,17 +467,21 @@ def write_contrast_report(run: ContrastRun, *, command: str | None = None) -> Pa
     f = findings(s, cfg)
     cards = []
     if s.get("n_pairs"):
-        ratio = s["swap_ratio"]
+        control = ({"label": "random directions", "value": "—", "sub": "no control (0 directions)"} if s["control_swap_rate"] is None
+                   else {"label": "random directions", "value": f"{s['control_swap_rate']:.0%}", "sub": f"{s['n_control']} tries, same norm"})
         cards = [
             {"label": "swap rate along w_AB", "value": f"{s['swap_rate']:.0%}", "sub": f"{s['n_swapped']} of {s['n_pairs']} pairs", "accent": True},
-            {"label": "random directions", "value": f"{s['control_swap_rate']:.0%}", "sub": f"{s['n_control']} tries, same norm"},
-            {"label": "ratio", "value": f"{ratio:.1f}×" if np.isfinite(ratio) else "∞" if s["swap_rate"] > 0 else "n/a",
-             "sub": "w_AB ÷ random (goal ≥ 3×)", "accent": True},
+            control, _ratio_card(s),
             {"label": "hyperplane accuracy", "value": f"{s['hyperplane_accuracy']:.1%}", "sub": "mean over the pairs"},
         ]
-    rows = [{"a": r["a"], "b": r["b"], "acc": f"{r['accuracy']:.3f}", "swapped": r["swapped"], "t": r["t_swap"],
-             "pb": f"{max(r['p_b']):.3f}", "pa": f"{r['p_a'][r['ts'].index(r['t_swap'])]:.3f}",
-             "ctrl": f"{r['control_swap_rate']:.0%}" if r["control_swapped"] else "n/a", "n": r["n_images"]} for r in run.records]
+    rows = []
+    for r in run.records:
+        t = swap_t(r)
+        k = int(np.argmax(r["p_b"]))
+        rows.append({"a": r["a"], "b": r["b"], "acc": f"{r['accuracy']:.3f}", "swapped": r["swapped"],
+                     "t": "—" if t is None else f"{t:g}", "pb": f"{r['p_b'][k]:.3f}", "tmax": f"{r['ts'][k]:g}",
+                     "pa": f"{r['p_a'][k]:.3f}",
+                     "ctrl": f"{np.mean(r['control_swapped']):.0%}" if r["control_swapped"] else "n/a", "n": r["n_images"]})
     warnings_ = list(run.warnings)
     headline = f[0] if f and not warnings_ else "Class contrasting"
     return render("contrast.html.j2", out / "report.html", title="Class contrasting report", headline=headline,
