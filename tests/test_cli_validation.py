@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import manifex.alignment.known_manifold as known_manifold
+import manifex.models.known_manifold as known_manifold
 import manifex.models.zoo as zoo
 from manifex.cli import main
 from manifex.data.loaders import check_classification_data, load_digits8

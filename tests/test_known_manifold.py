@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from manifex.alignment import KnownManifoldConfig, make_known_manifold
-from manifex.alignment.known_manifold import KnownManifold, check_known_manifold
+from manifex.models.known_manifold import KnownManifold, check_known_manifold
 from manifex.data.base import ImageDataset
 from manifex.data import load_digits8
 from manifex.errors import DataError, InputError, check_pixel_range

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from manifex.alignment.known_manifold import KnownManifold
+from manifex.models.known_manifold import KnownManifold
 from manifex.data.base import ImageDataset
 
 

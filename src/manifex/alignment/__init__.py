@@ -7,7 +7,7 @@ callable and ``manifex.alignment(E, T)`` keeps meaning the score whatever was im
 import sys as _sys
 import types as _types
 
-from .known_manifold import KnownManifold, KnownManifoldConfig, make_known_manifold, upsampled_decoder
+from ..models.known_manifold import KnownManifold, KnownManifoldConfig, make_known_manifold, upsampled_decoder
 from .pipeline import DEFAULT_METHODS, AlignConfig, run_alignment
 from .result import SEED_REFERENCE, AlignmentResult
 

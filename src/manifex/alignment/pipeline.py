@@ -35,7 +35,7 @@ from ..models import (
     state_fingerprint,
 )
 from ..runs import Executor, Unit, atomic_torch_save, run_units, unit_dir
-from .known_manifold import KnownManifoldConfig, make_known_manifold
+from ..models.known_manifold import KnownManifoldConfig, make_known_manifold
 from .result import SEED_REFERENCE, AlignmentResult
 
 __all__ = ["AlignConfig", "run_alignment", "DEFAULT_METHODS"]

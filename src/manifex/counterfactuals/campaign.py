@@ -103,7 +103,7 @@ class CampaignResult:
 
 
 def _known(cfg: CounterfactualConfig, cache: ModelCache, progress: bool):
-    from ..alignment.known_manifold import KnownManifoldConfig, make_known_manifold
+    from ..models.known_manifold import KnownManifoldConfig, make_known_manifold
     from ..data import load_dataset
     from ..models import GenerativeTrainConfig, get_generative
 

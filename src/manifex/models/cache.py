@@ -20,7 +20,7 @@ import torch
 from ..errors import DataError
 from ..runs import atomic_torch_save, file_lock
 
-__all__ = ["ModelCache", "cache_key", "default_cache_dir"]
+__all__ = ["ModelCache", "cache_key", "default_cache_dir", "state_fingerprint"]
 
 
 def default_cache_dir() -> Path:
@@ -88,3 +88,12 @@ class ModelCache:
     def save_tensors(self, name: str, key: str, tensors: dict[str, torch.Tensor]) -> Path:
         """Cache arbitrary named tensors (datasets, attributions)."""
         return self.save(name, key, {k: v.detach().cpu() for k, v in tensors.items()})
+
+
+def state_fingerprint(model: torch.nn.Module) -> str:
+    """A content hash of a model's weights (keys a model trained from another one's weights)."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

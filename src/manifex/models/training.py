@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..data.base import ImageDataset
 from ..errors import InputError, ModelError
-from .cache import ModelCache, cache_key
+from .cache import ModelCache, cache_key, state_fingerprint
 
 __all__ = [
     "TrainConfig",
@@ -125,7 +125,6 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 def _default_key(cfg: TrainConfig | GenerativeTrainConfig, model: nn.Module, data: ImageDataset) -> str:
     """Checkpoint key when the caller gives none: training config, architecture, initial weights and data,
     so that a partial checkpoint is only ever resumed by the same training run."""
-    from .zoo import state_fingerprint  # zoo imports this module
 
     return cache_key(cfg.to_dict(), type(model).__name__, state_fingerprint(model), data.fingerprint())
 

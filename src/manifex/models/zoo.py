@@ -1,7 +1,6 @@
 """Train-or-reuse: build a model from its config and load it from the cache, or train and cache it."""
 from __future__ import annotations
 
-import hashlib
 import sys
 from typing import Any
 
@@ -9,21 +8,12 @@ import torch
 from torch import nn
 
 from ..data.base import ImageDataset
-from .cache import ModelCache, cache_key
+from .cache import ModelCache, cache_key, state_fingerprint
 from .classifiers import ClassifierConfig, build_classifier
 from .generative import GenerativeConfig, GenerativeModel, build_generative
 from .training import GenerativeTrainConfig, TrainConfig, fit_classifier, fit_generative
 
 __all__ = ["get_classifier", "get_generative", "state_fingerprint"]
-
-
-def state_fingerprint(model: nn.Module) -> str:
-    """A content hash of a model's weights (keys a model trained from another one's weights)."""
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _restore(model: nn.Module, hit: dict) -> dict:
