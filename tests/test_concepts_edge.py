@@ -349,3 +349,18 @@ def test_held_out_architectures(digits, name):
     assert bool((basis.relative_error < 1).all())
     assert test.p.shape == (len(basis.classes),) and bool(((test.p >= 0) & (test.p <= 1)).all())
     _assert_same_state(model, before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_class_concepts_cuda_model_cpu_data(digits):
+    """CPU images, CUDA model: every batch is moved to the model's device; same classes and image picks as on the
+    CPU (float64 on both, so the concepts agree to far below float32 round-off; no noise tunnel, whose seeded
+    draws differ between CPU and CUDA generators)."""
+    cpu = copy.deepcopy(tiny_resnet()).double()
+    gpu = copy.deepcopy(cpu).cuda()
+    kw = dict(n_components=2, images_per_class=4, relevance_options={"n_samples": 0})
+    ref = class_concepts(cpu, digits.double(), "blocks.1", **kw)
+    got = class_concepts(gpu, digits.double(), "blocks.1", **kw)
+    assert got.classes == ref.classes and all(torch.equal(a, b) for a, b in zip(got.image_indices, ref.image_indices))
+    assert got.vectors.is_cuda and bool(torch.isfinite(got.vectors).all())
+    torch.testing.assert_close(got.vectors.cpu(), ref.vectors, rtol=1e-6, atol=1e-8)
