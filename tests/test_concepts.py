@@ -210,7 +210,9 @@ def test_prediction_from_components(digits):
         p = torch.softmax(model(test.inputs), 1)
     torch.testing.assert_close(test.p, p[torch.arange(C), torch.tensor(basis.classes)])
     assert test.stats["argmax_rate"] == float((p.argmax(1) == torch.tensor(basis.classes)).double().mean())
-    assert set(test.stats) == {"mean_p", "std_p", "argmax_rate", "p_gt_0.1", "p_gt_0.2", "p_gt_0.5"}
+    assert set(test.stats) == {"mean_p", "std_p", "argmax_rate", "p_gt_0.1", "p_gt_0.2", "p_gt_0.5", "n", "argmax_count",
+                               "argmax_ci_low", "argmax_ci_high"}
+    assert test.stats["n"] == C and test.stats["argmax_count"] == int((p.argmax(1) == torch.tensor(basis.classes)).sum())
     assert test.control_p.shape == (C, 4) and 0 <= test.control_stats["mean_p"] <= 1
     strict = prediction_from_components(model, digits, basis, exclude_target=True, n_control=2)
     preds = model(digits).argmax(1)

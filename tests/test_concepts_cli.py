@@ -26,7 +26,8 @@ def test_concepts_cli_end_to_end_and_resume(tmp_path, cache):
     assert "include target: argmax = A" in res.output and "report:" in res.output
     metrics = json.loads((out / "metrics.json").read_text())
     s = metrics["summary"]
-    assert s["classes"] == [0, 1] and set(s["include"]["concepts"]) == {"mean_p", "std_p", "argmax_rate", "p_gt_0.1", "p_gt_0.2", "p_gt_0.5"}
+    assert s["classes"] == [0, 1] and set(s["include"]["concepts"]) == {"mean_p", "std_p", "argmax_rate", "p_gt_0.1", "p_gt_0.2", "p_gt_0.5",
+                                                                     "n", "argmax_count", "argmax_ci_low", "argmax_ci_high"}
     assert 0 < s["nmf"]["mean_relative_error"] < 1
     assert any("layer blocks.1" in c for c in metrics["checks"])
     records = read_jsonl(out / "results.jsonl")
@@ -46,6 +47,8 @@ def test_concepts_cli_end_to_end_and_resume(tmp_path, cache):
     (["--layer", "blocks.1.conv1"], "negative activations"),
     (["--classes", "0,12"], "out of range"),
     (["--classifier", "lenet", "--layer", "features.3"], "layout='canvas'"),
+    (["--classes", "1,1"], "--classes lists 1 more than once"),
+    (["--layer", "blocks.2", "--pool", "3"], "pool 3 is larger than the 2×2 grid of --layer blocks.2"),
 ])
 def test_concepts_cli_errors(tmp_path, cache, args, message):
     base = [a for a in SMALL]
@@ -56,3 +59,56 @@ def test_concepts_cli_errors(tmp_path, cache, args, message):
     res = CliRunner().invoke(main, ["concepts", *base, *args, "--cache-dir", cache, "--out", str(tmp_path / "o")])
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.slow
+def test_concepts_cli_duplicate_classes_refused_before_training(tmp_path):
+    cache = tmp_path / "empty-cache"
+    cache.mkdir()
+    res = CliRunner().invoke(main, ["concepts", *SMALL[:-1], "--classes", "2,3,2", "--cache-dir", str(cache),
+                                    "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--classes lists 2 more than once" in res.output and "Traceback" not in res.output
+    assert not any(cache.iterdir())  # nothing trained
+
+
+def _without(args, *flags):
+    out = list(args)
+    for flag in flags:
+        i = out.index(flag)
+        del out[i : i + 2]
+    return out
+
+
+@pytest.mark.slow
+def test_concepts_cli_digits8_defaults(tmp_path, cache):
+    """The default layer (blocks.2, a 2×2 grid on 8×8 digits) and --pool auto (1 here) run end to end; the
+    component test is reported as k/n with a 95% Wilson interval, over 5 strips per class by default."""
+    out = tmp_path / "run"
+    args = _without(SMALL, "--layer", "--pool")
+    res = CliRunner().invoke(main, ["concepts", *args, "--cache-dir", cache, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output and "95% CI" in res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["options"]["pool"] == 1 and metrics["options"]["strips"] == 5
+    assert any("crop grid 2x2 (layer grid 2x2, pool 1)" in c for c in metrics["checks"])
+    s = metrics["summary"]["include"]
+    assert s["concepts"]["n"] == 2 * 5 and s["concepts_top1"]["n"] == 2 and s["control"]["n"] == 2 * 3
+    assert 0 <= s["concepts"]["argmax_ci_low"] <= s["concepts"]["argmax_rate"] <= s["concepts"]["argmax_ci_high"] <= 1
+    assert not metrics["summary"]["whole_image_crops"]
+    html = (out / "report.html").read_text()
+    assert "95% CI (Wilson)" in html and f"{s['concepts']['argmax_count']}/10" in html and "top-1 strips only" in html
+
+
+@pytest.mark.slow
+def test_concepts_cli_layer_after_global_pooling_warns(tmp_path, cache):
+    """head.1 follows global pooling: every crop is the whole image, which the report and checks say."""
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["concepts", *_without(SMALL, "--layer", "--pool"), "--layer", "head.1",
+                                    "--cache-dir", cache, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "every crop is the whole image" in res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["summary"]["whole_image_crops"]
+    assert any("every crop is the whole image" in w for w in metrics["warnings"])
+    assert any(c.startswith("FAILED: ") and "1x1" in c for c in metrics["checks"])
+    assert "does not test concepts" in (out / "report.html").read_text()

@@ -11,6 +11,18 @@ from . import main
 from .common import _csv, classifier_options, environment_options, executor_options, load_classifier, load_data, make_executor, preflight
 
 
+def _pool(ctx, param, value):
+    if value is None or str(value).lower() == "auto":
+        return "auto"
+    try:
+        v = int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a positive int or auto, got {value!r}") from None
+    if v < 1:
+        raise click.BadParameter(f"expected a positive int or auto, got {value!r}")
+    return v
+
+
 @main.command()
 @click.option("--dataset", default="mnist5k", show_default=True,
               help="Images to explain (the held-out split is used; the classifier trains on the rest): mnist5k, "
@@ -34,10 +46,11 @@ from .common import _csv, classifier_options, environment_options, executor_opti
                    "the baseline mean + std: the research's values (0.25, 1.0) in normalised units.")
 @click.option("--solver", type=click.Choice(["auto", "hals", "mu", "sklearn"]), default="auto", show_default=True,
               help="NMF solver: auto = hals, scikit-learn's coordinate descent batched over the classes.")
-@click.option("--pool", type=click.IntRange(1), default=4, show_default=True,
-              help="Average-pool size of the activations for the crop grid. The research used 2 on 224-px ImageNet "
-                   "(cells of 1/7 and 1/3 of the image); on 32-px MNIST at blocks.2 a pool of 2 gives 8-px cells "
-                   "(1/4 of a digit image) and 4 gives 16-px cells (1/2).")
+@click.option("--pool", callback=_pool, default="auto", show_default=True,
+              help="Average-pool size of the activations for the crop grid, or auto: the largest pool <= 4 that leaves "
+                   "a grid of at least 2x2 cells (4 at MNIST-5k's blocks.2, 8x8; 1 at digits8's blocks.2, 2x2). The "
+                   "research used 2 on 224-px ImageNet (cells of 1/7 and 1/3 of the image); on 32-px MNIST at blocks.2 "
+                   "a pool of 2 gives 8-px cells (1/4 of a digit image) and 4 gives 16-px cells (1/2).")
 @click.option("--geometry", type=click.Choice(["grid", "receptive_field"]), default="grid", show_default=True,
               help="Crop the grid cell (research) or the cell's receptive field.")
 @click.option("--layout", type=click.Choice(["strip", "canvas"]), default="strip", show_default=True,
@@ -47,8 +60,10 @@ from .common import _csv, classifier_options, environment_options, executor_opti
               help="Headline the stricter crop pool (images not predicted as the class). Both pools are always "
                    "computed and shown.")
 @click.option("--top-k", type=click.IntRange(1), default=8, show_default=True, help="Crops shown per concept.")
-@click.option("--strips", type=click.IntRange(1), default=1, show_default=True,
-              help="Strips per class: 1 = the research's (top-1 crop of each concept); n also tests the rank-2..n crops.")
+@click.option("--strips", type=click.IntRange(1), default=5, show_default=True,
+              help="Strips per class: the top-1 crops of the concepts (the research's test, also reported alone), "
+                   "then the rank-2..n crops; more strips give a narrower interval for argmax = A (cheap: the "
+                   "crops are already ranked).")
 @click.option("--controls", type=click.IntRange(1), default=20, show_default=True, help="Random-crop strips per class (control).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Images per attribution batch.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/concepts"), show_default=True)
@@ -78,6 +93,7 @@ def concepts(dataset, classifier, model_spec, weights, normalize, num_classes, e
     import torch
 
     from ..concepts.basis import predict_classes
+    from ..concepts.prototypes import resolve_pool
     from ..concepts.report import run_concept_campaign, write_concepts_report
     from ..attribution.layer import check_layer_shape, layer_activations, resolve_layer
     from ..errors import InputError
@@ -97,6 +113,9 @@ def concepts(dataset, classifier, model_spec, weights, normalize, num_classes, e
         bad = [c for c in wanted if not 0 <= c < data.num_classes]
         if bad:
             raise InputError(f"--classes {bad} out of range: the data has classes 0..{data.num_classes - 1}.")
+        dup = sorted({c for c in wanted if wanted.count(c) > 1})
+        if dup:
+            raise InputError(f"--classes lists {', '.join(map(str, dup))} more than once; name each class once.")
     model, info = load_classifier(train, test, model_spec=model_spec, weights=weights, normalize=normalize,
                                   classifier=classifier, epochs=epochs, seed=seed, device=device, cache_dir=cache_dir,
                                   progress=not quiet)
@@ -108,6 +127,18 @@ def concepts(dataset, classifier, model_spec, weights, normalize, num_classes, e
     if bool((probe < 0).any()):
         raise InputError(f"--layer {layer} has negative activations; NMF needs a layer after a ReLU (a block output).")
     checks.append(f"layer {layer}: output {tuple(probe.shape[1:])} per image, non-negative on a test batch")
+    grid = tuple(probe.shape[2:])
+    pool = resolve_pool(pool, grid, f"--layer {layer}")  # before any attribution: a pool larger than the grid is refused
+    cells = tuple(g // pool for g in grid) if grid else (1, 1)
+    if cells == (1, 1):
+        whole = (f"the crop grid of --layer {layer} is 1x1 ({'a dense layer' if not grid else f'{grid[0]}x{grid[1]} grid, pool {pool}'}): "
+                 "every crop is the whole image, so the prediction-from-components test is not informative about concepts; "
+                 "use an earlier layer or a smaller --pool.")
+        click.echo(f"warning: {whole}", err=True)
+        checks.append("FAILED: crops smaller than the image (the crop grid is 1x1: every crop is the whole image)")
+    else:
+        checks.append(f"crop grid {cells[0]}x{cells[1]} (layer grid {grid[0]}x{grid[1]}, pool {pool}): crops of "
+                      f"{tuple(x // c for x, c in zip(test.x.shape[2:], cells))} px")
     x = test.x
     preds = predict_classes(model, x.to(device))
     counts = torch.bincount(preds, minlength=data.num_classes)
@@ -127,17 +158,28 @@ def concepts(dataset, classifier, model_spec, weights, normalize, num_classes, e
     checks.append(f"NMF relative error below 1 for every class (max {max(r['relative_error'] for r in done):.3f})"
                   if done and max(r["relative_error"] for r in done) < 1 else "FAILED: an NMF did not reduce the error")
     checks.append(f"the model accepted every assembled {layout} (strips of {components} crops)")
+    excluded = {r["class"]: r["n_excluded"] for r in done if r.get("n_excluded")}
+    n_used = sum(r["n_images"] for r in done)
+    checks.append(f"relevance > 0 somewhere on every image used ({n_used} images)" if not excluded else
+                  f"relevance > 0 somewhere on every image used ({n_used}); {sum(excluded.values())} images with relevance <= 0 "
+                  f"everywhere were excluded ({', '.join(f'{data.classes[c]}: {n}' for c, n in excluded.items())})")
+    dead = [r["class"] for r in records if r.get("skipped") and "relevance" in r.get("reason", "")]
+    if dead:
+        checks.append(f"FAILED: every class has an image with relevance > 0 (classes {', '.join(data.classes[c] for c in dead)} "
+                      "have relevance <= 0 everywhere on all their images: skipped, not counted in the test)")
     model_info = {"classifier": info.get("classifier"), "source": info.get("source"), "dataset": dataset,
                   "test accuracy": round(accuracy(model, test), 4), "epochs": epochs if info.get("source") == "built-in" else None,
                   "cached": info.get("cached")}
     report = write_concepts_report(records, out_dir, options=options, model_info=model_info, class_names=data.classes,
                                    checks=checks, warnings=warnings, command="manifex " + " ".join(sys.argv[1:]),
                                    headline_pool="exclude" if exclude_target else "include", seconds=round(time.time() - t0, 1))
-    from ..concepts.report import summarize
+    from ..concepts.report import rate_text, summarize
 
     s = summarize(records)
     for p in ("include", "exclude"):
         if s.get(p, {}).get("concepts"):
-            click.echo(f"  {p} target: argmax = A {100 * s[p]['concepts']['argmax_rate']:.0f}% "
-                       f"(random crops {100 * s[p]['control']['argmax_rate']:.0f}%), mean p(A) {s[p]['concepts']['mean_p']:.2f}")
+            click.echo(f"  {p} target: argmax = A {rate_text(s[p]['concepts'])}, random crops {rate_text(s[p]['control'])}; "
+                       f"mean p(A) {s[p]['concepts']['mean_p']:.2f}")
+    if s["skipped"]:
+        click.echo(f"  skipped: {', '.join(f'{data.classes[int(c)]} ({why})' for c, why in s['skipped_reasons'].items())}")
     click.echo(f"report: {report}")

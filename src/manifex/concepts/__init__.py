@@ -8,8 +8,9 @@ concepts per class, prototype crops, and the prediction-from-components test.
 """
 from .nmf import NMF_SOLVERS, matched_cosine, nmf, nmf_error
 from .basis import RELEVANCES, ConceptBasis, class_concepts, predict_classes, relevance_explainer, select_class_images
-from .prototypes import Prototypes, cell_boxes, concept_prototypes, crop_boxes, pooled_activations
-from .components import RESEARCH_NUMBERS, ComponentTest, assemble, component_statistics, prediction_from_components
+from .prototypes import Prototypes, cell_boxes, concept_prototypes, crop_boxes, pooled_activations, resolve_pool
+from .components import (RESEARCH_NUMBERS, ComponentTest, assemble, component_statistics, prediction_from_components,
+                         wilson_interval)
 from .contrast import (ClassActivations, ContrastiveConcepts, Hyperplanes, OODFilter, class_activation_data,
                        contrastive_concepts, fit_ood_filter, hyperplane_loop, train_hyperplanes)
 from .shift import T_GRID, PatchResult, ShiftResult, patch_test, shift_probabilities, shifted_layer, shifting_test
@@ -17,8 +18,8 @@ from .shift import T_GRID, PatchResult, ShiftResult, patch_test, shift_probabili
 __all__ = [
     "nmf", "nmf_error", "matched_cosine", "NMF_SOLVERS",
     "ConceptBasis", "class_concepts", "predict_classes", "RELEVANCES", "relevance_explainer", "select_class_images",
-    "Prototypes", "concept_prototypes", "pooled_activations", "cell_boxes", "crop_boxes",
-    "ComponentTest", "prediction_from_components", "assemble", "component_statistics", "RESEARCH_NUMBERS",
+    "Prototypes", "concept_prototypes", "pooled_activations", "cell_boxes", "crop_boxes", "resolve_pool",
+    "ComponentTest", "prediction_from_components", "assemble", "component_statistics", "RESEARCH_NUMBERS", "wilson_interval",
     "ClassActivations", "class_activation_data", "Hyperplanes", "train_hyperplanes", "hyperplane_loop",
     "ContrastiveConcepts", "contrastive_concepts", "OODFilter", "fit_ood_filter",
     "T_GRID", "ShiftResult", "shifting_test", "shift_probabilities", "shifted_layer", "PatchResult", "patch_test",

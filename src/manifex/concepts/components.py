@@ -9,19 +9,23 @@ p(A) > 0.1 / 0.2 / 0.5. The control assembles k *random* crops of the same size 
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
+from ..attribution.core import OutputSelector, call_model, preserve_model_state, selected_output
 from ..attribution.methods import model_device
 from ..data.base import ImageDataset
 from ..errors import InputError, ModelError
 from .basis import ConceptBasis, as_images, predict_classes
 from .prototypes import Prototypes, cell_boxes, concept_prototypes, crop_boxes
 
-__all__ = ["ComponentTest", "prediction_from_components", "assemble", "component_statistics", "RESEARCH_NUMBERS"]
+__all__ = ["ComponentTest", "prediction_from_components", "assemble", "component_statistics", "RESEARCH_NUMBERS",
+           "wilson_interval"]
 
 Layout = Literal["strip", "canvas"]
 
@@ -33,12 +37,36 @@ RESEARCH_NUMBERS = {
 }
 
 
+#: The 97.5% quantile of the standard normal distribution: a two-sided 95% interval.
+Z_95 = 1.959963984540054
+
+
+def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion k/n (95% for the default ``z``); (nan, nan) for n = 0.
+
+    centre = (p̂ + z²/2n) / (1 + z²/n), half-width = z·√(p̂(1 − p̂)/n + z²/4n²) / (1 + z²/n): unlike p̂ ± z·√(p̂(1 − p̂)/n)
+    it stays inside [0, 1] and does not collapse to a point at k = 0 or k = n."""
+    if n <= 0:
+        return (math.nan, math.nan)
+    p, z2 = k / n, z * z
+    d = 1 + z2 / n
+    centre = (p + z2 / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / d
+    # at k = 0 (k = n) the lower (upper) bound is exactly 0 (1); the formula gives it up to round-off
+    return (0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half))
+
+
 def component_statistics(p: torch.Tensor, hit: torch.Tensor) -> dict[str, float]:
-    """The research's five statistics of p(A) (any shape) and argmax = A (same shape, bool)."""
+    """The research's five statistics of p(A) (any shape) and argmax = A (same shape, bool), with the counts
+    behind the argmax rate: ``n`` inputs, ``argmax_count`` hits and the 95% Wilson interval
+    ``argmax_ci_low``/``argmax_ci_high``."""
     p = p.double().flatten()
+    n, k = int(p.numel()), int(hit.sum())
+    lo, hi = wilson_interval(k, n)
     return {"mean_p": float(p.mean()), "std_p": float(p.std()) if p.numel() > 1 else 0.0,
             "argmax_rate": float(hit.double().mean()), "p_gt_0.1": float((p > 0.1).double().mean()),
-            "p_gt_0.2": float((p > 0.2).double().mean()), "p_gt_0.5": float((p > 0.5).double().mean())}
+            "p_gt_0.2": float((p > 0.2).double().mean()), "p_gt_0.5": float((p > 0.5).double().mean()),
+            "n": n, "argmax_count": k, "argmax_ci_low": lo, "argmax_ci_high": hi}
 
 
 @dataclass
@@ -60,6 +88,7 @@ class ComponentTest:
     layout: str
     crop_size: tuple[int, int]
     prototypes: Prototypes | None = field(default=None, repr=False)
+    whole_image_crops: bool = False
 
     @property
     def margin(self) -> float:
@@ -94,13 +123,14 @@ def assemble(crops: torch.Tensor, layout: Layout = "strip", canvas: tuple[int, i
 
 
 @torch.no_grad()
-def _softmax(model: nn.Module, x: torch.Tensor, layout: str, batch_size: int = 256) -> torch.Tensor:
+def _softmax(model: nn.Module, x: torch.Tensor, layout: str, batch_size: int = 256, output: OutputSelector = None) -> torch.Tensor:
     dev = model_device(model)
     outs = []
     try:
-        for s in range(0, x.shape[0], batch_size):
-            xb = x[s : s + batch_size]
-            outs.append(torch.softmax(model(xb.to(dev) if dev is not None else xb).float(), dim=1).cpu())
+        with preserve_model_state(model), selected_output(model, output):
+            for s in range(0, x.shape[0], batch_size):
+                xb = x[s : s + batch_size]
+                outs.append(torch.softmax(call_model(model, xb.to(dev) if dev is not None else xb).float(), dim=1).cpu())
     except (RuntimeError, ValueError) as e:
         if layout == "strip":
             raise ModelError(
@@ -122,10 +152,11 @@ def prediction_from_components(
     strips_per_class: int = 1,
     prototypes: Prototypes | None = None,
     predictions: torch.Tensor | None = None,
-    pool: int = 2,
+    pool: int | str = 2,
     seed: int = 0,
     fill: float = 0.0,
     batch_size: int = 256,
+    output: OutputSelector = None,
 ) -> ComponentTest:
     """Run the prediction-from-components test for every class of ``basis`` (see the module docstring).
 
@@ -134,7 +165,12 @@ def prediction_from_components(
     model's input size). ``n_control`` random assemblies per class. ``strips_per_class``: the research
     assembles the top-1 crop of each concept (1); n > 1 also assembles the rank-2 … rank-n crops into n
     inputs per class (statistics over all of them: steadier with few classes). ``prototypes``: reuse
-    computed ones (with ``top_k`` ≥ ``strips_per_class``).
+    computed ones (with ``top_k`` ≥ ``strips_per_class``). ``output``: for a model returning a tuple/dict, which
+    part holds the logits (as for ``explain``).
+
+    A pooled grid of 1×1 (a layer after global pooling, or a pool as large as the layer's grid) makes every
+    crop the whole image: the test then classifies k whole images, not concepts; a RuntimeWarning says so and
+    ``whole_image_crops`` is True.
     """
     x = as_images(data)
     if isinstance(n_control, bool) or not isinstance(n_control, int) or n_control < 1:
@@ -145,18 +181,23 @@ def prediction_from_components(
         raise InputError(f"strips_per_class must be a positive int, got {strips_per_class!r}.")
     n_s = strips_per_class
     if predictions is None:
-        predictions = predict_classes(model, x, batch_size)
+        predictions = predict_classes(model, x, batch_size, output=output)
     if prototypes is None:
         prototypes = concept_prototypes(model, x, basis, top_k=n_s, exclude_target=exclude_target, pool=pool,
-                                        predictions=predictions, batch_size=batch_size)
+                                        predictions=predictions, batch_size=batch_size, output=output)
     elif prototypes.exclude_target != exclude_target or prototypes.scores.shape[2] < n_s:
         raise InputError(f"the prototypes were computed with exclude_target={prototypes.exclude_target} and "
                          f"top_k={prototypes.scores.shape[2]}; need exclude_target={exclude_target}, top_k >= {n_s}.")
+    whole = tuple(prototypes.grid) == (1, 1)
+    if whole:
+        warnings.warn("the pooled crop grid is 1×1: every crop is the whole image, so the prediction-from-components "
+                      "test classifies strips of whole images and says nothing about concepts; use an earlier layer "
+                      "or a smaller pool.", RuntimeWarning, stacklevel=2)
     crops = prototypes.crops[:, :, :n_s].transpose(1, 2)  # (C, n_s, k, ch, sh, sw): rank-r crop of each concept
     canvas = tuple(x.shape[2:])
     inputs = assemble(crops, layout, canvas, fill)  # (C, n_s, ch, H', W')
     cls = torch.tensor(prototypes.classes)
-    probs = _softmax(model, inputs.flatten(0, 1), layout, batch_size).reshape(len(cls), n_s, -1)
+    probs = _softmax(model, inputs.flatten(0, 1), layout, batch_size, output).reshape(len(cls), n_s, -1)
     p = probs.gather(2, cls[:, None, None].expand(len(cls), n_s, 1))[..., 0]
     predicted = probs.argmax(2)
     if n_s == 1:
@@ -181,12 +222,12 @@ def prediction_from_components(
             boxes = torch.stack([top, left, top + sh, left + sw], 1)
         ctrl.append(crop_boxes(x, img, boxes, fill).reshape(n_control, k, *crops.shape[3:]))
     ctrl_inputs = assemble(torch.stack(ctrl), layout, canvas, fill)  # (C, n_control, ch, H', W')
-    cprobs = _softmax(model, ctrl_inputs.flatten(0, 1), layout, batch_size).reshape(C, n_control, -1)
+    cprobs = _softmax(model, ctrl_inputs.flatten(0, 1), layout, batch_size, output).reshape(C, n_control, -1)
     control_p = cprobs.gather(2, cls[:, None, None].expand(C, n_control, 1))[..., 0]
     control_hit = cprobs.argmax(2) == cls[:, None]
     return ComponentTest(
         classes=list(prototypes.classes), inputs=inputs, p=p, hit=predicted == _col(cls, p), predicted=predicted,
         control_p=control_p, control_hit=control_hit, stats=component_statistics(p, predicted == _col(cls, p)),
         control_stats=component_statistics(control_p, control_hit), exclude_target=bool(exclude_target),
-        layout=layout, crop_size=prototypes.crop_size, prototypes=prototypes,
+        layout=layout, crop_size=prototypes.crop_size, prototypes=prototypes, whole_image_crops=whole,
     )

@@ -17,13 +17,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..attribution.core import OutputSelector, preserve_model_state
 from ..attribution.layer import check_layer_shape, layer_activations, resolve_layer
 from ..attribution.methods import model_device
 from ..data.base import ImageDataset
 from ..errors import InputError
 from .basis import ConceptBasis, as_images, predict_classes
 
-__all__ = ["Prototypes", "concept_prototypes", "pooled_activations", "cell_boxes", "crop_boxes"]
+__all__ = ["Prototypes", "concept_prototypes", "pooled_activations", "cell_boxes", "crop_boxes", "resolve_pool", "MAX_AUTO_POOL"]
+
+#: The largest pool that ``pool="auto"`` picks (the CLI's MNIST-5k setting: 16-px cells at blocks.2).
+MAX_AUTO_POOL = 4
 
 Geometry = Literal["grid", "receptive_field"]
 
@@ -54,21 +58,42 @@ class Prototypes:
         return tuple(self.crops.shape[-2:])  # type: ignore[return-value]
 
 
+def resolve_pool(pool: int | str, layer_grid: tuple[int, ...], layer: str = "the layer") -> int:
+    """The pool size for a layer whose spatial grid is ``layer_grid`` (h, w) (``()`` for a dense (N, C) layer).
+
+    ``"auto"``: the largest pool <= :data:`MAX_AUTO_POOL` that leaves a pooled grid of at least 2×2 (1 when the
+    layer's grid is smaller than 4×4; MNIST-5k's blocks.2, 8×8: 4; digits8's blocks.2, 2×2: 1). An int larger
+    than the grid is refused (InputError), since the pooled grid would be empty."""
+    if pool == "auto":
+        return max(1, min(MAX_AUTO_POOL, min(layer_grid) // 2)) if layer_grid else 1
+    if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
+        raise InputError(f"pool must be a positive int or 'auto', got {pool!r}.")
+    if layer_grid and pool > min(layer_grid):
+        raise InputError(f"pool {pool} is larger than the {layer_grid[0]}×{layer_grid[1]} grid of {layer}; use a pool of at "
+                         f"most {min(layer_grid)} ('auto' picks {resolve_pool('auto', layer_grid)}).")
+    return pool
+
+
 @torch.no_grad()
-def pooled_activations(model: nn.Module, x: torch.Tensor, layer: str | nn.Module, *, pool: int = 2,
+def pooled_activations(model: nn.Module, x: torch.Tensor, layer: str | nn.Module, *, pool: int | str = 2,
                        batch_size: int = 256) -> torch.Tensor:
-    """The layer's activations of every image, ``pool``×``pool`` average-pooled: (N, c, h, w) on the CPU."""
+    """The layer's activations of every image, ``pool``×``pool`` average-pooled: (N, c, h, w) on the CPU
+    (``pool="auto"``: see :func:`resolve_pool`; a pool larger than the layer's grid is an InputError, raised
+    on the first batch). The model's state is left as found."""
     dev = model_device(model)
     out = []
-    for s in range(0, x.shape[0], batch_size):
-        xb = x[s : s + batch_size]
-        a = layer_activations(model, xb.to(dev) if dev is not None else xb, layer)
-        check_layer_shape(tuple(a.shape), str(layer), what="concept prototypes")
-        if a.dim() == 2:
-            a = a[:, :, None, None]
-        elif pool > 1:
-            a = F.avg_pool2d(a, pool, pool)
-        out.append(a.cpu())
+    with preserve_model_state(model):
+        for s in range(0, x.shape[0], batch_size):
+            xb = x[s : s + batch_size]
+            a = layer_activations(model, xb.to(dev) if dev is not None else xb, layer)
+            check_layer_shape(tuple(a.shape), str(layer), what="concept prototypes")
+            if s == 0:
+                pool = resolve_pool(pool, tuple(a.shape[2:]), f"layer {layer if isinstance(layer, str) else type(layer).__name__}")
+            if a.dim() == 2:
+                a = a[:, :, None, None]
+            elif pool > 1:
+                a = F.avg_pool2d(a, pool, pool)
+            out.append(a.cpu())
     return torch.cat(out)
 
 
@@ -91,7 +116,7 @@ def _receptive_boxes(model: nn.Module, x: torch.Tensor, layer, pool: int, grid: 
     for i in range(h):
         for j in range(w):
             inp = xb.clone().requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), preserve_model_state(model):
                 a = layer_activations(model, inp, layer, create_graph=True)
                 if pool > 1 and a.dim() == 4:
                     a = F.avg_pool2d(a, pool, pool)
@@ -135,18 +160,21 @@ def concept_prototypes(
     *,
     top_k: int = 8,
     exclude_target: bool = False,
-    pool: int = 2,
+    pool: int | str = 2,
     geometry: Geometry = "grid",
     batch_size: int = 256,
     predictions: torch.Tensor | None = None,
     pooled: torch.Tensor | None = None,
     progress: bool = False,
+    output: OutputSelector = None,
 ) -> Prototypes:
     """The ``top_k`` crops of every concept of ``basis`` among all pooled positions of ``data``.
 
     ``exclude_target``: only images the model does not predict as the concept's class (the research's
-    stricter pool). ``geometry``: "grid" (the research's cell boxes) or "receptive_field". ``pooled`` and
-    ``predictions`` may be passed when already computed (see :func:`pooled_activations`).
+    stricter pool). ``pool``: the average-pool size of the layer's grid, or "auto" (:func:`resolve_pool`).
+    ``geometry``: "grid" (the research's cell boxes) or "receptive_field". ``pooled`` and
+    ``predictions`` may be passed when already computed (see :func:`pooled_activations`). ``output``: for a model
+    returning a tuple/dict, which part holds the logits (only used to predict, with ``exclude_target``).
     """
     if not isinstance(basis, ConceptBasis):
         raise InputError(f"basis must be a ConceptBasis (from class_concepts), got {type(basis).__name__}.")
@@ -156,14 +184,22 @@ def concept_prototypes(
         raise InputError(f"top_k must be a positive int, got {top_k!r}.")
     x = as_images(data)
     module, _ = resolve_layer(model, basis.layer)
+    dev = model_device(model)
+    with preserve_model_state(model):
+        grid = tuple(layer_activations(model, x[:1].to(dev) if dev is not None else x[:1], module).shape[2:])
+    pool = resolve_pool(pool, grid, f"layer {basis.layer!r}")
     if pooled is None:
         pooled = pooled_activations(model, x, module, pool=pool, batch_size=batch_size)
     N, c, h, w = pooled.shape
     if c != basis.vectors.shape[-1]:
         raise InputError(f"the basis has {basis.vectors.shape[-1]} channels but layer {basis.layer!r} has {c}.")
     if exclude_target and predictions is None:
-        predictions = predict_classes(model, x, batch_size)
+        predictions = predict_classes(model, x, batch_size, output=output)
     C, k = len(basis.classes), basis.n_components
+    empty = [cl for cl, v in zip(basis.classes, basis.vectors) if not bool((v != 0).any())]
+    if empty:
+        raise InputError(f"the concept vectors of classes {empty} are all zero (their relevance was <= 0 everywhere), so "
+                         "every crop would score 0 and be arbitrary; drop these classes from the basis.")
     pool_size = N if not exclude_target else int(min((predictions != cl).sum() for cl in basis.classes))
     if pool_size * h * w < top_k:
         raise InputError(f"only {pool_size * h * w} positions to choose {top_k} crops from; lower top_k or use more data.")

@@ -16,13 +16,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..reports import render, write_json
 from ..runs import Unit, atomic_write_bytes, run_units
 from .basis import class_concepts
 from .components import RESEARCH_NUMBERS, component_statistics, prediction_from_components
 from .prototypes import concept_prototypes, pooled_activations
 
-__all__ = ["run_concept_campaign", "process_classes", "summarize", "write_concepts_report", "class_figure"]
+__all__ = ["run_concept_campaign", "process_classes", "summarize", "write_concepts_report", "class_figure", "concept_figure",
+           "rate_text"]
 
 POOLS = ("include", "exclude")
 
@@ -37,62 +39,96 @@ def _mosaic(crops: np.ndarray, gap: int = 1, value: float = 1.0) -> np.ndarray:
     return out
 
 
-def class_figure(crops: dict[str, torch.Tensor], strips: dict[str, torch.Tensor], path: Path, scale: int = 3) -> Path:
-    """One image per class, composed in NumPy and written as a PNG (no plotting machinery: fast under load):
-    the top crops of each concept (rows) from any image, from images not predicted as the class, then the
-    two strips. Gaps are white; the report's caption names the panels."""
-    import matplotlib.pyplot as plt
+def class_figure(crops: dict[str, torch.Tensor], strips: dict[str, torch.Tensor], path: Path, scale: int = 3, *,
+                 label: str | None = None, p: dict[str, float] | None = None) -> Path:
+    """One labelled PNG per class (see :func:`concept_figure`), written atomically; returns ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    panels = [_mosaic(crops[p].clamp(0, 1).numpy()) for p in POOLS]
-    panels += [strips[p].clamp(0, 1).numpy().transpose(1, 2, 0) for p in POOLS]
-    height = max(q.shape[0] for q in panels)
-    gap = np.ones((height, 4, panels[0].shape[2]), dtype=np.float32)
-    row = []
-    for q in panels:
-        padded = np.ones((height, q.shape[1], q.shape[2]), dtype=np.float32)
-        padded[: q.shape[0]] = q
-        row += [padded, gap]
-    img = np.concatenate(row[:-1], axis=1).repeat(scale, 0).repeat(scale, 1)
-    img = img[..., 0] if img.shape[2] == 1 else img
+    fig = concept_figure(crops, strips, scale=scale, label=label, p=p)
     buf = io.BytesIO()
-    plt.imsave(buf, img, cmap="gray", vmin=0, vmax=1, format="png")
+    FigureCanvasAgg(fig).print_png(buf)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
 
+def concept_figure(crops: dict[str, torch.Tensor], strips: dict[str, torch.Tensor], *, scale: int = 3,
+                   label: str | None = None, p: dict[str, float] | None = None):
+    """The class's matplotlib Figure (no pyplot state): the top crops of each concept (one labelled row per
+    concept) from any image and from images not predicted as the class, then the two strips with their p(A).
+    ``label``: the class's name; ``p``: p(A) of each strip by pool; ``scale``: resolution (40·scale dpi on an
+    11-inch-wide figure: 1,320 px at the default 3, with 10–13 pt labels)."""
+    from matplotlib.figure import Figure
+
+    name = "A" if label is None else str(label)
+    k = int(crops[POOLS[0]].shape[0])
+    panels = [_mosaic(crops[q].clamp(0, 1).numpy()) for q in POOLS]
+    panels += [strips[q].clamp(0, 1).numpy().transpose(1, 2, 0) for q in POOLS]
+    titles = ["top crops of each concept,\nany image", f"top crops, images not\npredicted as {name}"]
+    for q, what in zip(POOLS, ("any image", f"not {name}")):
+        titles.append(f"strip ({what})" + (f"\np({name}) = {p[q]:.2f}" if p and q in p else ""))
+    widths = [q.shape[1] for q in panels]
+    ratios = [max(w, 0.45 * widths[0]) for w in widths]
+    fig = Figure(figsize=(11, 1.6 + 0.42 * k), dpi=40 * scale, layout="constrained")
+    axes = fig.subplots(1, 4, width_ratios=ratios)
+    for j, (ax, img, title) in enumerate(zip(axes, panels, titles)):
+        ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(title, fontsize=11)
+        ax.set_xticks([])
+        rows = np.arange(k) * (img.shape[0] / k) + img.shape[0] / (2 * k)
+        ax.set_yticks(rows, [f"concept {m + 1}" if j == 0 else str(m + 1) for m in range(k)], fontsize=10)
+        ax.tick_params(length=0)
+        for side in ax.spines.values():
+            side.set_visible(False)
+    fig.suptitle(f"class {name}: {k} concepts", fontsize=13, fontweight="bold")
+    return fig
+
+
 def process_classes(units: list[Unit], context: dict[str, Any], out_dir: Path) -> list[dict]:
-    """A batch of classes: concepts (batched), prototypes of both pools, the components test, figures."""
+    """A batch of classes: concepts (batched), prototypes of both pools, the components test, figures.
+    A class left out of the basis (no predicted image, or relevance <= 0 everywhere on all its images) gets a
+    skipped record with the reason; it never enters the components test."""
     model, x, preds, opts = context["model"], context["x"], context["predictions"], context["options"]
+    class_names = context.get("class_names") or []
     classes = [int(u.payload["class"]) for u in units]
     import warnings as _w
 
     with _w.catch_warnings(record=True) as caught:
         _w.simplefilter("always", RuntimeWarning)
-        basis = class_concepts(model, x, opts["layer"], classes=classes, n_components=opts["components"],
-                               images_per_class=opts["images_per_class"], relevance=opts["relevance"],
-                               relevance_options={"n_samples": opts["samples"]}, solver=opts["solver"], seed=opts["seed"],
-                               batch_size=opts["batch_size"], predictions=preds)
-    pooled = context.get("pooled")
-    if pooled is None:
-        pooled = pooled_activations(model, x, opts["layer"], pool=opts["pool"])
-    results: dict[str, Any] = {}
-    for pool in POOLS:
-        protos = concept_prototypes(model, x, basis, top_k=max(opts["top_k"], opts["strips"]), exclude_target=pool == "exclude",
-                                    pool=opts["pool"], geometry=opts["geometry"], predictions=preds, pooled=pooled)
-        test = prediction_from_components(model, x, basis, exclude_target=pool == "exclude", layout=opts["layout"],
-                                          n_control=opts["controls"], strips_per_class=opts["strips"], prototypes=protos,
-                                          predictions=preds, pool=opts["pool"], seed=opts["seed"])
-        results[pool] = (protos, test)
+        try:
+            basis = class_concepts(model, x, opts["layer"], classes=classes, n_components=opts["components"],
+                                   images_per_class=opts["images_per_class"], relevance=opts["relevance"],
+                                   relevance_options={"n_samples": opts["samples"]}, solver=opts["solver"], seed=opts["seed"],
+                                   batch_size=opts["batch_size"], predictions=preds, output=context.get("output"))
+        except InputError as e:
+            if "relevance is <= 0" not in str(e):
+                raise
+            reason = "its relevance is <= 0 at every position on all its images"
+            return [{"id": u.id, "class": c, "skipped": True, "reason": reason, "warnings": [str(w.message) for w in caught]}
+                    for u, c in zip(units, classes)]
+        pooled = context.get("pooled")
+        if pooled is None:
+            pooled = pooled_activations(model, x, opts["layer"], pool=opts["pool"])
+        results: dict[str, Any] = {}
+        for pool in POOLS:
+            protos = concept_prototypes(model, x, basis, top_k=max(opts["top_k"], opts["strips"]), exclude_target=pool == "exclude",
+                                        pool=opts["pool"], geometry=opts["geometry"], predictions=preds, pooled=pooled,
+                                        output=context.get("output"))
+            test = prediction_from_components(model, x, basis, exclude_target=pool == "exclude", layout=opts["layout"],
+                                              n_control=opts["controls"], strips_per_class=opts["strips"], prototypes=protos,
+                                              predictions=preds, pool=opts["pool"], seed=opts["seed"],
+                                              output=context.get("output"))
+            results[pool] = (protos, test)
     records = []
     for u, c in zip(units, classes):
         if c not in basis.classes:
-            records.append({"id": u.id, "class": c, "skipped": True, "reason": "no image is predicted as this class"})
+            records.append({"id": u.id, "class": c, "skipped": True, "reason": basis.skipped.get(c, "not in the basis")})
             continue
         i = basis.classes.index(c)
         rec: dict[str, Any] = {"id": u.id, "class": c, "skipped": False, "n_images": basis.n_images[i],
+                               "n_excluded": basis.n_excluded[i] if basis.n_excluded else 0,
                                "recon_error": float(basis.recon_error[i]), "relative_error": float(basis.relative_error[i]),
                                "nmf_iterations": basis.n_iter[i], "vectors": basis.vectors[i].tolist(),
-                               "image_indices": basis.image_indices[i].tolist()}
+                               "image_indices": basis.image_indices[i].tolist(), "grid": list(results["include"][0].grid)}
         crops, strips = {}, {}
         for pool in POOLS:
             protos, test = results[pool]
@@ -104,10 +140,11 @@ def process_classes(units: list[Unit], context: dict[str, Any], out_dir: Path) -
             crops[pool] = protos.crops[i, :, : opts["top_k"]]
             strips[pool] = test.inputs[i] if test.inputs.dim() == 4 else test.inputs[i, 0]
         fig = Path(out_dir) / "classes" / f"class_{c:03d}.png"
-        class_figure(crops, strips, fig)
+        name = class_names[c] if c < len(class_names) else str(c)
+        class_figure(crops, strips, fig, label=name, p={pool: float(results[pool][1].p[i].reshape(-1)[0]) for pool in POOLS})
         rec["figure"] = str(fig.relative_to(out_dir))
         records.append(rec)
-    warned = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    warned = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)))
     if warned and records:
         records[0]["warnings"] = warned
     return records
@@ -115,27 +152,38 @@ def process_classes(units: list[Unit], context: dict[str, Any], out_dir: Path) -
 
 def run_concept_campaign(model: nn.Module, x: torch.Tensor, classes: Sequence[int], out_dir: str | Path, *,
                          options: dict[str, Any], class_names: Sequence[str] = (), predictions: torch.Tensor | None = None,
-                         batch_size: int = 16, executor: Any = None, resume: bool = True, progress: bool = True) -> list[dict]:
-    """One unit per class on the shared run layer (``results.jsonl`` in ``out_dir``, resumable)."""
+                         batch_size: int = 16, executor: Any = None, resume: bool = True, progress: bool = True,
+                         output: Any = None) -> list[dict]:
+    """One unit per class on the shared run layer (``results.jsonl`` in ``out_dir``, resumable). ``output``: for a
+    model returning a tuple/dict, which part holds the logits (as for ``explain``; used by class_concepts)."""
     from .basis import predict_classes
 
-    preds = predict_classes(model, x) if predictions is None else predictions
+    preds = predict_classes(model, x, output=output) if predictions is None else predictions
     units = [Unit(f"class{c:03d}", {"class": int(c)}) for c in classes]
-    context = {"model": model, "x": x, "predictions": preds, "options": dict(options), "class_names": list(class_names)}
+    context = {"model": model, "x": x, "predictions": preds, "options": dict(options), "class_names": list(class_names),
+               "output": output}
     return run_units(units, process_classes, out_dir, context=context, batch_size=batch_size, executor=executor,
                      resume=resume, progress=progress, desc="concepts")
 
 
 def summarize(records: list[dict]) -> dict[str, Any]:
-    """The five statistics per pool for the concepts and the random control, and NMF errors, over the classes."""
+    """Per pool, the statistics (with counts k/n and 95% Wilson intervals of argmax = A) of all strips, of the
+    top-1 strips alone (the research's test) and of the random control; NMF errors; skipped classes with their
+    reasons; images excluded for relevance <= 0; whether the crops are whole images (a 1×1 grid)."""
     done = [r for r in records if not r.get("skipped")]
-    out: dict[str, Any] = {"classes": [r["class"] for r in done], "skipped": [r["class"] for r in records if r.get("skipped")]}
+    out: dict[str, Any] = {"classes": [r["class"] for r in done], "skipped": [r["class"] for r in records if r.get("skipped")],
+                           "skipped_reasons": {str(r["class"]): r.get("reason", "") for r in records if r.get("skipped")},
+                           "excluded_images": {str(r["class"]): r.get("n_excluded", 0) for r in done if r.get("n_excluded")},
+                           "whole_image_crops": any(tuple(r.get("grid", ())) == (1, 1) for r in done)}
     for pool in POOLS:
         p = torch.tensor([v for r in done for v in r[pool]["p"]])
         hit = torch.tensor([v for r in done for v in r[pool]["hit"]])
+        p1 = torch.tensor([r[pool]["p"][0] for r in done])
+        hit1 = torch.tensor([r[pool]["hit"][0] for r in done])
         cp = torch.tensor([v for r in done for v in r[pool]["control_p"]])
         ch = torch.tensor([v for r in done for v in r[pool]["control_hit"]])
         out[pool] = {"concepts": component_statistics(p, hit) if p.numel() else {},
+                     "concepts_top1": component_statistics(p1, hit1) if p1.numel() else {},
                      "control": component_statistics(cp, ch) if cp.numel() else {}}
         if p.numel():
             out[pool]["margin_points"] = 100 * (out[pool]["concepts"]["argmax_rate"] - out[pool]["control"]["argmax_rate"])
@@ -148,6 +196,14 @@ def summarize(records: list[dict]) -> dict[str, Any]:
 
 def _pct(v: float | None) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
+
+
+def rate_text(s: dict[str, Any]) -> str:
+    """argmax = A as "60.0% (6/10; 95% CI 31–83%)"."""
+    if not s or "argmax_count" not in s:
+        return _pct(s.get("argmax_rate")) if s else "n/a"
+    return (f"{_pct(s['argmax_rate'])} ({s['argmax_count']}/{s['n']}; 95% CI "
+            f"{100 * s['argmax_ci_low']:.0f}–{100 * s['argmax_ci_high']:.0f}%)")
 
 
 _STATS = (("mean_p", "mean p(A)", lambda v: f"{v:.3f}"), ("std_p", "std p(A)", lambda v: f"{v:.3f}"),
@@ -164,20 +220,34 @@ def write_concepts_report(records: list[dict], out_dir: str | Path, *, options: 
     warnings = list(warnings)
     for r in records:
         warnings += r.get("warnings", [])
+    if summary["whole_image_crops"]:
+        warnings.append("the pooled crop grid is 1×1 (a layer after global pooling, or a pool as large as the layer's "
+                        "grid): every crop is the whole image, so the prediction-from-components test classifies strips "
+                        "of whole images and is not informative about concepts; use an earlier layer or a smaller --pool.")
+    name = lambda c: class_names[c] if c < len(class_names) else str(c)  # noqa: E731
+    for r in records:
+        if r.get("skipped"):
+            warnings.append(f"class {name(r['class'])} skipped: {r.get('reason', 'not in the basis')}; it is not counted "
+                            "in the prediction-from-components test.")
+    warnings = list(dict.fromkeys(warnings))
     done = [r for r in records if not r.get("skipped")]
     write_json({"summary": summary, "options": options, "model": model_info or {}, "checks": list(checks),
                 "warnings": warnings, "research": RESEARCH_NUMBERS, "seconds": seconds,
                 "classes": [{k: v for k, v in r.items() if k not in ("vectors",)} for r in records]}, out / "metrics.json")
-    name = lambda c: class_names[c] if c < len(class_names) else str(c)  # noqa: E731
     rows = []
+    whats = ("concepts", "concepts_top1", "control") if int(options.get("strips") or 1) > 1 else ("concepts", "control")
+    labels = {"concepts": "concept strips", "concepts_top1": "top-1 strips only (the research's test)",
+              "control": "random crops (control)"}
     for pool in POOLS:
-        for what in ("concepts", "control"):
+        for what in whats:
             s = summary.get(pool, {}).get(what) or {}
-            label = f"{'concept strips' if what == 'concepts' else 'random crops (control)'}, {pool} target"
-            rows.append({"label": label, "bold": what == "concepts", "cells": [fmt(s[k]) if k in s else "n/a" for k, _, fmt in _STATS]})
-    research = [{"label": f"{k} (ImageNet, 1000 classes)", "cells": [fmt(v[key]) if key in v else "—" for key, _, fmt in _STATS]}
+            label = f"{labels[what]}, {pool} target"
+            cells = [fmt(s[k]) if k in s else "n/a" for k, _, fmt in _STATS] + [f"{s['argmax_count']}/{s['n']}" if "n" in s else "n/a",
+                     f"{100 * s['argmax_ci_low']:.0f}–{100 * s['argmax_ci_high']:.0f}%" if "n" in s else "n/a"]
+            rows.append({"label": label, "bold": what == "concepts", "first": what == "concepts", "cells": cells})
+    research = [{"label": f"{k} (ImageNet, 1000 classes)", "cells": [fmt(v[key]) if key in v else "—" for key, _, fmt in _STATS] + ["", ""]}
                 for k, v in RESEARCH_NUMBERS.items()]
-    per_class = [{"cls": name(r["class"]), "n": r["n_images"], "rel": f"{r['relative_error']:.3f}", "iters": r["nmf_iterations"],
+    per_class = [{"cls": name(r["class"]), "n": r["n_images"], "excluded": r.get("n_excluded", 0), "rel": f"{r['relative_error']:.3f}", "iters": r["nmf_iterations"],
                   "p_in": f"{r['include']['p'][0]:.2f}", "pred_in": name(r["include"]["predicted"][0]),
                   "p_ex": f"{r['exclude']['p'][0]:.2f}", "pred_ex": name(r["exclude"]["predicted"][0]),
                   "ok_in": bool(r["include"]["hit"][0]), "ok_ex": bool(r["exclude"]["hit"][0]), "figure": r["figure"]}
@@ -187,19 +257,27 @@ def write_concepts_report(records: list[dict], out_dir: str | Path, *, options: 
     for pool in POOLS:
         s = summary.get(pool, {})
         if s.get("concepts"):
-            cards.append({"label": f"argmax = A, {pool} target", "value": _pct(s["concepts"]["argmax_rate"]),
-                          "sub": f"random crops: {_pct(s['control']['argmax_rate'])} ({s['margin_points']:+.0f} points)",
+            c = s["concepts"]
+            cards.append({"label": f"argmax = A, {pool} target", "value": _pct(c["argmax_rate"]),
+                          "sub": f"{c['argmax_count']}/{c['n']} strips, 95% CI {100 * c['argmax_ci_low']:.0f}–"
+                                 f"{100 * c['argmax_ci_high']:.0f}%; random crops: {rate_text(s['control'])} "
+                                 f"({s['margin_points']:+.0f} points)",
                           "accent": pool == headline_pool})
     if "nmf" in summary:
         cards.append({"label": "NMF relative error", "value": f"{summary['nmf']['mean_relative_error']:.3f}",
                       "sub": f"‖X − WH‖/‖X‖, mean over classes (max {summary['nmf']['max_relative_error']:.3f})"})
+    n_ex = sum(summary["excluded_images"].values())
     cards.append({"label": "classes", "value": str(len(done)), "sub": f"{options.get('components')} concepts each"
-                  + (f"; {len(summary['skipped'])} skipped" if summary["skipped"] else "")})
+                  + (f"; {len(summary['skipped'])} skipped" if summary["skipped"] else "")
+                  + (f"; {n_ex} images excluded (relevance ≤ 0 everywhere)" if n_ex else "")})
     headline = "Concepts per class"
     if main.get("concepts"):
         headline = (f"Strips of each class's {options.get('components')} concept crops are classified as the class "
-                    f"{_pct(main['concepts']['argmax_rate'])} of the time ({headline_pool} target), random crops "
-                    f"{_pct(main['control']['argmax_rate'])}")
+                    f"{rate_text(main['concepts'])} of the time ({headline_pool} target), random crops "
+                    f"{rate_text(main['control'])}")
+        if summary["whole_image_crops"]:
+            headline += " — but every crop is the whole image (1×1 grid), so this does not test concepts"
+
     findings = []
     for pool in POOLS:
         s = summary.get(pool, {})
@@ -210,6 +288,6 @@ def write_concepts_report(records: list[dict], out_dir: str | Path, *, options: 
                   subtitle=(f"layer {options.get('layer')} · {options.get('relevance')} relevance in a noise tunnel "
                             f"({options.get('samples')} samples) · NMF with {options.get('components')} components · up to "
                             f"{options.get('images_per_class')} images predicted as each class"),
-                  findings=findings, cards=cards, stat_labels=[lab for _, lab, _ in _STATS], rows=rows, research=research,
+                  findings=findings, cards=cards, stat_labels=[lab for _, lab, _ in _STATS] + ["argmax = A, k/n", "95% CI (Wilson)"], rows=rows, research=research,
                   per_class=per_class, options=options, model=model_info or {}, command=command, checks=list(checks),
                   warnings=warnings)
