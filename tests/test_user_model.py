@@ -167,3 +167,79 @@ def test_align_cli_scores_the_users_model(user_model, tmp_path):
     assert set(m["scores"]) == {"your model"} and set(m["scores"]["your model"]) == {"gradient", "random"}
     assert m["seed_reference"] == {} and any("logits of shape (8, 10)" in c for c in m["checks"])
     assert (tmp_path / "o" / "parts_your_model.png").stat().st_size > 0
+
+
+DICT_FILE = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class DictNet(nn.Module):
+        """A user's conv net whose forward returns a dict, as many research models do."""
+
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 10))
+
+        def forward(self, x):
+            h = self.features(x)
+            return {"logits": self.head(h), "features": h}
+
+    def build():
+        torch.manual_seed(0)
+        return DictNet()
+''')
+
+
+@pytest.fixture(scope="module")
+def dict_model(tmp_path_factory):
+    """The dict-returning net, trained briefly on digits8 so that it predicts every class, and its weights."""
+    root = tmp_path_factory.mktemp("dict_user")
+    (root / "dict_nets.py").write_text(DICT_FILE)
+    spec = f"{root / 'dict_nets.py'}:build"
+    net, data = load_model(spec), load_digits8()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(data.x)["logits"], data.y).backward()
+        opt.step()
+    torch.save(net.state_dict(), root / "dict.pt")
+    return spec, str(root / "cache"), str(root / "dict.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, extra", [
+    ("attack", ["--pairs", "2", "--iterations", "2"]),
+    ("concepts", ["--layer", "features.3", "--classes", "0,1", "--components", "2", "--images-per-class", "4",
+                  "--samples", "1", "--controls", "2", "--top-k", "2", "--pool", "4"]),
+    ("contrast", ["--layer", "features.3", "--pairs", "0:1", "--images-per-class", "4", "--noise-samples", "1",
+                  "--random-directions", "1"]),
+])
+def test_dict_output_model_runs_with_output_and_keeps_its_layer_names(dict_model, tmp_path, command, extra, no_training):
+    """--output KEY makes a dict-returning --model a logits model for every command; --layer uses the model's own
+    names (features.3, not model.features.3); without --output the refusal names the keys and the option."""
+    spec, cache, weights = dict_model
+    base = [command, "--dataset", "digits8", "--model", spec, "--weights", weights, "--quiet", "--cache-dir", cache, *extra]
+    res = CliRunner().invoke(main, [*base, "--output", "logits", "--out", str(tmp_path / "ok")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "ok" / "report.html").is_file()
+    res = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "no")])
+    assert res.exit_code == 2 and "returns a dict with keys ['logits', 'features']" in res.output
+    assert "--output KEY" in res.output
+
+
+def test_output_needs_model_and_select_output_wraps_transparently(dict_model):
+    spec, _, _ = dict_model
+    res = CliRunner().invoke(main, ["attack", "--dataset", "digits8", "--output", "logits", "--pairs", "1"])
+    assert res.exit_code == 2 and "--output needs --model" in res.output
+    from manifex.attribution.layer import resolve_layer
+    from manifex.models.user import SelectOutput
+    net = load_model(spec)
+    wrapped = Normalize(SelectOutput(net, "logits"), (0.5,), (0.5,))
+    x = load_digits8().x[:3]
+    assert torch.equal(wrapped(x), net((x - 0.5) / 0.5)["logits"])
+    assert resolve_layer(wrapped, "features.3") == (net.features[3], "model.model.features.3")
+    with pytest.raises(InputError, match="unknown layer 'features.9'"):
+        resolve_layer(wrapped, "features.9")
+    import pickle
+    assert torch.equal(pickle.loads(pickle.dumps(wrapped))(x), wrapped(x))  # Ray workers pickle the model

@@ -51,24 +51,32 @@ def layer_candidates(model: nn.Module, limit: int = 16) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def resolve_layer(model: nn.Module, layer: nn.Module | str) -> tuple[nn.Module, str]:
+def resolve_layer(model: nn.Module, layer: nn.Module | str, *,
+                  candidates: Callable[[nn.Module], str] = layer_candidates) -> tuple[nn.Module, str]:
     """``(module, qualified name)`` of ``layer`` (a name such as ``"blocks.2"`` or a submodule of ``model``).
 
-    An unknown name raises InputError listing the candidates."""
+    An unknown name raises InputError listing ``candidates(model)``."""
     if not isinstance(model, nn.Module):
         raise InputError(f"layer attribution reads an inner layer and needs an nn.Module, got {type(model).__name__}.")
     named = dict(model.named_modules())
     if isinstance(layer, str):
+        # wrappers that only adapt the input or output (Normalize, SelectOutput: ``transparent``) keep the
+        # inner model's layer names, so ``--layer layer4`` works with ``--normalize`` and ``--output`` too
+        inner, prefix = model, ""
+        while getattr(inner, "transparent", False) and isinstance(getattr(inner, "model", None), nn.Module):
+            inner, prefix = inner.model, prefix + "model."
+            if layer and layer not in named and prefix + layer in named:
+                return named[prefix + layer], prefix + layer
         if layer not in named or layer == "":
             close = [n for n in named if n and (layer in n or n in layer)]
             hint = f" (did you mean {', '.join(close[:4])}?)" if close else ""
-            raise InputError(f"unknown layer {layer!r}{hint}; valid names: {layer_candidates(model)}.")
+            raise InputError(f"unknown layer {layer!r}{hint}; valid names: {candidates(model)}.")
         return named[layer], layer
     if isinstance(layer, nn.Module):
         for n, m in named.items():
             if m is layer and n:
                 return m, n
-        raise InputError(f"layer {type(layer).__name__} is not a submodule of the model; pass one of: {layer_candidates(model)}.")
+        raise InputError(f"layer {type(layer).__name__} is not a submodule of the model; pass one of: {candidates(model)}.")
     raise InputError(f"layer must be a qualified module name (str) or a submodule, got {type(layer).__name__}.")
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import InputError, ModelError
 from .core import OutputSelector, Target, call_model, target_gradient
+from .layer import resolve_layer
 from .methods import Explainer, Model
 from .smoothing import FunctionalPolicy, ReLUPatch, SmoothReLU
 
@@ -137,17 +138,7 @@ class GradCAM(Explainer):
 
     @staticmethod
     def _resolve_layer(model: nn.Module, layer: nn.Module | str) -> tuple[nn.Module, str]:
-        named = dict(model.named_modules())
-        if isinstance(layer, str):
-            if layer not in named:
-                raise InputError(f"unknown layer {layer!r}; valid names include: {_layer_candidates(model)}.")
-            return named[layer], layer
-        if isinstance(layer, nn.Module):
-            for n, m in named.items():
-                if m is layer:
-                    return m, n
-            raise InputError(f"layer {type(layer).__name__} is not a submodule of the model; pass one of: {_layer_candidates(model)}.")
-        raise InputError(f"layer must be an nn.Module or a qualified module name (str), got {type(layer).__name__}.")
+        return resolve_layer(model, layer, candidates=_layer_candidates)
 
     def layer_map(self, x: torch.Tensor, target: Target = None, *, create_graph: bool = False) -> torch.Tensor:
         """The Grad-CAM map at the layer's resolution, (N, 1, h, w), before upsampling."""

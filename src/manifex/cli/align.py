@@ -43,7 +43,7 @@ from .common import (_csv, _positive_floats, classifier_options, environment_opt
                    "chance, one class dominating, near-uniform labeler); the report then opens with the warning.")
 @environment_options
 @executor_options
-def align(out_dir: Path, cache_dir: Path | None, quiet: bool, methods, model_spec, weights, normalize, num_classes,
+def align(out_dir: Path, cache_dir: Path | None, quiet: bool, methods, model_spec, weights, normalize, output, num_classes,
           workers, ray_address, gpus_per_worker, **options) -> None:
     """Score how much attributions lie in the data manifold's tangent space.
 
@@ -84,15 +84,15 @@ def align(out_dir: Path, cache_dir: Path | None, quiet: bool, methods, model_spe
     model = None
     if model_spec is not None:
         train, test = real.split(0.2, seed=cfg.seed)  # the model is checked on real images of the data's shape
-        model, info = load_classifier(train, test, model_spec=model_spec, weights=weights, normalize=normalize,
+        model, info = load_classifier(train, test, model_spec=model_spec, weights=weights, normalize=normalize, output=output,
                                       device=cfg.device)
         checks += info["checks"]
         if cfg.robust:
             click.echo("  note: the l2-robust model is a fine-tune of a built-in classifier; scoring your model only.",
                        err=True)
             cfg = replace(cfg, robust=False)
-    elif weights is not None or normalize is not None:
-        load_classifier(real, real, weights=weights, normalize=normalize)  # raises: they need --model
+    elif weights is not None or normalize is not None or output is not None:
+        load_classifier(real, real, weights=weights, normalize=normalize, output=output)  # raises: they need --model
     result = run_alignment(cfg, cache=ModelCache(cache_dir), progress=not quiet, classifier=model,
                            executor=executor)
     result.metrics["checks"] = checks + result.metrics.get("checks", [])

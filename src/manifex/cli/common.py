@@ -165,6 +165,9 @@ def classifier_options(f):
                      help="Per-channel normalisation your --model expects, e.g. 0.1307,0.3081 or "
                           "0.485,0.456,0.406,0.229,0.224,0.225 (means, then stds). Applied inside a wrapper, so "
                           "budgets, clipping and figures stay in pixel units of [0, 1]."),
+        click.option("--output", "output", default=None, metavar="INDEX|KEY",
+                     help="Where your --model's output holds the logits, when forward returns a tuple or a dict: an "
+                          "index (0) or a key / attribute name (logits). Layer names stay those of your model."),
         click.option("--num-classes", type=click.IntRange(2), default=None,
                      help="Number of classes when the labels leave some unused (e.g. labels {0..9, 57} with a "
                           "58-output model); by default such labels are refused."),
@@ -175,25 +178,28 @@ def classifier_options(f):
 
 
 def load_classifier(train, test, *, model_spec: str | None = None, weights: str | os.PathLike | None = None,
-                    normalize: tuple | None = None, classifier: str = "lenet", epochs: int = 3, seed: int = 0,
+                    normalize: tuple | None = None, output: str | None = None, classifier: str = "lenet", epochs: int = 3, seed: int = 0,
                     device: str = "cpu", cache_dir: str | os.PathLike | None = None, progress: bool = True):
     """The classifier under test, checked once on one test batch; returns (model, info).
 
     With ``model_spec`` the user's model is loaded (:func:`manifex.models.user.load_model`), wrapped in
-    :class:`~manifex.models.user.Normalize` when ``normalize`` = (mean, std) is given, and checked BEFORE any
+    :class:`~manifex.models.user.SelectOutput` when ``output`` (``--output``: which part of a tuple or dict output
+    holds the logits) is given and in :class:`~manifex.models.user.Normalize` when ``normalize`` = (mean, std)
+    is given, and checked BEFORE any
     work. Otherwise the built-in ``classifier`` is trained on ``train`` (or reused from the cache) and checked
     after training. ``info["checks"]`` lists what was verified, for the report's checks box.
     """
     from ..errors import InputError
     from ..models import ModelCache, TrainConfig, get_classifier
-    from ..models.user import Normalize, check_classifier, load_model
+    from ..models.user import Normalize, SelectOutput, check_classifier, load_model, parse_output
 
     batch = test.x[: min(8, len(test))]
     c = test.image_shape[0]
     if model_spec is None:
-        if weights is not None or normalize is not None:
-            raise InputError(f"{'--weights' if weights is not None else '--normalize'} needs --model (your own "
-                             "classifier); the built-in --classifier is trained by manifex on [0, 1] pixels.")
+        given = [flag for flag, v in (("--weights", weights), ("--normalize", normalize), ("--output", output)) if v is not None]
+        if given:
+            raise InputError(f"{given[0]} needs --model (your own classifier); the built-in --classifier is trained "
+                             "by manifex on [0, 1] pixels and returns logits.")
         model, info = get_classifier(train, classifier, TrainConfig(epochs=epochs, seed=seed), cache=ModelCache(cache_dir),
                                      device=device, progress=progress)
         info = {**info, "source": "built-in", "classifier": classifier}
@@ -202,11 +208,14 @@ def load_classifier(train, test, *, model_spec: str | None = None, weights: str 
         if normalize is not None and len(normalize[0]) not in (1, c):
             raise InputError(f"--normalize has {len(normalize[0])} channel values but the images have {c} channel(s).")
         model = load_model(model_spec, weights)
+        if output is not None:
+            model = SelectOutput(model, parse_output(output))
         if normalize is not None:
             model = Normalize(model, *normalize)
         model = model.to(device).eval()
         info = {"source": "user", "classifier": model_spec, "weights": str(weights) if weights else None,
-                "normalize": {"mean": list(normalize[0]), "std": list(normalize[1])} if normalize else None}
+                "normalize": {"mean": list(normalize[0]), "std": list(normalize[1])} if normalize else None,
+                "output": output}
         name = f"--model {model_spec}"
     logits = check_classifier(model, batch, test.num_classes, name=name)
     info["checks"] = [f"model ({name}): logits of shape {tuple(logits.shape)} on a test batch, finite; "

@@ -70,7 +70,7 @@ def _pool(ctx, param, value):
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Skip classes already finished in --out.")
 @environment_options
 @executor_options
-def concepts(dataset, classifier, model_spec, weights, normalize, num_classes, epochs, layer, components, images_per_class,
+def concepts(dataset, classifier, model_spec, weights, normalize, output, num_classes, epochs, layer, components, images_per_class,
              classes, relevance, samples, solver, pool, geometry, layout, exclude_target, top_k, strips, controls, batch_size,
              out_dir, resume, workers, ray_address, gpus_per_worker, device, seed, cache_dir, trust_pickle, quiet) -> None:
     """Which few visual concepts make the model call an image class A?
@@ -116,7 +116,7 @@ def concepts(dataset, classifier, model_spec, weights, normalize, num_classes, e
         dup = sorted({c for c in wanted if wanted.count(c) > 1})
         if dup:
             raise InputError(f"--classes lists {', '.join(map(str, dup))} more than once; name each class once.")
-    model, info = load_classifier(train, test, model_spec=model_spec, weights=weights, normalize=normalize,
+    model, info = load_classifier(train, test, model_spec=model_spec, weights=weights, normalize=normalize, output=output,
                                   classifier=classifier, epochs=epochs, seed=seed, device=device, cache_dir=cache_dir,
                                   progress=not quiet)
     checks = list(checks) + list(info.get("checks", []))

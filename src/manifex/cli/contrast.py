@@ -43,7 +43,7 @@ from .common import classifier_options, environment_options, executor_options, m
 def contrast(dataset: str, classifier: str, classifier_epochs: int, layer: str, pairs: str | None, random_pairs: int | None,
              images_per_class: int, n_random: int, n_components: int, concepts_pair: str | None, n_samples: int, ood: bool,
              seed_compat: bool, out_dir: Path, resume: bool, device: str, seed: int, cache_dir: Path | None,
-             trust_pickle: bool, quiet: bool, model_spec, weights, normalize, num_classes, workers, ray_address,
+             trust_pickle: bool, quiet: bool, model_spec, weights, normalize, output, num_classes, workers, ray_address,
              gpus_per_worker) -> None:
     """Class contrasting: what separates class A from class B inside the network?
 
@@ -87,7 +87,7 @@ def contrast(dataset: str, classifier: str, classifier_epochs: int, layer: str, 
         for a, b in (chosen or []) + (cpair or []):
             check_pair(a, b, num_classes or data.num_classes)
     train, test = data.split(0.2, seed=seed)
-    model, info = load_classifier(train, test, model_spec=model_spec, weights=weights, normalize=normalize,
+    model, info = load_classifier(train, test, model_spec=model_spec, weights=weights, normalize=normalize, output=output,
                                   classifier=classifier, epochs=classifier_epochs, seed=seed, device=device,
                                   cache_dir=cache_dir, progress=not quiet)
     model.eval()

@@ -60,7 +60,7 @@ def unsupported_option(f):
               help="Skip pairs already finished in --out (an interrupted campaign loses at most one batch).")
 @environment_options
 @executor_options
-def attack(dataset, classifier, model_spec, weights, normalize, num_classes, epochs, method, n_pairs, pairs_csv, data_dir,
+def attack(dataset, classifier, model_spec, weights, normalize, output, num_classes, epochs, method, n_pairs, pairs_csv, data_dir,
            iterations, lr, gamma, map_loss, budget, norm, beta_growth, unsupported, stop_pcc, batch_size, out_dir, resume, device,
            seed, cache_dir, trust_pickle, workers, ray_address, gpus_per_worker, quiet) -> None:
     """Manipulate explanations: make them match another image's while the prediction stays.
@@ -97,7 +97,7 @@ def attack(dataset, classifier, model_spec, weights, normalize, num_classes, epo
     else:
         _check_pairs(n_pairs, test)
         pairs = pairs_from_dataset(test, n_pairs, seed=seed)
-    model, info = load_classifier(train, test, model_spec=model_spec, weights=weights, normalize=normalize,
+    model, info = load_classifier(train, test, model_spec=model_spec, weights=weights, normalize=normalize, output=output,
                                   classifier=classifier, epochs=epochs, seed=seed, device=device, cache_dir=cache_dir,
                                   progress=not quiet)
     acc = accuracy(model, test)
@@ -149,7 +149,7 @@ def attack(dataset, classifier, model_spec, weights, normalize, num_classes, epo
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/smooth"), show_default=True)
 @environment_options
 @executor_options
-def smooth(dataset, classifier, model_spec, weights, normalize, num_classes, epochs, method, betas, n_pairs, iterations, lr,
+def smooth(dataset, classifier, model_spec, weights, normalize, output, num_classes, epochs, method, betas, n_pairs, iterations, lr,
            budget, map_loss, unsupported, batch_size, out_dir, device, seed, cache_dir, trust_pickle, workers, ray_address,
            gpus_per_worker, quiet) -> None:
     """β-smoothing defence: explanations, accuracy, curvature and manipulability across β.
@@ -181,7 +181,7 @@ def smooth(dataset, classifier, model_spec, weights, normalize, num_classes, epo
     train, test = data.split(0.2, seed=seed)
     if n_pairs:
         _check_pairs(n_pairs, test)
-    model, info = load_classifier(train, test, model_spec=model_spec, weights=weights, normalize=normalize,
+    model, info = load_classifier(train, test, model_spec=model_spec, weights=weights, normalize=normalize, output=output,
                                   classifier=classifier, epochs=epochs, seed=seed, device=device, cache_dir=cache_dir,
                                   progress=not quiet)
     checks += info["checks"]

@@ -25,12 +25,46 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..attribution.core import check_output_selector, select_output
 from ..errors import DataError, InputError, ModelError
 
-__all__ = ["Normalize", "load_model", "load_weights", "check_classifier", "parse_normalize"]
+__all__ = ["Normalize", "SelectOutput", "load_model", "load_weights", "check_classifier", "parse_normalize", "parse_output"]
 
 PathLike = str | os.PathLike
 _MODEL_FILE_SUFFIXES = (".pt2", ".pt", ".pth", ".ts", ".jit", ".zip")
+
+
+class SelectOutput(nn.Module):
+    """``model(x)`` reduced to its logits by ``output`` (an index of a tuple/list output, a key of a dict or an
+    attribute name): a model that returns a dict or a tuple becomes a plain logits model for every command.
+
+    The selector is an int or a str (not a callable), so the wrapper pickles (Ray workers, ``torch.save``).
+    Layer names stay those of the inner model (``"layer4"``, not ``"model.layer4"``): see
+    :func:`manifex.attribution.layer.resolve_layer`."""
+
+    transparent = True  # layer names resolve inside self.model
+
+    def __init__(self, model: nn.Module, output: int | str) -> None:
+        super().__init__()
+        output = check_output_selector(output)
+        if output is None or callable(output):
+            raise InputError(f"SelectOutput needs an index (int) or a key/attribute (str), got {output!r}.")
+        self.model = model
+        self.output = output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return select_output(self.model(x), self.output)
+
+    def extra_repr(self) -> str:
+        return f"output={self.output!r}"
+
+
+def parse_output(text: str) -> int | str:
+    """``--output`` text: digits (optionally signed) are a tuple index, anything else a dict key or attribute."""
+    text = str(text).strip()
+    if not text:
+        raise InputError("--output needs an index (0) or a key/attribute name (logits).")
+    return int(text) if text.lstrip("-").isdigit() else text
 
 
 class Normalize(nn.Module):
@@ -38,8 +72,10 @@ class Normalize(nn.Module):
 
     Budgets, clipping to the pixel box and figures then stay in pixel units while the inner model sees the
     normalised input it was trained on. ``mean``/``std`` are buffers of shape (1, C, 1, 1) (one value is
-    broadcast to every channel); the inner model is ``self.model``.
+    broadcast to every channel); the inner model is ``self.model``, whose layer names stay valid as they are.
     """
+
+    transparent = True  # layer names resolve inside self.model
 
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -256,10 +292,14 @@ def check_classifier(model: nn.Module, x: torch.Tensor, num_classes: int | None 
         for m, t in zip(modules, flags):
             m.training = t
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        raise ModelError(f"{name} returns a {type(out).__name__}; it must return one logits tensor (N, classes) — "
-                         "wrap it so forward returns only the logits.")
+        raise ModelError(f"{name} returns a {type(out).__name__} of {len(out)}; say which entry holds the logits "
+                         "(N, classes) with --output INDEX (e.g. --output 0), or output=INDEX in Python.")
+    if isinstance(out, dict):
+        raise ModelError(f"{name} returns a dict with keys {list(out)[:8]}; say which one holds the logits (N, classes) "
+                         "with --output KEY (e.g. --output logits), or output=KEY in Python.")
     if not isinstance(out, torch.Tensor):
-        raise ModelError(f"{name} returns a {type(out).__name__}, not a tensor of logits (N, classes).")
+        raise ModelError(f"{name} returns a {type(out).__name__}, not a tensor of logits (N, classes); if the logits "
+                         "are an attribute of it, name it with --output NAME.")
     n = x.shape[0]
     if out.dim() != 2 or out.shape[0] != n:
         raise ModelError(f"{name} returns shape {tuple(out.shape)} for {n} images; it must return logits of shape ({n}, classes).")
