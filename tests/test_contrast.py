@@ -405,3 +405,33 @@ def test_contrast_cli_errors(tmp_path, cli_cache, args, message):
     res = CliRunner().invoke(main, ["contrast", *base, *args, "--cache-dir", cli_cache, "--out", str(tmp_path / "o")])
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.slow
+def test_crafted_or_truncated_hyperplane_file_never_runs_code(tmp_path, cli_cache):
+    """--out/hyperplanes.pt is read back with weights_only=True: a pickle that would run code is refused in one
+    line (and never run), a truncated file too — both name the file and the fix."""
+    import pickle
+
+    from click.testing import CliRunner
+
+    from manifex.cli import main
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("open(%r, 'w').write('ran')" % str(tmp_path / "pwned"),))
+
+    out = tmp_path / "run"
+    args = ["contrast", *SMALL, "--pairs", "0:1", "--cache-dir", cli_cache, "--out", str(out)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    hp = out / "hyperplanes.pt"
+    good = hp.read_bytes()
+    torch.save({"key": Boom()}, hp, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code != 0 and not (tmp_path / "pwned").exists()
+    assert "hyperplanes.pt cannot be read safely" in res.output and "delete it" in res.output
+    hp.write_bytes(good[: len(good) // 2])
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code != 0 and "hyperplanes.pt cannot be read safely" in res.output
+    hp.write_bytes(good)
+    assert CliRunner().invoke(main, args).exit_code == 0  # the intact file resumes

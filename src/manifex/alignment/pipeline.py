@@ -34,7 +34,7 @@ from ..models import (
     get_generative,
     state_fingerprint,
 )
-from ..runs import Executor, Unit, atomic_torch_save, run_units, unit_dir
+from ..runs import Executor, Unit, atomic_torch_save, run_units, safe_torch_load, unit_dir
 from ..models.known_manifold import KnownManifoldConfig, make_known_manifold
 from .result import SEED_REFERENCE, AlignmentResult
 
@@ -261,7 +261,9 @@ def _attributions(model: torch.nn.Module, method: str, x: torch.Tensor, y: torch
     units = [Unit(f"{i:06d}-{min(i + chunk, n):06d}", {"start": i, "stop": min(i + chunk, n)}) for i in range(0, n, chunk)]
     records = run_units(units, _attribute_chunk, run_dir, context={"model": model, "method": method, "x": x, "y": y},
                         batch_size=1, executor=executor, progress=False, desc=method)
-    return torch.cat([torch.load(run_dir / r["file"], map_location=x.device, weights_only=True) for r in records])
+    return torch.cat([safe_torch_load(run_dir / r["file"], map_location=x.device, what="the attribution chunk",
+                                      fix="delete it and its line in results.jsonl, or the run folder, to recompute it")
+                      for r in records])
 
 
 def _plural(n: int, word: str) -> str:

@@ -24,7 +24,7 @@ from ..attribution.core import OutputSelector, check_output_selector, preserve_m
 from ..attribution.layer import layer_activations
 from ..data.base import ImageDataset
 from ..errors import InputError
-from ..runs import Unit, atomic_savefig, atomic_torch_save, atomic_write_json, run_units, to_jsonable
+from ..runs import Unit, atomic_savefig, atomic_torch_save, atomic_write_json, run_units, safe_torch_load, to_jsonable
 from ..attribution.methods import model_device
 from .basis import as_images, predict_classes
 from .contrast import (
@@ -233,7 +233,7 @@ def _run(model, x, out, cfg, module, layer, acts, pairs, cpair, preds, classes, 
     hp_path = out / "hyperplanes.pt"
     hp = None
     if resume and hp_path.exists():
-        saved = torch.load(hp_path, weights_only=False)
+        saved = safe_torch_load(hp_path, what="the hyperplane file", fix="delete it (it is rebuilt) or use a new --out")
         if saved.get("key") == key:
             hp = Hyperplanes.from_dict(saved["hyperplanes"])
             data_info = saved["data"]
@@ -315,7 +315,8 @@ def _contrastive(model, x, hp, pair, cfg: ContrastConfig, preds, out: Path, outp
     a, b = pair
     ood = None
     if cfg.ood:
-        saved = torch.load(out / "hyperplanes.pt", weights_only=False)
+        saved = safe_torch_load(out / "hyperplanes.pt", what="the hyperplane file",
+                                fix="delete it (it is rebuilt) or use a new --out")
         from .contrast import ClassActivations
 
         vecs = saved.get("vectors") or {}

@@ -24,6 +24,7 @@ from .files import (
     atomic_write_text,
     file_lock,
     read_jsonl,
+    safe_torch_load,
     to_jsonable,
 )
 from .ray_executor import RayExecutor, import_ray
@@ -31,7 +32,7 @@ from .units import Executor, LocalExecutor, Unit, run_units, summarize_records, 
 
 __all__ = [
     "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "atomic_savefig",
-    "append_jsonl", "read_jsonl", "file_lock", "to_jsonable", "JsonlLog",
+    "append_jsonl", "read_jsonl", "file_lock", "to_jsonable", "safe_torch_load", "JsonlLog",
     "Unit", "run_units", "Executor", "LocalExecutor", "RayExecutor", "import_ray", "unit_dir", "unit_seed",
     "summarize_records",
 ]

@@ -9,6 +9,8 @@
 - :func:`read_jsonl`: the records of such a file; an incomplete last line is skipped (and cut off with
   ``repair=True``); a bad line before it raises DataError.
 - :func:`file_lock`: an inter-process lock (the ``filelock`` library) on a sibling ``<path>.lock`` file.
+- :func:`safe_torch_load`: the one way a tensor file is read back from a run folder: ``weights_only=True``
+  (tensors and plain containers; a file can never run code), and one DataError naming a corrupt file and the fix.
 - :func:`to_jsonable`: tensors, NumPy values, paths, tuples → plain JSON values.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "atomic_torch_save",
+    "safe_torch_load",
     "atomic_savefig",
     "append_jsonl",
     "read_jsonl",
@@ -117,6 +120,22 @@ def atomic_torch_save(obj: Any, path: PathLike) -> Path:
     import torch
 
     return _atomic(_check_path(path, "atomic_torch_save"), lambda f: torch.save(obj, f))
+
+
+def safe_torch_load(path: PathLike, *, map_location: Any = "cpu", what: str = "file", fix: str | None = None) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers of them, never code.
+
+    A file that is truncated, corrupt or holds pickled objects beyond that raises one DataError naming the
+    file (``what`` says what it is) and ``fix`` (default: delete it so that it is rebuilt)."""
+    import torch
+
+    p = _check_path(path, "safe_torch_load")
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure of a file we did not write right is the same for the user
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"{what} {p} cannot be read safely ({type(e).__name__}: {first}); "
+                        f"{fix or 'delete it and run again to rebuild it'}.") from e
 
 
 def atomic_savefig(fig: Any, path: PathLike, **savefig_kwargs: Any) -> Path:
