@@ -60,3 +60,27 @@ def test_end_to_end_on_digits_resumes(tmp_path):
     # other settings on the same --out are refused
     r3 = _run([*args[:-2], "--max-steps", "7", "--out", str(out)], tmp_path)
     assert r3.exit_code == 2 and "other settings" in r3.output
+
+
+@pytest.mark.slow
+def test_gan_end_to_end_on_digits(tmp_path):
+    """--generator gan trains a DCGAN and encodes each image by inversion (it ended in a traceback); the report has
+    one checks box, at the top, with the approximate-generator warning, which metrics.json lists under warnings."""
+    out = tmp_path / "out"
+    r = _run(["--dataset", "digits8", "--generator", "gan", "--generator-epochs", "1", "--epochs", "1", "--n", "2",
+              "--max-steps", "5", "--path-frames", "2", "--out", str(out)], tmp_path)
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["info"]["generator"]["kind"] == "gan" and metrics["summary"]["latent"]["n"] == 2
+    (warning,) = metrics["warnings"]
+    assert warning.startswith("approximate generator (gan)") and f"FAILED: {warning}" in metrics["checks"]
+    html = (out / "report.html").read_text()
+    assert html.count("<h2>Checks</h2>") == 1
+    assert html.index("<h2>Checks</h2>") < html.index("How to read this") < html.index("research grid")
+    assert 'class="warn">approximate generator (gan)' in html
+    spectrum = metrics["summary"]["spectrum"]
+    # the page and metrics.json agree on the dimension: a number on both, or "not determined" and null + reason
+    if spectrum["dimension_median"] is None:
+        assert "not determined" in spectrum["dimension_note"] and "dimension is not determined" in html
+    else:
+        assert f"estimated dimension {spectrum['dimension_median']:g}" in html
