@@ -60,3 +60,63 @@ def test_end_to_end_on_digits_resumes(tmp_path):
     # other settings on the same --out are refused
     r3 = _run([*args[:-2], "--max-steps", "7", "--out", str(out)], tmp_path)
     assert r3.exit_code == 2 and "other settings" in r3.output
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--model", "no/such/file.py"], "--model"),
+    (["--target", "3"], "--target"),
+    (["--space", "pixel"], "--space"),
+    (["--generator", "gan"], "--generator"),
+    (["--lr-latent", "1e-2", "--workers", "2"], "--lr-latent, --workers"),
+    (["--device", "cuda"], "--device"),
+])
+def test_helix_refuses_the_options_it_does_not_use(tmp_path, args, named):
+    """The helix is a fixed toy experiment: an option it would silently ignore (even a missing --model file) is
+    refused in one line, exit 2, before anything is trained or written."""
+    r = _run(["--dataset", "helix", "--out", str(tmp_path / "out"), *args], tmp_path)
+    assert r.exit_code == 2, r.output
+    assert f"--dataset helix does not use {named}" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_helix_takes_n_max_steps_generator_epochs_and_seed(tmp_path, monkeypatch):
+    import manifex.counterfactuals.helix as helix
+
+    seen = []
+
+    def fake_run_helix(cfg, **kwargs):
+        seen.append(cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(helix, "run_helix", fake_run_helix)
+    r = _run(["--dataset", "helix", "--out", str(tmp_path / "out"), "--n", "5", "--max-steps", "7",
+              "--generator-epochs", "1", "--seed", "3", "--device", "cpu"], tmp_path)
+    assert r.exit_code == 0, r.output
+    assert seen == [helix.HelixConfig(n=5, max_steps=7, flow_epochs=1, seed=3)]
+    _run(["--dataset", "helix", "--out", str(tmp_path / "out")], tmp_path)
+    assert seen[-1] == helix.HelixConfig()  # the research defaults, not the image campaign's --n 32 / --max-steps 2000
+
+
+@pytest.mark.slow
+def test_gan_end_to_end_on_digits(tmp_path):
+    """--generator gan trains a DCGAN and encodes each image by inversion (it ended in a traceback); the report has
+    one checks box, at the top, with the approximate-generator warning, which metrics.json lists under warnings."""
+    out = tmp_path / "out"
+    r = _run(["--dataset", "digits8", "--generator", "gan", "--generator-epochs", "1", "--epochs", "1", "--n", "2",
+              "--max-steps", "5", "--path-frames", "2", "--out", str(out)], tmp_path)
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["info"]["generator"]["kind"] == "gan" and metrics["summary"]["latent"]["n"] == 2
+    (warning,) = metrics["warnings"]
+    assert warning.startswith("approximate generator (gan)") and f"FAILED: {warning}" in metrics["checks"]
+    html = (out / "report.html").read_text()
+    assert html.count("<h2>Checks</h2>") == 1
+    assert html.index("<h2>Checks</h2>") < html.index("How to read this") < html.index("research grid")
+    assert 'class="warn">approximate generator (gan)' in html
+    spectrum = metrics["summary"]["spectrum"]
+    # the page and metrics.json agree on the dimension: a number on both, or "not determined" and null + reason
+    if spectrum["dimension_median"] is None:
+        assert "not determined" in spectrum["dimension_note"] and "dimension is not determined" in html
+    else:
+        assert f"estimated dimension {spectrum['dimension_median']:g}" in html

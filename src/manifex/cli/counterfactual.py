@@ -11,6 +11,28 @@ from . import main
 from .common import _csv, classifier_options, environment_options, executor_options, make_executor, preflight
 
 
+#: The options the helix experiment takes (CLI parameter -> HelixConfig field; None: not a setting of the experiment).
+HELIX_OPTIONS = {"dataset": None, "out_dir": None, "cache_dir": None, "quiet": None, "seed": "seed", "n": "n",
+                 "max_steps": "max_steps", "generator_epochs": "flow_epochs"}
+
+
+def _helix_settings(ctx: click.Context) -> dict:
+    """HelixConfig fields from the options given on the command line; any other given option is refused (exit 2,
+    before any work): the helix is a fixed toy experiment (its own flow and MLP, one lr, stop at f = 0.9 / 0.1)."""
+    from click.core import ParameterSource
+
+    given = [p for p in ctx.command.params if ctx.get_parameter_source(p.name) in (ParameterSource.COMMANDLINE,
+                                                                                 ParameterSource.ENVIRONMENT)]
+    unused = [p.opts[0] for p in given if p.name not in HELIX_OPTIONS
+              and not (p.name == "device" and str(ctx.params[p.name]).lower() == "cpu")]
+    if unused:
+        takes = ", ".join(o for p in ctx.command.params if p.name in HELIX_OPTIONS and p.name != "dataset" for o in p.opts[:1])
+        raise click.UsageError(f"--dataset helix does not use {', '.join(unused)}: it is the research's fixed toy experiment "
+                               f"(its own flow and MLP on the CPU); drop {'them' if len(unused) > 1 else 'it'} (it takes {takes}).")
+    return {field: ctx.params[name] for name, field in HELIX_OPTIONS.items() if field is not None
+            and name in {p.name for p in given}}
+
+
 def _lr(ctx, param, value):
     if value is None or str(value).lower() in ("none", "default"):
         return None
@@ -27,7 +49,8 @@ def _lr(ctx, param, value):
 @click.option("--dataset", default="mnist5k", show_default=True,
               help="mnist5k, digits8, 'known:<data>' (images sampled from a VAE trained on <data>: the manifold is "
                    "known, so the distance of each counterfactual to it is measured), a .npz (x, y), an image folder, "
-                   "or 'helix' (the research's toy experiment: a 3-D flow and an MLP, exact distances to the helix).")
+                   "or 'helix' (the research's toy experiment: a 3-D flow and an MLP, exact distances to the helix; it "
+                   "takes --n, --max-steps, --generator-epochs and --seed, and refuses the other settings).")
 @click.option("--generator", type=click.Choice(["flow", "vae", "gan"]), default="flow", show_default=True,
               help="Generative model whose latent space is searched (trained on the data and cached).")
 @click.option("--classifier", type=click.Choice(["lenet", "mlp", "vgg", "resnet"]), default="lenet", show_default=True,
@@ -83,6 +106,7 @@ def counterfactual(out_dir: Path, cache_dir: Path | None, quiet: bool, device: s
     from ..errors import InputError
     from ..models import ModelCache
 
+    helix_settings = _helix_settings(click.get_current_context()) if options["dataset"] == "helix" else None
     device = preflight(device=device, out_dir=out_dir, cache_dir=cache_dir)
     command = "manifex " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     cache = ModelCache(cache_dir)
@@ -90,7 +114,7 @@ def counterfactual(out_dir: Path, cache_dir: Path | None, quiet: bool, device: s
         from ..counterfactuals.helix import HelixConfig, run_helix
         from ..counterfactuals.report import write_helix_report
 
-        res = run_helix(HelixConfig(seed=options["seed"]), cache=cache, progress=not quiet)
+        res = run_helix(HelixConfig(**helix_settings), cache=cache, progress=not quiet)
         report = write_helix_report(res, out_dir, command=command)
         s = res["summary"]
         click.echo(f"  success: latent {s['latent']['success_rate']:.0%}, pixel {s['pixel']['success_rate']:.0%}; median "

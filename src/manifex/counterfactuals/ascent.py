@@ -41,17 +41,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attribution.core import preserve_model_state
+from ..attribution.core import (OutputSelector, call_model, check_model_input, check_output_selector, preserve_model_state,
+                               selected_output, warn_if_training)
 from ..attribution.methods import model_device
 from ..errors import InputError, ModelError, check_finite, check_tensor
 from ..models.generators import ApproximateGeneratorWarning, as_generator
 
-__all__ = ["counterfactual", "CounterfactualResult", "ApproximateGeneratorWarning", "DEFAULT_LR", "default_lr"]
+__all__ = ["counterfactual", "CounterfactualResult", "ApproximateGeneratorWarning", "DEFAULT_LR", "default_lr",
+           "DEFAULT_RECON_TOL"]
 
 Latent = Union[torch.Tensor, list]
 
 #: The research learning rates by generator kind (RESEARCH.md §4); ``None`` is the pixel-space baseline.
 DEFAULT_LR: dict[str | None, float] = {"flow": 5e-2, "vae": 5e-3, "gan": 5e-3, "autoencoder": 5e-3, None: 5e-4}
+
+#: max |decode(encode(x)) − x| above which a generator counts as approximate (warned, and flagged in reports).
+DEFAULT_RECON_TOL = 1e-3
 
 
 def default_lr(kind: str | None, generator: Any = None) -> float:
@@ -240,7 +245,7 @@ class _Scorer:
     def __call__(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(value, reached, loss) per row for the batch ``x`` holding rows ``rows`` of the chunk."""
         if self.objective is None:
-            logits = self.classifier(x)
+            logits = call_model(self.classifier, x)
             if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
                 raise ModelError("the classifier must return logits of shape (N, classes); for one score per example "
                                  "use objective='output' with stop_value.")
@@ -336,9 +341,13 @@ def _search_chunk(
                 for r in rows.tolist():
                     path_out[r], path_steps_out[r] = _select_frames(frames, r, x_cf[r], step, record_path)
         keep = ~done
+        if bar is not None:  # per finished example; update(0) still redraws the step count every mininterval
+            bar.set_postfix(step=step, searching=int(keep.sum()), refresh=False)
+            bar.update(int(done.sum()))
         if not bool(keep.any()):
             break
-        grads = torch.autograd.grad(loss[keep].sum(), leaves, allow_unused=True)
+        with torch.enable_grad():  # the caller may be under torch.no_grad(): indexing `loss` must stay on the graph
+            grads = torch.autograd.grad(loss[keep].sum(), leaves, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         grads = [g[keep] for g in grads]
         if step == 0:
@@ -360,13 +369,25 @@ def _search_chunk(
         adam.step(params, grads)
         if not latent and box is not None:
             params[0].clamp_(float(box[0]), float(box[1]))  # the seed projects the pixels before each forward
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(active=len(active))
     out = {"x_cf": x_cf, "z_cf": z_cf, "steps": steps, "success": success, "value": value_out, "diverged": diverged}
     if record_path:
         out["path"], out["path_steps"] = path_out, path_steps_out
     return out
+
+
+def _warn_if_probabilities(logits: torch.Tensor, stop_prob: float) -> None:
+    """Warn when the classifier's outputs look like probabilities (rows non-negative, summing to 1): the search
+    takes them as logits, so p(target) = softmax(output) can never exceed e / (e + K − 1)."""
+    k = logits.shape[1]
+    # summing K values in [0, 1] rounds by at most K·eps (float32: 1.2e-7 each); 10× that as the margin
+    tol = 10 * k * torch.finfo(logits.dtype).eps
+    if k < 2 or not bool(((logits >= 0) & (logits <= 1)).all()) or not bool(((logits.sum(1) - 1).abs() <= tol).all()):
+        return
+    ceiling = math.e / (math.e + k - 1)
+    warnings.warn(f"the classifier returns probabilities (each row in [0, 1], summing to 1), but counterfactual() "
+                  f"treats its outputs as logits: p(target) = softmax(output) stays below {ceiling:.3f}"
+                  f"{' < stop_prob, so no search can succeed' if ceiling <= stop_prob else ''}; pass the model "
+                  "without its final softmax (or output= a callable returning logits).", RuntimeWarning, stacklevel=3)
 
 
 def _select_frames(frames, row: int, x_final: torch.Tensor, step: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -393,9 +414,10 @@ def counterfactual(
     box: tuple[float, float] | None = (0.0, 1.0),
     batch_size: int = 64,
     record_path: int = 0,
-    recon_tol: float = 1e-3,
+    recon_tol: float = DEFAULT_RECON_TOL,
     progress: bool = False,
     tf32: bool = False,
+    output: OutputSelector = None,
 ) -> CounterfactualResult:
     """Counterfactuals of ``x`` (N, ...) for ``target`` by gradient descent in a generator's latent space or on pixels.
 
@@ -414,6 +436,12 @@ def counterfactual(
     matrix products during the call. PyTorch enables them for cuDNN convolutions by default, and they make an
     exact flow approximate: measured on the zoo's image flow on an H100, round trip 2.4e-3 with TF32 against
     1.2e-6 without (CPU: 1.3e-6). The default turns them off for the call and restores the settings after.
+    ``output``: for a classifier that returns a tuple/dict, which part holds the logits (an index, a key or a
+    callable), as in :func:`manifex.explain`. ``progress``: a bar that advances as examples finish.
+
+    The models run in eval mode during the call (a model found in train mode with Dropout/BatchNorm gets the
+    explainers' :class:`~manifex.attribution.core.TrainModeWarning`); their mode, ``requires_grad``, buffers and
+    hooks are restored afterwards, also on error.
 
     Raises :class:`~manifex.errors.InputError` / :class:`~manifex.errors.ModelError` before the search for bad
     options, x outside the box or non-finite, targets out of range, a non-finite encoding or log-density, and a
@@ -422,12 +450,15 @@ def counterfactual(
     ``result.already``).
     """
     _check_options(space, lr, max_steps, stop_prob, box, batch_size, record_path)
+    output = check_output_selector(output)
     check_tensor(x, "x", min_ndim=2)
     check_finite(x, "x")
     if x.shape[0] == 0:
         raise InputError("x is empty; pass at least one example.")
     if objective is None and classifier is None:
         raise InputError("pass a classifier (and a target), or an objective for regression.")
+    if output is not None and classifier is None:
+        raise InputError("output= selects the logits from the classifier's output; pass the classifier.")
     if objective is not None:
         if stop_value is None:
             raise InputError("a regression objective needs stop_value (the value at which the search stops), "
@@ -448,6 +479,16 @@ def counterfactual(
     x = x.detach().to(device)
     n = x.shape[0]
     gen = as_generator(generator) if space == "latent" else None
+    # dtype (and device) against every model the images go through, before any of them runs
+    if classifier is not None:
+        x = check_model_input(classifier, x, "x")
+    if gen is not None:
+        gen_module = gen.module if isinstance(gen.module, nn.Module) else generator
+        x = check_model_input(gen_module, x, "x")
+        declared = getattr(gen_module, "image_shape", None)
+        if declared is not None and tuple(x.shape[1:]) != tuple(int(v) for v in declared):
+            raise InputError(f"x holds images of shape {tuple(x.shape[1:])} but the generator was built for "
+                             f"{tuple(int(v) for v in declared)}; pass x as (N, {', '.join(str(int(v)) for v in declared)}).")
     kind = gen.kind if gen is not None else None
     lr = float(lr) if lr is not None else default_lr(kind, gen) if space == "latent" else default_lr(None)
 
@@ -457,22 +498,30 @@ def counterfactual(
         model = classifier
 
         def objective(v: torch.Tensor) -> torch.Tensor:  # noqa: F811 - the model's single score per example
-            return model(v).reshape(v.shape[0], -1)[:, 0]
+            return call_model(model, v).reshape(v.shape[0], -1)[:, 0]
 
     elif objective is not None and not callable(objective):
         raise InputError("objective must be a callable x -> (N,) scores or 'output'.")
 
     models = [m for m in (classifier, getattr(gen, "module", None), generator) if isinstance(m, nn.Module)]
-    with _preserved(models), (contextlib.nullcontext() if tf32 or device.type != "cuda" else _no_tf32()):
+    for m in dict.fromkeys(models):
+        warn_if_training(m)
+    selection = selected_output(classifier, output) if classifier is not None else contextlib.nullcontext()
+    with _preserved(models), selection, (contextlib.nullcontext() if tf32 or device.type != "cuda" else _no_tf32()):
         for m in models:
             m.eval()
             for p in m.parameters():
                 p.requires_grad_(False)  # gradients w.r.t. z or x only; the user's weights stay untouched
         with torch.no_grad():
             if objective is None:
-                logits = torch.cat([classifier(x[i : i + batch_size]) for i in range(0, n, batch_size)])
-                if logits.dim() != 2:
-                    raise ModelError(f"the classifier must return logits (N, classes), got shape {tuple(logits.shape)}.")
+                logits = torch.cat([call_model(classifier, x[i : i + batch_size]) for i in range(0, n, batch_size)])
+                if x.dim() == 3 and (logits.dim() != 2 or logits.shape[0] != n):
+                    raise InputError(f"x has shape {tuple(x.shape)} and the classifier maps it to {tuple(logits.shape)}, "
+                                     f"not ({n}, classes); pass images as (N, C, H, W), e.g. x.unsqueeze(1).")
+                if logits.dim() != 2 or logits.shape[0] != n:
+                    raise ModelError(f"the classifier must return logits ({n}, classes) for x {tuple(x.shape)}, got shape "
+                                     f"{tuple(logits.shape)}.")
+                _warn_if_probabilities(logits, float(stop_prob))
                 t = _targets(target, n, device)
                 k = logits.shape[1]
                 if bool(((t < 0) | (t >= k)).any()):
@@ -507,6 +556,9 @@ def counterfactual(
                 _check_log_density(gen, x, batch_size)
                 x_recon = torch.cat([gen.decode(_pack([p[i : i + batch_size] for p in parts], multi)) for i in range(0, n, batch_size)])
                 if x_recon.shape != x.shape:
+                    if x_recon.shape[0] == n and x_recon[0].numel() == x[0].numel():
+                        raise InputError(f"x has shape {tuple(x.shape)} but the generator makes images of shape "
+                                         f"{tuple(x_recon.shape[1:])}; pass x as (N, {', '.join(map(str, x_recon.shape[1:]))}).")
                     raise ModelError(f"decode(encode(x)) has shape {tuple(x_recon.shape)}, expected {tuple(x.shape)}.")
                 recon_error = (x_recon - x).reshape(n, -1).abs().amax(1)
                 worst = float(recon_error.max())
@@ -533,7 +585,7 @@ def counterfactual(
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=None, desc=f"counterfactuals ({space})", unit="step", leave=False)
+            bar = tqdm(total=len(todo), desc=f"counterfactuals ({space})", unit="example", leave=False)
         try:
             for c in range(0, len(todo), batch_size):
                 rows = todo[c : c + batch_size]

@@ -25,8 +25,8 @@ import torch
 
 from ..errors import DataError, InputError
 from ..models import ModelCache, TrainConfig, accuracy, get_classifier
-from ..runs import Unit, atomic_torch_save, atomic_write_json, run_units, unit_dir
-from .ascent import counterfactual
+from ..runs import LocalExecutor, Unit, atomic_torch_save, atomic_write_json, run_units, unit_dir
+from .ascent import DEFAULT_RECON_TOL, counterfactual
 from .evaluate import Judges, example_metrics, manifold_distance, summarize
 
 __all__ = ["CounterfactualConfig", "CampaignResult", "run_campaign", "prepare", "SECOND_CLASSIFIER"]
@@ -100,6 +100,7 @@ class CampaignResult:
     out_dir: Path
     n_new: int = 0
     checks: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # failed checks: also in checks, prefixed "FAILED: "
 
 
 def _known(cfg: CounterfactualConfig, cache: ModelCache, progress: bool):
@@ -213,7 +214,7 @@ def process_units(units: list[Unit], ctx: dict, out_dir: Path) -> list[dict]:
     results, per_space = {}, {}
     spec = tangent = None
     if gen is not None:
-        with torch.no_grad():
+        with torch.no_grad():  # a GAN's encode (invert_generator) switches gradients back on for its own descent
             z0 = gen.encode(x)
         spec, tangent = _tangent(gen, z0, cfg.spectrum_top)
     manifold = None
@@ -234,7 +235,7 @@ def process_units(units: list[Unit], ctx: dict, out_dir: Path) -> list[dict]:
         lr = cfg.lr_latent if space == "latent" else cfg.lr_pixel
         r = counterfactual(clf, x, target, generator=gen if space == "latent" else None, space=space, lr=lr,
                            max_steps=cfg.max_steps, stop_prob=cfg.stop_prob, batch_size=len(units),
-                           record_path=cfg.path_frames)
+                           record_path=cfg.path_frames, progress=bool(ctx.get("progress")))
         results[space] = r
         with torch.enable_grad():
             per_space[space] = example_metrics(r, judges=judges, tangent=tangent, manifold=manifold, bits_per_dim=bpd)
@@ -250,7 +251,10 @@ def process_units(units: list[Unit], ctx: dict, out_dir: Path) -> list[dict]:
             if r.x_recon is not None:
                 tensors["x_recon"] = r.x_recon[i].cpu()
         if spec is not None:
-            rec["dimension"] = int(spec.dimension[i])
+            # estimate_dimension gives the number of singular values when no ratio σᵢ/σᵢ₊₁ reaches 10: no gap,
+            # so no dimension (null, as the report says), not that number
+            found = int(spec.dimension[i]) < spec.singular_values.shape[1]
+            rec["dimension"] = int(spec.dimension[i]) if found else None
             rec["singular_values"] = spec.singular_values[i].double().cpu().tolist()
         d = unit_dir(out_dir, u.id)
         atomic_torch_save(tensors, d / "cf.pt")
@@ -291,23 +295,51 @@ def run_campaign(cfg: CounterfactualConfig = CounterfactualConfig(), out_dir: st
     t0 = time.perf_counter()
     prep = prepared or prepare(cfg, cache=cache, progress=progress, classifier=classifier)
     units = [Unit(f"img{int(i):05d}", {"index": int(i), "target": int(cfg.target)}) for i in prep["chosen"]]
-    ctx = {"config": cfg, **{k: prep[k] for k in ("test", "classifier", "generator", "judges", "known")}}
+    ctx = {"config": cfg, **{k: prep[k] for k in ("test", "classifier", "generator", "judges", "known")},
+           # the per-example bar of the search shows progress inside a batch (locally; Ray workers have no terminal)
+           "progress": progress and (executor is None or isinstance(executor, LocalExecutor))}
     before = (out / "results.jsonl").is_file()
     n_before = sum(1 for _ in open(out / "results.jsonl")) if before else 0
     records = run_units(units, process_units, out, context=ctx, batch_size=cfg.batch_size, executor=executor,
                         resume=resume, progress=progress, desc="counterfactual images")
     summary = summarize({space: [r[space] for r in records if space in r] for space in cfg.spaces})
-    if records and "dimension" in records[0]:
-        dims = torch.tensor([r["dimension"] for r in records])
-        top = len(records[0]["singular_values"])
-        sv = torch.tensor([r["singular_values"] for r in records], dtype=torch.float64)
-        # estimate_dimension returns `top` when no ratio σᵢ/σᵢ₊₁ reaches 10: no gap, so no dimension was found
-        gap = dims < top
-        summary["spectrum"] = {"dimension_median": float(dims.float().median()),
-                               "dimension_counts": {int(k): int(v) for k, v in zip(*dims.unique(return_counts=True))},
-                               "top": top, "gap_found_fraction": float(gap.double().mean()),
-                               "dimension_median_where_gap": float(dims[gap].float().median()) if bool(gap.any()) else None,
-                               "sigma_first_median": float(sv[:, 0].median()), "sigma_last_median": float(sv[:, -1].median())}
+    if records and "singular_values" in records[0]:
+        summary["spectrum"] = spectrum_summary(records)
     info = {**prep["info"], "seconds": time.perf_counter() - t0}
+    checks, warnings = list(prep["checks"]), generator_warnings(records, prep["info"].get("generator"))
+    checks += [f"FAILED: {w}" for w in warnings]
     return CampaignResult(records, summary, info, replace(cfg), out, n_new=max(0, len(records) - n_before),
-                          checks=list(prep["checks"]))
+                          checks=checks, warnings=warnings)
+
+
+def spectrum_summary(records: list[dict]) -> dict:
+    """The generator spectrum over the records: the dimension where a gap (σᵢ/σᵢ₊₁ ≥ 10) was found in at least half
+    of the images, else ``dimension_median`` None with the reason in ``dimension_note`` (as the report says)."""
+    top = len(records[0]["singular_values"])
+    # records of earlier versions store `top` itself for "no gap"
+    dims = [r["dimension"] if r.get("dimension") is not None and r["dimension"] < top else None for r in records]
+    found = torch.tensor([d for d in dims if d is not None], dtype=torch.float64)
+    sv = torch.tensor([r["singular_values"] for r in records], dtype=torch.float64)
+    frac = len(found) / len(records)
+    median = float(found.median()) if len(found) else None
+    out = {"dimension_median": median if frac >= 0.5 else None, "top": top, "gap_found_fraction": frac,
+           "dimension_median_where_gap": median, "no_gap": len(records) - len(found),
+           "dimension_counts": {int(k): int(v) for k, v in zip(*found.long().unique(return_counts=True))},
+           "sigma_first_median": float(sv[:, 0].median()), "sigma_last_median": float(sv[:, -1].median())}
+    if frac < 0.5:
+        out["dimension_note"] = (f"not determined: no gap (σᵢ/σᵢ₊₁ ≥ 10) among the top {top} singular values for "
+                                 f"{len(records) - len(found)} of {len(records)} images")
+    return out
+
+
+def generator_warnings(records: list[dict], generator: dict | None) -> list[str]:
+    """The approximate-generator warning of :func:`counterfactual`, from the records (so a resumed run has it too)."""
+    err = [r["latent"]["recon_error"] for r in records if isinstance(r.get("latent"), dict)
+           and r["latent"].get("recon_error") is not None]
+    if not err or max(err) <= DEFAULT_RECON_TOL:
+        return []
+    bad = sum(e > DEFAULT_RECON_TOL for e in err)
+    kind = (generator or {}).get("kind") or "unknown"
+    return [f"approximate generator ({kind}): decode(encode(x)) differs from x by up to {max(err):.3g} (max |·|; "
+            f"tolerance {DEFAULT_RECON_TOL:g}) for {bad} of {len(err)} images; each latent counterfactual starts from "
+            "the reconstruction (grid column decode(encode(x))), so compare x′ with it as well as with x"]

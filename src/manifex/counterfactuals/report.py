@@ -4,6 +4,7 @@ Figures are matplotlib ``Figure`` objects (no pyplot state) written with :func:`
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,16 @@ def _absdiff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).abs().sum(0) if a.dim() == 3 else (a - b).abs()
 
 
-def grid_figure(items: list[dict], spaces: list[str]) -> Figure:
+def p_label(p: float | None, stop_prob: float = 0.99) -> str:
+    """p(target) for a figure label, floored (never rounded up) to one digit more than ``stop_prob`` has, at least 3:
+    a failed search (p ≤ stop_prob) never reads as the threshold (0.9885 → "0.988", not "0.99")."""
+    if p is None:
+        return "n/a"
+    digits = max(3, math.ceil(-math.log10(1 - stop_prob) - 1e-9) + 1)
+    return f"{math.floor(p * 10**digits) / 10**digits:.{digits}f}"
+
+
+def grid_figure(items: list[dict], spaces: list[str], stop_prob: float = 0.99) -> Figure:
     """The research grid, one row per image: x | decode(encode(x)) | latent x′ | |δ| | pixel x′ | |δ|.
 
     ``items``: dicts with the tensors of ``units/<id>/cf.pt`` and the record (p, steps per space)."""
@@ -54,7 +64,7 @@ def grid_figure(items: list[dict], spaces: list[str]) -> Figure:
         for s in spaces:
             rec = it["record"][s]
             _img(axes[r, c], t[f"x_cf_{s}"])
-            p = "n/a" if rec.get("p_target") is None else f"{rec['p_target']:.2f}"
+            p = p_label(rec.get("p_target"), stop_prob)
             axes[r, c].set_xlabel(f"p={p}, {rec['steps']} st" + ("" if rec["success"] else " ✗"), fontsize=7)
             _img(axes[r, c + 1], _absdiff(t[f"x_cf_{s}"], t["x"]), cmap="magma", vmax=scale)
             c += 2
@@ -89,8 +99,9 @@ def spectrum_figure(singular_values: np.ndarray, dims: np.ndarray, title: str = 
     i = np.arange(1, s.shape[1] + 1)
     ax.fill_between(i, np.percentile(s, 10, axis=0), np.percentile(s, 90, axis=0), color="#1e4e9c", alpha=0.2, lw=0)
     ax.plot(i, np.median(s, axis=0), "o-", color="#1e4e9c", ms=3, label="median")
-    dims = np.asarray(dims)
-    gap = dims < s.shape[1]  # estimate_dimension gives k when no σᵢ/σᵢ₊₁ ≥ 10: no gap, no estimate
+    # None (or k, as estimate_dimension returns it) where no σᵢ/σᵢ₊₁ ≥ 10: no gap, no estimate
+    dims = np.array([s.shape[1] if d is None else d for d in dims], dtype=float)
+    gap = dims < s.shape[1]
     if gap.mean() >= 0.5:
         med = float(np.median(dims[gap]))
         ax.axvline(med + 0.5, color="#c0392b", ls="--", lw=1, label=f"estimated dimension (median {med:g})")
@@ -151,13 +162,13 @@ def write_report(result: CampaignResult, *, command: str | None = None) -> Path:
         if p.is_file():
             items.append({"record": rec, "tensors": torch.load(p, weights_only=True)})
     if items:
-        atomic_savefig(grid_figure(items[:MAX_GRID], spaces), out / "grid.png", dpi=110)
+        atomic_savefig(grid_figure(items[:MAX_GRID], spaces, cfg.stop_prob), out / "grid.png", dpi=110)
         figures["grid"] = "grid.png"
         atomic_savefig(path_figure(items[:MAX_PATHS], spaces), out / "paths.png", dpi=110)
         figures["paths"] = "paths.png"
     if records and "singular_values" in records[0]:
         s = np.array([r["singular_values"] for r in records])
-        atomic_savefig(spectrum_figure(s, np.array([r["dimension"] for r in records]),
+        atomic_savefig(spectrum_figure(s, [r.get("dimension") for r in records],
                                        f"{result.info.get('generator', {}).get('name', '')} at encode(x)"),
                        out / "spectrum.png", dpi=110)
         figures["spectrum"] = "spectrum.png"
@@ -197,14 +208,14 @@ def write_report(result: CampaignResult, *, command: str | None = None) -> Path:
         cards.append({"label": "off-manifold, latent ÷ pixel", "value": f"{ratio:.2f}×", "sub": "median fraction dist/‖δ‖", "accent": True})
     findings = _findings(summary, spaces)
     metrics = {"config": cfg.to_dict(), "summary": summary, "info": result.info, "checks": result.checks,
-               "n_images": len(records), "n_new": result.n_new}
+               "warnings": result.warnings, "n_images": len(records), "n_new": result.n_new}
     atomic_write_json(out / "metrics.json", to_jsonable(metrics))
     headline = findings[0] if findings else "Counterfactuals"
     return _render("counterfactual.html.j2", out / "report.html", title="Counterfactual report", headline=headline,
                    subtitle=f"{len(records)} images of class {cfg.source} → {cfg.target} on {cfg.dataset}; "
                             f"generator {cfg.generator}, classifier {cfg.classifier}",
                    findings=findings[1:], cards=cards, spaces=spaces, judge_rows=judge_rows, metric_rows=metric_rows,
-                   figures=figures, checks=result.checks,
+                   figures=figures, top_checks=result.checks,
                    settings={**cfg.to_dict(), "lr_latent_effective": cfg.effective_lr_latent(),
                              "lr_pixel_effective": cfg.lr_pixel if cfg.lr_pixel is not None else DEFAULT_LR[None]},
                    info=result.info, command=command,
@@ -283,5 +294,5 @@ def write_helix_report(res: dict, out_dir: str | Path, *, command: str | None = 
     return _render("counterfactual.html.j2", out / "report.html", title="Helix counterfactuals", headline=headline,
                    subtitle="x = (sin t, cos t, t); RealNVP flow, MLP 3-256-1; research settings (lr 3e-2, ≤ 1000 steps)",
                    findings=findings, cards=cards, spaces=["latent", "pixel"], judge_rows=[], metric_rows=[],
-                   figures={"spectrum": "spectrum.png"}, checks=checks, settings=res["config"], info={}, command=command,
+                   figures={"spectrum": "spectrum.png"}, top_checks=checks, settings=res["config"], info={}, command=command,
                    helix={"figure": "helix_distances.png", "summary": s})

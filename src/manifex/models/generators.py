@@ -447,34 +447,37 @@ def invert_generator(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=int(max_steps), desc="inverting generator", unit="step", leave=False)
-    for step in range(int(max_steps) + 1):
-        idx = active.nonzero().flatten()
-        zi = [p[idx] for p in parts]
-        out = decode(zi[0] if single else zi)
-        if box is not None:
-            out = out.clamp(box[0], box[1])
-        loss_rows = (out.reshape(len(idx), -1) - xf[idx]).pow(2).mean(1)
-        if not bool(torch.isfinite(loss_rows.detach()).all()):
-            raise ModelError("decode produced non-finite values during inversion; check the generator and x.")
-        mse[idx] = loss_rows.detach()
-        done = loss_rows.detach() < tol
-        if step == int(max_steps) or bool(done.all()):
-            active[idx[done]] = False
-            break
-        if bool(done.any()):
-            active[idx[done]] = False
-        frozen = [p.detach()[~active].clone() for p in parts]
-        opt.zero_grad(set_to_none=True)
-        # Rows that stopped now must not move: their loss is left out, and their values are restored after the step.
-        loss_rows[~done].sum().backward()
-        opt.step()
-        with torch.no_grad():
-            for p, f in zip(parts, frozen):
-                p[~active] = f
-        steps[active] += 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(active=int(active.sum()), mse=f"{float(mse.max()):.2e}")
+    # The inversion is gradient descent on z: it needs autograd whatever the caller's grad mode (a GAN's encode is
+    # this function, and callers encode under torch.no_grad()).
+    with torch.enable_grad():
+        for step in range(int(max_steps) + 1):
+            idx = active.nonzero().flatten()
+            zi = [p[idx] for p in parts]
+            out = decode(zi[0] if single else zi)
+            if box is not None:
+                out = out.clamp(box[0], box[1])
+            loss_rows = (out.reshape(len(idx), -1) - xf[idx]).pow(2).mean(1)
+            if not bool(torch.isfinite(loss_rows.detach()).all()):
+                raise ModelError("decode produced non-finite values during inversion; check the generator and x.")
+            mse[idx] = loss_rows.detach()
+            done = loss_rows.detach() < tol
+            if step == int(max_steps) or bool(done.all()):
+                active[idx[done]] = False
+                break
+            if bool(done.any()):
+                active[idx[done]] = False
+            frozen = [p.detach()[~active].clone() for p in parts]
+            opt.zero_grad(set_to_none=True)
+            # Rows that stopped now must not move: their loss is left out, and their values are restored after the step.
+            loss_rows[~done].sum().backward()
+            opt.step()
+            with torch.no_grad():
+                for p, f in zip(parts, frozen):
+                    p[~active] = f
+            steps[active] += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(active=int(active.sum()), mse=f"{float(mse.max()):.2e}")
     if bar is not None:
         bar.close()
     converged = mse < tol

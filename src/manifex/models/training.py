@@ -129,6 +129,18 @@ def _default_key(cfg: TrainConfig | GenerativeTrainConfig, model: nn.Module, dat
     return cache_key(cfg.to_dict(), type(model).__name__, state_fingerprint(model), data.fingerprint())
 
 
+#: Progress-bar names of what a model is, by its ``generator_kind`` (flows, GANs) or class name (VAE, autoencoder).
+_KIND_LABELS = {"flow": "flow", "gan": "GAN", "VAE": "VAE", "ConvAutoencoder": "autoencoder"}
+
+
+def training_label(model: nn.Module, role: str | None = None) -> str:
+    """What a progress bar says is being trained: ``role`` (classifier, robust classifier) or the model's kind
+    (flow, GAN, VAE, autoencoder), then its class, e.g. "classifier LeNet", "flow ImageFlow", "GAN DCGAN"."""
+    name = type(model).__name__
+    what = role or _KIND_LABELS.get(getattr(model, "generator_kind", None) or name, "generative model")
+    return name if what == name else f"{what} {name}"
+
+
 def _batches(n: int, batch_size: int, g: torch.Generator) -> list[torch.Tensor]:
     return list(torch.randperm(n, generator=g).split(batch_size))
 
@@ -231,7 +243,7 @@ def fit_classifier(
     return _run_epochs(
         model, data, epochs=cfg.epochs, batch_size=cfg.batch_size, opt=opt, sched=sched, step_loss=step_loss,
         seed=cfg.seed, cache=cache, name=name, key=key or _default_key(cfg, model, data), progress=progress,
-        desc="robust classifier" if adv else "classifier",
+        desc=training_label(model, "robust classifier" if adv else "classifier"),
     )
 
 
@@ -255,7 +267,7 @@ def fit_generative(
 
     return _run_epochs(
         model, data, epochs=cfg.epochs, batch_size=cfg.batch_size, opt=opt, sched=None, step_loss=step_loss,
-        seed=cfg.seed, cache=cache, name=name, key=key or _default_key(cfg, model, data), progress=progress, desc="generative model",
+        seed=cfg.seed, cache=cache, name=name, key=key or _default_key(cfg, model, data), progress=progress, desc=training_label(model),
     )
 
 
@@ -303,7 +315,7 @@ def fit_generator(
     return _run_epochs(
         model, data, epochs=cfg.epochs, batch_size=cfg.batch_size, opt=opt, sched=None, step_loss=step_loss,
         seed=cfg.seed, cache=cache, name=name, key=key or _default_key(cfg, model, data), progress=progress,
-        desc=type(model).__name__,
+        desc=training_label(model),
     )
 
 
