@@ -214,10 +214,13 @@ def dict_model(tmp_path_factory):
                   "--samples", "1", "--controls", "2", "--top-k", "2", "--pool", "4"]),
     ("contrast", ["--layer", "features.3", "--pairs", "0:1", "--images-per-class", "4", "--noise-samples", "1",
                   "--random-directions", "1"]),
+    ("counterfactual", ["--space", "pixel", "--n", "2", "--max-steps", "3", "--source", "4", "--target", "9"]),
 ])
-def test_dict_output_model_runs_with_output_and_keeps_its_layer_names(dict_model, tmp_path, command, extra, no_training):
+def test_dict_output_model_runs_with_output_and_keeps_its_layer_names(dict_model, tmp_path, command, extra, request):
     """--output KEY makes a dict-returning --model a logits model for every command; --layer uses the model's own
     names (features.3, not model.features.3); without --output the refusal names the keys and the option."""
+    if command != "counterfactual":  # counterfactual trains its judges (a second network), not the model under test
+        request.getfixturevalue("no_training")
     spec, cache, weights = dict_model
     base = [command, "--dataset", "digits8", "--model", spec, "--weights", weights, "--quiet", "--cache-dir", cache, *extra]
     res = CliRunner().invoke(main, [*base, "--output", "logits", "--out", str(tmp_path / "ok")])

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from . import main
-from .common import (_csv, _positive_floats, classifier_options, environment_options, executor_options, load_classifier, load_data,
+from .common import (_csv, _positive_floats, check_model_flags, classifier_options, environment_options, executor_options, load_classifier, load_data,
                      make_executor, preflight)
 
 
@@ -91,8 +91,8 @@ def align(out_dir: Path, cache_dir: Path | None, quiet: bool, methods, model_spe
             click.echo("  note: the l2-robust model is a fine-tune of a built-in classifier; scoring your model only.",
                        err=True)
             cfg = replace(cfg, robust=False)
-    elif weights is not None or normalize is not None or output is not None:
-        load_classifier(real, real, weights=weights, normalize=normalize, output=output)  # raises: they need --model
+    else:
+        check_model_flags(model_spec, weights=weights, normalize=normalize, output=output)
     result = run_alignment(cfg, cache=ModelCache(cache_dir), progress=not quiet, classifier=model,
                            executor=executor)
     result.metrics["checks"] = checks + result.metrics.get("checks", [])

@@ -177,6 +177,16 @@ def classifier_options(f):
     return f
 
 
+def check_model_flags(model_spec: str | None, *, weights=None, normalize=None, output=None) -> None:
+    """--weights, --normalize and --output describe your own --model: refuse them without it (one line)."""
+    from ..errors import InputError
+
+    given = [flag for flag, v in (("--weights", weights), ("--normalize", normalize), ("--output", output)) if v is not None]
+    if model_spec is None and given:
+        raise InputError(f"{given[0]} needs --model (your own classifier); the built-in --classifier is trained "
+                         "by manifex on [0, 1] pixels and returns logits.")
+
+
 def load_classifier(train, test, *, model_spec: str | None = None, weights: str | os.PathLike | None = None,
                     normalize: tuple | None = None, output: str | None = None, classifier: str = "lenet", epochs: int = 3, seed: int = 0,
                     device: str = "cpu", cache_dir: str | os.PathLike | None = None, progress: bool = True):
@@ -193,13 +203,10 @@ def load_classifier(train, test, *, model_spec: str | None = None, weights: str 
     from ..models import ModelCache, TrainConfig, get_classifier
     from ..models.user import Normalize, SelectOutput, check_classifier, load_model, parse_output
 
+    check_model_flags(model_spec, weights=weights, normalize=normalize, output=output)
     batch = test.x[: min(8, len(test))]
     c = test.image_shape[0]
     if model_spec is None:
-        given = [flag for flag, v in (("--weights", weights), ("--normalize", normalize), ("--output", output)) if v is not None]
-        if given:
-            raise InputError(f"{given[0]} needs --model (your own classifier); the built-in --classifier is trained "
-                             "by manifex on [0, 1] pixels and returns logits.")
         model, info = get_classifier(train, classifier, TrainConfig(epochs=epochs, seed=seed), cache=ModelCache(cache_dir),
                                      device=device, progress=progress)
         info = {**info, "source": "built-in", "classifier": classifier}

@@ -82,7 +82,7 @@ def _lr(ctx, param, value):
 @environment_options
 @executor_options
 def counterfactual(out_dir: Path, cache_dir: Path | None, quiet: bool, device: str, spaces, resume: bool,
-                   model_spec, weights, normalize, num_classes, workers, ray_address, gpus_per_worker, **options) -> None:
+                   model_spec, weights, normalize, output, num_classes, workers, ray_address, gpus_per_worker, **options) -> None:
     """Counterfactuals through a generative model's latent space vs pixel space.
 
     \b
@@ -133,13 +133,15 @@ def counterfactual(out_dir: Path, cache_dir: Path | None, quiet: bool, device: s
         options["source"] = None
     executor = make_executor(workers, ray_address, gpus_per_worker)
     user_model = None
+    from .common import check_model_flags, load_classifier, load_data
+
+    check_model_flags(model_spec, weights=weights, normalize=normalize, output=output)
     if model_spec is not None:
-        from .common import load_classifier, load_data
 
         data, _ = load_data(options["dataset"].split(":", 1)[-1] if not options["dataset"].startswith("known:") else
                             options["dataset"].split(":", 1)[1], trust_pickle=options["trust_pickle"], num_classes=num_classes)
         train, test = data.split(0.2, seed=options["seed"])
-        user_model, _ = load_classifier(train, test, model_spec=model_spec, weights=weights, normalize=normalize,
+        user_model, _ = load_classifier(train, test, model_spec=model_spec, weights=weights, normalize=normalize, output=output,
                                         device=device, cache_dir=cache_dir, progress=not quiet)
     cfg = CounterfactualConfig(spaces=spaces, device=device, **options)
     result = run_campaign(cfg, out_dir, cache=cache, executor=executor, resume=resume, progress=not quiet,
