@@ -307,6 +307,21 @@ def test_softmax_rule_layer_attribution_equals_captum():
             torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-13)
 
 
+def test_softmax_rule_sum_is_the_stated_one():
+    """A softmax head (rule-carrying layers before it keep completeness to each logit's change Δz_j): the
+    attributions sum to Δy_t − m̄·ΣΔz with m̄ = (Δy_t/Δz_t)/C, the docstring's formula, not to Δy_t."""
+    model = softmax_mlp()
+    x, y = data(4)
+    attr = DeepLift(model, baseline=0.2)(x, y)
+    with torch.no_grad():
+        ref = torch.full_like(x, 0.2)
+        dz = model[:-1](x) - model[:-1](ref)
+        dy = (model(x) - model(ref)).gather(1, y[:, None])[:, 0]
+    m_bar = dy / dz.gather(1, y[:, None])[:, 0] / dz.shape[1]
+    torch.testing.assert_close(attr.sum((1, 2, 3)), dy - m_bar * dz.sum(1), rtol=1e-9, atol=1e-13)
+    assert (attr.sum((1, 2, 3)) - dy).abs().max() > 1e-3
+
+
 def test_softmax_rule_is_per_example_where_captum_mixes_the_batch():
     """Captum subtracts the mean over its whole [x; x̄] tensor, so its batched result depends on the other
     examples; manifex's equals the per-example one (and Captum's at batch 1)."""

@@ -10,14 +10,15 @@ the local derivative where ``|z − z̄| < eps``. Max-pooling uses Captum's rule
 pooled outputs, routed back through the argmax positions of both points). ``nn.Softmax`` uses Captum's softmax
 rule: the Rescale multipliers of its elements (read elementwise, the local derivative where ``|Δz| < eps``)
 minus their mean over the example's elements (softmax is unchanged by adding one constant to its input, so
-only multipliers relative to their mean carry information). Linear layers, BatchNorm in eval
-mode and residual sums keep their true gradient. The attribution is ``(x − x̄) ⊙ g`` with ``g`` the
-modified gradient (``multiply_by_inputs=True``), which sums to ``f(x) − f(x̄)`` over the input
-(completeness).
+only multipliers relative to their mean carry information). This rule gives up completeness: the attributions
+of a softmax output sum to ``Δy − m̄ · ΣΔz``, not ``Δy`` (``m̄`` the mean multiplier, ``ΣΔz`` the summed change of
+the softmax's input), as in Captum. Linear layers, BatchNorm in eval mode and residual sums keep their true
+gradient. The attribution is ``(x − x̄) ⊙ g`` with ``g`` the modified gradient (``multiply_by_inputs=True``),
+which sums to ``f(x) − f(x̄)`` over the input (completeness; except through a softmax, above).
 
 The rules are installed by :class:`DeepLiftRules` as forward hooks for the duration of one call, on every
-elementwise activation module (ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus), on ``nn.Softmax``, on functional ReLUs called
-in ``forward`` (``F.relu``, ``torch.relu``, ``Tensor.relu``, as :func:`~manifex.attribution.beta_smooth`
+elementwise activation module (ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus), on ``nn.Softmax``, on
+functional ReLUs called in ``forward`` (``F.relu``, ``torch.relu``, ``Tensor.relu``, as :func:`~manifex.attribution.beta_smooth`
 catches them) and on max-pool modules (1-d, 2-d, 3-d). Functional max-pooling and other functional
 nonlinearities keep their gradient, as in Captum. A rule acts only during the backward pass that computes
 the explanation; a second differentiation (``create_graph=True``) sees the network's true Jacobian, so the
