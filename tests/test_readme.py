@@ -297,6 +297,8 @@ CHECKS = {name[7:]: f for name, f in list(globals().items()) if name.startswith(
 
 def test_every_python_block_has_a_fixture():
     """A new block needs a marker naming a fixture (or a new fixture); every fixture is used."""
+    other = [f"README.md:{b['line']} ({b['lang']})" for b in BLOCKS if b["lang"] not in ("python", "bash", "")]
+    assert not other, f"code blocks in a language this test does not run (use python or bash): {other}"
     missing = [f"README.md:{b['line']}" for b in PYTHON if b["marker"] is None]
     assert not missing, f"python blocks without <!-- readme-test: NAME --> before them: {missing}"
     unknown = [f"README.md:{b['line']} ({b['marker']})" for b in PYTHON if b["marker"] not in FIXTURES]
