@@ -95,8 +95,9 @@ def test_nmf_equals_sklearn_on_uniform_noise(init):
     Xs = torch.rand(20, 50, generator=g, dtype=torch.float64)  # more channels than rows, seed 0 (the default)
     Ws, Hs, _ = _sklearn_nmf(Xs, 5, 0)
     torch.testing.assert_close(nmf(Xs, 5)[1], Hs, rtol=1e-9, atol=1e-9 * float(Hs.abs().max()))
+    torch.testing.assert_close(nmf(Xs, 5, seed=-1)[1], nmf(Xs, 5, seed=2**32 - 1)[1], rtol=0, atol=0)  # modulo 2**32
     with pytest.raises(InputError, match="seed"):
-        nmf(Xs, 5, seed=-1)
+        nmf(Xs, 5, seed=1.5)
 
 
 def test_nmf_errors():

@@ -237,7 +237,8 @@ def nmf(
     of W are zero. ``solver``: "auto" (= "hals"), "hals", "mu" or "sklearn" (see the module docstring);
     ``init``, ``max_iter`` and ``tol`` as scikit-learn's (its defaults). ``seed`` is scikit-learn's
     ``random_state`` (of the randomized SVD behind the NNDSVD start): every solver starts as
-    ``sklearn.decomposition.NMF(random_state=seed)`` does, so "hals" ends where it ends. Raises InputError for negative or non-finite entries and for ``n_components``
+    ``sklearn.decomposition.NMF(random_state=seed)`` does, so "hals" ends where it ends; any int is taken
+    modulo 2**32 (numpy's seed range), so a negative CLI ``--seed`` works too. Raises InputError for negative or non-finite entries and for ``n_components``
     above the number of rows or channels.
     """
     if solver not in NMF_SOLVERS:
@@ -248,15 +249,15 @@ def nmf(
         raise InputError(f"max_iter must be a positive int, got {max_iter!r}.")
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
         raise InputError(f"tol must be a finite number >= 0, got {tol!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
-        raise InputError(f"seed must be an int in [0, 2**32) (scikit-learn's random_state), got {seed!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise InputError(f"seed must be an int (scikit-learn's random_state), got {seed!r}.")
     Xb, rows, batched = _check_input(X, n_components, n_rows)
     Xb = Xb.detach()
     solver = _AUTO if solver == "auto" else solver
     if solver == "sklearn":
-        W, H, n_iter = _sklearn(Xb, rows, n_components, init, max_iter, tol, seed)
+        W, H, n_iter = _sklearn(Xb, rows, n_components, init, max_iter, tol, int(seed) % 2**32)
     else:
-        W, H = _nndsvd(Xb, rows, n_components, init, seed)
+        W, H = _nndsvd(Xb, rows, n_components, init, int(seed) % 2**32)  # numpy seeds are in [0, 2**32)
         W, H, n_iter = (_hals if solver == "hals" else _mu)(Xb, W, H, max_iter, tol)
     if not batched:
         W, H = W[0], H[0]
