@@ -238,8 +238,8 @@ def nmf(
     ``init``, ``max_iter`` and ``tol`` as scikit-learn's (its defaults). ``seed`` is scikit-learn's
     ``random_state`` (of the randomized SVD behind the NNDSVD start): every solver starts as
     ``sklearn.decomposition.NMF(random_state=seed)`` does, so "hals" ends where it ends; any int is taken
-    modulo 2**32 (numpy's seed range), so a negative CLI ``--seed`` works too. Raises InputError for negative or non-finite entries and for ``n_components``
-    above the number of rows or channels.
+    modulo 2**32 (numpy's seed range), so a negative CLI ``--seed`` works too. Raises InputError for
+    negative or non-finite entries and for ``n_components`` above the number of rows or channels.
     """
     if solver not in NMF_SOLVERS:
         raise InputError(f"solver must be one of {', '.join(NMF_SOLVERS)}, got {solver!r}.")
