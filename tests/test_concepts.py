@@ -61,6 +61,45 @@ def test_nmf_padding_single_matrix_and_sklearn_solver():
     assert float(matched_cosine(H[0], Hs).min()) >= 0.999
 
 
+def _sklearn_nmf(X: torch.Tensor, k: int, seed: int, init: str = "nndsvda"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning at max_iter
+        m = sk_nmf.NMF(k, init=init, random_state=seed)
+        W = m.fit_transform(X.numpy())
+    return torch.from_numpy(W), torch.from_numpy(m.components_), m.n_iter_
+
+
+@pytest.mark.parametrize("init", ["nndsvda", "nndsvd"])
+def test_nmf_equals_sklearn_on_uniform_noise(init):
+    """Uniform noise has no spectral gap below the first singular value, so the start decides which of many
+    near-equal factorizations the solver ends in: an exact-SVD start ended at matched cosine 0.61–0.81 from
+    scikit-learn's on the 400- and 250-row matrices. From scikit-learn's own randomized SVD (same
+    random_state) the batched solver, padded and single, follows scikit-learn's iterates. Tolerance:
+    float64, the same arithmetic in different summation orders; ≤ 64·400 terms per sum give ≤ 3e-12
+    relative per sweep, ≤ 6e-10 over 200 sweeps even without contraction, so rtol 1e-9 (a different start
+    differs by O(1))."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.rand(3, 400, 30, generator=g, dtype=torch.float64)
+    rows = torch.tensor([400, 250, 27])  # 27 rows < 30 channels: scikit-learn's randomized SVD transposes
+    X[1, 250:] = 0
+    X[2, 27:] = 0
+    W, H, n_iter = nmf(X, 6, init=init, n_rows=rows, seed=3, return_n_iter=True)
+    for b in range(3):
+        r = int(rows[b])
+        Ws, Hs, its = _sklearn_nmf(X[b, :r], 6, 3, init)
+        torch.testing.assert_close(H[b], Hs, rtol=1e-9, atol=1e-9 * float(Hs.abs().max()))
+        torch.testing.assert_close(W[b, :r], Ws, rtol=1e-9, atol=1e-9 * float(Ws.abs().max()))
+        assert int(n_iter[b]) == its and bool((W[b, r:] == 0).all())
+        Wb, Hb = nmf(X[b, :r], 6, init=init, seed=3)  # single matrix: the same
+        torch.testing.assert_close(Hb, Hs, rtol=1e-9, atol=1e-9 * float(Hs.abs().max()))
+    Xs = torch.rand(20, 50, generator=g, dtype=torch.float64)  # more channels than rows, seed 0 (the default)
+    Ws, Hs, _ = _sklearn_nmf(Xs, 5, 0)
+    torch.testing.assert_close(nmf(Xs, 5)[1], Hs, rtol=1e-9, atol=1e-9 * float(Hs.abs().max()))
+    torch.testing.assert_close(nmf(Xs, 5, seed=-1)[1], nmf(Xs, 5, seed=2**32 - 1)[1], rtol=0, atol=0)  # modulo 2**32
+    with pytest.raises(InputError, match="seed"):
+        nmf(Xs, 5, seed=1.5)
+
+
 def test_nmf_errors():
     X = synthetic(B=1)[0]
     with pytest.raises(InputError, match="non-negative.*ReLU"):

@@ -248,3 +248,108 @@ def test_layer_errors():
     twice.append(shared)
     with pytest.raises(ModelError, match="runs 2 times"):
         LayerGradient(twice, "0")(torch.randn(2, 4), 0)
+
+
+# --- softmax rule (issue 16): Captum's rule on nn.Softmax, per example -------------------------------------
+
+def softmax_mlp() -> nn.Module:
+    """dense → ReLU → dense → Softmax: a classifier that outputs probabilities."""
+    torch.manual_seed(11)
+    return nn.Sequential(nn.Flatten(), nn.Linear(128, 16), nn.ReLU(), nn.Linear(16, 5), nn.Softmax(dim=1)).to(F64).eval()
+
+
+def softmax_cnn() -> nn.Module:
+    """conv → BN → ReLU → max-pool → dense → Softmax(dim=-1) (the pool after a ReLU: Captum keeps its gradient)."""
+    torch.manual_seed(12)
+    return _randomise_bn(nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(64, 12), nn.Tanh(), nn.Linear(12, 5), nn.Softmax(dim=-1)))
+
+
+def softmax_inside() -> nn.Module:
+    """a softmax gate in the middle (followed only by linear layers): dense → Softmax → dense → ReLU → dense."""
+    torch.manual_seed(13)
+    return nn.Sequential(nn.Flatten(), nn.Linear(128, 10), nn.Softmax(dim=1), nn.Linear(10, 8), nn.ReLU(),
+                         nn.Linear(8, 5)).to(F64).eval()
+
+
+def softmax_resnet() -> nn.Module:
+    """manifex's SmallResNet (BN, residual sums) with a softmax head."""
+    return nn.Sequential(resnet(), nn.Softmax(dim=1)).to(F64).eval()
+
+
+SOFTMAX_MODELS = {"mlp": softmax_mlp, "cnn": softmax_cnn, "inside": softmax_inside, "resnet": softmax_resnet}
+
+
+@pytest.mark.parametrize("name", list(SOFTMAX_MODELS))
+@pytest.mark.parametrize("baseline", [0.0, 0.3])
+def test_softmax_rule_equals_captum(name, baseline):
+    """Captum's softmax rule (per-example: Captum called at batch 1; see the batching test below). Before the
+    rule, manifex differed from Captum by up to 6e-2 here; float64 to rtol 1e-9 (a handful of float64
+    operations, each exact to 1e-16 relative)."""
+    model = SOFTMAX_MODELS[name]()
+    x, y = data(5)
+    ours = DeepLift(model, baseline=baseline)(x, y)
+    ref = captum_per_example(lambda: captum_attr.DeepLift(model), x, y, baselines=baseline)
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-13)
+    assert ours.abs().max() > 1e-4
+
+
+def test_softmax_rule_layer_attribution_equals_captum():
+    model = softmax_cnn()
+    x, y = data(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for layer in ("2", "6"):
+            mod = dict(model.named_modules())[layer]
+            ours = LayerDeepLift(model, layer, baseline=0.2)(x, y)
+            ref = captum_per_example(lambda: captum_attr.LayerDeepLift(model, mod), x, y, baselines=0.2)
+            torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-13)
+
+
+def test_softmax_rule_sum_is_the_stated_one():
+    """A softmax head (rule-carrying layers before it keep completeness to each logit's change Δz_j): the
+    attributions sum to Δy_t − m̄·ΣΔz with m̄ = (Δy_t/Δz_t)/C, the docstring's formula, not to Δy_t."""
+    model = softmax_mlp()
+    x, y = data(4)
+    attr = DeepLift(model, baseline=0.2)(x, y)
+    with torch.no_grad():
+        ref = torch.full_like(x, 0.2)
+        dz = model[:-1](x) - model[:-1](ref)
+        dy = (model(x) - model(ref)).gather(1, y[:, None])[:, 0]
+    m_bar = dy / dz.gather(1, y[:, None])[:, 0] / dz.shape[1]
+    torch.testing.assert_close(attr.sum((1, 2, 3)), dy - m_bar * dz.sum(1), rtol=1e-9, atol=1e-13)
+    assert (attr.sum((1, 2, 3)) - dy).abs().max() > 1e-3
+
+
+def test_softmax_rule_is_per_example_where_captum_mixes_the_batch():
+    """Captum subtracts the mean over its whole [x; x̄] tensor, so its batched result depends on the other
+    examples; manifex's equals the per-example one (and Captum's at batch 1)."""
+    model = softmax_mlp()
+    x, y = data(4)
+    batched = DeepLift(model, baseline=0.1)(x, y)
+    single = torch.cat([DeepLift(model, baseline=0.1)(x[i : i + 1], int(y[i])) for i in range(4)])
+    torch.testing.assert_close(batched, single, rtol=1e-12, atol=1e-15)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        captum_batched = captum_attr.DeepLift(model).attribute(x, target=y, baselines=0.1)
+    assert (captum_batched - single).abs().max() > 1e-6
+
+
+def test_softmax_rule_derivative_and_errors():
+    """create_graph=True differentiates the rule exactly (finite differences); a softmax over the batch
+    dimension is refused in one line, and the model is left without hooks."""
+    model = softmax_mlp()
+    x, y = data(2)
+    xr = x.clone().requires_grad_(True)
+    e = DeepLift(model, baseline=0.2)(xr, y, create_graph=True)
+    w = torch.randn(e.shape, dtype=F64, generator=torch.Generator().manual_seed(3))
+    (grad,) = torch.autograd.grad((e * w).sum(), xr)
+    d = torch.randn(x.shape, dtype=F64, generator=torch.Generator().manual_seed(4))
+    h = 1e-6
+    fd = ((DeepLift(model, baseline=0.2)(x + h * d, y) - DeepLift(model, baseline=0.2)(x - h * d, y)) * w).sum() / (2 * h)
+    torch.testing.assert_close((grad * d).sum(), fd, rtol=1e-5, atol=1e-9)
+    bad = nn.Sequential(nn.Flatten(), nn.Linear(128, 5), nn.Softmax(dim=0)).to(F64)
+    with pytest.raises(InputError, match="dimension 0.*batch"):
+        DeepLift(bad)(x, y)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in bad.modules())

@@ -7,14 +7,18 @@ between the two points,
     m = (y − ȳ) / (z − z̄)        (z: the nonlinearity's input, y = act(z); the bar: the same at the reference),
 
 the local derivative where ``|z − z̄| < eps``. Max-pooling uses Captum's rule (the cross maximum of the
-pooled outputs, routed back through the argmax positions of both points); linear layers, BatchNorm in eval
-mode and residual sums keep their true gradient. The attribution is ``(x − x̄) ⊙ g`` with ``g`` the
-modified gradient (``multiply_by_inputs=True``), which sums to ``f(x) − f(x̄)`` over the input
-(completeness).
+pooled outputs, routed back through the argmax positions of both points). ``nn.Softmax`` uses Captum's softmax
+rule: the Rescale multipliers of its elements (read elementwise, the local derivative where ``|Δz| < eps``)
+minus their mean over the example's elements (softmax is unchanged by adding one constant to its input, so
+only multipliers relative to their mean carry information). This rule gives up completeness: the attributions
+of a softmax output sum to ``Δy − m̄ · ΣΔz``, not ``Δy`` (``m̄`` the mean multiplier, ``ΣΔz`` the summed change of
+the softmax's input), as in Captum. Linear layers, BatchNorm in eval mode and residual sums keep their true
+gradient. The attribution is ``(x − x̄) ⊙ g`` with ``g`` the modified gradient (``multiply_by_inputs=True``),
+which sums to ``f(x) − f(x̄)`` over the input (completeness; except through a softmax, above).
 
 The rules are installed by :class:`DeepLiftRules` as forward hooks for the duration of one call, on every
-elementwise activation module (ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus), on functional ReLUs called
-in ``forward`` (``F.relu``, ``torch.relu``, ``Tensor.relu``, as :func:`~manifex.attribution.beta_smooth`
+elementwise activation module (ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus), on ``nn.Softmax``, on
+functional ReLUs called in ``forward`` (``F.relu``, ``torch.relu``, ``Tensor.relu``, as :func:`~manifex.attribution.beta_smooth`
 catches them) and on max-pool modules (1-d, 2-d, 3-d). Functional max-pooling and other functional
 nonlinearities keep their gradient, as in Captum. A rule acts only during the backward pass that computes
 the explanation; a second differentiation (``create_graph=True``) sees the network's true Jacobian, so the
@@ -30,7 +34,12 @@ Equal to Captum 0.9 ``DeepLift`` / ``LayerDeepLift`` (``multiply_by_inputs=True`
 activations are modules used once each. Where they differ: a max-pool with overlapping windows sends the
 multiplier of an input that is the maximum of several windows back once per window here (the adjoint of
 max-pooling), once in total in Captum (``max_unpool``); at max-pool positions where ``x`` and ``x̄`` agree,
-Captum uses the gradient of the batch's first example for every example, manifex each example's own.
+Captum uses the gradient of the batch's first example for every example, manifex each example's own. Captum's
+softmax rule subtracts the mean over its whole stacked tensor ``[x; x̄]`` — every example of the batch and
+both halves — so its batched result depends on the other examples; manifex subtracts each example's own mean
+(batched = per example) and equals Captum called with one example at a time. At batch 1 the two means agree
+wherever the softmax's output gradient is the same at ``x`` and ``x̄`` (a softmax head, or one followed only by
+linear layers and rule-carrying activations: the rules use the same multipliers for both halves).
 """
 from __future__ import annotations
 
@@ -45,10 +54,12 @@ from .core import Target, target_gradient
 from .methods import Explainer, Model
 from .smoothing import FunctionalPolicy, ReLUPatch
 
-__all__ = ["DeepLift", "DeepLiftRules", "expand_baseline", "ELEMENTWISE_ACTIVATIONS", "MAX_POOLS"]
+__all__ = ["DeepLift", "DeepLiftRules", "expand_baseline", "ELEMENTWISE_ACTIVATIONS", "SOFTMAX", "MAX_POOLS"]
 
 #: Activation modules that get the Rescale rule (``nn.Softplus`` covers manifex's ``SmoothReLU``).
 ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus)
+#: Softmax modules that get Captum's softmax rule (Rescale multipliers minus their per-example mean).
+SOFTMAX: tuple[type[nn.Module], ...] = (nn.Softmax,)
 #: Max-pool modules that get Captum's max-pool rule.
 MAX_POOLS: tuple[type[nn.Module], ...] = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 MaxPoolRule = Literal["captum", "rescale", "gradient"]
@@ -123,6 +134,40 @@ class _Rescale(torch.autograd.Function):
         return torch.where(small, zero, g * slope), torch.where(small, g, zero), None
 
 
+def _softmax_dim(module: nn.Module, ndim: int) -> int:
+    """The dimension ``nn.Softmax`` normalises (``dim=None``: torch's legacy implicit choice)."""
+    dim = module.dim if module.dim is not None else (0 if ndim in (0, 1, 3) else 1)
+    return dim % max(ndim, 1)
+
+
+class _SoftmaxRescale(torch.autograd.Function):
+    """Identity on ``y = softmax(z)``; while the rules are active, the backward sends ``z`` the multipliers
+    ``m = g · Δy/Δz`` (elementwise; the softmax's true backward at ``x`` where ``|Δz| < eps``) minus their mean
+    over each example's elements, Captum's softmax rule per example. Built of differentiable operations on
+    the saved ``z`` and ``y``, like :class:`_Rescale`; inactive, the identity."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, y: torch.Tensor, rules: "DeepLiftRules", dim: int) -> torch.Tensor:
+        ctx.save_for_backward(z, y)
+        ctx.rules, ctx.dim = rules, dim
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        if not ctx.rules.active:
+            return None, g, None, None
+        z, y = ctx.saved_tensors
+        zx, zr = _paired(z)
+        yx, yr = _paired(y)
+        gx = _paired(g)[0]  # only the inputs' rows carry the explained output's gradient
+        dz = zx - zr
+        small = dz.abs() < ctx.rules.eps
+        true = yx * (gx - (gx * yx).sum(ctx.dim, keepdim=True))  # softmax's own backward at x
+        m = torch.where(small, true, gx * (yx - yr) / torch.where(small, torch.ones_like(dz), dz))
+        m = m - m.flatten(1).mean(1).view(-1, *[1] * (m.dim() - 1))
+        return torch.cat([m, torch.zeros_like(m)]), None, None, None
+
+
 def _unpool(values: torch.Tensor, indices: torch.Tensor, in_shape: torch.Size, nd: int) -> torch.Tensor:
     """The adjoint of max-pooling: ``values`` summed into the argmax positions ``indices`` (flat per channel)."""
     lead = values.shape[: values.dim() - nd]
@@ -172,7 +217,7 @@ class DeepLiftRules(ReLUPatch):
     with ReLUs called as functions in ``forward`` ("handle": the Rescale rule, "error", "ignore": gradient).
     """
 
-    relu_types = ELEMENTWISE_ACTIVATIONS
+    relu_types = ELEMENTWISE_ACTIVATIONS + SOFTMAX
 
     def __init__(self, model: nn.Module, *, eps: float = 1e-10, functional: FunctionalPolicy = "handle",
                  maxpool: MaxPoolRule = "captum") -> None:
@@ -186,6 +231,13 @@ class DeepLiftRules(ReLUPatch):
                 self._handles.append(module.register_forward_hook(self._pool_output))
 
     def _module_output(self, module, x, y):
+        if isinstance(module, SOFTMAX):
+            dim = _softmax_dim(module, x.dim())
+            if dim == 0:
+                raise InputError(
+                    f"DeepLift: {module!r} normalises over dimension 0 of a {x.dim()}-d input, the batch, which "
+                    "DeepLift runs as [x; baseline]; give the softmax the class dimension (nn.Softmax(dim=1) or dim=-1).")
+            return _SoftmaxRescale.apply(x, y, self, dim)
         return _Rescale.apply(x, y, self)
 
     def _functional_output(self, x):
@@ -194,7 +246,7 @@ class DeepLiftRules(ReLUPatch):
     def _pool_output(self, module: nn.Module, args: tuple, output: Any) -> Any:
         if not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
             return None
-        if self.maxpool == "captum" and type(args[0].grad_fn).__name__ == "_RescaleBackward":
+        if self.maxpool == "captum" and type(args[0].grad_fn).__name__ in ("_RescaleBackward", "_SoftmaxRescaleBackward"):
             return None  # fed directly by a rescaled activation: Captum's hook order leaves the gradient
         return _MaxPoolRescale.apply(args[0], output, self, module)
 

@@ -6,9 +6,14 @@ Frobenius loss, ``max_iter=200``, ``tol=1e-4``), which the concept research used
 one column of W (then of Hᵀ) at a time with the closed-form step ``w_t ← max(0, w_t − ∇_t / (HHᵀ)_tt)``,
 which is exactly hierarchical ALS; we run it for every matrix of the batch at once (CPU or CUDA), with the
 same update order, the same projected-gradient stopping rule (per matrix: violation / first violation ≤ tol)
-and the same NNDSVDa start (from an exact SVD where it is cheap, a randomized one like scikit-learn's
-otherwise). So it reaches the same error and the same components (tested: error within 0.5%, matched cosine
-≥ 0.999). ``"mu"`` is batched multiplicative updates (Lee & Seung), ``"sklearn"`` loops scikit-learn.
+and the same NNDSVDa start: the singular vectors come from scikit-learn's own ``randomized_svd`` with
+``random_state=seed`` (per matrix, on its real rows, on the CPU, in scikit-learn's dtype: float32 stays float32,
+anything else float64), exactly as ``NMF(random_state=seed)`` starts. An exact SVD would agree only where the
+spectrum has gaps: on a matrix without one (uniform noise) the randomized vectors beyond the first are a
+different basis of nearly equal singular values, and the two starts end in different factorizations (matched
+cosine 0.71). So it reaches scikit-learn's error and components on every matrix, up to round-off (tested in
+float64 on uniform noise and on structured matrices, batched and single). ``"mu"`` is batched multiplicative
+updates (Lee & Seung), ``"sklearn"`` loops scikit-learn.
 
 Why written by hand: scikit-learn factorises one matrix per call on the CPU; the batched torch solver
 factorises every class in one loop, on the model's device.
@@ -16,6 +21,7 @@ factorises every class in one loop, on the model's device.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Literal
 
 import numpy as np
@@ -73,30 +79,35 @@ def _check_input(X: torch.Tensor, n_components: int, n_rows: torch.Tensor | None
     return Xb * valid[:, :, None], rows, batched
 
 
-def _svd_top(X: torch.Tensor, k: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k singular triplets of each matrix (B, R, c) in float64: exact where cheap, else randomized
-    subspace iteration as scikit-learn's ``randomized_svd`` (k + 10 vectors, 4 or 7 power iterations)."""
-    Xd = X.double()
-    B, R, c = Xd.shape
-    if min(R, c) <= 512:
-        U, S, Vh = torch.linalg.svd(Xd, full_matrices=False)
-        return U[:, :, :k], S[:, :k], Vh[:, :k, :]
-    p = min(k + 10, min(R, c))
-    n_iter = 7 if k < 0.1 * min(R, c) else 4
-    omega = torch.randn(B, c, p, dtype=Xd.dtype, device=Xd.device, generator=generator)
-    Q = torch.linalg.qr(Xd @ omega).Q
-    for _ in range(n_iter):
-        Q = torch.linalg.qr(Xd.transpose(1, 2) @ Q).Q
-        Q = torch.linalg.qr(Xd @ Q).Q
-    Ub, S, Vh = torch.linalg.svd(Q.transpose(1, 2) @ Xd, full_matrices=False)
-    return (Q @ Ub)[:, :, :k], S[:, :k], Vh[:, :k, :]
+def _svd_top(X: torch.Tensor, rows: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k singular triplets of each matrix (B, R, c), U zero on padding rows, in float64: scikit-learn's
+    ``randomized_svd(X_b, k, random_state=seed)`` on the real rows of each matrix, as ``_initialize_nmf`` calls
+    it (its n_iter "auto", 10 oversamples, LU power iterations, sign flip), in the dtype scikit-learn's NMF
+    would compute in. One small CPU call per matrix (3,840 × 64: about 12 ms on one thread)."""
+    from sklearn.utils.extmath import randomized_svd
+    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
+
+    B, R, c = X.shape
+    dtype = torch.float32 if X.dtype == torch.float32 else torch.float64  # NMF's check_array: float32 or float64
+    U = torch.zeros(B, R, k, dtype=torch.float64)
+    S = torch.zeros(B, k, dtype=torch.float64)
+    Vh = torch.zeros(B, k, c, dtype=torch.float64)
+    Xc = X.detach().to("cpu", dtype)
+    # numpy's BLAS gets torch's thread count: its default (every core) made these thin products 100× slower
+    # on a loaded machine (1.5 s instead of 12 ms for 3,840 × 64); threads change results by round-off at most
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        for b in range(B):
+            r = int(rows[b])
+            u, sv, vh = randomized_svd(Xc[b, :r].numpy(), k, random_state=seed)
+            U[b, :r], S[b], Vh[b] = torch.from_numpy(u).double(), torch.from_numpy(sv).double(), torch.from_numpy(vh).double()
+    return U.to(X.device), S.to(X.device), Vh.to(X.device)
 
 
-def _nndsvd(X: torch.Tensor, rows: torch.Tensor, k: int, variant: str, generator: torch.Generator | None,
+def _nndsvd(X: torch.Tensor, rows: torch.Tensor, k: int, variant: str, seed: int,
             eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """NNDSVD (Boutsidis & Gallopoulos) as scikit-learn's ``_initialize_nmf``; ``"nndsvda"`` fills zeros with
-    the matrix mean. Sign-invariant, so an exact SVD and scikit-learn's randomized one give the same start."""
-    U, S, Vh = _svd_top(X, k, generator)
+    """NNDSVD (Boutsidis & Gallopoulos) as scikit-learn's ``_initialize_nmf``, from the same randomized SVD
+    (:func:`_svd_top`); ``"nndsvda"`` fills zeros with the matrix mean."""
+    U, S, Vh = _svd_top(X, rows, k, seed)
     V = Vh.transpose(1, 2)  # (B, c, k)
     up, un = U.clamp(min=0), (-U).clamp(min=0)
     vp, vn = V.clamp(min=0), (-V).clamp(min=0)
@@ -224,9 +235,11 @@ def nmf(
     scikit-learn's ``components_``); with ``return_n_iter`` also the iterations run (B,). Matrices of a batch
     with fewer real rows are zero-padded at the end and give their row counts in ``n_rows`` (B,); padded rows
     of W are zero. ``solver``: "auto" (= "hals"), "hals", "mu" or "sklearn" (see the module docstring);
-    ``init``, ``max_iter`` and ``tol`` as scikit-learn's (its defaults). ``seed`` seeds the randomized SVD
-    used for large matrices. Raises InputError for negative or non-finite entries and for ``n_components``
-    above the number of rows or channels.
+    ``init``, ``max_iter`` and ``tol`` as scikit-learn's (its defaults). ``seed`` is scikit-learn's
+    ``random_state`` (of the randomized SVD behind the NNDSVD start): every solver starts as
+    ``sklearn.decomposition.NMF(random_state=seed)`` does, so "hals" ends where it ends; any int is taken
+    modulo 2**32 (numpy's seed range), so a negative CLI ``--seed`` works too. Raises InputError for
+    negative or non-finite entries and for ``n_components`` above the number of rows or channels.
     """
     if solver not in NMF_SOLVERS:
         raise InputError(f"solver must be one of {', '.join(NMF_SOLVERS)}, got {solver!r}.")
@@ -236,14 +249,15 @@ def nmf(
         raise InputError(f"max_iter must be a positive int, got {max_iter!r}.")
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
         raise InputError(f"tol must be a finite number >= 0, got {tol!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise InputError(f"seed must be an int (scikit-learn's random_state), got {seed!r}.")
     Xb, rows, batched = _check_input(X, n_components, n_rows)
     Xb = Xb.detach()
     solver = _AUTO if solver == "auto" else solver
     if solver == "sklearn":
-        W, H, n_iter = _sklearn(Xb, rows, n_components, init, max_iter, tol, seed)
+        W, H, n_iter = _sklearn(Xb, rows, n_components, init, max_iter, tol, int(seed) % 2**32)
     else:
-        g = torch.Generator(device=Xb.device).manual_seed(seed)
-        W, H = _nndsvd(Xb, rows, n_components, init, g)
+        W, H = _nndsvd(Xb, rows, n_components, init, int(seed) % 2**32)  # numpy seeds are in [0, 2**32)
         W, H, n_iter = (_hals if solver == "hals" else _mu)(Xb, W, H, max_iter, tol)
     if not batched:
         W, H = W[0], H[0]
