@@ -63,18 +63,23 @@ def digits() -> ImageDataset:
 
 @pytest.fixture(scope="module")
 def cnn(digits) -> nn.Module:
-    """The small CNN trained for 6 epochs on the digits (train accuracy ≈ 0.98)."""
-    model = make_cnn()
+    """The small CNN trained for 6 epochs on the digits (train accuracy ≈ 0.97), in float64, then rounded to float32.
+
+    Trained in float32, its weights differ by up to 1.4e-2 (relative) between CPU kernel paths (AVX-512, AVX2,
+    MKL's compatible path: 174 Adam steps amplify the ~1e-7 rounding of each op), and so do the attacks' results
+    below; trained in float64 they differ by < 5e-6, so every CPU attacks nearly the same float32 model."""
+    model = make_cnn().double()
+    x = digits.x.double()
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     g = torch.Generator().manual_seed(0)
     model.train()
     for _ in range(6):
         for b in torch.randperm(len(digits), generator=g).split(64):
-            loss = nn.functional.cross_entropy(model(digits.x[b]), digits.y[b])
+            loss = nn.functional.cross_entropy(model(x[b]), digits.y[b])
             opt.zero_grad()
             loss.backward()
             opt.step()
-    model.eval()
+    model.float().eval()
     with torch.no_grad():
         acc = float((model(digits.x).argmax(1) == digits.y).float().mean())
     assert acc > 0.9
@@ -239,8 +244,9 @@ def test_early_stop_freezes_finished_examples(cnn, batch):
     res = manipulate(cnn, "input_x_gradient", x, target_maps(cnn, "input_x_gradient", xt),
                      iterations=150, stop_pcc=0.5, check_every=5, history_every=1, **FAST)
     stopped = res.stopped
-    assert bool(stopped.any())
-    assert all(int(n) < 150 and int(n) % 5 == 0 for n in res.iterations[stopped])
+    # an example may also reach stop_pcc at the last check (iteration 150): stopped, with 150 iterations
+    assert bool((stopped & (res.iterations < 150)).any())
+    assert all(int(n) <= 150 and int(n) % 5 == 0 for n in res.iterations[stopped])
     assert all(int(n) == 150 for n in res.iterations[~stopped]) or bool(stopped.all())
     assert bool((pearson(res.manipulated_map, res.target_map)[stopped] >= 0.5).all())
     for i in stopped.nonzero().flatten().tolist():
