@@ -39,6 +39,13 @@ def test_concepts_cli_end_to_end_and_resume(tmp_path, cache):
     again = CliRunner().invoke(main, ["concepts", *SMALL, "--cache-dir", cache, "--out", str(out)])
     assert again.exit_code == 0, again.output
     assert len(read_jsonl(out / "results.jsonl")) == 2 and figure.stat().st_mtime_ns == stamp  # resumed, not redone
+    # other settings, or another model, on the same --out are refused in one line (they were silently mixed:
+    # --components 2 resumed the records of 3 vectors), before any relevance is computed
+    for changed, named in ((["--components", "2"], "options.components: 3 -> 2"), (["--epochs", "2"], "model.fingerprint")):
+        res = CliRunner().invoke(main, ["concepts", *SMALL, *changed, "--cache-dir", cache, "--out", str(out)])
+        assert res.exit_code == 2 and "holds a concepts campaign with other settings" in res.output, res.output
+        assert named in res.output and "--no-resume" in res.output
+    assert len(read_jsonl(out / "results.jsonl")) == 2 and figure.stat().st_mtime_ns == stamp
 
 
 @pytest.mark.slow

@@ -383,6 +383,15 @@ def test_contrast_cli_end_to_end_and_resume(tmp_path, cli_cache):
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output
     assert len(read_jsonl(out / "results.jsonl")) == 2 and (out / "hyperplanes.pt").stat().st_mtime_ns == stamp  # resumed
+    # other settings on the same --out are refused before any work (the old pair records, made with 3 control
+    # directions, were kept under a config that said 5)
+    res = CliRunner().invoke(main, [*args, "--random-directions", "5"])
+    assert res.exit_code == 2 and "config.n_random: 3 -> 5" in res.output, res.output
+    assert (out / "hyperplanes.pt").stat().st_mtime_ns == stamp
+    # a new pair of the same settings resumes: the two finished pairs are kept, one is added
+    res = CliRunner().invoke(main, [*args[:-6], "--pairs", "0:1,3:8,1:0", *args[-4:]])
+    assert res.exit_code == 0, res.output
+    assert [(r["a"], r["b"]) for r in read_jsonl(out / "results.jsonl")] == [(0, 1), (3, 8), (1, 0)]
 
 
 @pytest.mark.slow

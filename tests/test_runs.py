@@ -417,3 +417,26 @@ def test_sweep_curvature_runs_per_pair_on_the_run_layer(tmp_path):
     other = robustness_sweep(model, "input_x_gradient", pairs, [3.0], tmp_path, **{**opts, "curvature_iterations": 2})[0]
     assert other["curvature"] == pytest.approx(float(hessian_top_eigenvalue(model, xo, beta=3.0, iterations=2).abs().mean()),
                                                rel=1e-10)  # other settings: recomputed, not mixed with the old lines
+
+
+def test_check_settings_names_each_difference_and_writes_plain_json(tmp_path):
+    """The one settings guard of every campaign: a folder without results takes any settings; with results, a
+    resume with other settings is refused naming each one (nested keys dotted, old -> new); resume=False
+    starts over; an unreadable settings file is one DataError."""
+    from manifex.errors import DataError, InputError
+    from manifex.runs import check_settings
+
+    out = tmp_path / "run"
+    first = {"options": {"components": 3, "pool": 4}, "model": "abc", "ts": (0.0, 1.0)}
+    assert check_settings(out, first) == {"options": {"components": 3, "pool": 4}, "model": "abc", "ts": [0.0, 1.0]}
+    check_settings(out, {"other": 1})  # no results yet: anything goes
+    check_settings(out, first)
+    (out / "results.jsonl").write_text('{"id": "a"}\n')
+    check_settings(out, dict(first))  # the same settings resume
+    with pytest.raises(InputError, match=r"options\.components: 3 -> 2; seed: \(not set\) -> 1\)") as e:
+        check_settings(out, {**first, "options": {"components": 2, "pool": 4}, "seed": 1}, what="a test")
+    assert "holds a test with other settings" in str(e.value) and "resume=False" in str(e.value)
+    check_settings(out, {"new": True}, resume=False)  # starting over takes the new settings
+    (out / "settings.json").write_text("{not json")
+    with pytest.raises(DataError, match="settings.json is unreadable"):
+        check_settings(out, {"new": True})

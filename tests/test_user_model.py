@@ -246,3 +246,25 @@ def test_output_needs_model_and_select_output_wraps_transparently(dict_model):
         resolve_layer(wrapped, "features.9")
     import pickle
     assert torch.equal(pickle.loads(pickle.dumps(wrapped))(x), wrapped(x))  # Ray workers pickle the model
+
+
+@pytest.mark.slow
+def test_counterfactual_names_the_users_model_and_never_resumes_another_models_records(user_model, tmp_path):
+    """counterfactual --model: the checks, the subtitle and metrics.json name the user's model (they said
+    'classifier lenet'); on an --out of the built-in classifier's run it is refused instead of resuming its records."""
+    root, _ = user_model
+    out, cache = tmp_path / "cf", str(tmp_path / "cache")
+    base = ["counterfactual", "--dataset", "digits8", "--space", "pixel", "--n", "2", "--max-steps", "3", "--epochs", "1",
+            "--quiet", "--cache-dir", cache, "--out", str(out)]
+    mine = ["--model", f"{root / 'my_nets.py'}:build", "--weights", str(root / "small.pt"), "--normalize", f"{MEAN},{STD}"]
+    res = CliRunner().invoke(main, base)
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, [*base, *mine])
+    assert res.exit_code == 2 and "other settings" in res.output and "classifier_model" in res.output, res.output
+    res = CliRunner().invoke(main, [*base, *mine, "--no-resume"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    name = f"--model {root / 'my_nets.py'}:build"
+    assert metrics["config"]["classifier"] == name and metrics["info"]["classifier"]["source"] == "user"
+    assert any(c.startswith(f"classifier {name}:") for c in metrics["checks"]) and metrics["n_new"] == 2
+    assert f"classifier {name}" in (out / "report.html").read_text()

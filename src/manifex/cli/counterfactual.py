@@ -145,7 +145,7 @@ def counterfactual(out_dir: Path, cache_dir: Path | None, quiet: bool, device: s
                                         device=device, cache_dir=cache_dir, progress=not quiet)
     cfg = CounterfactualConfig(spaces=spaces, device=device, **options)
     result = run_campaign(cfg, out_dir, cache=cache, executor=executor, resume=resume, progress=not quiet,
-                          classifier=user_model)
+                          classifier=user_model, classifier_name=f"--model {model_spec}" if model_spec else None)
     report = write_report(result, command=command)
     from ..counterfactuals.report import _findings
 

@@ -24,7 +24,9 @@ from ..attribution.core import OutputSelector, check_output_selector, preserve_m
 from ..attribution.layer import layer_activations
 from ..data.base import ImageDataset
 from ..errors import InputError
-from ..runs import Unit, atomic_savefig, atomic_torch_save, atomic_write_json, run_units, safe_torch_load, to_jsonable
+from ..models.cache import state_fingerprint
+from ..runs import (Unit, atomic_savefig, atomic_torch_save, atomic_write_json, check_settings, run_units, safe_torch_load,
+                   to_jsonable)
 from ..attribution.methods import model_device
 from .basis import as_images, predict_classes
 from .contrast import (
@@ -120,14 +122,6 @@ class ContrastRun:
 
 def _fingerprint(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
-def _model_fingerprint(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def shift_units(units: list[Unit], context: dict, out_dir: Path) -> list[dict]:
@@ -229,7 +223,15 @@ def _run(model, x, out, cfg, module, layer, acts, pairs, cpair, preds, classes, 
     checks.append(f"images predicted per class (of {x.shape[0]}): " + ", ".join(f"{c}: {counts[c]}" for c in classes)
                   + f"; up to {cfg.images_per_class} used per class")
 
-    key = cfg.hyperplane_key(_fingerprint(x), _model_fingerprint(model), classes)
+    model_fp, data_fp = state_fingerprint(model), _fingerprint(x)
+    # a pair's record depends on these settings, the model and the images; not on the batch size or the options
+    # of the contrastive concepts (recomputed every run), nor on which other pairs run
+    pair_settings = {k: v for k, v in cfg.to_dict().items()
+                     if k not in ("batch_size", "concepts_pair", "top_k", "n_components", "ood")}
+    check_settings(out, {"config": pair_settings, "model": model_fp, "data": data_fp,
+                         "relu": relu, "output": None if output is None or callable(output) else output},
+                   resume=resume, what="a contrast campaign")
+    key = cfg.hyperplane_key(data_fp, model_fp, classes)
     hp_path = out / "hyperplanes.pt"
     hp = None
     if resume and hp_path.exists():

@@ -18,7 +18,8 @@ from torch import nn
 
 from ..errors import InputError
 from ..reports import render, write_json
-from ..runs import Unit, atomic_write_bytes, run_units
+from ..models.cache import state_fingerprint
+from ..runs import Unit, atomic_write_bytes, check_settings, run_units, tensor_fingerprint
 from .basis import class_concepts
 from .components import RESEARCH_NUMBERS, component_statistics, prediction_from_components
 from .prototypes import concept_prototypes, pooled_activations
@@ -159,6 +160,12 @@ def run_concept_campaign(model: nn.Module, x: torch.Tensor, classes: Sequence[in
     from .basis import predict_classes
 
     preds = predict_classes(model, x, output=output) if predictions is None else predictions
+    # a class's record depends on every option but the batch size, on the model's weights and on the images
+    settings = {"options": {k: v for k, v in options.items() if k != "batch_size"},
+                "model": {"type": type(model).__name__,
+                          "fingerprint": state_fingerprint(model) if isinstance(model, nn.Module) else None},
+                "data": tensor_fingerprint(x), "output": None if output is None or callable(output) else output}
+    check_settings(out_dir, settings, resume=resume, what="a concepts campaign")
     units = [Unit(f"class{c:03d}", {"class": int(c)}) for c in classes]
     context = {"model": model, "x": x, "predictions": preds, "options": dict(options), "class_names": list(class_names),
                "output": output}

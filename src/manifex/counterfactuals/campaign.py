@@ -14,7 +14,6 @@ distance of a counterfactual to it is measured), ``<data>`` itself (mnist5k, dig
 """
 from __future__ import annotations
 
-import json
 import time
 from functools import partial
 from dataclasses import asdict, dataclass, field, replace
@@ -24,8 +23,8 @@ from typing import Any
 import torch
 
 from ..errors import DataError, InputError
-from ..models import ModelCache, TrainConfig, accuracy, get_classifier
-from ..runs import LocalExecutor, Unit, atomic_torch_save, atomic_write_json, run_units, unit_dir
+from ..models import ModelCache, TrainConfig, accuracy, get_classifier, state_fingerprint
+from ..runs import LocalExecutor, Unit, atomic_torch_save, check_settings, run_units, unit_dir
 from .ascent import DEFAULT_RECON_TOL, counterfactual
 from .evaluate import Judges, example_metrics, manifold_distance, summarize
 
@@ -116,10 +115,11 @@ def _known(cfg: CounterfactualConfig, cache: ModelCache, progress: bool):
 
 
 def prepare(cfg: CounterfactualConfig, *, cache: ModelCache | None = None, progress: bool = True,
-            classifier: torch.nn.Module | None = None) -> dict:
+            classifier: torch.nn.Module | None = None, classifier_name: str | None = None) -> dict:
     """Everything the units need: data, classifier, second classifier, generator, judges, the chosen images.
 
-    ``classifier`` (optional): your own model instead of the built-in ``cfg.classifier``.
+    ``classifier`` (optional): your own model instead of the built-in ``cfg.classifier``, shown in checks, the
+    report and ``metrics.json`` as ``classifier_name`` (default: its class name).
     """
     from ..data import load_dataset
     from ..models.generator_zoo import get_generator
@@ -152,12 +152,13 @@ def prepare(cfg: CounterfactualConfig, *, cache: ModelCache | None = None, progr
                                     cache=cache, device=cfg.device, progress=progress)
     else:
         clf, cinfo = classifier.to(cfg.device).eval(), {"source": "user"}
+    name = cfg.classifier if classifier is None else classifier_name or f"your {type(classifier).__name__}"
     acc = accuracy(clf, test)
     second_arch = cfg.second_classifier or SECOND_CLASSIFIER.get(cfg.classifier, "mlp")
     second, _ = get_classifier(train, second_arch, TrainConfig(epochs=cfg.classifier_epochs, seed=cfg.seed + 1),
                                cache=cache, device=cfg.device, progress=progress)
     acc2 = accuracy(second, test)
-    checks.append(f"classifier {cfg.classifier}: test accuracy {acc:.3f}; judge {second_arch}: {acc2:.3f}")
+    checks.append(f"classifier {name}: test accuracy {acc:.3f}; judge {second_arch}: {acc2:.3f}")
     gen = ginfo = None
     if "latent" in cfg.spaces:
         gen, ginfo = get_generator(train, cfg.generator, cache=cache, device=cfg.device, progress=progress,
@@ -182,7 +183,9 @@ def prepare(cfg: CounterfactualConfig, *, cache: ModelCache | None = None, progr
         checks.append(f"only {len(chosen)} correctly classified test images of class {cfg.source} (asked for {cfg.n})")
     info = {
         "dataset": cfg.dataset, "n_train": len(train), "n_test": len(test), "image_shape": list(test.image_shape),
-        "classifier": {"arch": cfg.classifier, "accuracy": acc, "cached": cinfo.get("cached")},
+        "classifier": {"arch": cfg.classifier if classifier is None else None, "name": name,
+                       "source": "user" if classifier is not None else "built-in", "accuracy": acc,
+                       "cached": cinfo.get("cached")},
         "second_classifier": {"arch": second_arch, "accuracy": acc2},
         "svm_accuracy": judges.svm_accuracy,
         "generator": None if gen is None else {"kind": gen.kind, "exact": gen.exact, "name": gen.name,
@@ -263,24 +266,10 @@ def process_units(units: list[Unit], ctx: dict, out_dir: Path) -> list[dict]:
     return records
 
 
-def _check_settings(out: Path, cfg: CounterfactualConfig, resume: bool) -> None:
-    path = out / SETTINGS_FILE
-    settings = cfg.results_settings()
-    if resume and path.is_file() and (out / "results.jsonl").is_file():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path} is unreadable ({e}); delete it or use a new --out.") from e
-        if old != json.loads(json.dumps(settings)):
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != json.loads(json.dumps(settings)).get(k))
-            raise InputError(f"{out} holds a campaign with other settings ({', '.join(diff)}); resume with the same "
-                             "options, pass --no-resume to start over, or use a new --out.")
-    atomic_write_json(path, settings)
-
-
 def run_campaign(cfg: CounterfactualConfig = CounterfactualConfig(), out_dir: str | Path = "runs/cf", *,
                  cache: ModelCache | None = None, executor=None, resume: bool = True, progress: bool = True,
-                 classifier: torch.nn.Module | None = None, prepared: dict | None = None) -> CampaignResult:
+                 classifier: torch.nn.Module | None = None, classifier_name: str | None = None,
+                 prepared: dict | None = None) -> CampaignResult:
     """Run (or resume) a counterfactual campaign; returns the records and their summary per space."""
     bad = [s for s in cfg.spaces if s not in ("latent", "pixel")]
     if bad or not cfg.spaces:
@@ -291,14 +280,17 @@ def run_campaign(cfg: CounterfactualConfig = CounterfactualConfig(), out_dir: st
         raise InputError(f"n must be >= 1, got {cfg.n}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _check_settings(out, cfg, resume)
+    settings = cfg.results_settings()
+    if classifier is not None:  # the user's model instead of the built-in one: its weights are its identity
+        settings["classifier_model"] = {"type": type(classifier).__name__, "fingerprint": state_fingerprint(classifier)}
+    check_settings(out, settings, resume=resume, file=SETTINGS_FILE)
     t0 = time.perf_counter()
-    prep = prepared or prepare(cfg, cache=cache, progress=progress, classifier=classifier)
+    prep = prepared or prepare(cfg, cache=cache, progress=progress, classifier=classifier, classifier_name=classifier_name)
     units = [Unit(f"img{int(i):05d}", {"index": int(i), "target": int(cfg.target)}) for i in prep["chosen"]]
     ctx = {"config": cfg, **{k: prep[k] for k in ("test", "classifier", "generator", "judges", "known")},
            # the per-example bar of the search shows progress inside a batch (locally; Ray workers have no terminal)
            "progress": progress and (executor is None or isinstance(executor, LocalExecutor))}
-    before = (out / "results.jsonl").is_file()
+    before = resume and (out / "results.jsonl").is_file()  # resume=False starts the results over
     n_before = sum(1 for _ in open(out / "results.jsonl")) if before else 0
     records = run_units(units, process_units, out, context=ctx, batch_size=cfg.batch_size, executor=executor,
                         resume=resume, progress=progress, desc="counterfactual images")

@@ -207,13 +207,16 @@ def write_report(result: CampaignResult, *, command: str | None = None) -> Path:
     if ratio is not None:
         cards.append({"label": "off-manifold, latent ÷ pixel", "value": f"{ratio:.2f}×", "sub": "median fraction dist/‖δ‖", "accent": True})
     findings = _findings(summary, spaces)
-    metrics = {"config": cfg.to_dict(), "summary": summary, "info": result.info, "checks": result.checks,
+    config = cfg.to_dict()
+    if result.info.get("classifier", {}).get("source") == "user":  # the built-in choice was not used
+        config["classifier"] = result.info["classifier"]["name"]
+    metrics = {"config": config, "summary": summary, "info": result.info, "checks": result.checks,
                "warnings": result.warnings, "n_images": len(records), "n_new": result.n_new}
     atomic_write_json(out / "metrics.json", to_jsonable(metrics))
     headline = findings[0] if findings else "Counterfactuals"
     return _render("counterfactual.html.j2", out / "report.html", title="Counterfactual report", headline=headline,
                    subtitle=f"{len(records)} images of class {cfg.source} → {cfg.target} on {cfg.dataset}; "
-                            f"generator {cfg.generator}, classifier {cfg.classifier}",
+                            f"generator {cfg.generator}, classifier {result.info.get('classifier', {}).get('name') or cfg.classifier}",
                    findings=findings[1:], cards=cards, spaces=spaces, judge_rows=judge_rows, metric_rows=metric_rows,
                    figures=figures, top_checks=result.checks,
                    settings={**cfg.to_dict(), "lr_latent_effective": cfg.effective_lr_latent(),

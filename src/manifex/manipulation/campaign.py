@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import inspect
-import json
 import math
 import os
 import re
@@ -41,7 +40,8 @@ from ..attribution.methods import model_device
 from ..data import ImageDataset
 from ..errors import DataError, InputError
 from ..metrics import mse, output_change, pearson, perturbation_norms, ssim
-from ..runs import Executor, JsonlLog, Unit, atomic_torch_save, atomic_write_json, read_jsonl, run_units, to_jsonable
+from ..runs import (Executor, JsonlLog, Unit, atomic_torch_save, atomic_write_json, check_settings, read_jsonl, run_units,
+                   to_jsonable)
 from .attack import ManipulationResult, manipulate
 
 __all__ = ["PairSet", "pairs_from_csv", "pairs_from_dataset", "run_campaign", "CampaignSummary", "read_results"]
@@ -354,20 +354,11 @@ def _campaign(model: nn.Module, explainer: Explainer, pairs: PairSet, out_dir: P
     }
     if output is not None:  # recorded only when set, so campaigns of plain models resume as before
         settings["output"] = _output_setting(output)
-    settings_path = out / SETTINGS_FILE
     log = JsonlLog(results_path, key="id")
     if not resume:
         log.clear()
-    previous = log.load(repair=True)
-    if previous and settings_path.is_file():
-        old = json.loads(settings_path.read_text(encoding="utf-8"))
-        if old != settings:
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise InputError(
-                f"{out} holds a campaign with other settings ({', '.join(diff)} differ: {[old.get(k) for k in diff]} "
-                f"vs {[settings.get(k) for k in diff]}); use the same settings, another out_dir, or resume=False."
-            )
-    atomic_write_json(settings_path, settings)
+    previous = log.load(repair=True)  # a line cut short by a killed writer is dropped before the comparison
+    check_settings(out, settings, resume=resume, file=SETTINGS_FILE, results=RESULTS_FILE)
     todo = [i for i in range(len(pairs)) if pairs.ids[i] not in previous]
     n_skipped = len(pairs) - len(todo)
     if todo:

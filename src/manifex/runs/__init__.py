@@ -28,11 +28,13 @@ from .files import (
     to_jsonable,
 )
 from .ray_executor import RayExecutor, import_ray
+from .settings import SETTINGS_FILE, check_settings, tensor_fingerprint
 from .units import Executor, LocalExecutor, Unit, run_units, summarize_records, unit_dir, unit_seed
 
 __all__ = [
     "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "atomic_savefig",
     "append_jsonl", "read_jsonl", "file_lock", "to_jsonable", "safe_torch_load", "JsonlLog",
+    "check_settings", "tensor_fingerprint", "SETTINGS_FILE",
     "Unit", "run_units", "Executor", "LocalExecutor", "RayExecutor", "import_ray", "unit_dir", "unit_seed",
     "summarize_records",
 ]
