@@ -268,3 +268,23 @@ def test_counterfactual_names_the_users_model_and_never_resumes_another_models_r
     assert metrics["config"]["classifier"] == name and metrics["info"]["classifier"]["source"] == "user"
     assert any(c.startswith(f"classifier {name}:") for c in metrics["checks"]) and metrics["n_new"] == 2
     assert f"classifier {name}" in (out / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_model_from_a_file_runs_on_ray_workers(user_model, tmp_path, no_training):
+    """--model path/to/file.py:FACTORY --workers 2: the workers cannot import the file's private module name, so
+    its classes travel by value (they died with ModuleNotFoundError); the records equal the local run's."""
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'manifex[ray]'")
+    root, _ = user_model
+    local = _cli(root, "attack", tmp_path / "local")
+    assert local.exit_code == 0, local.output
+    ray_run = _cli(root, "attack", tmp_path / "ray", "--workers", "2")
+    assert ray_run.exit_code == 0, ray_run.output
+    records = {}
+    for name in ("local", "ray"):
+        lines = (tmp_path / name / "results.jsonl").read_text().splitlines()
+        records[name] = sorted((json.loads(line) for line in lines), key=lambda r: r["pair_id"])
+    assert [r["pair_id"] for r in records["ray"]] == [r["pair_id"] for r in records["local"]]
+    for a, b in zip(records["local"], records["ray"]):
+        for key in ("pcc_orig_target", "pcc_manip_target", "max_dp", "linf"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key  # same CPU; float32 thread counts may differ

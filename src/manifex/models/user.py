@@ -27,6 +27,7 @@ from torch import nn
 
 from ..attribution.core import check_output_selector, select_output
 from ..errors import DataError, InputError, ModelError
+from ..runs import ship_by_value
 
 __all__ = ["Normalize", "SelectOutput", "load_model", "load_weights", "check_classifier", "parse_normalize", "parse_output"]
 
@@ -186,6 +187,7 @@ def _import_target(module: str) -> object:
         except Exception as e:
             sys.modules.pop(name, None)
             raise ModelError(f"--model: importing {p} failed ({type(e).__name__}: {e}); fix the file.") from e
+        ship_by_value(mod)  # Ray workers cannot import the private module name: its classes travel by value
         return mod
     try:
         return importlib.import_module(module)

@@ -27,7 +27,7 @@ from .files import (
     safe_torch_load,
     to_jsonable,
 )
-from .ray_executor import RayExecutor, import_ray
+from .ray_executor import RayExecutor, import_ray, ship_by_value
 from .settings import SETTINGS_FILE, check_settings, tensor_fingerprint
 from .units import Executor, LocalExecutor, Unit, run_units, summarize_records, unit_dir, unit_seed
 
@@ -35,6 +35,6 @@ __all__ = [
     "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "atomic_savefig",
     "append_jsonl", "read_jsonl", "file_lock", "to_jsonable", "safe_torch_load", "JsonlLog",
     "check_settings", "tensor_fingerprint", "SETTINGS_FILE",
-    "Unit", "run_units", "Executor", "LocalExecutor", "RayExecutor", "import_ray", "unit_dir", "unit_seed",
+    "Unit", "run_units", "Executor", "LocalExecutor", "RayExecutor", "import_ray", "ship_by_value", "unit_dir", "unit_seed",
     "summarize_records",
 ]

@@ -11,6 +11,8 @@ is still missing after a crash of the driver is run again by the next run.
 from __future__ import annotations
 
 import collections
+import types
+import weakref
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,7 +20,16 @@ from typing import Any, Iterator
 from ..errors import InputError, ManifexError
 from .units import Process, Unit, run_batch
 
-__all__ = ["RayExecutor", "import_ray"]
+__all__ = ["RayExecutor", "import_ray", "ship_by_value"]
+
+# Modules a worker cannot import by name (a user's model loaded from path/to/file.py gets a private module name):
+# Ray pickles their classes and functions by value instead, so a --model file works on every worker.
+_BY_VALUE: "weakref.WeakSet[types.ModuleType]" = weakref.WeakSet()
+
+
+def ship_by_value(module: types.ModuleType) -> None:
+    """Have Ray workers receive ``module``'s classes and functions by value (see ``_BY_VALUE``)."""
+    _BY_VALUE.add(module)
 
 INSTALL_HINT = 'Ray is not installed; scaling out (--workers, --ray-address) needs it: pip install "manifex[ray]"'
 
@@ -135,6 +146,8 @@ class RayExecutor:
         started = self._start(ray)
         actors: list[Any] = []
         try:
+            for module in list(_BY_VALUE):
+                ray.cloudpickle.register_pickle_by_value(module)
             context_ref = ray.put(context)  # once per run; each actor fetches it once
             Actor = ray.remote(_Worker).options(
                 num_cpus=self.threads_per_worker, num_gpus=self.gpus_per_worker,
