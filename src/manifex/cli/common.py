@@ -177,6 +177,26 @@ def classifier_options(f):
     return f
 
 
+def check_layer_first(model_spec: str | None, classifier: str, data, layer: str, *, command: str) -> tuple | None:
+    """A built-in classifier's layer names and output shapes are known before it is trained: check ``--layer`` on
+    the untrained network (one small batch), so a wrong name or an unusable shape never waits for the training.
+    Returns the layer's output shape per image; None with ``--model`` (checked as soon as it is loaded)."""
+    if model_spec is None:
+        import torch
+
+        from ..attribution.layer import check_layer_shape, layer_activations, resolve_layer
+        from ..models.classifiers import ClassifierConfig, build_classifier
+
+        with torch.random.fork_rng():  # building the network draws its initial weights
+            net = build_classifier(ClassifierConfig(classifier, tuple(data.image_shape), data.num_classes)).eval()
+        resolve_layer(net, layer)
+        with torch.no_grad():
+            probe = layer_activations(net, data.x[:2], layer)
+        check_layer_shape(tuple(probe.shape), layer, what=command)
+        return tuple(probe.shape[1:])
+    return None
+
+
 def check_model_flags(model_spec: str | None, *, weights=None, normalize=None, output=None) -> None:
     """--weights, --normalize and --output describe your own --model: refuse them without it (one line)."""
     from ..errors import InputError

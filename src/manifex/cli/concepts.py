@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from . import main
-from .common import _csv, classifier_options, environment_options, executor_options, load_classifier, load_data, make_executor, preflight
+from .common import _csv, check_layer_first, classifier_options, environment_options, executor_options, load_classifier, load_data, make_executor, preflight
 
 
 def _pool(ctx, param, value):
@@ -116,6 +116,9 @@ def concepts(dataset, classifier, model_spec, weights, normalize, output, num_cl
         dup = sorted({c for c in wanted if wanted.count(c) > 1})
         if dup:
             raise InputError(f"--classes lists {', '.join(map(str, dup))} more than once; name each class once.")
+    shape = check_layer_first(model_spec, classifier, data, layer, command="manifex concepts")
+    if shape is not None:  # the pool against the built-in network's grid, before training it
+        resolve_pool(pool, tuple(shape[1:]), f"--layer {layer}")
     model, info = load_classifier(train, test, model_spec=model_spec, weights=weights, normalize=normalize, output=output,
                                   classifier=classifier, epochs=epochs, seed=seed, device=device, cache_dir=cache_dir,
                                   progress=not quiet)

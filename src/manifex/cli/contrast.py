@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from . import main
-from .common import classifier_options, environment_options, executor_options, make_executor, preflight
+from .common import check_layer_first, classifier_options, environment_options, executor_options, make_executor, preflight
 
 
 @main.command()
@@ -86,6 +86,7 @@ def contrast(dataset: str, classifier: str, classifier_epochs: int, layer: str, 
 
         for a, b in (chosen or []) + (cpair or []):
             check_pair(a, b, num_classes or data.num_classes)
+    check_layer_first(model_spec, classifier, data, layer, command="manifex contrast")
     train, test = data.split(0.2, seed=seed)
     model, info = load_classifier(train, test, model_spec=model_spec, weights=weights, normalize=normalize, output=output,
                                   classifier=classifier, epochs=classifier_epochs, seed=seed, device=device,
