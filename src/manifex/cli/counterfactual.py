@@ -122,7 +122,7 @@ def counterfactual(out_dir: Path, cache_dir: Path | None, quiet: bool, device: s
                    f"{s['spectrum']['dimension_is_1_fraction']:.0%} of points")
         click.echo(f"report: {report}")
         return
-    from ..counterfactuals.campaign import CounterfactualConfig, run_campaign
+    from ..counterfactuals.campaign import CounterfactualConfig, check_classes, run_campaign
     from ..counterfactuals.report import write_report
 
     spaces = tuple(spaces or ("latent", "pixel"))
@@ -136,10 +136,12 @@ def counterfactual(out_dir: Path, cache_dir: Path | None, quiet: bool, device: s
     from .common import check_model_flags, load_classifier, load_data
 
     check_model_flags(model_spec, weights=weights, normalize=normalize, output=output)
+    # the data checks and the classes, before any training (known:<data> takes the classes of <data>)
+    dataset = options["dataset"]
+    base = dataset[len("known:"):] if dataset.startswith("known:") else dataset
+    data, _ = load_data(base, trust_pickle=options["trust_pickle"], num_classes=num_classes)
+    check_classes(options["source"], options["target"], num_classes or data.num_classes, dataset)
     if model_spec is not None:
-
-        data, _ = load_data(options["dataset"].split(":", 1)[-1] if not options["dataset"].startswith("known:") else
-                            options["dataset"].split(":", 1)[1], trust_pickle=options["trust_pickle"], num_classes=num_classes)
         train, test = data.split(0.2, seed=options["seed"])
         user_model, _ = load_classifier(train, test, model_spec=model_spec, weights=weights, normalize=normalize, output=output,
                                         device=device, cache_dir=cache_dir, progress=not quiet)

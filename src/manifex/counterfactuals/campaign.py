@@ -114,6 +114,15 @@ def _known(cfg: CounterfactualConfig, cache: ModelCache, progress: bool):
     return km.train, km.test, km
 
 
+def check_classes(source: int | None, target: int, num_classes: int, dataset: str) -> None:
+    """``source`` (None: any class but the target) and ``target`` are two different classes of the data."""
+    for name, c in (("target", target), ("source", source)):
+        if c is not None and not 0 <= c < num_classes:
+            raise InputError(f"--{name} {c} is not a class of {dataset} (classes 0..{num_classes - 1}).")
+    if source is not None and source == target:
+        raise InputError("--source and --target are the same class; pick two different classes.")
+
+
 def prepare(cfg: CounterfactualConfig, *, cache: ModelCache | None = None, progress: bool = True,
             classifier: torch.nn.Module | None = None, classifier_name: str | None = None) -> dict:
     """Everything the units need: data, classifier, second classifier, generator, judges, the chosen images.
@@ -140,12 +149,7 @@ def prepare(cfg: CounterfactualConfig, *, cache: ModelCache | None = None, progr
     if lo < 0 or hi > 1:
         raise DataError(f"{cfg.dataset}: pixels lie in [{lo:.3g}, {hi:.3g}]; counterfactuals need images in [0, 1].")
     checks.append(f"pixels of {cfg.dataset} in [0, 1] (found [{lo:.3g}, {hi:.3g}])")
-    k = train.num_classes
-    for name, c in (("target", cfg.target), ("source", cfg.source)):
-        if c is not None and not 0 <= c < k:
-            raise InputError(f"--{name} {c} is not a class of {cfg.dataset} (classes 0..{k - 1}).")
-    if cfg.source is not None and cfg.source == cfg.target:
-        raise InputError("--source and --target are the same class; pick two different classes.")
+    check_classes(cfg.source, cfg.target, train.num_classes, cfg.dataset)
     t0 = time.perf_counter()
     if classifier is None:
         clf, cinfo = get_classifier(train, cfg.classifier, TrainConfig(epochs=cfg.classifier_epochs, seed=cfg.seed),
