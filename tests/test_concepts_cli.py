@@ -119,3 +119,29 @@ def test_concepts_cli_layer_after_global_pooling_warns(tmp_path, cache):
     assert any("every crop is the whole image" in w for w in metrics["warnings"])
     assert any(c.startswith("FAILED: ") and "1x1" in c for c in metrics["checks"])
     assert "does not test concepts" in (out / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_each_class_is_committed_as_it_finishes(tmp_path, cache, monkeypatch):
+    """A run that dies on its second class keeps the first (a concepts campaign committed nothing until every
+    class was done); the re-run computes only the missing class."""
+    import manifex.concepts.report as report
+
+    real = report.class_concepts
+    calls = []
+
+    def dies_on_class_1(*args, classes, **kwargs):
+        calls.append(list(classes))
+        if 1 in classes:
+            raise RuntimeError("killed")
+        return real(*args, classes=classes, **kwargs)
+
+    monkeypatch.setattr(report, "class_concepts", dies_on_class_1)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["concepts", *SMALL, "--cache-dir", cache, "--out", str(out)])
+    assert res.exit_code != 0 and calls == [[0], [1]]
+    assert [r["class"] for r in read_jsonl(out / "results.jsonl")] == [0]
+    monkeypatch.setattr(report, "class_concepts", lambda *a, classes, **k: calls.append(list(classes)) or real(*a, classes=classes, **k))
+    res = CliRunner().invoke(main, ["concepts", *SMALL, "--cache-dir", cache, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert calls[2:] == [[1]] and [r["class"] for r in read_jsonl(out / "results.jsonl")] == [0, 1]

@@ -492,16 +492,16 @@ def test_report_says_when_the_spectrum_has_no_gap():
     """A smoothly decaying spectrum (estimate_dimension returns k) is reported as 'not determined', never as k."""
     import numpy as np
 
-    from manifex.counterfactuals.report import _findings, spectrum_figure
+    from manifex.counterfactuals.report import findings, spectrum_figure
     from manifex.geometry import estimate_dimension
 
     smooth = torch.logspace(0.5, -0.5, 8, dtype=torch.float64).repeat(3, 1)
     gapped = torch.cat([torch.ones(3, 2), 1e-3 * torch.ones(3, 6)], 1).double()
     assert estimate_dimension(smooth).tolist() == [8, 8, 8] and estimate_dimension(gapped).tolist() == [2, 2, 2]
     base = {"top": 8, "sigma_first_median": 3.2, "sigma_last_median": 0.3}
-    none = _findings({"spectrum": {**base, "gap_found_fraction": 0.0, "dimension_median_where_gap": None}}, ["latent"])
+    none = findings({"spectrum": {**base, "gap_found_fraction": 0.0, "dimension_median_where_gap": None}}, ["latent"])
     assert any("not determined" in f for f in none) and not any("estimated dimension" in f for f in none)
-    found = _findings({"spectrum": {**base, "gap_found_fraction": 1.0, "dimension_median_where_gap": 2.0}}, ["latent"])
+    found = findings({"spectrum": {**base, "gap_found_fraction": 1.0, "dimension_median_where_gap": 2.0}}, ["latent"])
     assert any("estimated dimension 2" in f for f in found)
     for s in (smooth, gapped):
         fig = spectrum_figure(s.numpy(), estimate_dimension(s).numpy())

@@ -149,8 +149,8 @@ def counterfactual(out_dir: Path, cache_dir: Path | None, quiet: bool, device: s
     result = run_campaign(cfg, out_dir, cache=cache, executor=executor, resume=resume, progress=not quiet,
                           classifier=user_model, classifier_name=f"--model {model_spec}" if model_spec else None)
     report = write_report(result, command=command)
-    from ..counterfactuals.report import _findings
+    from ..counterfactuals.report import findings
 
-    for line in _findings(result.summary, list(spaces)):
+    for line in findings(result.summary, list(spaces)):
         click.echo(f"  {line}")
     click.echo(f"report: {report}")

@@ -153,10 +153,14 @@ def process_classes(units: list[Unit], context: dict[str, Any], out_dir: Path) -
 
 def run_concept_campaign(model: nn.Module, x: torch.Tensor, classes: Sequence[int], out_dir: str | Path, *,
                          options: dict[str, Any], class_names: Sequence[str] = (), predictions: torch.Tensor | None = None,
-                         batch_size: int = 16, executor: Any = None, resume: bool = True, progress: bool = True,
+                         batch_size: int = 1, executor: Any = None, resume: bool = True, progress: bool = True,
                          output: Any = None) -> list[dict]:
     """One unit per class on the shared run layer (``results.jsonl`` in ``out_dir``, resumable). ``output``: for a
-    model returning a tuple/dict, which part holds the logits (as for ``explain``; used by class_concepts)."""
+    model returning a tuple/dict, which part holds the logits (as for ``explain``; used by class_concepts).
+
+    ``batch_size`` classes are computed together (their NMFs batched) and committed together: the default 1
+    commits each class as it finishes (a kill loses at most one class) and gives ``--workers N`` one class each
+    at a time; batching classes only saves part of the NMF time, which is small next to the relevance."""
     from .basis import predict_classes
 
     preds = predict_classes(model, x, output=output) if predictions is None else predictions

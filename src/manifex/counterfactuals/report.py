@@ -17,7 +17,7 @@ from ..runs import atomic_savefig, atomic_write_json, atomic_write_text, to_json
 from .campaign import CampaignResult
 from .ascent import DEFAULT_LR
 
-__all__ = ["grid_figure", "path_figure", "spectrum_figure", "helix_figure", "write_report", "write_helix_report"]
+__all__ = ["grid_figure", "path_figure", "spectrum_figure", "helix_figure", "write_report", "write_helix_report", "findings"]
 
 #: Images shown in the research grid and the path strips.
 MAX_GRID, MAX_PATHS = 8, 4
@@ -206,18 +206,18 @@ def write_report(result: CampaignResult, *, command: str | None = None) -> Path:
     ratio = lvp.get("off_manifold_fraction_median", lvp.get("off_manifold_fraction_median_all"))
     if ratio is not None:
         cards.append({"label": "off-manifold, latent ÷ pixel", "value": f"{ratio:.2f}×", "sub": "median fraction dist/‖δ‖", "accent": True})
-    findings = _findings(summary, spaces)
+    lines = findings(summary, spaces)
     config = cfg.to_dict()
     if result.info.get("classifier", {}).get("source") == "user":  # the built-in choice was not used
         config["classifier"] = result.info["classifier"]["name"]
     metrics = {"config": config, "summary": summary, "info": result.info, "checks": result.checks,
                "warnings": result.warnings, "n_images": len(records), "n_new": result.n_new}
     atomic_write_json(out / "metrics.json", to_jsonable(metrics))
-    headline = findings[0] if findings else "Counterfactuals"
+    headline = lines[0] if lines else "Counterfactuals"
     return _render("counterfactual.html.j2", out / "report.html", title="Counterfactual report", headline=headline,
                    subtitle=f"{len(records)} images of class {cfg.source} → {cfg.target} on {cfg.dataset}; "
                             f"generator {cfg.generator}, classifier {result.info.get('classifier', {}).get('name') or cfg.classifier}",
-                   findings=findings[1:], cards=cards, spaces=spaces, judge_rows=judge_rows, metric_rows=metric_rows,
+                   findings=lines[1:], cards=cards, spaces=spaces, judge_rows=judge_rows, metric_rows=metric_rows,
                    figures=figures, top_checks=result.checks,
                    settings={**cfg.to_dict(), "lr_latent_effective": cfg.effective_lr_latent(),
                              "lr_pixel_effective": cfg.lr_pixel if cfg.lr_pixel is not None else DEFAULT_LR[None]},
@@ -225,7 +225,7 @@ def write_report(result: CampaignResult, *, command: str | None = None) -> Path:
                    helix=None)
 
 
-def _findings(summary: dict, spaces: list[str]) -> list[str]:
+def findings(summary: dict, spaces: list[str]) -> list[str]:
     out = []
     if "latent" in summary and "pixel" in summary:
         lat, pix = summary["latent"], summary["pixel"]
