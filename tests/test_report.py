@@ -221,3 +221,20 @@ def test_many_methods_are_split_over_readable_example_grids(tmp_path):
     for name in ("parts_standard.png", "parts_standard_2.png", "parts_robust_2.png"):
         assert (tmp_path / name).stat().st_size > 0 and f'src="{name}"' in html
     assert not (tmp_path / "parts_standard_3.png").exists()
+
+
+def test_every_report_puts_its_one_checks_box_first():
+    """The report skeleton (base.html.j2) shows what was checked once, before any number it qualifies; no
+    system's page draws a checks box of its own (the counterfactual page had two, at the bottom)."""
+    from pathlib import Path
+
+    import manifex.reports as reports
+    from manifex.reports import environment
+
+    page = environment().from_string('{% extends "base.html.j2" %}{% block main %}<h2>Result</h2>{% endblock %}')
+    html = page.render(checks=["the data: 10 classes", "FAILED: something odd"], title="t", headline="h")
+    assert html.count("<h2>Checks</h2>") == 1 and html.index("<h2>Checks</h2>") < html.index("<h2>Result</h2>")
+    assert '<li class="warn">something odd</li>' in html
+    templates = Path(reports.__file__).parent / "templates"
+    own = [t.name for t in templates.glob("*.html.j2") if t.name != "base.html.j2" and 'class="checks"' in t.read_text()]
+    assert own == []

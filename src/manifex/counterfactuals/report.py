@@ -218,7 +218,7 @@ def write_report(result: CampaignResult, *, command: str | None = None) -> Path:
                    subtitle=f"{len(records)} images of class {cfg.source} → {cfg.target} on {cfg.dataset}; "
                             f"generator {cfg.generator}, classifier {result.info.get('classifier', {}).get('name') or cfg.classifier}",
                    findings=lines[1:], cards=cards, spaces=spaces, judge_rows=judge_rows, metric_rows=metric_rows,
-                   figures=figures, top_checks=result.checks,
+                   figures=figures, checks=result.checks,
                    settings={**cfg.to_dict(), "lr_latent_effective": cfg.effective_lr_latent(),
                              "lr_pixel_effective": cfg.lr_pixel if cfg.lr_pixel is not None else DEFAULT_LR[None]},
                    info=result.info, command=command,
@@ -297,5 +297,5 @@ def write_helix_report(res: dict, out_dir: str | Path, *, command: str | None = 
     return _render("counterfactual.html.j2", out / "report.html", title="Helix counterfactuals", headline=headline,
                    subtitle="x = (sin t, cos t, t); RealNVP flow, MLP 3-256-1; research settings (lr 3e-2, ≤ 1000 steps)",
                    findings=findings, cards=cards, spaces=["latent", "pixel"], judge_rows=[], metric_rows=[],
-                   figures={"spectrum": "spectrum.png"}, top_checks=checks, settings=res["config"], info={}, command=command,
+                   figures={"spectrum": "spectrum.png"}, checks=checks, settings=res["config"], info={}, command=command,
                    helix={"figure": "helix_distances.png", "summary": s})
