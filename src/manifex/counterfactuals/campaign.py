@@ -167,6 +167,9 @@ def prepare(cfg: CounterfactualConfig, *, cache: ModelCache | None = None, progr
     if "latent" in cfg.spaces:
         gen, ginfo = get_generator(train, cfg.generator, cache=cache, device=cfg.device, progress=progress,
                                    epochs=cfg.generator_epochs, seed=cfg.seed)
+        if ginfo.get("skipped_batches"):
+            checks.append(f"{gen.name} training skipped {ginfo['skipped_batches']} of {ginfo.get('batches') or '?'} batches "
+                          "whose loss was not finite (an encode overflow early in training; no update was made)")
     judges = Judges.fit(train.x, train.y, second=second, second_name=second_arch, svm_max=cfg.svm_max, seed=cfg.seed,
                         x_val=test.x[:1000], y_val=test.y[:1000])
     checks.append(f"judges: RBF-SVM on {min(cfg.svm_max, len(train))} training images (held-out accuracy "
@@ -194,7 +197,8 @@ def prepare(cfg: CounterfactualConfig, *, cache: ModelCache | None = None, progr
         "svm_accuracy": judges.svm_accuracy,
         "generator": None if gen is None else {"kind": gen.kind, "exact": gen.exact, "name": gen.name,
                                                "cached": ginfo.get("cached"), "train_seconds": ginfo.get("train_seconds"),
-                                               "bits_per_dim": ginfo.get("bits_per_dim")},
+                                               "bits_per_dim": ginfo.get("bits_per_dim"),
+                                               "skipped_batches": ginfo.get("skipped_batches", 0)},
         "known_manifold": known is not None, "prepare_seconds": prep_seconds,
     }
     return {"classifier": clf, "generator": gen, "judges": judges, "known": known, "test": test, "chosen": chosen,

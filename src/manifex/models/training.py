@@ -153,7 +153,7 @@ def _run_epochs(
     batch_size: int,
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LRScheduler | None,
-    step_loss: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor],
+    step_loss: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor | None],
     seed: int,
     cache: ModelCache | None,
     name: str,
@@ -178,6 +178,7 @@ def _run_epochs(
             torch.cuda.set_rng_state_all(cuda_states)
     dev = next(model.parameters()).device
     t0 = time.perf_counter()
+    skipped, seen = int(partial.get("skipped", 0)) if partial else 0, 0
     for epoch in range(start, epochs):
         g = torch.Generator().manual_seed(seed * 1000 + epoch)
         model.train()
@@ -187,6 +188,16 @@ def _run_epochs(
         for idx in bar:
             xb, yb = data.x[idx].to(dev), data.y[idx].to(dev)
             loss = step_loss(xb, yb, g)
+            seen += 1
+            if loss is None:  # a non-finite loss the model's step_loss allows to skip
+                skipped += 1
+                if skipped > max(3, 0.01 * (seen + start * len(batches))):
+                    raise ModelError(
+                        f"{type(model).__name__} training diverged: the loss was not finite on {skipped} batches "
+                        f"(epoch {epoch + 1}); lower the learning rate, or retrain with another seed (delete the "
+                        "partial checkpoint in the cache)."
+                    )
+                continue
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -199,7 +210,7 @@ def _run_epochs(
         if cache is not None and epoch + 1 < epochs:
             payload = {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history,
-                "rng_state": torch.get_rng_state(),
+                "rng_state": torch.get_rng_state(), "skipped": skipped,
             }
             if torch.cuda.is_available():
                 payload["cuda_rng_state"] = torch.cuda.get_rng_state_all()
@@ -209,7 +220,11 @@ def _run_epochs(
     if cache is not None:
         cache.path(name, key, partial=True).unlink(missing_ok=True)  # finished: nothing left to resume
     model.eval()
-    return {"history": history, "train_seconds": time.perf_counter() - t0}
+    info = {"history": history, "train_seconds": time.perf_counter() - t0}
+    if skipped:
+        info["skipped_batches"] = skipped
+        info["batches"] = epochs * len(batches) if epochs > start else None
+    return info
 
 
 def fit_classifier(
@@ -303,14 +318,12 @@ def fit_generator(
     torch.manual_seed(cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
 
-    def step_loss(xb: torch.Tensor, yb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def step_loss(xb: torch.Tensor, yb: torch.Tensor, g: torch.Generator) -> torch.Tensor | None:
         loss = model.loss(xb, generator=g)
-        if not bool(torch.isfinite(loss.detach())):
-            raise ModelError(
-                f"{type(model).__name__} training diverged (loss {float(loss.detach())}); lower the learning rate or "
-                "delete the partial checkpoint and retrain with another seed."
-            )
-        return loss
+        # A coupling flow's encode divides by its scale, so one unusual batch can overflow early in training while
+        # the model is sound (the zoo image flow at seed 1: 3 of 1,575 batches, final 1.63 bits/dim): such a batch
+        # is skipped (no update) and counted. Past the budget of _run_epochs training has really diverged.
+        return loss if bool(torch.isfinite(loss.detach())) else None
 
     return _run_epochs(
         model, data, epochs=cfg.epochs, batch_size=cfg.batch_size, opt=opt, sched=None, step_loss=step_loss,
