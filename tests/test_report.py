@@ -238,3 +238,21 @@ def test_every_report_puts_its_one_checks_box_first():
     templates = Path(reports.__file__).parent / "templates"
     own = [t.name for t in templates.glob("*.html.j2") if t.name != "base.html.j2" and 'class="checks"' in t.read_text()]
     assert own == []
+
+
+def test_metrics_json_is_strict_json_with_nan_as_null(tmp_path):
+    """Every report's metrics.json goes through the run layer's one encoder: NaN/inf become null (the reports'
+    own encoder wrote NaN, which strict JSON readers such as JavaScript's JSON.parse reject)."""
+    import json
+    import math
+
+    import numpy as np
+
+    from manifex.reports import write_json
+
+    path = write_json({"a": math.nan, "b": np.float32("inf"), "c": torch.tensor([1.0, math.nan]), "d": (1, 2)},
+                      tmp_path / "metrics.json")
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")) == {
+        "a": None, "b": None, "c": [1.0, None], "d": [1, 2]}

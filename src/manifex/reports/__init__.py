@@ -1,11 +1,10 @@
 """HTML reports: one Jinja2 environment and base template (``base.html.j2``) shared by every system's report."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from ..runs import atomic_write_text
+from ..runs import atomic_write_json, atomic_write_text
 
 __all__ = ["environment", "render", "write_json", "json_default"]
 
@@ -27,7 +26,8 @@ def render(template: str, path: Path, **context: Any) -> Path:
 
 
 def json_default(o: Any) -> Any:
-    """JSON for NumPy/torch values and paths."""
+    """JSON for NumPy/torch values and paths (a ``json.dumps`` default; manifex itself writes through
+    :func:`write_json`)."""
     if hasattr(o, "tolist"):  # numpy arrays/scalars, torch tensors
         return o.tolist()
     if isinstance(o, Path):
@@ -36,5 +36,7 @@ def json_default(o: Any) -> Any:
 
 
 def write_json(obj: Any, path: Path) -> Path:
-    """``obj`` as indented JSON at ``path``, written atomically; NumPy/torch values and paths converted."""
-    return atomic_write_text(Path(path), json.dumps(obj, indent=2, default=json_default))
+    """``obj`` as indented JSON at ``path``, written atomically by the run layer's one encoder
+    (:func:`manifex.runs.to_jsonable`: NumPy/torch values and paths converted, NaN and ±inf as null, so every
+    ``metrics.json`` is valid JSON; the old encoder wrote ``NaN``, which strict JSON readers reject)."""
+    return atomic_write_json(Path(path), obj)
