@@ -26,7 +26,7 @@ from ..data.base import ImageDataset
 from ..errors import InputError
 from ..models.cache import state_fingerprint
 from ..runs import (Unit, atomic_savefig, atomic_torch_save, atomic_write_json, check_settings, run_units, safe_torch_load,
-                   to_jsonable)
+                   tensor_fingerprint, to_jsonable)
 from ..attribution.methods import model_device
 from .basis import as_images, predict_classes
 from .contrast import (
@@ -118,10 +118,6 @@ class ContrastRun:
     warnings: list[str] = field(default_factory=list)
     concepts: dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def _fingerprint(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def shift_units(units: list[Unit], context: dict, out_dir: Path) -> list[dict]:
@@ -223,7 +219,7 @@ def _run(model, x, out, cfg, module, layer, acts, pairs, cpair, preds, classes, 
     checks.append(f"images predicted per class (of {x.shape[0]}): " + ", ".join(f"{c}: {counts[c]}" for c in classes)
                   + f"; up to {cfg.images_per_class} used per class")
 
-    model_fp, data_fp = state_fingerprint(model), _fingerprint(x)
+    model_fp, data_fp = state_fingerprint(model), tensor_fingerprint(x)
     # a pair's record depends on these settings, the model and the images; not on the batch size or the options
     # of the contrastive concepts (recomputed every run), nor on which other pairs run
     pair_settings = {k: v for k, v in cfg.to_dict().items()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..attribution.core import preserve_model_state, selected_output
 from ..errors import InputError
 from ..reports import render, write_json
 from ..models.cache import state_fingerprint
@@ -171,8 +172,12 @@ def run_concept_campaign(model: nn.Module, x: torch.Tensor, classes: Sequence[in
                 "data": tensor_fingerprint(x), "output": None if output is None or callable(output) else output}
     check_settings(out_dir, settings, resume=resume, what="a concepts campaign")
     units = [Unit(f"class{c:03d}", {"class": int(c)}) for c in classes]
+    # the layer's pooled activations of every image, once per run (every class's prototypes rank crops of all
+    # images; computed per unit, a one-class batch would redo this forward over the whole data for each class)
+    with preserve_model_state(model), selected_output(model, output):
+        pooled = pooled_activations(model, x, options["layer"], pool=options["pool"])
     context = {"model": model, "x": x, "predictions": preds, "options": dict(options), "class_names": list(class_names),
-               "output": output}
+               "output": output, "pooled": pooled}
     return run_units(units, process_classes, out_dir, context=context, batch_size=batch_size, executor=executor,
                      resume=resume, progress=progress, desc="concepts")
 
