@@ -76,45 +76,24 @@ def _trained_classifier(dataset, classifier, epochs, seed, device, cache_dir, tr
 # Each raises a manifex error (one line, exit status 2 from the CLI group) naming the option and the fix.
 # ------------------------------------------------------------------------------------------------------------------
 def resolve_device(device: str) -> str:
-    """Validate a ``--device`` value ('cpu', 'cuda', 'cuda:1', 'mps', ...) against this machine; return it."""
-    import torch
+    """Validate a ``--device`` value against this machine (:func:`manifex.models.resolve.resolve_device`)."""
+    from ..models.resolve import resolve_device as resolve
 
-    from ..errors import InputError
-
-    text = str(device).strip()
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise InputError(f"--device {text} is not a torch device; use cpu, cuda, cuda:N or mps.") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise InputError(f"--device {text}: CUDA is not available ({why}, torch {torch.__version__}); use --device cpu.")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) (cuda:0..cuda:"
-                             f"{torch.cuda.device_count() - 1}); pick one of them.")
-    elif dev.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise InputError(f"--device {text}: Apple MPS is not available on this machine; use --device cpu.")
-    elif dev.type != "cpu":
-        raise InputError(f"--device {text}: manifex runs on cpu, cuda[:N] or mps, not {dev.type}.")
-    return text
+    return resolve(device)
 
 
 def check_writable_dir(path: str | os.PathLike | None, option: str) -> Path:
     """Create ``path`` if needed and check that a file can be written in it (before any training)."""
-    from ..errors import InputError
-    from ..models import default_cache_dir
+    from ..models.resolve import check_writable_dir as check
 
-    p = Path(path).expanduser() if path is not None else default_cache_dir()
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".manifex-write-check-"):
-            pass
-    except OSError as e:
-        reason = e.strerror or type(e).__name__
-        raise InputError(f"{option} {p}: cannot write there ({reason}); pass a writable folder with {option} PATH.") from None
-    return p
+    return check(path, option)
+
+
+def check_model_flags(model_spec: str | None, *, weights=None, normalize=None, output=None) -> None:
+    """--weights, --normalize and --output describe your own --model: refuse them without it (one line)."""
+    from ..models.resolve import check_model_flags as check
+
+    check(model_spec, weights=weights, normalize=normalize, output=output)
 
 
 def preflight(*, device: str, out_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
@@ -129,13 +108,10 @@ def preflight(*, device: str, out_dir: str | os.PathLike | None = None, cache_di
 
 
 def load_data(dataset: str, *, trust_pickle: bool = False, num_classes: int | None = None, option: str = "--dataset"):
-    """Load and check a classification dataset; return (dataset, checks) where checks lists what was verified."""
-    from ..data import load_dataset
-    from ..data.loaders import check_classification_data
+    """Load and check a classification dataset; return (dataset, checks) (:func:`manifex.models.resolve.resolve_data`)."""
+    from ..models.resolve import resolve_data
 
-    data = load_dataset(dataset, trust_pickle=trust_pickle)
-    checks = check_classification_data(data, num_classes=num_classes, where=f"{option} {dataset}")
-    return data, checks
+    return resolve_data(dataset, trust_pickle=trust_pickle, num_classes=num_classes, option=option)
 
 
 def _normalize(ctx, param, value: str | None):
@@ -195,16 +171,6 @@ def check_layer_first(model_spec: str | None, classifier: str, data, layer: str,
         check_layer_shape(tuple(probe.shape), layer, what=command)
         return tuple(probe.shape[1:])
     return None
-
-
-def check_model_flags(model_spec: str | None, *, weights=None, normalize=None, output=None) -> None:
-    """--weights, --normalize and --output describe your own --model: refuse them without it (one line)."""
-    from ..errors import InputError
-
-    given = [flag for flag, v in (("--weights", weights), ("--normalize", normalize), ("--output", output)) if v is not None]
-    if model_spec is None and given:
-        raise InputError(f"{given[0]} needs --model (your own classifier); the built-in --classifier is trained "
-                         "by manifex on [0, 1] pixels and returns logits.")
 
 
 def load_classifier(train, test, *, model_spec: str | None = None, weights: str | os.PathLike | None = None,
@@ -302,3 +268,64 @@ def make_executor(workers: int | None = None, ray_address: str | None = None, gp
 
     import_ray()
     return RayExecutor(workers=workers or None, address=ray_address, gpus_per_worker=gpus_per_worker)
+
+
+def run_options(default_out: str, *, resume_help: str = "Keep the units already finished in --out (a changed setting "
+                "or model is refused); --no-resume recomputes them all in the same folder."):
+    """Click options of the experiment folder every command shares: --out, --resume/--no-resume, --overwrite
+    (parameters ``out_dir``, ``resume``, ``overwrite``)."""
+    options = [
+        click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path(default_out),
+                     show_default=True, help="The experiment folder: experiment.json, results.jsonl, units/, summary.json, "
+                                             "metrics.json, report.html and figures."),
+        click.option("--resume/--no-resume", default=True, show_default=True, help=resume_help),
+        click.option("--overwrite", is_flag=True,
+                     help="Start over in --out: an existing folder is moved aside to <out>.replaced-<time> (never deleted)."),
+    ]
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def user_model(model_spec: str | None, weights=None, normalize=None, output=None):
+    """The --model/--weights/--normalize/--output options as a :class:`manifex.experiment.UserModel` (None: built-in)."""
+    check_model_flags(model_spec, weights=weights, normalize=normalize, output=output)
+    if model_spec is None:
+        return None
+    from ..experiment import UserModel
+
+    return UserModel(model_spec, weights=weights, normalize=normalize, output=output)
+
+
+def command_line() -> str:
+    """The command as typed (for the report)."""
+    import shlex
+    import sys
+
+    return "manifex " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def run_command(experiment, config, *, out_dir, resume: bool = True, overwrite: bool = False, model=None,
+                workers=None, ray_address=None, gpus_per_worker: float = 0.0, cache_dir=None, trust_pickle: bool = False,
+                num_classes=None, quiet: bool = False, device: str | None = None):
+    """The one command skeleton: executor (Ray imported now), :func:`manifex.experiment.run_experiment`, then the
+    warnings, the findings (withheld when a check failed) and ``report: PATH``. Returns the ExperimentResult."""
+    from ..experiment import run_experiment
+
+    executor = make_executor(workers, ray_address, gpus_per_worker)
+    result = run_experiment(experiment, config, out_dir, model=model, resume=resume, overwrite=overwrite, executor=executor,
+                            progress=not quiet, cache_dir=cache_dir, trust_pickle=trust_pickle, num_classes=num_classes,
+                            device=device, command=command_line())
+    if result.moved_to is not None:
+        click.echo(f"  the earlier run was moved aside to {result.moved_to}")
+    for w in result.warnings:
+        click.secho(f"  warning: {w}", fg="yellow", err=True)
+    for line in result.findings:
+        click.echo(f"  {line}")
+    if result.report is not None:
+        click.echo(f"report: {result.report}")
+    return result
