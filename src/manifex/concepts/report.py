@@ -20,7 +20,7 @@ from ..attribution.core import preserve_model_state, selected_output
 from ..errors import InputError
 from ..reports import render, write_json
 from ..models.cache import state_fingerprint
-from ..runs import Unit, atomic_write_bytes, check_settings, run_units, tensor_fingerprint
+from ..runs import Unit, atomic_write_bytes, check_settings, run_units, tensor_fingerprint, unit_dir
 from .basis import class_concepts
 from .components import RESEARCH_NUMBERS, component_statistics, prediction_from_components
 from .prototypes import concept_prototypes, pooled_activations
@@ -141,7 +141,7 @@ def process_classes(units: list[Unit], context: dict[str, Any], out_dir: Path) -
                          "top_image_index": protos.image_index[i].tolist(), "top_scores": protos.scores[i].tolist()}
             crops[pool] = protos.crops[i, :, : opts["top_k"]]
             strips[pool] = test.inputs[i] if test.inputs.dim() == 4 else test.inputs[i, 0]
-        fig = Path(out_dir) / "classes" / f"class_{c:03d}.png"
+        fig = unit_dir(out_dir, u.id) / "figure.png"
         name = class_names[c] if c < len(class_names) else str(c)
         class_figure(crops, strips, fig, label=name, p={pool: float(results[pool][1].p[i].reshape(-1)[0]) for pool in POOLS})
         rec["figure"] = str(fig.relative_to(out_dir))
@@ -227,12 +227,7 @@ _STATS = (("mean_p", "mean p(A)", lambda v: f"{v:.3f}"), ("std_p", "std p(A)", l
           ("p_gt_0.5", "p > 0.5", _pct))
 
 
-def write_concepts_report(records: list[dict], out_dir: str | Path, *, options: dict[str, Any], model_info: dict | None = None,
-                          class_names: Sequence[str] = (), checks: Sequence[str] = (), warnings: Sequence[str] = (),
-                          command: str | None = None, headline_pool: str = "include", seconds: float | None = None) -> Path:
-    """``metrics.json`` and ``report.html`` from the campaign's records; returns the HTML path."""
-    out = Path(out_dir)
-    summary = summarize(records)
+def _warnings(records: list[dict], summary: dict[str, Any], class_names: Sequence[str], warnings: Sequence[str]) -> list[str]:
     warnings = list(warnings)
     for r in records:
         warnings += r.get("warnings", [])
@@ -245,11 +240,32 @@ def write_concepts_report(records: list[dict], out_dir: str | Path, *, options: 
         if r.get("skipped"):
             warnings.append(f"class {name(r['class'])} skipped: {r.get('reason', 'not in the basis')}; it is not counted "
                             "in the prediction-from-components test.")
-    warnings = list(dict.fromkeys(warnings))
+    return list(dict.fromkeys(warnings))
+
+
+def concepts_metrics(records: list[dict], *, options: dict[str, Any], model_info: dict | None = None,
+                     class_names: Sequence[str] = (), checks: Sequence[str] = (), warnings: Sequence[str] = (),
+                     command: str | None = None, headline_pool: str = "include", seconds: float | None = None) -> dict[str, Any]:
+    """The content of ``metrics.json``: summary, options, model, checks, warnings, the research's numbers, per-class records."""
+    summary = summarize(records)
+    return {"summary": summary, "options": options, "model": model_info or {}, "checks": list(checks),
+            "warnings": _warnings(records, summary, class_names, warnings), "research": RESEARCH_NUMBERS, "seconds": seconds,
+            "classes": [{k: v for k, v in r.items() if k not in ("vectors",)} for r in records]}
+
+
+def write_concepts_report(records: list[dict], out_dir: str | Path, *, options: dict[str, Any], model_info: dict | None = None,
+                          class_names: Sequence[str] = (), checks: Sequence[str] = (), warnings: Sequence[str] = (),
+                          command: str | None = None, headline_pool: str = "include", seconds: float | None = None,
+                          metrics_file: bool = True) -> Path:
+    """``report.html`` (and ``metrics.json`` unless ``metrics_file=False``) from the campaign's records; returns the HTML path."""
+    out = Path(out_dir)
+    summary = summarize(records)
+    warnings = _warnings(records, summary, class_names, warnings)
+    name = lambda c: class_names[c] if c < len(class_names) else str(c)  # noqa: E731
     done = [r for r in records if not r.get("skipped")]
-    write_json({"summary": summary, "options": options, "model": model_info or {}, "checks": list(checks),
-                "warnings": warnings, "research": RESEARCH_NUMBERS, "seconds": seconds,
-                "classes": [{k: v for k, v in r.items() if k not in ("vectors",)} for r in records]}, out / "metrics.json")
+    if metrics_file:
+        write_json(concepts_metrics(records, options=options, model_info=model_info, class_names=class_names, checks=checks,
+                                    warnings=warnings, seconds=seconds), out / "metrics.json")
     rows = []
     whats = ("concepts", "concepts_top1", "control") if int(options.get("strips") or 1) > 1 else ("concepts", "control")
     labels = {"concepts": "concept strips", "concepts_top1": "top-1 strips only (the research's test)",

@@ -10,7 +10,8 @@ pre-flight → data → model → campaign → files → report), one folder lay
 >>> result.report, result.findings
 """
 from .contract import Experiment, ExperimentResult, Run, Stage, UserModel, run_experiment
+from .config import result_settings, setting
 from .folder import EXPERIMENT_FILE, ExperimentFolder, write_metrics
 
 __all__ = ["Experiment", "ExperimentResult", "Run", "Stage", "UserModel", "run_experiment", "ExperimentFolder",
-           "EXPERIMENT_FILE", "write_metrics"]
+           "EXPERIMENT_FILE", "write_metrics", "setting", "result_settings"]

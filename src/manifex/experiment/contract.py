@@ -23,7 +23,6 @@ system at once; a new system is a Config, an Experiment, its primitive and its r
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from ..errors import InputError
 from ..models.resolve import ModelInfo, check_writable_dir, data_identity, resolve_classifier, resolve_data, resolve_device
 from ..runs import JsonlLog, Unit, run_units
 from ..runs.units import Executor, Process
+from .config import result_settings
 from .folder import ExperimentFolder
 
 __all__ = ["Experiment", "Stage", "Run", "UserModel", "ExperimentResult", "run_experiment"]
@@ -136,8 +136,9 @@ class Experiment:
         """Refuse impossible options (one line each) before any data is read."""
 
     def settings(self, config: Any) -> dict[str, Any]:
-        """The settings that change a record: every Config field but ``run_fields``."""
-        return {k: v for k, v in dataclasses.asdict(config).items() if k not in self.run_fields}
+        """The settings that change a record: every Config field declared with ``result=True`` (see
+        :func:`manifex.experiment.config.setting`; plain fields count) but ``run_fields``."""
+        return {k: v for k, v in result_settings(config).items() if k not in self.run_fields}
 
     # -- data ------------------------------------------------------------------------------------------------
     def load_data(self, run: Run) -> None:
@@ -182,7 +183,7 @@ class Experiment:
     def summarize(self, run: Run, context: Any) -> dict[str, Any]:
         return {name: {"n": len(r)} for name, r in run.records.items()}
 
-    def metrics(self, run: Run, summary: dict[str, Any]) -> dict[str, Any]:
+    def metrics(self, run: Run, summary: dict[str, Any], context: Any) -> dict[str, Any]:
         """metrics.json: by default the summary with the model, the checks and the timing."""
         return {"command": self.command, "config": self.settings(run.config),
                 "model": run.model_info.to_dict() if run.model_info else None, **summary,
@@ -240,7 +241,7 @@ def run_experiment(experiment: Experiment, config: Any, out_dir: str | os.PathLi
     report = None
     if write_files:
         folder.write_json("summary.json", summary)
-        folder.write_metrics(experiment.metrics(run, summary))
+        folder.write_metrics(experiment.metrics(run, summary, context))
         report = experiment.report(run, summary, context)
     return ExperimentResult(command=experiment.command, out_dir=folder.path, summary=summary,
                             findings=experiment.findings(run, summary), records=run.records, model_info=run.model_info,

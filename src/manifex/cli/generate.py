@@ -1,0 +1,146 @@
+"""Commands generated from configs: each system's options come from its ``Config`` fields (name, type, default,
+range, help: :func:`manifex.experiment.config.setting`), the shared groups (data, model, environment, run,
+executor) are declared once in :mod:`manifex.cli.common`, and one skeleton runs every command.
+
+>>> @main.command()
+... @config_options(ConceptsConfig)            # --dataset, --layer, --components, ... from the fields
+... @classifier_options @run_options("runs/concepts") @environment_options @executor_options
+... def concepts(**params):
+...     run_command(ConceptsExperiment(), config_from_params(ConceptsConfig, params), **run_params(params))
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Callable
+
+import click
+
+from ..experiment.config import setting_meta
+from .common import _csv, _fraction, _positive_floats
+
+__all__ = ["config_options", "config_from_params", "run_params", "PARSE"]
+
+
+def _ints(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in str(value).split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers such as 3,5,8, got {value!r}") from None
+
+
+def _int_or_auto(ctx, param, value):
+    if value is None or str(value).lower() == "auto":
+        return "auto"
+    try:
+        v = int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a positive int or auto, got {value!r}") from None
+    if v < 1:
+        raise click.BadParameter(f"expected a positive int or auto, got {value!r}")
+    return v
+
+
+def _lr(ctx, param, value):
+    if value is None or str(value).lower() in ("none", "default"):
+        return None
+    try:
+        v = float(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a learning rate such as 5e-2, or 'default'; got {value!r}") from None
+    if not v > 0:
+        raise click.BadParameter("the learning rate must be > 0")
+    return v
+
+
+#: The CLI side of the named parsers of manifex.experiment.config.PARSERS.
+PARSE: dict[str, Callable] = {"csv": _csv, "ints": _ints, "floats": _positive_floats, "fraction": _fraction,
+                              "int_or_auto": _int_or_auto, "lr": _lr}
+
+
+_METAVAR = {"csv": "A,B,...", "ints": "I,J,...", "floats": "X,Y,...", "fraction": "X|A/B", "int_or_auto": "INT|auto",
+            "lr": "LR|default"}
+
+
+def _base_type(tp: Any) -> Any:
+    """int for ``int | None``, etc."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1 else tp
+
+
+def _flag(f: dataclasses.Field, meta: dict) -> str:
+    return meta["flag"] or "--" + f.name.replace("_", "-")
+
+
+def _option(f: dataclasses.Field, hints: dict) -> Callable:
+    meta = setting_meta(f)
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    flag = _flag(f, meta)
+    kw: dict[str, Any] = {"help": meta["help"], "show_default": meta["show_default"] and default is not None}
+    if meta["metavar"]:
+        kw["metavar"] = meta["metavar"]
+    tp = _base_type(hints.get(f.name, type(default)))
+    if meta["parse"]:
+        kw["callback"] = PARSE[meta["parse"]]
+        kw.setdefault("metavar", _METAVAR.get(meta["parse"]))
+        shown = default
+        if isinstance(default, tuple):
+            shown = ",".join(map(str, default))
+        kw["default"] = None if default is None else str(shown)
+        return click.option(flag, f.name, **kw)
+    if tp is bool:
+        name = flag[2:]
+        if default:
+            return click.option(f"--{name}/--no-{name}", f.name, default=True, **kw)
+        kw["show_default"] = False
+        return click.option(flag, f.name, is_flag=True, default=False, **kw)
+    if meta["choices"]:
+        kw["type"] = click.Choice(list(meta["choices"]))
+    elif tp is int:
+        kw["type"] = click.IntRange(None if meta["low"] is None else int(meta["low"]),
+                                    None if meta["high"] is None else int(meta["high"]))
+    elif tp is float:
+        kw["type"] = click.FloatRange(meta["low"], meta["high"])
+    else:
+        kw["type"] = str
+    return click.option(flag, f.name, default=default, **kw)
+
+
+def config_options(config_cls: type, *, exclude: tuple[str, ...] = ()) -> Callable:
+    """A decorator adding one click option per field of ``config_cls`` (fields with ``cli=False`` or in
+    ``exclude`` are skipped), in field order."""
+    hints = typing.get_type_hints(config_cls)
+    fields = [f for f in dataclasses.fields(config_cls) if setting_meta(f)["cli"] and f.name not in exclude]
+
+    def decorate(fn: Callable) -> Callable:
+        for f in reversed(fields):
+            fn = _option(f, hints)(fn)
+        return fn
+
+    return decorate
+
+
+def config_from_params(config_cls: type, params: dict[str, Any], **overrides: Any):
+    """The Config from the parsed options: every field found in ``params`` (read, not removed: a shared option such
+    as --seed or --trust-pickle may feed both the Config and the run), then ``overrides``."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    values = {k: params[k] for k in params if k in names}
+    values.update(overrides)
+    return config_cls(**values)
+
+
+#: The shared parameters run_command takes, from the shared option groups.
+_RUN = ("out_dir", "resume", "overwrite", "workers", "ray_address", "gpus_per_worker", "cache_dir", "trust_pickle",
+        "num_classes", "quiet")
+
+
+def run_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Pop the shared groups' parameters (run, executor, environment, the user's model) for ``run_command``."""
+    from .common import user_model
+
+    out = {k: params.pop(k) for k in _RUN if k in params}
+    out["model"] = user_model(params.pop("model_spec", None), params.pop("weights", None), params.pop("normalize", None),
+                              params.pop("output", None))
+    return out
