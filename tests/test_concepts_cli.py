@@ -33,18 +33,22 @@ def test_concepts_cli_end_to_end_and_resume(tmp_path, cache):
     records = read_jsonl(out / "results.jsonl")
     assert [r["class"] for r in records] == [0, 1] and len(records[0]["vectors"]) == 3
     html = (out / "report.html").read_text()
-    assert "Prediction from components" in html and "ResNet50 layer4.2" in html and "classes/class_000.png" in html
-    figure = out / "classes" / "class_001.png"
+    assert "Prediction from components" in html and "ResNet50 layer4.2" in html and "units/class000/figure.png" in html
+    figure = out / "units" / "class001" / "figure.png"
+    recorded = json.loads((out / "experiment.json").read_text())
+    assert recorded["command"] == "concepts" and recorded["settings"]["components"] == 3
+    assert recorded["model"]["source"] == "built-in" and len(recorded["model"]["fingerprint"]) == 16
+    assert recorded["data"]["spec"] == "digits8" and recorded["manifex"]
     stamp = figure.stat().st_mtime_ns
     again = CliRunner().invoke(main, ["concepts", *SMALL, "--cache-dir", cache, "--out", str(out)])
     assert again.exit_code == 0, again.output
     assert len(read_jsonl(out / "results.jsonl")) == 2 and figure.stat().st_mtime_ns == stamp  # resumed, not redone
     # other settings, or another model, on the same --out are refused in one line (they were silently mixed:
-    # --components 2 resumed the records of 3 vectors), before any relevance is computed
-    for changed, named in ((["--components", "2"], "options.components: 3 -> 2"), (["--epochs", "2"], "model.fingerprint")):
+    # --components 2 resumed the records of 3 vectors), before any model is trained or relevance computed
+    for changed, named in ((["--components", "2"], "settings.components: 3 -> 2"), (["--epochs", "2"], "settings.epochs: 1 -> 2")):
         res = CliRunner().invoke(main, ["concepts", *SMALL, *changed, "--cache-dir", cache, "--out", str(out)])
-        assert res.exit_code == 2 and "holds a concepts campaign with other settings" in res.output, res.output
-        assert named in res.output and "--no-resume" in res.output
+        assert res.exit_code == 2 and "holds a concepts run made with other settings" in res.output, res.output
+        assert named in res.output and "--overwrite" in res.output
     assert len(read_jsonl(out / "results.jsonl")) == 2 and figure.stat().st_mtime_ns == stamp
 
 
