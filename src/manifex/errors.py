@@ -90,3 +90,39 @@ def check_pixel_range(x: torch.Tensor, name: str, low: float = 0.0, high: float 
             f"rescale the images (e.g. x / 255 for 8-bit data) or pass the matching pixel_range."
         )
     return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors speak in parameter names; the CLI maps them to flags in one place (manifex.cli sets the mapping).
+# ----------------------------------------------------------------------------------------------------------------
+import contextlib as _contextlib
+from contextvars import ContextVar as _ContextVar
+
+_FLAGS: _ContextVar[dict | None] = _ContextVar("manifex_flags", default=None)
+_UNSET = object()
+
+
+def param(name: str, value: object = _UNSET) -> str:
+    """How an error message names a parameter (and optionally its value): ``layer`` / ``layer='nope'`` in Python,
+    ``--layer`` / ``--layer nope`` under the command line (booleans: ``overwrite=True`` / ``--overwrite``,
+    ``resume=False`` / ``--no-resume``). The CLI sets the name → flag mapping with :func:`speaking_flags`."""
+    flags = _FLAGS.get()
+    if flags is None:
+        return name if value is _UNSET else f"{name}={value!r}"
+    flag = flags.get(name) or "--" + name.replace("_", "-")
+    if value is _UNSET or value is True:
+        return flag
+    if value is False:
+        return "--no-" + flag[2:]
+    return f"{flag} {value}"
+
+
+@_contextlib.contextmanager
+def speaking_flags(mapping: dict[str, str] | None = None):
+    """Within this block :func:`param` names command-line flags (``mapping``: parameter name → flag where the flag
+    is not ``--<name-with-dashes>``)."""
+    token = _FLAGS.set({**(_FLAGS.get() or {}), **(mapping or {})})
+    try:
+        yield
+    finally:
+        _FLAGS.reset(token)

@@ -9,7 +9,12 @@ import sys
 
 import click
 
-from ..errors import ManifexError
+from ..errors import ManifexError, speaking_flags
+
+#: Parameter names whose command-line flag is not ``--<name-with-dashes>`` (errors speak in parameter names, see
+#: :func:`manifex.errors.param`; this is the one place they become flags). Generated options add their own.
+FLAGS = {"out_dir": "--out", "model_spec": "--model", "n_samples": "--samples", "classifier_epochs": "--epochs",
+         "spaces": "--space", "robust_epsilons": "--robust-eps", "generative_epochs": "--vae-epochs"}
 
 
 class _Group(click.Group):
@@ -18,7 +23,8 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with speaking_flags(FLAGS):
+                return super().invoke(ctx)
         except ManifexError as e:
             _fail(str(e))
         except click.UsageError as e:

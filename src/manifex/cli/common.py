@@ -314,12 +314,15 @@ def run_command(experiment, config, *, out_dir, resume: bool = True, overwrite: 
                 num_classes=None, quiet: bool = False, device: str | None = None):
     """The one command skeleton: executor (Ray imported now), :func:`manifex.experiment.run_experiment`, then the
     warnings, the findings (withheld when a check failed) and ``report: PATH``. Returns the ExperimentResult."""
+    from ..errors import speaking_flags
     from ..experiment import run_experiment
+    from .generate import config_flags
 
     executor = make_executor(workers, ray_address, gpus_per_worker)
-    result = run_experiment(experiment, config, out_dir, model=model, resume=resume, overwrite=overwrite, executor=executor,
-                            progress=not quiet, cache_dir=cache_dir, trust_pickle=trust_pickle, num_classes=num_classes,
-                            device=device, command=command_line())
+    with speaking_flags(config_flags(type(config))):
+        result = run_experiment(experiment, config, out_dir, model=model, resume=resume, overwrite=overwrite, executor=executor,
+                                progress=not quiet, cache_dir=cache_dir, trust_pickle=trust_pickle,
+                                num_classes=num_classes, device=device, command=command_line())
     if result.moved_to is not None:
         click.echo(f"  the earlier run was moved aside to {result.moved_to}")
     for w in result.warnings:

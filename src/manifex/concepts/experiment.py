@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, param
 from ..experiment import Experiment, Run, Stage, setting
 from ..runs import Unit
 
@@ -82,7 +82,7 @@ class ConceptsExperiment(Experiment):
         if cfg.classes is not None:
             dup = sorted({c for c in cfg.classes if list(cfg.classes).count(c) > 1})
             if dup:
-                raise InputError(f"--classes lists {', '.join(map(str, dup))} more than once; name each class once.")
+                raise InputError(f"{param('classes')} lists {', '.join(map(str, dup))} more than once; name each class once.")
 
     def check_data(self, run: Run) -> None:
         from ..attribution.layer import check_layer_shape, layer_activations, resolve_layer
@@ -93,7 +93,7 @@ class ConceptsExperiment(Experiment):
         if cfg.classes is not None:
             bad = [c for c in cfg.classes if not 0 <= c < data.num_classes]
             if bad:
-                raise InputError(f"--classes {bad} out of range: the data has classes 0..{data.num_classes - 1}.")
+                raise InputError(f"{param('classes')} {bad} out of range: the data has classes 0..{data.num_classes - 1}.")
         if run.user_model is None:  # a built-in network's layers are known before it is trained
             with torch.random.fork_rng():  # building the network draws its initial weights
                 net = build_classifier(ClassifierConfig(cfg.classifier, tuple(data.image_shape), data.num_classes)).eval()
@@ -101,7 +101,7 @@ class ConceptsExperiment(Experiment):
             with torch.no_grad():
                 probe = layer_activations(net, data.x[:2], cfg.layer)
             check_layer_shape(tuple(probe.shape), cfg.layer, what="manifex concepts")
-            resolve_pool(cfg.pool, tuple(probe.shape[2:]), f"--layer {cfg.layer}")
+            resolve_pool(cfg.pool, tuple(probe.shape[2:]), param("layer", cfg.layer))
 
     def prepare(self, run: Run) -> dict[str, Any]:
         from ..attribution.core import preserve_model_state
@@ -114,16 +114,16 @@ class ConceptsExperiment(Experiment):
         probe = layer_activations(model, test.x[:8].to(run.device), cfg.layer)
         check_layer_shape(tuple(probe.shape), cfg.layer, what="manifex concepts")
         if bool((probe < 0).any()):
-            raise InputError(f"--layer {cfg.layer} has negative activations; NMF needs a layer after a ReLU (a block output).")
+            raise InputError(f"{param('layer', cfg.layer)} has negative activations; NMF needs a layer after a ReLU (a block output).")
         run.checks.append(f"layer {cfg.layer}: output {tuple(probe.shape[1:])} per image, non-negative on a test batch")
         grid = tuple(probe.shape[2:])
-        pool = resolve_pool(cfg.pool, grid, f"--layer {cfg.layer}")
+        pool = resolve_pool(cfg.pool, grid, param("layer", cfg.layer))
         cells = tuple(g // pool for g in grid) if grid else (1, 1)
         if cells == (1, 1):
             run.warnings.append(
-                f"the crop grid of --layer {cfg.layer} is 1x1 ({'a dense layer' if not grid else f'{grid[0]}x{grid[1]} grid, pool {pool}'}): "
+                f"the crop grid of {param('layer', cfg.layer)} is 1x1 ({'a dense layer' if not grid else f'{grid[0]}x{grid[1]} grid, pool {pool}'}): "
                 "every crop is the whole image, so the prediction-from-components test is not informative about concepts; "
-                "use an earlier layer or a smaller --pool.")
+                f"use an earlier layer or a smaller {param('pool')}.")
             run.checks.append("FAILED: crops smaller than the image (the crop grid is 1x1: every crop is the whole image)")
         else:
             run.checks.append(f"crop grid {cells[0]}x{cells[1]} (layer grid {grid[0]}x{grid[1]}, pool {pool}): crops of "

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, param
 from .base import ImageDataset
 
 __all__ = [
@@ -553,8 +553,8 @@ def check_classification_data(data: ImageDataset, *, num_classes: int | None = N
     top = int(data.y.max())
     if num_classes is not None:
         if num_classes <= top:
-            raise DataError(f"{where}: --num-classes {num_classes} but the labels go up to {top}; "
-                            f"use --num-classes {top + 1} or more.")
+            raise DataError(f"{where}: {param('num_classes', num_classes)} but the labels go up to {top}; "
+                            f"use {param('num_classes', top + 1)} or more.")
         data.classes = data.classes[:num_classes] + [str(i) for i in range(data.num_classes, num_classes)]
     else:
         empty = [c for c in range(len(counts)) if counts[c] == 0]
@@ -562,7 +562,7 @@ def check_classification_data(data: ImageDataset, *, num_classes: int | None = N
             shown = _ranges(present)
             raise DataError(f"{where}: labels are {{{shown}}}, so {len(empty)} of the {top + 1} classes 0..{top} have no "
                             f"image; map the labels to 0..{len(present) - 1} (np.unique(y, return_inverse=True)[1]), "
-                            f"or pass --num-classes {top + 1} if the model really has {top + 1} outputs.")
+                            f"or pass {param('num_classes', top + 1)} if the model really has {top + 1} outputs.")
     if not torch.isfinite(data.x).all():
         raise DataError(f"{where}: images contain NaN/inf values; clean them before use.")
     lo, hi = float(data.x.min()), float(data.x.max())

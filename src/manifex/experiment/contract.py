@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, param
 from ..models.resolve import ModelInfo, check_writable_dir, data_identity, resolve_classifier, resolve_data, resolve_device
 from ..runs import JsonlLog, Unit, run_units
 from ..runs.units import Executor, Process
@@ -215,8 +215,8 @@ def run_experiment(experiment: Experiment, config: Any, out_dir: str | os.PathLi
         model = UserModel(os.fspath(model))
     experiment.check_options(config)
     dev = resolve_device(device if device is not None else getattr(config, "device", "cpu"))
-    check_writable_dir(out_dir, "--out")
-    check_writable_dir(cache_dir, "--cache-dir")
+    check_writable_dir(out_dir, param("out_dir"))
+    check_writable_dir(cache_dir, param("cache_dir"))
     run = Run(config=config, folder=None, device=dev, cache_dir=cache_dir, executor=executor, progress=progress,
               trust_pickle=trust_pickle, num_classes=num_classes, user_model=model, command=command)
     experiment.load_data(run)

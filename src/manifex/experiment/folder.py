@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ..errors import DataError, InputError
+from ..errors import DataError, InputError, param
 from ..runs import atomic_torch_save, atomic_write_json, file_lock, safe_torch_load, to_jsonable
 
 __all__ = ["ExperimentFolder", "EXPERIMENT_FILE", "write_metrics"]
@@ -134,10 +134,10 @@ class ExperimentFolder:
         try:
             data = json.loads(self.file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise DataError(f"{self.file} is unreadable ({e}); start over with --overwrite (the folder is moved aside) "
-                            "or use a new --out.") from e
+            raise DataError(f"{self.file} is unreadable ({e}); start over with {param('overwrite', True)} (the folder is moved aside) "
+                            f"or use a new {param('out_dir')}.") from e
         if not isinstance(data, dict):
-            raise DataError(f"{self.file} is not an experiment record (a JSON object); start over with --overwrite or a new --out.")
+            raise DataError(f"{self.file} is not an experiment record (a JSON object); start over with {param('overwrite', True)} or a new {param('out_dir')}.")
         return data
 
     def claim(self, section: str, value: Any) -> dict[str, Any]:
@@ -149,17 +149,17 @@ class ExperimentFolder:
             if self.resume and self.has_results():
                 if old is None:
                     raise InputError(f"{self.path} holds results but no {EXPERIMENT_FILE} (a folder of an older manifex, or "
-                                     "not a manifex run): use a new --out, or --overwrite to move it aside and start over.")
+                                     f"not a manifex run): use a new {param('out_dir')}, or {param('overwrite', True)} to move it aside and start over.")
                 if old.get("command", self.command) != self.command:
-                    raise InputError(f"{self.path} holds a {old.get('command')} run, not {self.command}; use a new --out, "
-                                     "or --overwrite to move it aside.")
+                    raise InputError(f"{self.path} holds a {old.get('command')} run, not {self.command}; use a new {param('out_dir')}, "
+                                     f"or {param('overwrite', True)} to move it aside.")
                 a, b = _flat(old.get(section, {}), f"{section}."), _flat(new, f"{section}.")
                 diff = sorted(k for k in set(a) | set(b) if a.get(k, _MISSING) != b.get(k, _MISSING))
                 if diff:
                     shown = "; ".join(f"{k}: {_short(a.get(k, _MISSING))} -> {_short(b.get(k, _MISSING))}" for k in diff[:5])
                     more = f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""
                     raise InputError(f"{self.path} holds {self.what} made with other {section} ({shown}{more}); resume with "
-                                     "the same options, use a new --out, or --overwrite to move the old folder aside "
+                                     f"the same options, use a new {param('out_dir')}, or {param('overwrite', True)} to move the old folder aside "
                                      "and start over.")
             record = dict(old or {}) if (self.resume and self.has_results()) else {}
             record.update({"command": self.command, "manifex": _version(), **{k: v for k, v in self._claimed.items()}})

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, param
 
 __all__ = ["ModelInfo", "resolve_device", "check_writable_dir", "resolve_data", "resolve_classifier", "check_model_flags",
            "data_identity", "file_sha256"]
@@ -62,19 +62,19 @@ def resolve_device(device: str | torch.device) -> str:
     try:
         dev = torch.device(text)
     except (RuntimeError, ValueError):
-        raise InputError(f"--device {text} is not a torch device; use cpu, cuda, cuda:N or mps.") from None
+        raise InputError(f"{param('device', text)} is not a torch device; use cpu, cuda, cuda:N or mps.") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise InputError(f"--device {text}: CUDA is not available ({why}, torch {torch.__version__}); use --device cpu.")
+            raise InputError(f"{param('device', text)}: CUDA is not available ({why}, torch {torch.__version__}); use {param('device', 'cpu')}.")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) (cuda:0..cuda:"
+            raise InputError(f"{param('device', text)}: only {torch.cuda.device_count()} CUDA device(s) (cuda:0..cuda:"
                              f"{torch.cuda.device_count() - 1}); pick one of them.")
     elif dev.type == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise InputError(f"--device {text}: Apple MPS is not available on this machine; use --device cpu.")
+            raise InputError(f"{param('device', text)}: Apple MPS is not available on this machine; use {param('device', 'cpu')}.")
     elif dev.type != "cpu":
-        raise InputError(f"--device {text}: manifex runs on cpu, cuda[:N] or mps, not {dev.type}.")
+        raise InputError(f"{param('device', text)}: manifex runs on cpu, cuda[:N] or mps, not {dev.type}.")
     return text
 
 
@@ -125,9 +125,9 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def check_model_flags(model_spec: str | None, *, weights=None, normalize=None, output=None) -> None:
     """weights, normalize and output describe your own model: refuse them without it (one line)."""
-    given = [flag for flag, v in (("--weights", weights), ("--normalize", normalize), ("--output", output)) if v is not None]
+    given = [param(name) for name, v in (("weights", weights), ("normalize", normalize), ("output", output)) if v is not None]
     if model_spec is None and given:
-        raise InputError(f"{given[0]} needs --model (your own classifier); the built-in --classifier is trained "
+        raise InputError(f"{given[0]} needs {param('model')} (your own classifier); the built-in {param('classifier')} is trained "
                          "by manifex on [0, 1] pixels and returns logits.")
 
 
@@ -153,7 +153,7 @@ def resolve_classifier(train, test, *, model: str | nn.Module | None = None, wei
     batch = test.x[: min(8, len(test))]
     c = test.image_shape[0]
     if normalize is not None and len(normalize[0]) not in (1, c):
-        raise InputError(f"--normalize has {len(normalize[0])} channel values but the images have {c} channel(s).")
+        raise InputError(f"{param('normalize')} has {len(normalize[0])} channel values but the images have {c} channel(s).")
     cached = None
     if model is None:
         net, info = get_classifier(train, classifier, TrainConfig(epochs=epochs, seed=seed), cache=ModelCache(cache_dir),

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..attribution.core import check_output_selector, select_output
-from ..errors import DataError, InputError, ModelError
+from ..errors import DataError, InputError, ModelError, param
 from ..runs import ship_by_value
 
 __all__ = ["Normalize", "SelectOutput", "load_model", "load_weights", "check_classifier", "parse_normalize", "parse_output"]
@@ -64,7 +64,7 @@ def parse_output(text: str) -> int | str:
     """``--output`` text: digits (optionally signed) are a tuple index, anything else a dict key or attribute."""
     text = str(text).strip()
     if not text:
-        raise InputError("--output needs an index (0) or a key/attribute name (logits).")
+        raise InputError(f"{param('output')} needs an index (0) or a key/attribute name (logits).")
     return int(text) if text.lstrip("-").isdigit() else text
 
 
@@ -160,23 +160,23 @@ def _load_file_model(path: Path) -> nn.Module:
     except Exception:  # noqa: BLE001
         obj = None
     if isinstance(obj, dict):
-        raise InputError(f"--model {path}: this file is a state dict (weights only); pass it as --weights {path} "
-                         "together with --model path/to/file.py:FACTORY that builds the network.")
-    raise InputError(f"--model {path}: not a torch.export program (.pt2) or TorchScript archive, and a pickled "
+        raise InputError(f"{param('model', str(path))}: this file is a state dict (weights only); pass it as {param('weights', str(path))} "
+                         f"together with {param('model', 'path/to/file.py:FACTORY')} that builds the network.")
+    raise InputError(f"{param('model', str(path))}: not a torch.export program (.pt2) or TorchScript archive, and a pickled "
                      "module cannot be loaded safely; save the weights with torch.save(model.state_dict(), 'w.pt') and "
-                     "pass --model path/to/file.py:FACTORY --weights w.pt (or export the model with torch.export).")
+                     f"pass {param('model', 'path/to/file.py:FACTORY')} {param('weights', 'w.pt')} (or export the model with torch.export).")
 
 
 def _import_target(module: str) -> object:
     p = Path(module).expanduser()
     if module.endswith(".py") or os.sep in module or "/" in module:
         if not p.is_file():
-            raise InputError(f"--model: no such Python file {p}; give MODULE:FACTORY with an importable module or "
+            raise InputError(f"{param('model')}: no such Python file {p}; give MODULE:FACTORY with an importable module or "
                              "an existing path/to/file.py.")
         name = f"manifex_user_model_{abs(hash(str(p.resolve())))}"
         spec = importlib.util.spec_from_file_location(name, p)
         if spec is None or spec.loader is None:
-            raise InputError(f"--model: cannot import {p} as a Python module.")
+            raise InputError(f"{param('model')}: cannot import {p} as a Python module.")
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod  # dataclasses/pickling inside the user's file need the module registered
         folder = str(p.resolve().parent)
@@ -186,13 +186,13 @@ def _import_target(module: str) -> object:
             spec.loader.exec_module(mod)
         except Exception as e:
             sys.modules.pop(name, None)
-            raise ModelError(f"--model: importing {p} failed ({type(e).__name__}: {e}); fix the file.") from e
+            raise ModelError(f"{param('model')}: importing {p} failed ({type(e).__name__}: {e}); fix the file.") from e
         ship_by_value(mod)  # Ray workers cannot import the private module name: its classes travel by value
         return mod
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise InputError(f"--model: cannot import module {module!r} ({e}); give an importable module name or "
+        raise InputError(f"{param('model')}: cannot import module {module!r} ({e}); give an importable module name or "
                          "a path/to/file.py.") from e
 
 
@@ -209,29 +209,29 @@ def load_model(spec: str, weights: PathLike | None = None) -> nn.Module:
     module_part, sep, factory = spec.rpartition(":")
     if path.suffix.lower() in _MODEL_FILE_SUFFIXES or (path.is_file() and path.suffix.lower() != ".py"):
         if not path.is_file():
-            raise InputError(f"--model: no such file {path}.")
+            raise InputError(f"{param('model')}: no such file {path}.")
         if weights is not None:
-            raise InputError("--weights is only for --model MODULE:FACTORY; an exported or TorchScript model holds its weights.")
+            raise InputError(f"{param('weights')} is only for {param('model', 'MODULE:FACTORY')}; an exported or TorchScript model holds its weights.")
         model = _load_file_model(path)
     else:
         if not sep or not module_part or not factory:
-            raise InputError(f"--model: expected MODULE:FACTORY (e.g. my_nets.py:SmallNet or mypkg.models:build), "
+            raise InputError(f"{param('model')}: expected MODULE:FACTORY (e.g. my_nets.py:SmallNet or mypkg.models:build), "
                              f"a .pt2 file or a TorchScript file, got {spec!r}.")
         obj = _import_target(module_part)
         for part in factory.split("."):
             if not hasattr(obj, part):
                 names = sorted(n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None)))
-                raise InputError(f"--model: {module_part} has no {factory!r}; callables there: {', '.join(names[:12]) or 'none'}.")
+                raise InputError(f"{param('model')}: {module_part} has no {factory!r}; callables there: {', '.join(names[:12]) or 'none'}.")
             obj = getattr(obj, part)
         if not callable(obj):
-            raise InputError(f"--model: {module_part}:{factory} is not a function or class.")
+            raise InputError(f"{param('model')}: {module_part}:{factory} is not a function or class.")
         try:
             model = obj()
         except Exception as e:
-            raise ModelError(f"--model: calling {module_part}:{factory}() failed ({type(e).__name__}: {e}); the factory "
+            raise ModelError(f"{param('model')}: calling {module_part}:{factory}() failed ({type(e).__name__}: {e}); the factory "
                              "must build the network without arguments.") from e
         if not isinstance(model, nn.Module):
-            raise ModelError(f"--model: {module_part}:{factory}() returned a {type(model).__name__}, not a torch.nn.Module.")
+            raise ModelError(f"{param('model')}: {module_part}:{factory}() returned a {type(model).__name__}, not a torch.nn.Module.")
         if weights is not None:
             load_weights(model, weights)
     return model.cpu().eval()
@@ -241,11 +241,11 @@ def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
     """Load a state dict from ``path`` into ``model`` (strict; ``torch.load(weights_only=True)``)."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise InputError(f"--weights: no such file {p}.")
+        raise InputError(f"{param('weights')}: no such file {p}.")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"--weights {p}: cannot be loaded safely as a state dict ({type(e).__name__}: "
+        raise DataError(f"{param('weights', str(p))}: cannot be loaded safely as a state dict ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); save it with torch.save(model.state_dict(), path).") from e
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict"):
@@ -253,20 +253,20 @@ def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise DataError(f"--weights {p}: holds a {type(obj).__name__}, not a state dict of tensors; "
+        raise DataError(f"{param('weights', str(p))}: holds a {type(obj).__name__}, not a state dict of tensors; "
                         "save it with torch.save(model.state_dict(), path).")
     try:
         result = model.load_state_dict(obj, strict=False)
     except RuntimeError as e:  # shape mismatches
         first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
-        raise ModelError(f"--weights {p} does not fit the model: {first.strip()}") from None
+        raise ModelError(f"{param('weights', str(p))} does not fit the model: {first.strip()}") from None
     if result.missing_keys or result.unexpected_keys:
         parts = []
         if result.missing_keys:
             parts.append(f"missing {', '.join(result.missing_keys[:4])}{' ...' if len(result.missing_keys) > 4 else ''}")
         if result.unexpected_keys:
             parts.append(f"unexpected {', '.join(result.unexpected_keys[:4])}{' ...' if len(result.unexpected_keys) > 4 else ''}")
-        raise ModelError(f"--weights {p} does not fit the model ({'; '.join(parts)}); check that --model builds the "
+        raise ModelError(f"{param('weights', str(p))} does not fit the model ({'; '.join(parts)}); check that {param('model')} builds the "
                          "network these weights were saved from.")
     return model
 
