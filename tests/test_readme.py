@@ -233,6 +233,10 @@ class _LocalStandIn:
         return LocalExecutor()
 
 
+def fx_experiment(tmp_path, monkeypatch):
+    return {}
+
+
 def fx_scaling(tmp_path, monkeypatch):
     import manifex.runs
     from manifex.data import ImageDataset
@@ -256,6 +260,7 @@ SHRINK: dict[str, list[tuple[str, str]]] = {
                   'class_concepts(model, data, "blocks.2", images_per_class=8, relevance_options={"n_samples": 2})')],
     "contrast": [('class_activation_data(model, x, "blocks.2")',
                   'class_activation_data(model, x, "blocks.2", relevance_options={"n_samples": 2})')],
+    "experiment": [("components=3)", "components=3, epochs=1, samples=1, images_per_class=6, controls=2)")],
     "scaling": [('"runs/big", executor=', '"runs/big", iterations=2, executor=')],
 }
 
@@ -270,6 +275,11 @@ def _check_api(ns):
 
 def _check_counterfactual(ns):
     assert set(ns["ev"]["per_example"]) == {"latent", "pixel"}
+
+
+def _check_experiment(ns):
+    result = ns["result"]
+    assert result.report.is_file() and len(result.records["classes"]) == 2 and len(result.model_info.fingerprint) == 16
 
 
 def _check_scaling(ns):

@@ -13,9 +13,11 @@ from .components import (RESEARCH_NUMBERS, ComponentTest, assemble, component_st
                          wilson_interval)
 from .contrast import (ClassActivations, ContrastiveConcepts, Hyperplanes, OODFilter, class_activation_data,
                        contrastive_concepts, fit_ood_filter, hyperplane_loop, train_hyperplanes)
+from .experiment import ConceptsConfig, ConceptsExperiment
 from .shift import T_GRID, PatchResult, ShiftResult, patch_test, shift_probabilities, shifted_layer, shifting_test
 
 __all__ = [
+    "ConceptsConfig", "ConceptsExperiment",
     "nmf", "nmf_error", "matched_cosine", "NMF_SOLVERS",
     "ConceptBasis", "class_concepts", "predict_classes", "RELEVANCES", "relevance_explainer", "select_class_images",
     "Prototypes", "concept_prototypes", "pooled_activations", "cell_boxes", "crop_boxes", "resolve_pool",
