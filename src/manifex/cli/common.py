@@ -316,7 +316,7 @@ def run_command(experiment, config, *, out_dir, resume: bool = True, overwrite: 
     warnings, the findings (withheld when a check failed) and ``report: PATH``. Returns the ExperimentResult."""
     from ..errors import speaking_flags
     from ..experiment import run_experiment
-    from .generate import config_flags
+    from ..experiment.config import config_flags
 
     executor = make_executor(workers, ray_address, gpus_per_worker)
     with speaking_flags(config_flags(type(config))):

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import click
 
-from ..experiment.config import setting_meta
+from ..experiment.config import config_flags, setting_meta
 from .common import _csv, _fraction, _positive_floats
 
 __all__ = ["config_options", "config_from_params", "config_flags", "run_params", "PARSE"]
@@ -120,11 +120,6 @@ def config_options(config_cls: type, *, exclude: tuple[str, ...] = ()) -> Callab
         return fn
 
     return decorate
-
-
-def config_flags(config_cls: type) -> dict[str, str]:
-    """Field name → flag for the fields whose flag is not ``--<name-with-dashes>`` (how errors name them)."""
-    return {f.name: setting_meta(f)["flag"] for f in dataclasses.fields(config_cls) if setting_meta(f)["flag"]}
 
 
 def config_from_params(config_cls: type, params: dict[str, Any], **overrides: Any):

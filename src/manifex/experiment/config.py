@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-__all__ = ["setting", "result_settings", "setting_meta", "PARSERS"]
+__all__ = ["setting", "result_settings", "setting_meta", "config_flags", "PARSERS"]
 
 #: The named parsers a field may ask for (implemented by the CLI, see manifex.cli.generate).
 PARSERS = ("csv", "ints", "floats", "fraction", "int_or_auto", "lr")
@@ -54,3 +54,8 @@ def setting_meta(f: dataclasses.Field) -> dict[str, Any]:
 def result_settings(config: Any) -> dict[str, Any]:
     """The fields of ``config`` that change a record (``result=True``), as a dict: what ``experiment.json`` guards."""
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if setting_meta(f)["result"]}
+
+
+def config_flags(config_cls: type) -> dict[str, str]:
+    """Field name → flag for the fields whose flag is not ``--<name-with-dashes>`` (how errors name them under the CLI)."""
+    return {f.name: setting_meta(f)["flag"] for f in dataclasses.fields(config_cls) if setting_meta(f)["flag"]}
