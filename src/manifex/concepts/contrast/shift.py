@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..attribution.core import (
+from ...attribution.core import (
     OutputSelector,
     call_model,
     check_model_input,
@@ -37,13 +37,13 @@ from ..attribution.core import (
     selected_output,
     warn_if_training,
 )
-from ..attribution.layer import check_layer_shape, resolve_layer
-from ..attribution.methods import model_device
-from ..errors import InputError, ModelError
-from .contrast import check_pair, negative_layer_message
+from ...attribution.layer import check_layer_shape, resolve_layer
+from ...attribution.methods import model_device
+from ...errors import InputError, ModelError
+from .hyperplanes import check_pair, negative_layer_message
 
 __all__ = ["T_GRID", "ShiftResult", "shifted_layer", "shift_probabilities", "shifting_test", "random_directions",
-           "swap", "first_swap", "PatchResult", "patch_test", "paste"]
+           "swap", "first_swap", "swap_t", "PatchResult", "patch_test", "paste"]
 
 #: The research's shift sizes t.
 T_GRID: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 10.0, 15.0, 20.0, 35.0, 50.0, 200.0)
@@ -385,3 +385,12 @@ def patch_test(model: nn.Module, x_b: torch.Tensor, patch: torch.Tensor, a: int,
                        control_p_b=float(pc[:, b].mean()), flipped=float((pp.argmax(1) == a).double().mean()),
                        control_flipped=float((pc.argmax(1) == a).double().mean()), position=tuple(int(v) for v in pos),
                        n_images=int(x_b.shape[0]))
+
+
+def swap_t(record: dict) -> float | None:
+    """The first t where the pair's prediction swaps to B (``None`` without a swap), from its curves: also right
+    for records of older runs, whose ``t_swap`` held the t of the largest p(B)."""
+    if not record["swapped"]:
+        return None
+    k = first_swap(record["p_a"], record["p_b"], record.get("threshold", 0.5))
+    return None if k is None else float(record["ts"][k])
