@@ -382,14 +382,14 @@ def test_contrast_cli_end_to_end_and_resume(tmp_path, cli_cache):
     experiment = json.loads((out / "experiment.json").read_text())
     assert experiment["command"] == "contrast" and experiment["settings"]["n_random"] == 3
     assert experiment["classes"] == {"contrasted": [0, 1, 3, 8]} and experiment["model"]["fingerprint"]
-    assert [r["id"] for r in read_jsonl(out / "results-concepts.jsonl")] == ["concepts-0-1"]
-    unit = out / "units" / "concepts-0-1"
+    assert [r["id"] for r in read_jsonl(out / "results-concepts.jsonl")] == ["concepts-0-1-c2-top8"]
+    unit = out / "units" / "concepts-0-1-c2-top8"
     assert safe_torch_load(unit / "contrastive_concepts.pt")["vectors"].shape[0] == 2
     assert (unit / "contrastive_concepts.png").is_file() and not (out / "hyperplanes.pt").exists()
     assert not (out / "settings.json").exists()
     html = (out / "report.html").read_text()
     assert "shift.png" in html and "Why 0 rather than 1" in html and "hyperplane_accuracy.png" in html and "Patch test" in html
-    assert "units/concepts-0-1/contrastive_concepts.png" in html
+    assert "units/concepts-0-1-c2-top8/contrastive_concepts.png" in html
     hp = out / "artefacts" / "hyperplanes.pt"
     stamp = hp.stat().st_mtime_ns
     again = CliRunner().invoke(main, args)
@@ -409,6 +409,16 @@ def test_contrast_cli_end_to_end_and_resume(tmp_path, cli_cache):
     assert res.exit_code == 0, res.output
     assert [(r["a"], r["b"]) for r in read_jsonl(out / "results.jsonl")] == [(0, 1), (3, 8), (1, 0)]
     assert hp.stat().st_mtime_ns == stamp
+    # the contrastive concepts' settings name their unit: another value adds a unit, the pair records stay
+    pairs = (out / "results.jsonl").read_bytes()
+    i = args.index("--components")
+    res = CliRunner().invoke(main, [*args[: i + 1], "3", *args[i + 2 :], "--concepts-pair", "3:8"])
+    assert res.exit_code == 0, res.output
+    assert [r["id"] for r in read_jsonl(out / "results-concepts.jsonl")] == ["concepts-0-1-c2-top8", "concepts-3-8-c3-top8"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["concepts"]["a"], metrics["concepts"]["b"], len(metrics["concepts"]["patches"])) == (3, 8, 3)
+    assert "units/concepts-3-8-c3-top8/contrastive_concepts.png" in (out / "report.html").read_text()
+    assert (out / "results.jsonl").read_bytes() == pairs and hp.stat().st_mtime_ns == stamp
 
 
 @pytest.mark.slow

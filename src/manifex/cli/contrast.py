@@ -27,7 +27,7 @@ def contrast(**params) -> None:
     norm are the control. Contrastive concepts ("why A rather than B") are NMF components of
     A's activations weighted by their distance toward A. Writes report.html,
     metrics.json, results.jsonl (one record per pair), artefacts/hyperplanes.pt,
-    units/concepts-A-B/ (the contrastive concepts and their figure).
+    units/concepts-A-B-.../ (the contrastive concepts and their figure).
 
     \b
     Examples:

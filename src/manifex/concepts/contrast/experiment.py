@@ -8,7 +8,8 @@ Three stages, in this order:
    changes);
 2. **pairs**: one shifting-test unit per pair (``results.jsonl``, id ``pair-A-B``; committed as it finishes);
 3. **concepts**: the contrastive concepts of one pair and their patch test (``results-concepts.jsonl``,
-   ``units/concepts-A-B/``: the concepts' tensors and their figure).
+   ``units/concepts-A-B-c<components>-top<k>[-ood][-compat]/``: the concepts' tensors and their figure; other
+   concept settings are another unit, so they may change on resume).
 
 >>> from manifex.experiment import run_experiment
 >>> result = run_experiment(ContrastExperiment(), ContrastConfig(dataset="digits8", pairs=((4, 9), (3, 5))), "runs/contrast")
@@ -115,13 +116,15 @@ class ContrastConfig:
     ts: tuple[float, ...] = setting(T_GRID, "The shifts t of the shifting test.", cli=False)
     n_random: int = setting(10, "Control: random directions of the same norm as w_AB per pair (0: no control, reported "
                             "as such).", flag="--random-directions", low=0)
-    n_components: int = setting(6, "Contrastive concepts (NMF components).", flag="--components", low=1)
-    seed_compat: bool = setting(False, "Reproduce the research code's mask sign (normal negated, bias not).")
+    # the contrastive concepts' settings name their unit (concepts_unit_id): another value is another unit, so
+    # they never change a record and are free on resume, like --concepts-pair
+    n_components: int = setting(6, "Contrastive concepts (NMF components).", flag="--components", low=1, result=False)
+    seed_compat: bool = setting(False, "Reproduce the research code's mask sign (normal negated, bias not).", result=False)
     ood: bool = setting(False, "Drop positions that a 10-component Gaussian mixture of class A calls out of distribution "
-                        "(log-lik ≤ −300).", flag="--ood/--no-ood")
+                        "(log-lik ≤ −300).", flag="--ood/--no-ood", result=False)
     concepts_pair: tuple[int, int] | None = setting(None, "Pair whose contrastive concepts are shown [default: the first "
                                                     "pair].", parse="pair", metavar="A:B", result=False)
-    top_k: int = setting(8, "Crops shown per contrastive concept.", cli=False)
+    top_k: int = setting(8, "Crops shown per contrastive concept.", cli=False, result=False)
     seed: int = setting(0, "Seed of the data split, training, the random pairs and sampling.", cli=False)
     batch_size: int = setting(256, "Images per forward batch.", result=False, cli=False)
     # which data, model and pairs (a pair's record does not depend on which other pairs run: the list may grow)
@@ -176,6 +179,13 @@ class ContrastRun:
 
 
 # ------------------------------------------------------------------------------------------------ unit processes
+def concepts_unit_id(cfg: ContrastConfig, a: int, b: int) -> str:
+    """The id of the contrastive-concepts unit of pair (a, b): it names every setting of the concepts that is not a
+    setting of the hyperplanes (``concepts-4-9-c6-top8``, ``-ood``, ``-compat``), so another value is another unit."""
+    return (f"concepts-{a}-{b}-c{cfg.n_components}-top{cfg.top_k}" + ("-ood" if cfg.ood else "")
+            + ("-compat" if cfg.seed_compat else ""))
+
+
 def shift_units(units: list[Unit], context: dict, out_dir: Path) -> list[dict]:
     """Run-layer process of the pairs stage: the shifting test of each unit's pair (payload {"a", "b"})."""
     cfg: ContrastConfig = context["config"]
@@ -464,7 +474,7 @@ class ContrastExperiment(Experiment):
         yield Stage("pairs", units, shift_units, context, batch_size=1, desc="contrast: shifting test")
         if context["relu"]:  # NMF needs a non-negative layer
             a, b = context["concepts_pair"]
-            yield Stage("concepts", [Unit(f"concepts-{a}-{b}", {"a": a, "b": b})], concept_units, context,
+            yield Stage("concepts", [Unit(concepts_unit_id(context["config"], a, b), {"a": a, "b": b})], concept_units, context,
                         desc="contrast: contrastive concepts")
 
     def summarize(self, run: Run, context: dict[str, Any]) -> dict[str, Any]:
@@ -478,7 +488,7 @@ class ContrastExperiment(Experiment):
         concepts = None
         if context["relu"]:
             a, b = context["concepts_pair"]
-            rec = next((r for r in run.records.get("concepts", []) if r["id"] == f"concepts-{a}-{b}"), None)
+            rec = next((r for r in run.records.get("concepts", []) if r["id"] == concepts_unit_id(cfg, a, b)), None)
             if rec is not None:
                 concepts = {k: v for k, v in rec.items() if k != "id"}
                 try:  # the crops for Python users (the report shows the unit's own figure)
@@ -519,7 +529,7 @@ def run_contrast(model: nn.Module, data: ImageDataset | torch.Tensor, pairs: Seq
     """The contrast campaign on your ``model`` and images ``data``: hyperplanes for the classes of ``pairs``
     (``out_dir/artefacts/hyperplanes.pt``), one shifting-test unit per pair (``results.jsonl``; finished pairs
     kept on resume), and the contrastive concepts of ``config.concepts_pair`` (default the first pair) with their
-    top crops (``units/concepts-A-B/``) — :class:`ContrastExperiment` run by :func:`manifex.experiment.run_experiment`,
+    top crops (``units/concepts-A-B-.../``) — :class:`ContrastExperiment` run by :func:`manifex.experiment.run_experiment`,
     so ``out_dir`` has the one experiment layout and its resume guard. Everything is checked on one batch before
     any relevance is computed; write the figures, ``metrics.json`` and ``report.html`` with
     :func:`write_contrast_report`.
