@@ -104,39 +104,40 @@ class ContrastConfig:
     unless marked otherwise. ``epochs``/``lr``: the hyperplanes' training (the classifier's epochs are
     ``classifier_epochs``, the ``--epochs`` option, as in every command)."""
 
-    layer: str = setting("blocks.2", "Layer whose output is contrasted (a module name; an unknown name lists the candidates).")
-    images_per_class: int = setting(60, "Images predicted as each class (hyperplane data and shifting test).", low=1)
-    threshold: float = setting(0.25, "Positions whose channel-mean relevance exceeds threshold × the image's max are a "
-                               "class's activation data.", cli=False)
-    relevance: str = setting("deeplift", "Relevance of the layer's positions (class_activation_data).", cli=False)
-    n_samples: int = setting(20, "SmoothGrad samples around LayerDeepLift for the relevance (0: plain DeepLift).",
-                             flag="--noise-samples", low=0)
-    epochs: int = setting(100, "Hyperplane training epochs (full-batch SGD).", cli=False)
-    lr: float = setting(0.01, "Hyperplane learning rate.", cli=False)
-    ts: tuple[float, ...] = setting(T_GRID, "The shifts t of the shifting test.", cli=False)
-    n_random: int = setting(10, "Control: random directions of the same norm as w_AB per pair (0: no control, reported "
-                            "as such).", flag="--random-directions", low=0)
-    # the contrastive concepts' settings name their unit (concepts_unit_id): another value is another unit, so
-    # they never change a record and are free on resume, like --concepts-pair
-    n_components: int = setting(6, "Contrastive concepts (NMF components).", flag="--components", low=1, result=False)
-    seed_compat: bool = setting(False, "Reproduce the research code's mask sign (normal negated, bias not).", result=False)
-    ood: bool = setting(False, "Drop positions that a 10-component Gaussian mixture of class A calls out of distribution "
-                        "(log-lik ≤ −300).", flag="--ood/--no-ood", result=False)
-    concepts_pair: tuple[int, int] | None = setting(None, "Pair whose contrastive concepts are shown [default: the first "
-                                                    "pair].", parse="pair", metavar="A:B", result=False)
-    top_k: int = setting(8, "Crops shown per contrastive concept.", cli=False, result=False)
-    seed: int = setting(0, "Seed of the data split, training, the random pairs and sampling.", cli=False)
-    batch_size: int = setting(256, "Images per forward batch.", result=False, cli=False)
-    # which data, model and pairs (a pair's record does not depend on which other pairs run: the list may grow)
     dataset: str = setting("mnist5k", "mnist5k, digits8, a .npz (x, y) or an image folder. The held-out split (20%) "
                            "supplies the images.")
     classifier: str = setting("resnet", "Built-in classifier under test (or your own with --model).",
                               choices=("lenet", "mlp", "vgg", "resnet"))
     classifier_epochs: int = setting(3, "Classifier epochs.", flag="--epochs", low=1)
+    layer: str = setting("blocks.2", "Layer whose output is contrasted (a module name; an unknown name lists the candidates).")
+    # which pairs run changes no record (a pair's record does not depend on the others): the list may grow on resume
     pairs: tuple[tuple[int, int], ...] | None = setting(None, "Class pairs 'A rather than B', e.g. 4:9,3:5.", parse="pairs",
                                                         metavar="A:B,...", result=False)
     random_pairs: int | None = setting(None, "N random ordered pairs (seeded) instead of --pairs [default: 20 when --pairs "
                                        "is not given].", low=1, metavar="N", result=False)
+    images_per_class: int = setting(60, "Images predicted as each class (hyperplane data and shifting test).", low=1)
+    n_random: int = setting(10, "Control: random directions of the same norm as w_AB per pair (0: no control, reported "
+                            "as such).", flag="--random-directions", low=0)
+    # the contrastive concepts' settings name their unit (concepts_unit_id): another value is another unit, so
+    # they never change a record and are free on resume, like --concepts-pair
+    n_components: int = setting(6, "Contrastive concepts (NMF components).", flag="--components", low=1, result=False)
+    concepts_pair: tuple[int, int] | None = setting(None, "Pair whose contrastive concepts are shown [default: the first "
+                                                    "pair].", parse="pair", metavar="A:B", result=False)
+    n_samples: int = setting(20, "SmoothGrad samples around LayerDeepLift for the relevance (0: plain DeepLift).",
+                             flag="--noise-samples", low=0)
+    ood: bool = setting(False, "Drop positions that a 10-component Gaussian mixture of class A calls out of distribution "
+                        "(log-lik ≤ −300).", flag="--ood/--no-ood", result=False)
+    seed_compat: bool = setting(False, "Reproduce the research code's mask sign (normal negated, bias not).", result=False)
+    # Python only: the research's settings of the activation data, the hyperplanes and the shifts
+    threshold: float = setting(0.25, "Positions whose channel-mean relevance exceeds threshold × the image's max are a "
+                               "class's activation data.", cli=False)
+    relevance: str = setting("deeplift", "Relevance of the layer's positions (class_activation_data).", cli=False)
+    epochs: int = setting(100, "Hyperplane training epochs (full-batch SGD).", cli=False)
+    lr: float = setting(0.01, "Hyperplane learning rate.", cli=False)
+    ts: tuple[float, ...] = setting(T_GRID, "The shifts t of the shifting test.", cli=False)
+    top_k: int = setting(8, "Crops shown per contrastive concept.", cli=False, result=False)
+    seed: int = setting(0, "Seed of the data split, training, the random pairs and sampling.", cli=False)
+    batch_size: int = setting(256, "Images per forward batch.", result=False, cli=False)
     device: str = setting("cpu", "torch device.", result=False, cli=False)
 
     def __post_init__(self) -> None:  # plain Python values (lists, numpy ints) as the tuples the guard compares
