@@ -249,21 +249,28 @@ def test_run_contrast_leaves_the_model_as_found_also_after_an_error(tmp_path, di
     from manifex.attribution.core import TrainModeWarning
     from manifex.errors import InputError
 
-    model = tiny_resnet().train()
+    import copy
+
+    model = copy.deepcopy(tiny_resnet()).train()  # a copy: the tiny model is shared by the tests
     frozen = next(model.parameters())
     frozen.requires_grad_(False)
     flags = [m.training for m in model.modules()]
     grads = [p.requires_grad for p in model.parameters()]
+
+    def hooks():
+        return [(list(m._forward_hooks), list(m._forward_pre_hooks), list(m._backward_hooks)) for m in model.modules()]
+
+    found = hooks()
     with pytest.warns(TrainModeWarning):
         run = run_contrast(model, digits, [(0, 1)], tmp_path / "a", config=_cfg(n_random=1), progress=False)
     assert run.model_info.source == "python" and run.model_info.name == f"your {type(model).__name__}"
     assert [m.training for m in model.modules()] == flags and [p.requires_grad for p in model.parameters()] == grads
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert hooks() == found
     with pytest.raises(InputError, match="out of range"), warnings.catch_warnings():
         warnings.simplefilter("ignore", TrainModeWarning)
         run_contrast(model, digits, [(0, 12)], tmp_path / "b", config=_cfg(n_random=1), progress=False)
     assert [m.training for m in model.modules()] == flags and [p.requires_grad for p in model.parameters()] == grads
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert hooks() == found
 
 
 def test_hyperplane_artefact_is_reused_for_its_key_and_rebuilt_when_it_changes(tmp_path, digits):
