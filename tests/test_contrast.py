@@ -9,7 +9,7 @@ from torch import nn
 
 from manifex.concepts import nmf
 from manifex.concepts.basis import predict_classes
-from manifex.concepts.contrast import (
+from manifex.concepts.contrast.hyperplanes import (
     check_pair,
     class_activation_data,
     contrastive_concepts,
@@ -18,7 +18,7 @@ from manifex.concepts.contrast import (
     hyperplane_loop,
     train_hyperplanes,
 )
-from manifex.concepts.shift import T_GRID, patch_test, paste, random_directions, shift_probabilities, shifted_layer, shifting_test, swap
+from manifex.concepts.contrast.shift import T_GRID, patch_test, paste, random_directions, shift_probabilities, shifted_layer, shifting_test, swap
 from manifex.data import load_digits8
 from manifex.errors import InputError, ModelError
 from _tiny_models import tiny_resnet
@@ -361,37 +361,64 @@ def test_contrast_cli_end_to_end_and_resume(tmp_path, cli_cache):
     from click.testing import CliRunner
 
     from manifex.cli import main
-    from manifex.runs import read_jsonl
+    from manifex.runs import read_jsonl, safe_torch_load
 
     out = tmp_path / "run"
     args = ["contrast", *SMALL, "--pairs", "0:1,3:8", "--cache-dir", cli_cache, "--out", str(out)]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    assert "swaps the prediction" in res.output and "report:" in res.output
+    assert "swaps the prediction" in res.output and res.output.strip().splitlines()[-1].startswith("report:")
     metrics = json.loads((out / "metrics.json").read_text())
     s = metrics["summary"]
     assert s["n_pairs"] == 2 and s["n_control"] == 6 and 0 <= s["swap_rate"] <= 1 and len(s["mean_p_b"]) == len(T_GRID)
     assert metrics["concepts"]["a"] == 0 and metrics["concepts"]["b"] == 1
+    assert metrics["model"]["source"] == "built-in" and metrics["model"]["fingerprint"]
     patches = metrics["concepts"]["patches"]
     assert [p["concept"] for p in patches] == [1, 2] and all(0 <= p["p_a"] <= 1 and 0 <= p["control_p_a"] <= 1 for p in patches)
     assert any("t = 0 leaves the output unchanged" in c for c in metrics["checks"])
     records = read_jsonl(out / "results.jsonl")
     assert [(r["a"], r["b"]) for r in records] == [(0, 1), (3, 8)]
+    # the one layout: experiment.json claims, the hyperplanes artefact, the concepts unit with its tensors and figure
+    experiment = json.loads((out / "experiment.json").read_text())
+    assert experiment["command"] == "contrast" and experiment["settings"]["n_random"] == 3
+    assert experiment["classes"] == {"contrasted": [0, 1, 3, 8]} and experiment["model"]["fingerprint"]
+    assert [r["id"] for r in read_jsonl(out / "results-concepts.jsonl")] == ["concepts-0-1-c2-top8"]
+    unit = out / "units" / "concepts-0-1-c2-top8"
+    assert safe_torch_load(unit / "contrastive_concepts.pt")["vectors"].shape[0] == 2
+    assert (unit / "contrastive_concepts.png").is_file() and not (out / "hyperplanes.pt").exists()
+    assert not (out / "settings.json").exists()
     html = (out / "report.html").read_text()
     assert "shift.png" in html and "Why 0 rather than 1" in html and "hyperplane_accuracy.png" in html and "Patch test" in html
-    stamp = (out / "hyperplanes.pt").stat().st_mtime_ns
+    assert "units/concepts-0-1-c2-top8/contrastive_concepts.png" in html
+    hp = out / "artefacts" / "hyperplanes.pt"
+    stamp = hp.stat().st_mtime_ns
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output
-    assert len(read_jsonl(out / "results.jsonl")) == 2 and (out / "hyperplanes.pt").stat().st_mtime_ns == stamp  # resumed
+    assert len(read_jsonl(out / "results.jsonl")) == 2 and hp.stat().st_mtime_ns == stamp  # resumed
     # other settings on the same --out are refused before any work (the old pair records, made with 3 control
-    # directions, were kept under a config that said 5)
+    # directions, would be kept under a config that says 5)
     res = CliRunner().invoke(main, [*args, "--random-directions", "5"])
-    assert res.exit_code == 2 and "config.n_random: 3 -> 5" in res.output, res.output
-    assert (out / "hyperplanes.pt").stat().st_mtime_ns == stamp
-    # a new pair of the same settings resumes: the two finished pairs are kept, one is added
+    assert res.exit_code == 2 and "settings.n_random: 3 -> 5" in res.output, res.output
+    assert hp.stat().st_mtime_ns == stamp
+    # a pair with a new class is refused: every pair's hyperplane depends on the classes trained together
+    res = CliRunner().invoke(main, [*args[:-6], "--pairs", "0:1,3:8,1:2", *args[-4:]])
+    assert res.exit_code == 2 and "classes.contrasted: [0, 1, 3, 8] -> [0, 1, 2, 3, 8]" in res.output, res.output
+    assert hp.stat().st_mtime_ns == stamp and len(read_jsonl(out / "results.jsonl")) == 2
+    # a new pair of the same classes resumes: the two finished pairs are kept, one is added
     res = CliRunner().invoke(main, [*args[:-6], "--pairs", "0:1,3:8,1:0", *args[-4:]])
     assert res.exit_code == 0, res.output
     assert [(r["a"], r["b"]) for r in read_jsonl(out / "results.jsonl")] == [(0, 1), (3, 8), (1, 0)]
+    assert hp.stat().st_mtime_ns == stamp
+    # the contrastive concepts' settings name their unit: another value adds a unit, the pair records stay
+    pairs = (out / "results.jsonl").read_bytes()
+    i = args.index("--components")
+    res = CliRunner().invoke(main, [*args[: i + 1], "3", *args[i + 2 :], "--concepts-pair", "3:8"])
+    assert res.exit_code == 0, res.output
+    assert [r["id"] for r in read_jsonl(out / "results-concepts.jsonl")] == ["concepts-0-1-c2-top8", "concepts-3-8-c3-top8"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["concepts"]["a"], metrics["concepts"]["b"], len(metrics["concepts"]["patches"])) == (3, 8, 3)
+    assert "units/concepts-3-8-c3-top8/contrastive_concepts.png" in (out / "report.html").read_text()
+    assert (out / "results.jsonl").read_bytes() == pairs and hp.stat().st_mtime_ns == stamp
 
 
 @pytest.mark.slow
@@ -401,30 +428,48 @@ def test_contrast_cli_end_to_end_and_resume(tmp_path, cli_cache):
     (["--pairs", "0-1"], "A:B class pairs"),
     (["--pairs", "0:1", "--random-pairs", "3"], "not both"),
     (["--pairs", "0:1", "--layer", "blocks.9"], "unknown layer 'blocks.9'"),
+    (["--pairs", "0:1", "--components", "999"], "exceeds the"),
+    (["--pairs", "0:1", "--concepts-pair", "2:2"], "with itself"),
+    (["--pairs", "0:1", "--concepts-pair", "0:1,2:3"], "one A:B class pair"),
+    (["--pairs", "0:1,0:1"], "pairs repeat"),
 ])
-def test_contrast_cli_errors(tmp_path, cli_cache, args, message):
+def test_contrast_cli_errors_come_before_training(tmp_path, args, message, monkeypatch):
+    """Every mistake knowable from the options, the data and the untrained built-in network ends in one line, exit
+    2, before any classifier is trained (the fit is patched to fail; the cache stays empty)."""
     from click.testing import CliRunner
 
+    import manifex.models.zoo as zoo
     from manifex.cli import main
 
+    def trained(*a, **k):
+        raise AssertionError("a model was trained before the error")
+
+    monkeypatch.setattr(zoo, "fit_classifier", trained)
     base = [a for a in SMALL]
     if "--layer" in args:
         i = base.index("--layer")
         del base[i : i + 2]
-    res = CliRunner().invoke(main, ["contrast", *base, *args, "--cache-dir", cli_cache, "--out", str(tmp_path / "o")])
+    if "--components" in args:
+        i = base.index("--components")
+        del base[i : i + 2]
+    cache = tmp_path / "cache"
+    res = CliRunner().invoke(main, ["contrast", *base, *args, "--cache-dir", str(cache), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
+    assert len([line for line in res.output.splitlines() if line.strip()]) <= 3  # click's usage lines + one message
+    assert not any(p.suffix == ".pt" for p in cache.rglob("*"))
 
 
 @pytest.mark.slow
 def test_crafted_or_truncated_hyperplane_file_never_runs_code(tmp_path, cli_cache):
-    """--out/hyperplanes.pt is read back with weights_only=True: a pickle that would run code is refused in one
-    line (and never run), a truncated file too — both name the file and the fix."""
+    """--out/artefacts/hyperplanes.pt is read back with weights_only=True: a pickle that would run code is never run,
+    a truncated file neither; both are rebuilt (the artefact's key is checked), and the records are kept."""
     import pickle
 
     from click.testing import CliRunner
 
     from manifex.cli import main
+    from manifex.runs import read_jsonl, safe_torch_load
 
     class Boom:
         def __reduce__(self):
@@ -433,14 +478,17 @@ def test_crafted_or_truncated_hyperplane_file_never_runs_code(tmp_path, cli_cach
     out = tmp_path / "run"
     args = ["contrast", *SMALL, "--pairs", "0:1", "--cache-dir", cli_cache, "--out", str(out)]
     assert CliRunner().invoke(main, args).exit_code == 0
-    hp = out / "hyperplanes.pt"
-    good = hp.read_bytes()
-    torch.save({"key": Boom()}, hp, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    hp = out / "artefacts" / "hyperplanes.pt"
+    good = safe_torch_load(hp)
+    records = (out / "results.jsonl").read_bytes()
+    torch.save({"__key__": Boom(), "hyperplanes": Boom()}, hp, pickle_protocol=pickle.DEFAULT_PROTOCOL)
     res = CliRunner().invoke(main, args)
-    assert res.exit_code != 0 and not (tmp_path / "pwned").exists()
-    assert "hyperplanes.pt cannot be read safely" in res.output and "delete it" in res.output
-    hp.write_bytes(good[: len(good) // 2])
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "pwned").exists()
+    rebuilt = safe_torch_load(hp)  # rebuilt, safe to load, the same hyperplanes (same seed, same data)
+    torch.testing.assert_close(rebuilt["hyperplanes"]["normals"], good["hyperplanes"]["normals"])
+    hp.write_bytes(hp.read_bytes()[: hp.stat().st_size // 2])
     res = CliRunner().invoke(main, args)
-    assert res.exit_code != 0 and "hyperplanes.pt cannot be read safely" in res.output
-    hp.write_bytes(good)
-    assert CliRunner().invoke(main, args).exit_code == 0  # the intact file resumes
+    assert res.exit_code == 0, res.output
+    torch.testing.assert_close(safe_torch_load(hp)["hyperplanes"]["normals"], good["hyperplanes"]["normals"])
+    assert (out / "results.jsonl").read_bytes() == records and len(read_jsonl(out / "results.jsonl")) == 1

@@ -13,8 +13,8 @@ from torch import nn
 
 from manifex.attribution.core import TrainModeWarning
 from manifex.concepts.basis import predict_classes
-from manifex.concepts.contrast import class_activation_data, contrastive_concepts, train_hyperplanes
-from manifex.concepts.shift import patch_test, shifting_test
+from manifex.concepts.contrast.hyperplanes import class_activation_data, contrastive_concepts, train_hyperplanes
+from manifex.concepts.contrast.shift import patch_test, shifting_test
 from manifex.data import load_digits8
 from manifex.errors import InputError
 from _tiny_models import tiny_resnet

@@ -7,21 +7,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import warnings
 
 import matplotlib.text
 import pytest
 import torch
 
-from manifex.concepts.contrast_run import (
-    FIGURE_DPI,
-    REPORT_WIDTH_PX,
-    ContrastConfig,
-    crops_figure,
-    run_contrast,
-    summarize,
-    write_contrast_report,
-)
-from manifex.concepts.shift import T_GRID, ShiftResult, first_swap
+from manifex.concepts.contrast.report import FIGURE_DPI, REPORT_WIDTH_PX, crops_figure
+from manifex.concepts.contrast.experiment import ContrastConfig, run_contrast, summarize, write_contrast_report
+from manifex.concepts.contrast.shift import T_GRID, ShiftResult, first_swap
 from manifex.data import load_digits8
 from _tiny_models import tiny_resnet
 
@@ -246,3 +240,80 @@ def test_cli_user_models(tmp_path, cli_cache, factory, code, message):
     assert res.exit_code == code, res.output
     assert message in res.output and "Traceback" not in res.output
     sys.modules.pop("usernet", None)
+
+
+# ------------------------------------------------------------------------------------------------ the Python API on the contract
+def test_run_contrast_leaves_the_model_as_found_also_after_an_error(tmp_path, digits):
+    """run_contrast goes through run_experiment with your module as it is: not switched to eval, not moved; train
+    flags, requires_grad and hooks are as found afterwards, also when a pair is refused after the model is known."""
+    from manifex.attribution.core import TrainModeWarning
+    from manifex.errors import InputError
+
+    import copy
+
+    model = copy.deepcopy(tiny_resnet()).train()  # a copy: the tiny model is shared by the tests
+    frozen = next(model.parameters())
+    frozen.requires_grad_(False)
+    flags = [m.training for m in model.modules()]
+    grads = [p.requires_grad for p in model.parameters()]
+
+    def hooks():
+        return [(list(m._forward_hooks), list(m._forward_pre_hooks), list(m._backward_hooks)) for m in model.modules()]
+
+    found = hooks()
+    with pytest.warns(TrainModeWarning):
+        run = run_contrast(model, digits, [(0, 1)], tmp_path / "a", config=_cfg(n_random=1), progress=False)
+    assert run.model_info.source == "python" and run.model_info.name == f"your {type(model).__name__}"
+    assert [m.training for m in model.modules()] == flags and [p.requires_grad for p in model.parameters()] == grads
+    assert hooks() == found
+    with pytest.raises(InputError, match="out of range"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainModeWarning)
+        run_contrast(model, digits, [(0, 12)], tmp_path / "b", config=_cfg(n_random=1), progress=False)
+    assert [m.training for m in model.modules()] == flags and [p.requires_grad for p in model.parameters()] == grads
+    assert hooks() == found
+
+
+def test_hyperplane_artefact_is_reused_for_its_key_and_rebuilt_when_it_changes(tmp_path, digits):
+    from manifex.errors import InputError
+    from manifex.runs import safe_torch_load
+
+    model = tiny_resnet()
+    first = run_contrast(model, digits, [(0, 1)], tmp_path, config=_cfg(n_random=1), progress=False)
+    hp = tmp_path / "artefacts" / "hyperplanes.pt"
+    stamp = hp.stat().st_mtime_ns
+    again = run_contrast(model, digits, [(0, 1)], tmp_path, config=_cfg(n_random=1), progress=False)
+    assert hp.stat().st_mtime_ns == stamp and again.records == first.records
+    torch.testing.assert_close(again.hyperplanes.normals, first.hyperplanes.normals, rtol=0, atol=0)
+    # another hyperplane setting on resume is refused (the pair records were made with the old hyperplanes) ...
+    with pytest.raises(InputError, match=r"other settings \(settings.epochs: 20 -> 21\)"):
+        run_contrast(model, digits, [(0, 1)], tmp_path, config=_cfg(n_random=1, epochs=21), progress=False)
+    assert hp.stat().st_mtime_ns == stamp
+    # ... and with resume=False (recompute here) the artefact's key no longer matches: rebuilt, never reused
+    fresh = run_contrast(model, digits, [(0, 1)], tmp_path, config=_cfg(n_random=1, epochs=21), progress=False, resume=False)
+    key = json.loads(safe_torch_load(hp)["__key__"])
+    assert key["epochs"] == 21 and key["classes"] == [0, 1]
+    assert fresh.hyperplanes.options["epochs"] == 21 and not torch.equal(fresh.hyperplanes.normals, first.hyperplanes.normals)
+
+
+def test_config_is_frozen_and_takes_plain_pairs():
+    cfg = ContrastConfig(pairs=[[0, 1], "3:5"], concepts_pair="3:5")
+    assert cfg.pairs == ((0, 1), (3, 5)) and cfg.concepts_pair == (3, 5) and ContrastConfig(pairs="4:9,3:5").pairs == ((4, 9), (3, 5))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.layer = "blocks.1"
+    assert cfg.to_dict()["pairs"] == [[0, 1], [3, 5]] and json.dumps(cfg.to_dict())
+
+
+@pytest.mark.parametrize("old, new", [("manifex.concepts.shift", "manifex.concepts.contrast.shift"),
+                                      ("manifex.concepts.contrast_run", "manifex.concepts.contrast.experiment")])
+def test_old_module_paths_re_export_with_a_deprecation_warning(old, new):
+    import importlib
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=new.rsplit(".", 1)[0]):
+        mod = importlib.import_module(old)
+    target = importlib.import_module(new)
+    for name in ("shifting_test", "T_GRID") if old.endswith("shift") else ("run_contrast", "ContrastConfig", "summarize"):
+        assert getattr(mod, name) is getattr(target, name)
+    import manifex.concepts.contrast as package
+
+    assert package.train_hyperplanes is importlib.import_module("manifex.concepts.contrast.hyperplanes").train_hyperplanes

@@ -55,13 +55,36 @@ def _lr(ctx, param, value):
     return v
 
 
+def _class_pairs(value: str) -> tuple[tuple[int, int], ...]:
+    pairs = []
+    for part in str(value).split(","):
+        bits = part.strip().split(":")
+        if len(bits) != 2 or not all(b.strip().lstrip("-").isdigit() for b in bits):
+            raise click.BadParameter(f"takes A:B class pairs separated by commas (e.g. 4:9,3:5), got {part.strip()!r}")
+        pairs.append((int(bits[0]), int(bits[1])))
+    return tuple(pairs)
+
+
+def _pairs(ctx, param, value):
+    return None if value is None else _class_pairs(value)
+
+
+def _pair(ctx, param, value):
+    if value is None:
+        return None
+    pairs = _class_pairs(value)
+    if len(pairs) != 1:
+        raise click.BadParameter(f"takes one A:B class pair (e.g. 4:9), got {value!r}")
+    return pairs[0]
+
+
 #: The CLI side of the named parsers of manifex.experiment.config.PARSERS.
 PARSE: dict[str, Callable] = {"csv": _csv, "ints": _ints, "floats": _positive_floats, "fraction": _fraction,
-                              "int_or_auto": _int_or_auto, "lr": _lr}
+                              "int_or_auto": _int_or_auto, "lr": _lr, "pairs": _pairs, "pair": _pair}
 
 
 _METAVAR = {"csv": "A,B,...", "ints": "I,J,...", "floats": "X,Y,...", "fraction": "X|A/B", "int_or_auto": "INT|auto",
-            "lr": "LR|default"}
+            "lr": "LR|default", "pairs": "A:B,...", "pair": "A:B"}
 
 
 def _base_type(tp: Any) -> Any:

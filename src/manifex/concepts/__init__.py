@@ -14,7 +14,8 @@ from .components import (RESEARCH_NUMBERS, ComponentTest, assemble, component_st
 from .contrast import (ClassActivations, ContrastiveConcepts, Hyperplanes, OODFilter, class_activation_data,
                        contrastive_concepts, fit_ood_filter, hyperplane_loop, train_hyperplanes)
 from .experiment import ConceptsConfig, ConceptsExperiment
-from .shift import T_GRID, PatchResult, ShiftResult, patch_test, shift_probabilities, shifted_layer, shifting_test
+from .contrast.shift import T_GRID, PatchResult, ShiftResult, patch_test, shift_probabilities, shifted_layer, shifting_test
+from .contrast.experiment import ContrastConfig, ContrastExperiment, ContrastRun, run_contrast
 
 __all__ = [
     "ConceptsConfig", "ConceptsExperiment",
@@ -24,5 +25,6 @@ __all__ = [
     "ComponentTest", "prediction_from_components", "assemble", "component_statistics", "RESEARCH_NUMBERS", "wilson_interval",
     "ClassActivations", "class_activation_data", "Hyperplanes", "train_hyperplanes", "hyperplane_loop",
     "ContrastiveConcepts", "contrastive_concepts", "OODFilter", "fit_ood_filter",
+    "ContrastConfig", "ContrastExperiment", "ContrastRun", "run_contrast",
     "T_GRID", "ShiftResult", "shifting_test", "shift_probabilities", "shifted_layer", "PatchResult", "patch_test",
 ]

@@ -131,6 +131,18 @@ def check_model_flags(model_spec: str | None, *, weights=None, normalize=None, o
                          "by manifex on [0, 1] pixels and returns logits.")
 
 
+def _in_model_dtype(data, net: nn.Module):
+    """``data`` with its images in the model's floating dtype (a float64 user model gets float64 images, as
+    :func:`~manifex.models.user.check_classifier` feeds its batch); unchanged when the model has one dtype already
+    equal to the images' or several."""
+    import dataclasses
+
+    dtypes = {p.dtype for p in net.parameters() if p.is_floating_point()}
+    if len(dtypes) != 1 or data.x.dtype in dtypes:
+        return data
+    return dataclasses.replace(data, x=data.x.to(dtypes.pop()))
+
+
 def resolve_classifier(train, test, *, model: str | nn.Module | None = None, weights: str | os.PathLike | None = None,
                        normalize: tuple | None = None, output: str | None = None, classifier: str = "lenet",
                        epochs: int = 3, seed: int = 0, device: str = "cpu", cache_dir: str | os.PathLike | None = None,
@@ -181,7 +193,7 @@ def resolve_classifier(train, test, *, model: str | nn.Module | None = None, wei
     logits = check_classifier(net, batch, test.num_classes, name=shown)
     checks = (f"model ({shown}): logits of shape {tuple(logits.shape)} on a test batch, finite; "
               f"{logits.shape[1]} outputs = the data's {test.num_classes} classes",)
-    acc = round(float(accuracy(net, test)), 4) if measure_accuracy else None
+    acc = round(float(accuracy(net, _in_model_dtype(test, net))), 4) if measure_accuracy else None
     info = ModelInfo(
         name=name, source=source, architecture=classifier if model is None else None,
         spec=os.fspath(spec) if spec is not None else (type(model).__name__ if isinstance(model, nn.Module) else None),

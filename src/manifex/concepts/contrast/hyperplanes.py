@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..attribution.core import (
+from ...attribution.core import (
     OutputSelector,
     call_model,
     check_model_input,
@@ -37,12 +37,12 @@ from ..attribution.core import (
     selected_output,
     warn_if_training,
 )
-from ..attribution.layer import check_layer_shape, layer_activations, resolve_layer
-from ..attribution.methods import model_device
-from ..data.base import ImageDataset
-from ..errors import InputError, ModelError
-from .basis import _DEFAULT_OPTIONS, RELEVANCES, ConceptBasis, as_images, predict_classes, relevance_explainer, select_class_images
-from .nmf import NMF_SOLVERS, nmf, nmf_error
+from ...attribution.layer import check_layer_shape, layer_activations, resolve_layer
+from ...attribution.methods import model_device
+from ...data.base import ImageDataset
+from ...errors import InputError, ModelError
+from ..basis import _DEFAULT_OPTIONS, RELEVANCES, ConceptBasis, as_images, predict_classes, relevance_explainer, select_class_images
+from ..nmf import NMF_SOLVERS, nmf, nmf_error
 
 __all__ = [
     "ClassActivations", "class_activation_data", "Hyperplanes", "train_hyperplanes", "hyperplane_loop",
