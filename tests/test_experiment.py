@@ -240,3 +240,24 @@ def test_concepts_python_api_equals_the_command(tmp_path):
     result = run_experiment(ConceptsExperiment(), cfg, tmp_path / "api", cache_dir=cache, progress=False)
     assert result.report is not None and result.report.is_file()
     assert read_jsonl(tmp_path / "api" / "results.jsonl") == read_jsonl(tmp_path / "cli" / "results.jsonl")
+
+
+def test_a_python_model_is_left_as_found_and_keeps_its_device(tmp_path):
+    """run_experiment with an nn.Module: train flags, requires_grad and hooks restored, also after an error."""
+    from manifex.models.classifiers import MLP
+
+    torch.manual_seed(0)
+    net = MLP((1, 8, 8), 10).train()
+    net.requires_grad_(False)
+    hooks = dict(net._forward_hooks)
+    res = run_experiment(Tiny(), TinyConfig(units=1), tmp_path / "o", model=net, cache_dir=tmp_path / "cache", progress=False)
+    assert res.model_info.source == "python" and net.training and not any(p.requires_grad for p in net.parameters())
+    assert dict(net._forward_hooks) == hooks
+
+    class Boom(Tiny):
+        def prepare(self, run):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run_experiment(Boom(), TinyConfig(units=1), tmp_path / "p", model=net, cache_dir=tmp_path / "cache", progress=False)
+    assert net.training

@@ -23,6 +23,7 @@ system at once; a new system is a Config, an Experiment, its primitive and its r
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -215,6 +216,21 @@ def run_experiment(experiment: Experiment, config: Any, out_dir: str | os.PathLi
         model = UserModel(os.fspath(model))
     experiment.check_options(config)
     dev = resolve_device(device if device is not None else getattr(config, "device", "cpu"))
+    guard: Any = contextlib.nullcontext()
+    if isinstance(model, nn.Module):  # a model given in Python: the device follows it, its state is left as found
+        from ..attribution.core import preserve_model_state
+
+        guard = preserve_model_state(model)
+        first = next(model.parameters(), None)
+        dev = str(first.device) if first is not None else dev
+    with guard:
+        return _run(experiment, config, out_dir, model=model, dev=dev, resume=resume, overwrite=overwrite, executor=executor,
+                    progress=progress, cache_dir=cache_dir, trust_pickle=trust_pickle, num_classes=num_classes,
+                    command=command, write_files=write_files)
+
+
+def _run(experiment: Experiment, config: Any, out_dir, *, model, dev: str, resume: bool, overwrite: bool, executor,
+         progress: bool, cache_dir, trust_pickle: bool, num_classes, command, write_files: bool) -> ExperimentResult:
     check_writable_dir(out_dir, param("out_dir"))
     check_writable_dir(cache_dir, param("cache_dir"))
     run = Run(config=config, folder=None, device=dev, cache_dir=cache_dir, executor=executor, progress=progress,

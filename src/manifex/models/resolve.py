@@ -189,7 +189,9 @@ def resolve_classifier(train, test, *, model: str | nn.Module | None = None, wei
             net = SelectOutput(net, parse_output(output))
         if normalize is not None:
             net = Normalize(net, *normalize)
-        net = net.to(device).eval()
+        # the user's own file is loaded on the CPU: move it; an nn.Module given in Python stays where it is (the
+        # device follows the model) and is only switched to eval (run_experiment restores its flags afterwards)
+        net = net.to(device).eval() if spec is not None or normalize is not None else net.eval()
     logits = check_classifier(net, batch, test.num_classes, name=shown)
     checks = (f"model ({shown}): logits of shape {tuple(logits.shape)} on a test batch, finite; "
               f"{logits.shape[1]} outputs = the data's {test.num_classes} classes",)
