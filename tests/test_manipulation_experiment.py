@@ -163,3 +163,18 @@ def test_configs_are_exported_and_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         AttackConfig().iterations = 3  # type: ignore[misc]
     assert isinstance(SmoothExperiment(), SmoothExperiment) and SmoothExperiment.command == "smooth"
+
+
+def test_run_campaign_refusal_names_the_python_way_out(tmp_path):
+    """run_campaign is called from Python: a changed setting on resume names resume=False and out_dir, not CLI flags."""
+    from manifex.errors import InputError
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 10)).eval()
+    pairs = pairs_from_dataset(load_digits8(), 1, seed=0)
+    opts = dict(figures=False, lr=1e-2, beta_growth=(10.0, 100.0))
+    run_campaign(net, "gradient", pairs, tmp_path, iterations=1, **opts)
+    with pytest.raises(InputError, match="other settings") as e:
+        run_campaign(net, "gradient", pairs, tmp_path, iterations=2, **opts)
+    assert "resume=False" in str(e.value) and "out_dir" in str(e.value) and "--" not in str(e.value)
+    assert run_campaign(net, "gradient", pairs, tmp_path, iterations=2, resume=False, **opts).n_new == 1

@@ -351,7 +351,10 @@ def _campaign(model: nn.Module, explainer: Explainer, pairs: PairSet, out_dir: P
     folder = ExperimentFolder(out, command="campaign", resume=resume, what="a campaign")
     log = JsonlLog(out / RESULTS_FILE, key="id")
     previous = log.load(repair=True)  # a line cut short by a killed writer is dropped before the comparison
-    folder.claim("settings", settings)
+    try:
+        folder.claim("settings", settings)
+    except InputError as e:  # the folder's advice names CLI options; from Python the ways out are arguments
+        raise InputError(_python_advice(str(e))) from None
     todo = [i for i in range(len(pairs)) if pairs.ids[i] not in previous]
     n_skipped = len(pairs) - len(todo)
     if todo:
@@ -366,6 +369,15 @@ def _campaign(model: nn.Module, explainer: Explainer, pairs: PairSet, out_dir: P
     summary = summarise(out, pairs, read_results(out / RESULTS_FILE), n_new=len(todo), n_skipped=n_skipped, settings=settings)
     atomic_write_json(out / SUMMARY_FILE, {**summary.to_dict(), "records": summary.records})
     return summary
+
+
+_CLI_ADVICE = "resume with the same options, use a new --out, or --overwrite to move the old folder aside and start over."
+
+
+def _python_advice(message: str) -> str:
+    if message.endswith(_CLI_ADVICE):
+        return message[: -len(_CLI_ADVICE)] + "pass the same settings, resume=False to start over in this folder, or another out_dir."
+    return message
 
 
 def campaign_settings(explainer: Explainer, attack_options: dict[str, Any], pixel_scale: Any,
