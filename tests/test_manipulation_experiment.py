@@ -46,6 +46,8 @@ def no_training(monkeypatch):
     ([*ATTACK, "--data-dir", "."], ["--data-dir", "--pairs-csv"]),
     ([*ATTACK, "--pairs-csv", "absent.csv"], ["--pairs-csv", "no such file"]),
     ([*ATTACK, "--method", "nope"], ["unknown method 'nope'"]),
+    ([*ATTACK, "--gamma", "-1"], ["--gamma", ">= 0"]),
+    ([*ATTACK, "--stop-pcc", "-1"], ["--stop-pcc", "(-1, 1]"]),
     ([*ATTACK, "--pairs", "100000"], ["--pairs 100000", "test split has only"]),
     ([*SMOOTH, "--betas", "10,10"], ["--betas", "more than once"]),
     ([*SMOOTH, "--betas", "10,nan"], ["--betas", "finite"]),

@@ -85,8 +85,22 @@ def check_options_common(cfg: Any) -> str:
     from ..attribution import canonical_method
 
     method = canonical_method(cfg.method)
-    if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not (number(cfg.lr) and cfg.lr > 0):
         raise InputError(f"--lr must be a finite number > 0, got {cfg.lr!r}.")
+    if not (isinstance(cfg.iterations, int) and not isinstance(cfg.iterations, bool) and cfg.iterations >= 1):
+        raise InputError(f"--iterations must be an integer >= 1, got {cfg.iterations!r}.")
+    if cfg.budget is not None and not (number(cfg.budget) and cfg.budget > 0):
+        raise InputError(f"--budget must be a finite number > 0 in pixel units of [0, 1] (e.g. 8/255) or none, got {cfg.budget!r}.")
+    gamma = getattr(cfg, "gamma", None)
+    if gamma is not None and not (number(gamma) and gamma >= 0):
+        raise InputError(f"--gamma must be a finite number >= 0 (the output term's weight), got {gamma!r}.")
+    stop = getattr(cfg, "stop_pcc", None)
+    if stop is not None and not (number(stop) and -1 < stop <= 1):
+        raise InputError(f"--stop-pcc is a Pearson correlation in (-1, 1], got {stop!r}.")
     return method
 
 
