@@ -522,11 +522,7 @@ def robustness_sweep(
     for beta in beta_list:
         beta_dir = out / _beta_key(beta)
         label = "ReLU" if math.isinf(beta) else f"β={beta:g}"  # the progress bars' names
-        options = dict(attack_options)
-        if math.isinf(beta) and relu_beta_growth is not None:
-            options["beta_growth"] = tuple(relu_beta_growth)
-            if unsupported != "raise":  # the attack's own smoothing (recorded only when not the default)
-                options["unsupported"] = unsupported
+        options = sweep_attack_options(beta, attack_options, relu_beta_growth, unsupported)
         # smoothing is applied by whichever process runs a batch (here or a Ray worker), not around the call
         summary = _campaign(
             model, make_explainer(model, explainer_name, **(explainer_options or {})), pairs, beta_dir,
@@ -552,6 +548,19 @@ def robustness_sweep(
         records.append(record)
     _write_json(out / SWEEP_FILE, records)
     return records
+
+
+def sweep_attack_options(beta: float, attack_options: dict[str, Any], relu_beta_growth: tuple[float, float] | None,
+                         unsupported: UnsupportedPolicy) -> dict[str, Any]:
+    """The attack options of the sweep's campaign at ``beta``: the ReLU model (inf) is attacked with β-growth
+    ``relu_beta_growth`` (its gradient-type maps have no input derivative), with ``unsupported`` recorded only when
+    not the default; a softplus(β) model is attacked as it is."""
+    options = dict(attack_options)
+    if math.isinf(beta) and relu_beta_growth is not None:
+        options["beta_growth"] = tuple(relu_beta_growth)
+        if unsupported != "raise":  # the attack's own smoothing (recorded only when not the default)
+            options["unsupported"] = unsupported
+    return options
 
 
 def sweep_record(beta: float, summary: Any, curvature: Sequence[float], accuracy: dict[float, float] | None,

@@ -126,6 +126,7 @@ class SmoothExperiment(Experiment):
         from ..attribution.core import check_output_selector
         from .attack import research_gamma
         from .campaign import CampaignContext, campaign_settings, check_model_accepts, pairs_from_dataset
+        from .defence import sweep_attack_options
 
         cfg, model, test = run.config, run.model, run.test
         method = check_options_common(cfg)
@@ -150,11 +151,7 @@ class SmoothExperiment(Experiment):
         check_model_accepts(model, pairs, 0, dev, dtype, output)
         context["pairs"] = pairs
         for beta in self.models(cfg):
-            options = dict(attack)
-            if math.isinf(beta):
-                options["beta_growth"] = RELU_BETA_GROWTH
-                if cfg.unsupported != "raise":  # the attack's own smoothing (recorded only when not the default)
-                    options["unsupported"] = cfg.unsupported
+            options = sweep_attack_options(beta, attack, RELU_BETA_GROWTH, cfg.unsupported)
             smooth = None if math.isinf(beta) else (beta, "handle", cfg.unsupported)
             context["options"][beta] = options
             context["campaigns"][beta] = CampaignContext(
