@@ -22,6 +22,12 @@ def test_attack_writes_report_and_resumes(tmp_path):
     assert 0.0 <= m["top1_kept_rate"] <= 1.0
     lines = (out / "results.jsonl").read_text().splitlines()
     assert len(lines) == 3
+    for rec in map(json.loads, lines):  # the one layout: a pair's files in units/<pair id>/
+        assert rec["files"] == {"tensors": f"units/{rec['id']}/pair.pt", "figure": f"units/{rec['id']}/figure.png"}
+        assert (out / rec["files"]["tensors"]).is_file() and (out / rec["files"]["figure"]).is_file()
+    claimed = json.loads((out / "experiment.json").read_text())
+    assert claimed["command"] == "attack" and claimed["settings"]["iterations"] == 20 and claimed["model"]["fingerprint"]
+    assert not (out / "pairs").exists() and not (out / "campaign.json").exists()
     html = (out / "report.html").read_text()
     assert "PCC" in html and "results.jsonl" in html
     again = CliRunner().invoke(main, args)
@@ -69,9 +75,19 @@ def test_smooth_compares_betas_and_writes_report(tmp_path):
     assert curv["ReLU"] == 0.0 and curv["β=10"] > curv["β=1"] > 0  # flatter with smaller β
     for name in ("report.html", "explanations_beta.png", "beta_curves.png"):
         assert (out / name).stat().st_size > 0
+    # the stages: the models (results.jsonl), then one campaign and one curvature run per model
+    assert [json.loads(line)["id"] for line in (out / "results.jsonl").read_text().splitlines()] == [
+        "beta_10", "beta_1", "beta_inf"]
     for b in ("beta_10", "beta_1", "beta_inf"):
-        assert len((out / b / "results.jsonl").read_text().splitlines()) == 2
-        assert json.loads((out / b / "campaign.json").read_text())["attack"]["map_loss"] == "pcc"
+        assert (out / "units" / b / "explanations.pt").stat().st_size > 0
+        for stage in ("attack", "curvature"):
+            records = [json.loads(line) for line in (out / f"results-{stage}-{b}.jsonl").read_text().splitlines()]
+            assert len(records) == 2 and all(r["id"].startswith(f"{b}-") for r in records)
+        for r in (json.loads(line) for line in (out / f"results-attack-{b}.jsonl").read_text().splitlines()):
+            assert (out / r["files"]["tensors"]).parent == out / "units" / r["id"]
+    assert {label: c["attack"]["map_loss"] for label, c in m["campaigns"].items()} == dict.fromkeys(["β=10", "β=1", "ReLU"], "pcc")
+    assert json.loads((out / "experiment.json").read_text())["settings"]["map_loss"] == "pcc"
+    assert m["sweep"][-1]["attack_beta_growth"] == [10.0, 100.0] and m["sweep"][0]["attack_beta_growth"] is None
 
 
 def test_smooth_rejects_non_positive_beta(tmp_path):

@@ -184,12 +184,12 @@ def test_cache_file_with_wrong_content_names_the_file(tmp_path, monkeypatch):
 
 
 def test_other_os_errors_are_one_line(tmp_path, monkeypatch):
-    import manifex.cli.manipulation as cli_manipulation
+    import manifex.experiment.contract as contract
 
     def broken(*a, **k):
         raise PermissionError(13, "Permission denied", str(tmp_path / "x"))
 
-    monkeypatch.setattr(cli_manipulation, "load_data", broken)
+    monkeypatch.setattr(contract, "resolve_data", broken)  # attack loads its data through the experiment contract
     res = run(ATTACK, tmp_path)
     assert_one_line_error(res, "Permission denied", str(tmp_path / "x"))
 

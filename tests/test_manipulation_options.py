@@ -80,8 +80,8 @@ def test_campaign_takes_the_output_selector(pairs, tmp_path):
     got = run_campaign(wrapped, "gradient", pairs, tmp_path / "dict", figures=False, output="logits",
                        beta_growth=(10.0, 100.0), **ATTACK)
     _same_records(got.records, ref.records)
-    assert json.loads((tmp_path / "dict" / "campaign.json").read_text())["output"] == "logits"
-    assert "output" not in json.loads((tmp_path / "plain" / "campaign.json").read_text())
+    assert json.loads((tmp_path / "dict" / "experiment.json").read_text())["settings"]["output"] == "logits"
+    assert "output" not in json.loads((tmp_path / "plain" / "experiment.json").read_text())["settings"]
     # an explainer built with output= carries it into the campaign
     again = run_campaign(wrapped, "gradient", pairs, tmp_path / "expl", figures=False, explainer_options={"output": "logits"},
                          beta_growth=(10.0, 100.0), **ATTACK)
@@ -149,7 +149,7 @@ def test_unsupported_activation_policy_reaches_attack_and_defence(data, pairs, t
     assert not (tmp_path / "raise").exists(), "refused before any file was written"
     records = robustness_sweep(net, "gradient", pairs, [3.0, float("inf")], tmp_path / "ignore", unsupported="ignore", **sweep)
     assert [r["beta"] for r in records] == [3.0, float("inf")]
-    settings = json.loads((tmp_path / "ignore" / "beta_inf" / "campaign.json").read_text())
+    settings = json.loads((tmp_path / "ignore" / "beta_inf" / "experiment.json").read_text())["settings"]
     assert settings["attack"]["unsupported"] == "ignore" and settings["attack"]["beta_growth"] == [10.0, 100.0]
 
 
@@ -178,11 +178,13 @@ def test_cli_unsupported_option(command, tmp_path, monkeypatch):
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.output, res.output
     assert "SELU" in lines[0] and "--unsupported ignore" in lines[0], lines[0]
-    assert not (tmp_path / "refused" / "results.jsonl").exists() and not (tmp_path / "refused" / "beta_10").exists()
+    refused = tmp_path / "refused"
+    assert not list(refused.glob("results*.jsonl")) and not (refused / "units").exists()  # refused before any unit
 
     res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "ok"), "--unsupported", "ignore"])
     assert res.exit_code == 0, (res.output, res.exception)
     assert (tmp_path / "ok" / "report.html").is_file()
     if command == "attack":
-        settings = json.loads((tmp_path / "ok" / "campaign.json").read_text())
+        settings = json.loads((tmp_path / "ok" / "metrics.json").read_text())["settings"]
         assert settings["attack"]["unsupported"] == "ignore"
+    assert json.loads((tmp_path / "ok" / "experiment.json").read_text())["settings"]["unsupported"] == "ignore"

@@ -340,8 +340,8 @@ def test_ray_campaign_equals_local(ray_cluster, tmp_path):
                 assert b[k] == pytest.approx(v, abs=1e-5), k  # same batches: equal up to round-off
             elif k != "seconds":
                 assert b[k] == v, k
-    t_local = torch.load(tmp_path / "local" / "pairs" / f"{pairs.ids[3]}.pt", weights_only=True)["x_adv"]
-    t_ray = torch.load(tmp_path / "ray" / "pairs" / f"{pairs.ids[3]}.pt", weights_only=True)["x_adv"]
+    t_local = torch.load(tmp_path / "local" / "units" / pairs.ids[3] / "pair.pt", weights_only=True)["x_adv"]
+    t_ray = torch.load(tmp_path / "ray" / "units" / pairs.ids[3] / "pair.pt", weights_only=True)["x_adv"]
     torch.testing.assert_close(t_ray, t_local, atol=1e-5, rtol=0)
     # a campaign started on Ray resumes locally: nothing is recomputed
     assert run_campaign(model, "input_x_gradient", pairs, tmp_path / "ray", **opts).n_new == 0

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import click
 
 from ..experiment.config import config_flags, setting_meta
-from .common import _csv, _fraction, _positive_floats
+from .common import _beta_pair, _betas, _csv, _fraction, _positive_floats
 
 __all__ = ["config_options", "config_from_params", "config_flags", "run_params", "PARSE"]
 
@@ -80,11 +80,12 @@ def _pair(ctx, param, value):
 
 #: The CLI side of the named parsers of manifex.experiment.config.PARSERS.
 PARSE: dict[str, Callable] = {"csv": _csv, "ints": _ints, "floats": _positive_floats, "fraction": _fraction,
-                              "int_or_auto": _int_or_auto, "lr": _lr, "pairs": _pairs, "pair": _pair}
+                              "int_or_auto": _int_or_auto, "lr": _lr, "pairs": _pairs, "pair": _pair, "betas": _betas,
+                              "beta_pair": _beta_pair}
 
 
 _METAVAR = {"csv": "A,B,...", "ints": "I,J,...", "floats": "X,Y,...", "fraction": "X|A/B", "int_or_auto": "INT|auto",
-            "lr": "LR|default", "pairs": "A:B,...", "pair": "A:B"}
+            "lr": "LR|default", "pairs": "A:B,...", "pair": "A:B", "betas": "B,B,...", "beta_pair": "B0,B1|auto|none"}
 
 
 def _base_type(tp: Any) -> Any:
@@ -122,10 +123,12 @@ def _option(f: dataclasses.Field, hints: dict) -> Callable:
     if meta["choices"]:
         kw["type"] = click.Choice(list(meta["choices"]))
     elif tp is int:
+        bounded = meta["low"] is not None or meta["high"] is not None  # an unbounded range shows "x<=None" in --help
         kw["type"] = click.IntRange(None if meta["low"] is None else int(meta["low"]),
-                                    None if meta["high"] is None else int(meta["high"]))
+                                    None if meta["high"] is None else int(meta["high"])) if bounded else int
     elif tp is float:
-        kw["type"] = click.FloatRange(meta["low"], meta["high"])
+        bounded = meta["low"] is not None or meta["high"] is not None
+        kw["type"] = click.FloatRange(meta["low"], meta["high"]) if bounded else float
     else:
         kw["type"] = str
     return click.option(flag, f.name, default=default, **kw)

@@ -14,7 +14,7 @@ settings guard of ``experiment.json`` compares every field with ``result=True`` 
 Parsers (``parse``) are named, so the library stays free of click: ``csv`` (a comma list of strings), ``ints``,
 ``floats`` (finite numbers > 0), ``fraction`` (``8/255`` or ``0.03``; ``none``), ``int_or_auto``,
 ``lr`` (a float > 0 or ``default`` → None), ``pairs`` (class pairs ``4:9,3:5`` → ((4, 9), (3, 5))), ``pair`` (one
-``A:B`` → (a, b)).
+``A:B`` → (a, b)), ``betas`` (softplus β values > 0, e.g. ``30,10,5,3``), ``beta_pair`` (``B0,B1``, ``auto`` or ``none``).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from typing import Any, Sequence
 __all__ = ["setting", "result_settings", "setting_meta", "config_flags", "PARSERS"]
 
 #: The named parsers a field may ask for (implemented by the CLI, see manifex.cli.generate).
-PARSERS = ("csv", "ints", "floats", "fraction", "int_or_auto", "lr", "pairs", "pair")
+PARSERS = ("csv", "ints", "floats", "fraction", "int_or_auto", "lr", "pairs", "pair", "betas", "beta_pair")
 
 
 def setting(default: Any, help: str, *, flag: str | None = None, parse: str | None = None,

@@ -5,17 +5,20 @@ A *pair* is an original image, whose explanation is manipulated, and a target im
 with columns ``original,target`` naming image files (:func:`pairs_from_csv`) or are sampled from an
 :class:`~manifex.data.ImageDataset` (:func:`pairs_from_dataset`).
 
-:func:`run_campaign` writes into ``out_dir``::
+:func:`run_campaign` writes into ``out_dir`` the one experiment-folder layout (:mod:`manifex.experiment`)::
 
-    campaign.json         the settings (explainer and attack options); a resume must use the same ones
-    results.jsonl         one JSON object per finished pair, appended after each batch
-    pairs/<pair_id>.pt    tensors of the pair (torch.load(..., weights_only=True))
-    pairs/<pair_id>.png   overview: original, manipulated, difference, original/target/manipulated maps
-    summary.json          means over all finished pairs, rewritten at the end of every run
+    experiment.json             the settings (explainer and attack options) under "settings"; a resume must use
+                                the same ones (``resume=False`` starts over)
+    results.jsonl               one JSON object per finished pair, appended after each batch
+    units/<pair_id>/pair.pt     tensors of the pair (torch.load(..., weights_only=True))
+    units/<pair_id>/figure.png  overview: original, manipulated, difference, original/target/manipulated maps
+    summary.json                means over all finished pairs, rewritten at the end of every run
 
 A pair's files are written before its line in ``results.jsonl``; the line is the commit. A re-run skips
 every pair with a line, drops a truncated last line left by an interrupted write, and so loses at most the
-batch in flight and duplicates nothing.
+batch in flight and duplicates nothing. The ``manifex attack`` and ``manifex smooth`` experiments
+(:mod:`manifex.manipulation.experiment`, :mod:`manifex.manipulation.smooth_experiment`) run the same batch
+function (:func:`attack_batch`) on the experiment contract.
 """
 from __future__ import annotations
 
@@ -40,15 +43,14 @@ from ..attribution.methods import model_device
 from ..data import ImageDataset
 from ..errors import DataError, InputError
 from ..metrics import mse, output_change, pearson, perturbation_norms, ssim
-from ..runs import (Executor, JsonlLog, Unit, atomic_torch_save, atomic_write_json, check_settings, read_jsonl, run_units,
-                   to_jsonable)
+from ..experiment import ExperimentFolder
+from ..runs import Executor, JsonlLog, Unit, atomic_torch_save, atomic_write_json, read_jsonl, run_units, to_jsonable, unit_dir
 from .attack import ManipulationResult, manipulate
 
 __all__ = ["PairSet", "pairs_from_csv", "pairs_from_dataset", "run_campaign", "CampaignSummary", "read_results"]
 
 PathLike = str | os.PathLike
 RESULTS_FILE = "results.jsonl"
-SETTINGS_FILE = "campaign.json"
 SUMMARY_FILE = "summary.json"
 _SSIM_MIN_SIZE = 11  # manifex.metrics.ssim's Gaussian window
 #: Per-pair numbers averaged in the summary (SSIM only for maps of at least 11×11).
@@ -299,7 +301,7 @@ def run_campaign(
     of a pair is the explanation of its target image for the class the model predicts on it; the
     explained class of the original is the model's prediction (see :func:`manipulate`, which gets
     ``attack_options``). ``resume``: skip pairs already in ``results.jsonl`` (the settings must match
-    ``campaign.json``); ``resume=False`` starts the results over. ``figures``: write an overview PNG per
+    those recorded in ``experiment.json``); ``resume=False`` starts the results over. ``figures``: write an overview PNG per
     pair. ``pixel_scale``: the std of the model's input normalisation, to report L2/L∞ in [0, 1] pixel
     units (1 for models that read [0, 1] images). SSIM needs maps of at least 11×11 (else null).
     ``executor``: where the batches run — :class:`manifex.runs.LocalExecutor` (default: here) or
@@ -345,39 +347,61 @@ def _campaign(model: nn.Module, explainer: Explainer, pairs: PairSet, out_dir: P
     selector (default the explainer's), applied around every model call of a batch."""
     output = check_output_selector(explainer.output if output is None else output)
     out = Path(out_dir).expanduser()
-    (out / "pairs").mkdir(parents=True, exist_ok=True)
-    results_path = out / RESULTS_FILE
-    settings = {
-        "explainer": repr(explainer),
-        "attack": {k: to_jsonable(v) for k, v in sorted(attack_options.items()) if k not in _VOLATILE_OPTIONS},
-        "pixel_scale": to_jsonable(pixel_scale),
-    }
-    if output is not None:  # recorded only when set, so campaigns of plain models resume as before
-        settings["output"] = _output_setting(output)
-    log = JsonlLog(results_path, key="id")
-    if not resume:
-        log.clear()
+    settings = campaign_settings(explainer, attack_options, pixel_scale, output)
+    folder = ExperimentFolder(out, command="campaign", resume=resume, what="a campaign")
+    log = JsonlLog(out / RESULTS_FILE, key="id")
     previous = log.load(repair=True)  # a line cut short by a killed writer is dropped before the comparison
-    check_settings(out, settings, resume=resume, file=SETTINGS_FILE, results=RESULTS_FILE)
+    try:
+        folder.claim("settings", settings)
+    except InputError as e:  # the folder's advice names CLI options; from Python the ways out are arguments
+        raise InputError(_python_advice(str(e))) from None
     todo = [i for i in range(len(pairs)) if pairs.ids[i] not in previous]
     n_skipped = len(pairs) - len(todo)
     if todo:
         dev = model_device(model)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        _check_model_accepts(model, pairs, todo[0], dev, dtype, output)
+        check_model_accepts(model, pairs, todo[0], dev, dtype, output)
 
-    context = _CampaignContext(model=model, explainer=explainer, pairs=pairs, attack_options=dict(attack_options),
-                               pixel_scale=pixel_scale, figures=figures, smooth=smooth, output=output)
-    units = [Unit(pid, {"index": i}) for i, pid in enumerate(pairs.ids)]
-    run_units(units, _attack_batch, out, context=context, batch_size=batch_size, executor=executor, resume=True,
+    context = CampaignContext(model=model, explainer=explainer, pairs=pairs, attack_options=dict(attack_options),
+                              pixel_scale=pixel_scale, figures=figures, smooth=smooth, output=output)
+    run_units(pair_units(pairs), attack_batch, out, context=context, batch_size=batch_size, executor=executor, resume=True,
               progress=progress, results=RESULTS_FILE, desc=desc or "campaign")
-    summary = _summarise(out, pairs, read_results(results_path), n_new=len(todo), n_skipped=n_skipped, settings=settings)
+    summary = summarise(out, pairs, read_results(out / RESULTS_FILE), n_new=len(todo), n_skipped=n_skipped, settings=settings)
     atomic_write_json(out / SUMMARY_FILE, {**summary.to_dict(), "records": summary.records})
     return summary
 
 
+_CLI_ADVICE = "resume with the same options, use a new --out, or --overwrite to move the old folder aside and start over."
+
+
+def _python_advice(message: str) -> str:
+    if message.endswith(_CLI_ADVICE):
+        return message[: -len(_CLI_ADVICE)] + "pass the same settings, resume=False to start over in this folder, or another out_dir."
+    return message
+
+
+def campaign_settings(explainer: Explainer, attack_options: dict[str, Any], pixel_scale: Any,
+                      output: OutputSelector = None) -> dict[str, Any]:
+    """What a campaign's records depend on beyond the model and the pairs: the explainer, the attack options (less
+    the volatile ones), the pixel scale and the output selector (recorded only when set, so campaigns of plain
+    models resume as before). ``experiment.json`` claims it as ``settings``; reports show it."""
+    settings = {
+        "explainer": repr(explainer),
+        "attack": {k: to_jsonable(v) for k, v in sorted(attack_options.items()) if k not in _VOLATILE_OPTIONS},
+        "pixel_scale": to_jsonable(pixel_scale),
+    }
+    if output is not None:
+        settings["output"] = _output_setting(output)
+    return settings
+
+
+def pair_units(pairs: PairSet, prefix: str = "") -> list[Unit]:
+    """One run-layer unit per pair: id ``<prefix><pair id>`` (its files go to ``units/<id>/``), payload its index."""
+    return [Unit(f"{prefix}{pid}", {"index": i}) for i, pid in enumerate(pairs.ids)]
+
+
 @dataclass
-class _CampaignContext:
+class CampaignContext:
     """What every batch of a campaign needs; sent once to each worker."""
 
     model: nn.Module
@@ -390,8 +414,9 @@ class _CampaignContext:
     output: OutputSelector = None  # the logits selector of a tuple/dict-output model
 
 
-def _attack_batch(units: list[Unit], ctx: _CampaignContext, out: Path) -> list[dict]:
-    """The run-layer process of a campaign: attack one batch of pairs, write their files, return records."""
+def attack_batch(units: list[Unit], ctx: CampaignContext, out: Path) -> list[dict]:
+    """The run-layer process of a campaign: attack one batch of pairs, write their files (``units/<unit id>/pair.pt``
+    and ``figure.png``), return one record per pair (``id`` = the unit's id, ``pair_id`` = the pair's)."""
     model, explainer, pairs = ctx.model, ctx.explainer, ctx.pairs
     batch = [int(u.payload["index"]) for u in units]
     dev = model_device(model)
@@ -416,8 +441,10 @@ def _attack_batch(units: list[Unit], ctx: _CampaignContext, out: Path) -> list[d
         res = manipulate(model, explainer, xo, target_expl, output=ctx.output, **ctx.attack_options)
     seconds = (time.perf_counter() - t0) / len(batch)
     records = _records(res, pairs, batch, class_t, ctx.pixel_scale, seconds)
-    for j, (i, rec) in enumerate(zip(batch, records)):
-        pid = pairs.ids[i]
+    for j, (unit, rec) in enumerate(zip(units, records)):
+        rec["id"] = unit.id
+        folder = unit_dir(out, unit.id)
+        rel = folder.relative_to(out).as_posix()
         atomic_torch_save({
             "x": res.x[j].cpu(), "x_adv": res.x_adv[j].cpu(), "x_target": xt[j].cpu(),
             "original_explanation": res.original_explanation[j].cpu(),
@@ -426,15 +453,15 @@ def _attack_batch(units: list[Unit], ctx: _CampaignContext, out: Path) -> list[d
             "original_map": res.original_map[j].cpu(), "target_map": res.target_map[j].cpu(),
             "manipulated_map": res.manipulated_map[j].cpu(),
             "logits": res.logits[j].cpu(), "logits_adv": res.logits_adv[j].cpu(), "target": res.target[j].cpu(),
-        }, out / "pairs" / f"{pid}.pt")
-        rec["files"] = {"tensors": f"pairs/{pid}.pt"}
+        }, folder / "pair.pt")
+        rec["files"] = {"tensors": f"{rel}/pair.pt"}
         if ctx.figures:
-            _overview(res, j, xt[j], rec, signed, out / "pairs" / f"{pid}.png")
-            rec["files"]["figure"] = f"pairs/{pid}.png"
+            _overview(res, j, xt[j], rec, signed, folder / "figure.png")
+            rec["files"]["figure"] = f"{rel}/figure.png"
     return records
 
 
-def _check_model_accepts(model: nn.Module, pairs: PairSet, i: int, dev: torch.device | None, dtype: torch.dtype,
+def check_model_accepts(model: nn.Module, pairs: PairSet, i: int, dev: torch.device | None, dtype: torch.dtype,
                          output: OutputSelector = None) -> None:
     x = pairs.load(pairs.originals[i]).unsqueeze(0).to(device=dev, dtype=dtype)
     try:
@@ -506,8 +533,9 @@ def _overview(res: ManipulationResult, j: int, x_target: torch.Tensor, rec: dict
     )
 
 
-def _summarise(out: Path, pairs: PairSet, records: list[dict], *, n_new: int, n_skipped: int,
-               settings: dict) -> CampaignSummary:
+def summarise(out: Path, pairs: PairSet, records: list[dict], *, n_new: int, n_skipped: int,
+              settings: dict) -> CampaignSummary:
+    """The :class:`CampaignSummary` of ``records`` (any order; matched to ``pairs`` by ``pair_id``)."""
     by_id = {r.get("pair_id"): r for r in records}
     ordered = [by_id[i] for i in pairs.ids if i in by_id]
     means: dict[str, float] = {}

@@ -522,11 +522,7 @@ def robustness_sweep(
     for beta in beta_list:
         beta_dir = out / _beta_key(beta)
         label = "ReLU" if math.isinf(beta) else f"β={beta:g}"  # the progress bars' names
-        options = dict(attack_options)
-        if math.isinf(beta) and relu_beta_growth is not None:
-            options["beta_growth"] = tuple(relu_beta_growth)
-            if unsupported != "raise":  # the attack's own smoothing (recorded only when not the default)
-                options["unsupported"] = unsupported
+        options = sweep_attack_options(beta, attack_options, relu_beta_growth, unsupported)
         # smoothing is applied by whichever process runs a batch (here or a Ray worker), not around the call
         summary = _campaign(
             model, make_explainer(model, explainer_name, **(explainer_options or {})), pairs, beta_dir,
@@ -542,27 +538,11 @@ def robustness_sweep(
             context = {"model": model, "pairs": pairs, "beta": None if math.isinf(beta) else beta, "dtype": dtype,
                        "iterations": curvature_iterations, "tol": curvature_tol, "seed": curvature_seed,
                        "functional": functional, "unsupported": unsupported, "output": output}
-            recs = run_units([Unit(pid, {"index": i}) for i, pid in enumerate(pairs.ids)], _curvature_batch, beta_dir,
+            recs = run_units([Unit(pid, {"index": i}) for i, pid in enumerate(pairs.ids)], curvature_batch, beta_dir,
                              context=context, batch_size=batch_size, executor=executor, resume=resume and same,
                              progress=progress, results=CURVATURE_FILE, desc=f"curvature {label}")
             curv = [float(r["curvature"]) for r in recs]
-        record: dict[str, Any] = {
-            "beta": beta,
-            "model": "relu" if math.isinf(beta) else f"softplus({beta:g})",
-            "out_dir": str(beta_dir),
-            "n_pairs": summary.n_pairs, "n_new": summary.n_new, "n_skipped": summary.n_skipped,
-        }
-        for key in _SUMMARY_MEANS:
-            record[key] = summary.means.get(key)
-        before, after = record.get("pcc_orig_target"), record.get("pcc_manip_target")
-        record["pcc_gain"] = None if before is None or after is None else after - before
-        record["top1_kept_rate"] = summary.top1_kept_rate
-        record["curvature"] = float(np.mean(curv))
-        record["curvature_median"] = float(np.median(curv))
-        record["accuracy"] = None if acc is None else acc[beta]
-        record["accuracy_relu"] = None if acc is None else acc[RELU]
-        record["accuracy_cost"] = None if acc is None else acc[RELU] - acc[beta]
-        record["attack_beta_growth"] = list(options["beta_growth"]) if "beta_growth" in options else None
+        record = sweep_record(beta, summary, curv, acc, options, out_dir=str(beta_dir))
         _write_json(beta_dir / DEFENCE_FILE, {**record, "curvature_settings": curvature_settings,
                                                      "curvature_values": curv})
         records.append(record)
@@ -570,7 +550,45 @@ def robustness_sweep(
     return records
 
 
-def _curvature_batch(units: list[Unit], ctx: dict[str, Any], out_dir: Path) -> list[dict]:
+def sweep_attack_options(beta: float, attack_options: dict[str, Any], relu_beta_growth: tuple[float, float] | None,
+                         unsupported: UnsupportedPolicy) -> dict[str, Any]:
+    """The attack options of the sweep's campaign at ``beta``: the ReLU model (inf) is attacked with β-growth
+    ``relu_beta_growth`` (its gradient-type maps have no input derivative), with ``unsupported`` recorded only when
+    not the default; a softplus(β) model is attacked as it is."""
+    options = dict(attack_options)
+    if math.isinf(beta) and relu_beta_growth is not None:
+        options["beta_growth"] = tuple(relu_beta_growth)
+        if unsupported != "raise":  # the attack's own smoothing (recorded only when not the default)
+            options["unsupported"] = unsupported
+    return options
+
+
+def sweep_record(beta: float, summary: Any, curvature: Sequence[float], accuracy: dict[float, float] | None,
+                 attack_options: dict[str, Any], **where: Any) -> dict[str, Any]:
+    """The sweep's record of one β (see :func:`robustness_sweep`) from its campaign's :class:`CampaignSummary`, the
+    per-pair curvature values, the accuracy per β (``None``: not measured) and the attack options of its campaign;
+    ``where`` (``out_dir=...`` or ``results=...``) says where its pairs are."""
+    record: dict[str, Any] = {
+        "beta": beta,
+        "model": "relu" if math.isinf(beta) else f"softplus({beta:g})",
+        **where,
+        "n_pairs": summary.n_pairs, "n_new": summary.n_new, "n_skipped": summary.n_skipped,
+    }
+    for key in _SUMMARY_MEANS:
+        record[key] = summary.means.get(key)
+    before, after = record.get("pcc_orig_target"), record.get("pcc_manip_target")
+    record["pcc_gain"] = None if before is None or after is None else after - before
+    record["top1_kept_rate"] = summary.top1_kept_rate
+    record["curvature"] = float(np.mean(curvature)) if len(curvature) else None
+    record["curvature_median"] = float(np.median(curvature)) if len(curvature) else None
+    record["accuracy"] = None if accuracy is None else accuracy[beta]
+    record["accuracy_relu"] = None if accuracy is None else accuracy[RELU]
+    record["accuracy_cost"] = None if accuracy is None else accuracy[RELU] - accuracy[beta]
+    record["attack_beta_growth"] = list(attack_options["beta_growth"]) if "beta_growth" in attack_options else None
+    return record
+
+
+def curvature_batch(units: list[Unit], ctx: dict[str, Any], out_dir: Path) -> list[dict]:
     """Run-layer process of the sweep's curvature: |λ_max| of the input Hessian per original image."""
     xo, _ = ctx["pairs"].images([int(u.payload["index"]) for u in units])
     dev = model_device(ctx["model"])

@@ -7,9 +7,9 @@ from typing import Any
 from ..reports import render, write_json
 from .campaign import CampaignSummary
 
-__all__ = ["write_attack_report", "write_smooth_report", "smooth_figure"]
+__all__ = ["write_attack_report", "write_smooth_report", "smooth_figure", "attack_metrics", "smooth_metrics"]
 
-#: Most per-pair overview figures embedded in the page (all are in pairs/).
+#: Most per-pair overview figures embedded in the page (all are in units/<pair id>/figure.png).
 MAX_FIGURES = 12
 
 
@@ -51,19 +51,22 @@ def write_attack_report(
     command: str | None = None,
     checks: list[str] | None = None,
     warnings: list[str] | None = None,
+    metrics_file: bool = True,
 ) -> Path:
     """Write ``metrics.json`` and ``report.html`` for a finished campaign; returns the HTML path.
 
     ``sweep`` (records of :func:`manifex.manipulation.defence.robustness_sweep`) and ``sweep_png`` add the
     β-smoothing section. ``checks`` (what was verified about the inputs) fill the report's checks box;
     ``warnings`` (failed checks) go to the top of the report and to ``metrics.json`` ``warnings``.
+    ``metrics_file=False``: write only the report (the experiment contract writes ``metrics.json`` itself, from
+    :func:`attack_metrics`).
     """
     out = Path(out_dir)
     m = summary.means
     warnings = list(warnings or [])
-    metrics = {**summary.to_dict(), "method": method, "model": model_info or {}, "sweep": sweep or [],
-               "checks": list(checks or []), "warnings": warnings}
-    write_json(metrics, out / "metrics.json")
+    if metrics_file:
+        write_json(attack_metrics(summary, method=method, model_info=model_info, sweep=sweep, checks=checks,
+                                  warnings=warnings), out / "metrics.json")
     kept = summary.top1_kept_rate
     headline = (
         f"{method}: similarity to the target map {_fmt(m.get('pcc_orig_target'), 2)} → {_fmt(m.get('pcc_manip_target'), 2)} "
@@ -99,6 +102,27 @@ def write_attack_report(
     )
 
 
+def attack_metrics(summary: CampaignSummary, *, method: str, model_info: dict | None = None, sweep: list[dict] | None = None,
+                   checks: list[str] | None = None, warnings: list[str] | None = None) -> dict[str, Any]:
+    """The content of a campaign's ``metrics.json``: the summary (counts, means, settings), the method, the model,
+    the β sweep if any, the checks and the warnings."""
+    return {**summary.to_dict(), "method": method, "model": model_info or {}, "sweep": sweep or [],
+            "checks": list(checks or []), "warnings": list(warnings or [])}
+
+
+def _beta_label(b: float) -> str:
+    return "ReLU" if b == float("inf") else f"β={b:g}"
+
+
+def smooth_metrics(sweep: list[dict], *, method: str, accuracy: dict[float, float], model_info: dict | None = None,
+                   budget: float | None = None, checks: list[str] | None = None,
+                   warnings: list[str] | None = None) -> dict[str, Any]:
+    """The content of a β sweep's ``metrics.json``: accuracy and sweep records keyed by "β=10" / "ReLU"."""
+    return {"method": method, "accuracy": {_beta_label(b): a for b, a in accuracy.items()},
+            "sweep": [{**r, "beta": _beta_label(r["beta"])} for r in sweep], "model": model_info or {},
+            "budget_linf": budget, "checks": list(checks or []), "warnings": list(warnings or [])}
+
+
 def write_smooth_report(
     sweep: list[dict],
     out_dir: str | Path,
@@ -112,19 +136,20 @@ def write_smooth_report(
     budget: float | None = None,
     checks: list[str] | None = None,
     warnings: list[str] | None = None,
+    metrics_file: bool = True,
 ) -> Path:
     """Write ``metrics.json`` and ``report.html`` for a β-smoothing sweep; returns the HTML path.
 
     ``budget``: the sweep's L∞ budget in pixel units of [0, 1] (None: unbounded), stated in the report.
-    ``checks``/``warnings`` as in :func:`write_attack_report`.
+    ``checks``/``warnings`` as in :func:`write_attack_report`; ``metrics_file=False``: the report only
+    (:func:`smooth_metrics` is the content of ``metrics.json``).
     """
     out = Path(out_dir)
-    label = lambda b: "ReLU" if b == float("inf") else f"β={b:g}"  # noqa: E731
+    label = _beta_label
     warnings = list(warnings or [])
-    write_json({"method": method, "accuracy": {label(b): a for b, a in accuracy.items()},
-                "sweep": [{**r, "beta": label(r["beta"])} for r in sweep], "model": model_info or {},
-                "budget_linf": budget, "checks": list(checks or []), "warnings": warnings},
-               out / "metrics.json")
+    if metrics_file:
+        write_json(smooth_metrics(sweep, method=method, accuracy=accuracy, model_info=model_info, budget=budget,
+                                  checks=checks, warnings=warnings), out / "metrics.json")
     rows = [{"beta": label(r["beta"]), **{k: fmt(r.get(k)) for k, _, fmt in _SMOOTH_COLUMNS}} for r in sweep]
     budget_text = "unbounded" if budget is None else f"L∞ ≤ {budget * 255:.3g}/255"
     relu = next((r for r in sweep if r["beta"] == float("inf")), None)
