@@ -327,8 +327,12 @@ def run_command(experiment, config, *, out_dir, resume: bool = True, overwrite: 
         click.echo(f"  the earlier run was moved aside to {result.moved_to}")
     for w in result.warnings:
         click.secho(f"  warning: {w}", fg="yellow", err=True)
-    for line in result.findings:
-        click.echo(f"  {line}")
+    failed = [c for c in result.checks if str(c).startswith("FAILED")]
+    if failed and result.findings:  # a degenerate input: the numbers are a diagnosis, not a finding
+        click.echo(f"  findings withheld: the inputs failed {len(failed)} check(s); the report shows the numbers as a diagnosis")
+    else:
+        for line in result.findings:
+            click.echo(f"  {line}")
     if result.report is not None:
         click.echo(f"report: {result.report}")
     return result

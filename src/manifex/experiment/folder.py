@@ -98,8 +98,9 @@ class ExperimentFolder:
     """
 
     def __init__(self, path: str | os.PathLike, *, command: str, resume: bool = True, overwrite: bool = False,
-                 what: str | None = None) -> None:
+                 what: str | None = None, advice: str | None = None) -> None:
         self.path = Path(path).expanduser()
+        self.advice = advice
         self.command = command
         self.what = what or f"a {command} run"
         self.resume = bool(resume)
@@ -158,9 +159,9 @@ class ExperimentFolder:
                 if diff:
                     shown = "; ".join(f"{k}: {_short(a.get(k, _MISSING))} -> {_short(b.get(k, _MISSING))}" for k in diff[:5])
                     more = f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""
-                    raise InputError(f"{self.path} holds {self.what} made with other {section} ({shown}{more}); resume with "
-                                     f"the same options, use a new {param('out_dir')}, or {param('overwrite', True)} to move the old folder aside "
-                                     "and start over.")
+                    advice = self.advice or (f"resume with the same options, use a new {param('out_dir')}, or "
+                                             f"{param('overwrite', True)} to move the old folder aside and start over.")
+                    raise InputError(f"{self.path} holds {self.what} made with other {section} ({shown}{more}); {advice}")
             record = dict(old or {}) if (self.resume and self.has_results()) else {}
             record.update({"command": self.command, "manifex": _version(), **{k: v for k, v in self._claimed.items()}})
             record[section] = new

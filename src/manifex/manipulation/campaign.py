@@ -348,13 +348,10 @@ def _campaign(model: nn.Module, explainer: Explainer, pairs: PairSet, out_dir: P
     output = check_output_selector(explainer.output if output is None else output)
     out = Path(out_dir).expanduser()
     settings = campaign_settings(explainer, attack_options, pixel_scale, output)
-    folder = ExperimentFolder(out, command="campaign", resume=resume, what="a campaign")
+    folder = ExperimentFolder(out, command="campaign", resume=resume, what="a campaign", advice=PYTHON_ADVICE)
     log = JsonlLog(out / RESULTS_FILE, key="id")
     previous = log.load(repair=True)  # a line cut short by a killed writer is dropped before the comparison
-    try:
-        folder.claim("settings", settings)
-    except InputError as e:  # the folder's advice names CLI options; from Python the ways out are arguments
-        raise InputError(_python_advice(str(e))) from None
+    folder.claim("settings", settings)
     todo = [i for i in range(len(pairs)) if pairs.ids[i] not in previous]
     n_skipped = len(pairs) - len(todo)
     if todo:
@@ -371,13 +368,8 @@ def _campaign(model: nn.Module, explainer: Explainer, pairs: PairSet, out_dir: P
     return summary
 
 
-_CLI_ADVICE = "resume with the same options, use a new --out, or --overwrite to move the old folder aside and start over."
-
-
-def _python_advice(message: str) -> str:
-    if message.endswith(_CLI_ADVICE):
-        return message[: -len(_CLI_ADVICE)] + "pass the same settings, resume=False to start over in this folder, or another out_dir."
-    return message
+#: the ways out of a refused resume that a Python caller has (run_campaign and robustness_sweep take no overwrite)
+PYTHON_ADVICE = "pass the same settings, resume=False to start over in this folder, or another out_dir."
 
 
 def campaign_settings(explainer: Explainer, attack_options: dict[str, Any], pixel_scale: Any,
