@@ -158,8 +158,9 @@ def helix_summary(records: list[dict], cfg: HelixConfig, accuracy: float, flow_i
     for space in ("latent", "pixel"):
         rs = [r[space] for r in records]
         ok = [r["success"] and not r["already"] for r in rs]
-        # float32 tensors of the recorded float32 values, reduced as run_helix always did: the same numbers
-        d = torch.tensor([r["distance"] for r, good in zip(rs, ok) if good], dtype=torch.float32)
+        # the recorded values in the search's dtypes (distances float64, distance_to_helix's), reduced as run_helix
+        # always did: the same numbers from the records as from the tensors
+        d = torch.tensor([r["distance"] for r, good in zip(rs, ok) if good], dtype=torch.float64)
         steps = torch.tensor([r["steps"] for r, good in zip(rs, ok) if good], dtype=torch.float32)
         summary[space] = {
             "success_rate": float(torch.tensor(ok, dtype=torch.float32).sum() / max(1, sum(not r["already"] for r in rs))),

@@ -278,7 +278,7 @@ def write_helix_report(res: dict, out_dir: str | Path, *, command: str | None = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     s, records = res["summary"], res["records"]
-    d = {sp: np.array([r[sp]["distance"] for r in records if r[sp]["success"] and not r[sp]["already"]], dtype=np.float32)
+    d = {sp: np.array([r[sp]["distance"] for r in records if r[sp]["success"] and not r[sp]["already"]], dtype=np.float64)
          for sp in ("latent", "pixel")}
     atomic_savefig(helix_figure(d["latent"], d["pixel"]), out / "helix_distances.png", dpi=110)
     atomic_savefig(spectrum_figure(np.array([r["singular_values"] for r in records], dtype=np.float64),
