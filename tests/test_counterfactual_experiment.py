@@ -154,3 +154,19 @@ def test_helix_experiment_has_run_helixs_numbers_and_resumes(tmp_path):
     assert again.n_new == {"points": 0} and again.records == res.records
     with pytest.raises(InputError, match="other settings"):
         run_experiment(HelixExperiment(), HelixConfig(**{**HELIX, "max_steps": 41}), out, cache_dir=cache, progress=False)
+
+
+def test_run_campaign_with_a_prepared_context_trains_nothing_more(tmp_path, monkeypatch):
+    from manifex.counterfactuals.experiment import CounterfactualConfig, prepare, run_campaign
+
+    cfg = CounterfactualConfig(dataset="digits8", classifier_epochs=1, spaces=("pixel",), n=2, max_steps=3)
+    prep = prepare(cfg, cache=ModelCache(tmp_path / "c"), progress=False)
+
+    def trained(*args, **kwargs):
+        raise AssertionError("a model was trained although the context was prepared")
+
+    monkeypatch.setattr(zoo, "fit_classifier", trained)
+    monkeypatch.setattr(zoo, "fit_generative", trained)
+    result = run_campaign(cfg, tmp_path / "out", cache=ModelCache(tmp_path / "empty"), prepared=prep, progress=False)
+    assert [r["index"] for r in result.records] == prep["chosen"].tolist()
+    assert result.info["classifier"]["name"] == "lenet" and result.n_new == 2
