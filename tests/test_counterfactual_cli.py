@@ -41,7 +41,8 @@ def test_end_to_end_on_digits_resumes(tmp_path):
             "--max-steps", "5", "--path-frames", "3", "--out", str(out)]
     r = _run(args, tmp_path)
     assert r.exit_code == 0, r.output
-    for f in ("report.html", "metrics.json", "results.jsonl", "grid.png", "paths.png", "spectrum.png", "campaign.json"):
+    for f in ("report.html", "metrics.json", "summary.json", "results.jsonl", "grid.png", "paths.png", "spectrum.png",
+              "experiment.json"):
         assert (out / f).is_file(), f
     lines = (out / "results.jsonl").read_text().splitlines()
     assert len(lines) == 3
@@ -81,21 +82,21 @@ def test_helix_refuses_the_options_it_does_not_use(tmp_path, args, named):
 
 
 def test_helix_takes_n_max_steps_generator_epochs_and_seed(tmp_path, monkeypatch):
-    import manifex.counterfactuals.helix as helix
+    import manifex.cli.counterfactual as cli
+    from manifex.counterfactuals.experiment import HelixConfig, HelixExperiment
 
     seen = []
 
-    def fake_run_helix(cfg, **kwargs):
-        seen.append(cfg)
-        raise SystemExit(0)
+    def fake_run_command(experiment, config, **kwargs):
+        seen.append((type(experiment), config, kwargs["resume"], kwargs["overwrite"]))
 
-    monkeypatch.setattr(helix, "run_helix", fake_run_helix)
+    monkeypatch.setattr(cli, "run_command", fake_run_command)
     r = _run(["--dataset", "helix", "--out", str(tmp_path / "out"), "--n", "5", "--max-steps", "7",
-              "--generator-epochs", "1", "--seed", "3", "--device", "cpu"], tmp_path)
+              "--generator-epochs", "1", "--seed", "3", "--device", "cpu", "--no-resume", "--overwrite"], tmp_path)
     assert r.exit_code == 0, r.output
-    assert seen == [helix.HelixConfig(n=5, max_steps=7, flow_epochs=1, seed=3)]
+    assert seen == [(HelixExperiment, HelixConfig(n=5, max_steps=7, flow_epochs=1, seed=3), False, True)]
     _run(["--dataset", "helix", "--out", str(tmp_path / "out")], tmp_path)
-    assert seen[-1] == helix.HelixConfig()  # the research defaults, not the image campaign's --n 32 / --max-steps 2000
+    assert seen[-1][1] == HelixConfig()  # the research defaults, not the image campaign's --n 32 / --max-steps 2000
 
 
 @pytest.mark.slow

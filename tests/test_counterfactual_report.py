@@ -25,7 +25,7 @@ def _records(dims, top=4, recon=None):
 
 
 def test_spectrum_summary_says_null_with_a_reason_when_no_gap():
-    from manifex.counterfactuals.campaign import spectrum_summary
+    from manifex.counterfactuals.experiment import spectrum_summary
 
     none = spectrum_summary(_records([None, None, 2]))
     assert none["dimension_median"] is None and "not determined" in none["dimension_note"] and none["no_gap"] == 2
@@ -36,7 +36,7 @@ def test_spectrum_summary_says_null_with_a_reason_when_no_gap():
 
 
 def test_approximate_generator_warning_comes_from_the_records():
-    from manifex.counterfactuals.campaign import generator_warnings
+    from manifex.counterfactuals.experiment import generator_warnings
 
     (w,) = generator_warnings(_records([2, 2], recon=[0.61, 0.2]), {"kind": "vae"})
     assert "0.61" in w and "vae" in w and "2 of 2" in w
@@ -45,26 +45,25 @@ def test_approximate_generator_warning_comes_from_the_records():
 
 
 def _helix_result(n: int = 4) -> dict:
-    """What run_helix returns, with made-up numbers (the report's layout is under test, not the experiment)."""
-    from types import SimpleNamespace
-
-    result = SimpleNamespace(success=torch.ones(n, dtype=torch.bool), already=torch.zeros(n, dtype=torch.bool))
+    """What run_helix returns (records and summary), with made-up numbers (the report's layout is under test, not
+    the experiment)."""
     space = {"success_rate": 1.0, "distance_median": 0.02, "distance_mean": 0.03, "steps_median": 40.0}
     summary = {"n": n, "classifier_accuracy": 0.99, "distance_ratio_median": 0.01,
                "latent": space, "pixel": {**space, "distance_median": 2.0},
                "spectrum": {"ratio_s1_s2_median": 120.0, "dimension_is_1_fraction": 1.0},
                "flow": {"epochs": 1, "steps_per_epoch": 391, "nll_history": [1.5]}}
-    return {"summary": summary, "results": {"latent": result, "pixel": result},
-            "distances": {"latent": torch.full((n,), 0.02), "pixel": torch.full((n,), 2.0)},
-            "spectrum": SimpleNamespace(singular_values=torch.tensor([[3.0, 0.02, 0.01]]).repeat(n, 1),
-                                        dimension=torch.ones(n, dtype=torch.long)),
-            "records": [{"id": f"helix{i:04d}"} for i in range(n)], "config": {"n": n}}
+    point = {"success": True, "already": False, "steps": 40, "value": 0.95, "x_cf": [0.0, 1.0, 0.5]}
+    records = [{"id": f"helix{i:04d}", "latent": {**point, "distance": 0.02}, "pixel": {**point, "distance": 2.0},
+                "singular_values": [3.0, 0.02, 0.01], "dimension": 1} for i in range(n)]
+    return {"summary": summary, "records": records, "config": {"n": n}}
 
 
 def test_helix_report_explains_the_helix_and_has_one_checks_box_at_the_top(tmp_path):
     from manifex.counterfactuals.report import write_helix_report
 
     html = write_helix_report(_helix_result(), tmp_path).read_text()
+    assert (tmp_path / "helix_distances.png").is_file() and (tmp_path / "spectrum.png").is_file()
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4  # run_helix's records, written standalone
     assert html.count("<h2>Checks</h2>") == 1
     assert html.index("<h2>Checks</h2>") < html.index("How to read this") < html.index("Distance to the data manifold")
     howto = html[html.index("How to read this"):html.index("</section>", html.index("How to read this"))]
@@ -74,7 +73,7 @@ def test_helix_report_explains_the_helix_and_has_one_checks_box_at_the_top(tmp_p
 def test_campaign_report_one_checks_box_at_the_top_with_the_warning_and_metrics_agree(tmp_path):
     import json
 
-    from manifex.counterfactuals.campaign import CampaignResult, CounterfactualConfig, generator_warnings, spectrum_summary
+    from manifex.counterfactuals.experiment import CampaignResult, CounterfactualConfig, generator_warnings, spectrum_summary
     from manifex.counterfactuals.report import write_report
 
     records = _records([None, None, None], recon=[0.61, 0.3, 0.2])

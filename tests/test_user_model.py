@@ -260,7 +260,7 @@ def test_counterfactual_names_the_users_model_and_never_resumes_another_models_r
     res = CliRunner().invoke(main, base)
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(main, [*base, *mine])
-    assert res.exit_code == 2 and "other settings" in res.output and "classifier_model" in res.output, res.output
+    assert res.exit_code == 2 and "other model" in res.output and "model.fingerprint" in res.output, res.output
     res = CliRunner().invoke(main, [*base, *mine, "--no-resume"])
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())

@@ -13,11 +13,12 @@ import torch
 from matplotlib.figure import Figure
 
 from ..reports import environment
-from ..runs import atomic_savefig, atomic_write_json, atomic_write_text, to_jsonable
-from .campaign import CampaignResult
+from ..experiment.folder import write_metrics
+from ..runs import atomic_savefig, atomic_write_text
 from .ascent import DEFAULT_LR
 
-__all__ = ["grid_figure", "path_figure", "spectrum_figure", "helix_figure", "write_report", "write_helix_report", "findings"]
+__all__ = ["grid_figure", "path_figure", "spectrum_figure", "helix_figure", "write_report", "write_helix_report", "findings",
+           "campaign_metrics"]
 
 #: Images shown in the research grid and the path strips.
 MAX_GRID, MAX_PATHS = 8, 4
@@ -151,8 +152,21 @@ def _render(template: str, path: Path, **context: Any) -> Path:
     return atomic_write_text(path, environment().get_template(template).render(**context))
 
 
-def write_report(result: CampaignResult, *, command: str | None = None) -> Path:
-    """Write the figures, ``metrics.json`` and ``report.html`` of a campaign into its ``out_dir``; returns the HTML path."""
+def campaign_metrics(result: Any) -> dict:
+    """The content of a campaign's ``metrics.json`` (``result``: a
+    :class:`~manifex.counterfactuals.experiment.CampaignResult`): its config (your model's name in place of the unused built-in
+    choice), summary, info, checks, warnings and counts."""
+    config = result.config.to_dict()
+    if result.info.get("classifier", {}).get("source") == "user":  # the built-in choice was not used
+        config["classifier"] = result.info["classifier"]["name"]
+    return {"config": config, "summary": result.summary, "info": result.info, "checks": result.checks,
+            "warnings": result.warnings, "n_images": len(result.records), "n_new": result.n_new}
+
+
+def write_report(result: Any, *, command: str | None = None, metrics_file: bool = True) -> Path:
+    """Write the figures, ``metrics.json`` (``metrics_file=False``: the experiment contract writes it) and
+    ``report.html`` of a campaign (a :class:`~manifex.counterfactuals.experiment.CampaignResult`) into its
+    ``out_dir``; returns the HTML path."""
     out, cfg, summary, records = result.out_dir, result.config, result.summary, result.records
     spaces = [s for s in cfg.spaces if s in summary]
     figures: dict[str, str] = {}
@@ -207,12 +221,8 @@ def write_report(result: CampaignResult, *, command: str | None = None) -> Path:
     if ratio is not None:
         cards.append({"label": "off-manifold, latent ÷ pixel", "value": f"{ratio:.2f}×", "sub": "median fraction dist/‖δ‖", "accent": True})
     lines = findings(summary, spaces)
-    config = cfg.to_dict()
-    if result.info.get("classifier", {}).get("source") == "user":  # the built-in choice was not used
-        config["classifier"] = result.info["classifier"]["name"]
-    metrics = {"config": config, "summary": summary, "info": result.info, "checks": result.checks,
-               "warnings": result.warnings, "n_images": len(records), "n_new": result.n_new}
-    atomic_write_json(out / "metrics.json", to_jsonable(metrics))
+    if metrics_file:
+        write_metrics(out / "metrics.json", campaign_metrics(result))
     headline = lines[0] if lines else "Counterfactuals"
     return _render("counterfactual.html.j2", out / "report.html", title="Counterfactual report", headline=headline,
                    subtitle=f"{len(records)} images of class {cfg.source} → {cfg.target} on {cfg.dataset}; "
@@ -259,21 +269,25 @@ def findings(summary: dict, spaces: list[str]) -> list[str]:
     return out
 
 
-def write_helix_report(res: dict, out_dir: str | Path, *, command: str | None = None) -> Path:
-    """Figures, ``metrics.json``, ``results.jsonl``-style records and ``report.html`` of :func:`run_helix`."""
+def write_helix_report(res: dict, out_dir: str | Path, *, command: str | None = None, run_files: bool = True) -> Path:
+    """Figures and ``report.html`` of the helix experiment from its records and summary (what :func:`run_helix`
+    returns, or :class:`~manifex.counterfactuals.experiment.HelixExperiment`'s); with ``run_files`` also its
+    ``results.jsonl`` and ``metrics.json`` (False: the experiment contract wrote them)."""
     from ..runs import append_jsonl
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    s = res["summary"]
-    ok = {sp: (r.success & ~r.already).cpu().numpy() for sp, r in res["results"].items()}
-    d = {sp: res["distances"][sp].numpy()[ok[sp]] for sp in ok}
+    s, records = res["summary"], res["records"]
+    d = {sp: np.array([r[sp]["distance"] for r in records if r[sp]["success"] and not r[sp]["already"]], dtype=np.float64)
+         for sp in ("latent", "pixel")}
     atomic_savefig(helix_figure(d["latent"], d["pixel"]), out / "helix_distances.png", dpi=110)
-    atomic_savefig(spectrum_figure(res["spectrum"].singular_values.double().numpy(), res["spectrum"].dimension.numpy(),
-                                   "helix flow at encode(x)"), out / "spectrum.png", dpi=110)
-    (out / "results.jsonl").unlink(missing_ok=True)
-    append_jsonl(out / "results.jsonl", res["records"])
-    atomic_write_json(out / "metrics.json", to_jsonable({"config": res["config"], "summary": s}))
+    atomic_savefig(spectrum_figure(np.array([r["singular_values"] for r in records], dtype=np.float64),
+                                   np.array([r["dimension"] for r in records]), "helix flow at encode(x)"),
+                   out / "spectrum.png", dpi=110)
+    if run_files:
+        (out / "results.jsonl").unlink(missing_ok=True)
+        append_jsonl(out / "results.jsonl", records)
+        write_metrics(out / "metrics.json", {"config": res["config"], "summary": s})
     ratio = s.get("distance_ratio_median")
     headline = (f"Helix: latent counterfactuals end {1 / ratio:.1f}× closer to the data manifold than pixel ones (median)"
                 if ratio else "Helix counterfactuals")
