@@ -195,7 +195,7 @@ def resolve_classifier(train, test, *, model: str | nn.Module | None = None, wei
     logits = check_classifier(net, batch, test.num_classes, name=shown)
     checks = (f"model ({shown}): logits of shape {tuple(logits.shape)} on a test batch, finite; "
               f"{logits.shape[1]} outputs = the data's {test.num_classes} classes",)
-    acc = round(float(accuracy(net, _in_model_dtype(test, net))), 4) if measure_accuracy else None
+    acc = float(accuracy(net, _in_model_dtype(test, net))) if measure_accuracy else None
     info = ModelInfo(
         name=name, source=source, architecture=classifier if model is None else None,
         spec=os.fspath(spec) if spec is not None else (type(model).__name__ if isinstance(model, nn.Module) else None),
