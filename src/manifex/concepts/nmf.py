@@ -29,7 +29,7 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["nmf", "nmf_error", "NMF_SOLVERS", "matched_cosine"]
+__all__ = ["nmf", "nmf_error", "NMF_SOLVERS", "matched_cosine", "nmf_transform"]
 
 Solver = Literal["auto", "hals", "mu", "sklearn"]
 NMF_SOLVERS = ("auto", "hals", "mu", "sklearn")
@@ -286,3 +286,45 @@ def matched_cosine(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     out = torch.empty(A.shape[0], dtype=torch.float64)
     out[torch.as_tensor(r)] = cos[torch.as_tensor(r), torch.as_tensor(c)]
     return out
+
+
+def nmf_transform(X: torch.Tensor, H: torch.Tensor, *, max_iter: int = 200, tol: float = 1e-4) -> torch.Tensor:
+    """The coefficients W ≥ 0 of the rows of ``X`` on fixed components ``H``: argmin_W ‖X − W H‖_F
+    (scikit-learn's ``NMF.transform``: coordinate descent on W alone, from W = √(mean(x)/k)).
+
+    ``X`` (..., R, c) ≥ 0 and ``H`` (..., k, c) with the same leading (batch) shape, or one ``H`` (k, c) for
+    every matrix; returns W (..., R, k) in X's dtype and device. The problem is separable by rows, so each row
+    starts from its own mean and stops on its own projected-gradient violation (≤ ``tol`` × its first), where
+    scikit-learn stops on the whole matrix's: a row's coefficients do not depend on the other rows of the batch.
+    """
+    if not isinstance(X, torch.Tensor) or not isinstance(H, torch.Tensor) or X.dim() < 2 or H.dim() < 2:
+        raise InputError("nmf_transform needs tensors X (..., R, c) and H (..., k, c).")
+    if X.shape[-1] != H.shape[-1]:
+        raise InputError(f"X has {X.shape[-1]} features but H has {H.shape[-1]}; they must match.")
+    if not X.is_floating_point() or bool((X < 0).any()) or not bool(torch.isfinite(X).all()):
+        raise InputError("nmf_transform needs finite, non-negative floating-point X (activations after a ReLU).")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise InputError(f"max_iter must be a positive int, got {max_iter!r}.")
+    H = H.to(X)
+    k = H.shape[-2]
+    HHt = H @ H.transpose(-1, -2)  # (..., k, k)
+    XHt = X @ H.transpose(-1, -2)  # (..., R, k)
+    W = (X.mean(-1, keepdim=True) / k).sqrt().expand(*XHt.shape).clone()
+    active = torch.ones(XHt.shape[:-1], dtype=torch.bool, device=X.device)
+    first = torch.zeros(XHt.shape[:-1], dtype=X.dtype, device=X.device)
+    for it in range(max_iter):
+        violation = torch.zeros_like(first)
+        for t in range(k):
+            grad = (W * HHt[..., t, :].unsqueeze(-2)).sum(-1) - XHt[..., t]  # (..., R)
+            w = W[..., t]
+            pg = torch.where(w == 0, grad.clamp(max=0), grad)
+            violation += pg.abs()
+            hess = HHt[..., t, t].unsqueeze(-1)
+            step = torch.where(hess != 0, grad / torch.where(hess != 0, hess, torch.ones_like(hess)), torch.zeros_like(grad))
+            W[..., t] = torch.where(active, (w - step).clamp(min=0), w)
+        if it == 0:
+            first = violation
+        active &= ~((first == 0) | (violation <= tol * first))
+        if not bool(active.any()):
+            break
+    return W
