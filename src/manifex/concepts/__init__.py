@@ -11,7 +11,8 @@ concepts per class, prototype crops, and the prediction-from-components test.
 """
 from .nmf import NMF_SOLVERS, matched_cosine, nmf, nmf_error, nmf_transform
 from .basis import RELEVANCES, ConceptBasis, class_concepts, predict_classes, relevance_explainer, select_class_images
-from .prototypes import Prototypes, cell_boxes, concept_prototypes, crop_boxes, pooled_activations, resolve_pool
+from .prototypes import (RANK_BY, Prototypes, cell_boxes, concept_prototypes, crop_boxes, pooled_activations,
+                         pooled_concept_relevance, resolve_pool)
 from .components import (RESEARCH_NUMBERS, ComponentTest, assemble, component_statistics, prediction_from_components,
                          wilson_interval)
 from .contrast import (ClassActivations, ContrastiveConcepts, Hyperplanes, OODFilter, class_activation_data,
@@ -29,6 +30,7 @@ __all__ = [
     "concept_maps", "MAP_METHODS", "ConceptStability", "concept_stability", "matrix_stability",
     "ConceptBasis", "class_concepts", "predict_classes", "RELEVANCES", "relevance_explainer", "select_class_images",
     "Prototypes", "concept_prototypes", "pooled_activations", "cell_boxes", "crop_boxes", "resolve_pool",
+    "pooled_concept_relevance", "RANK_BY",
     "ComponentTest", "prediction_from_components", "assemble", "component_statistics", "RESEARCH_NUMBERS", "wilson_interval",
     "ClassActivations", "class_activation_data", "Hyperplanes", "train_hyperplanes", "hyperplane_loop",
     "ContrastiveConcepts", "contrastive_concepts", "OODFilter", "fit_ood_filter",

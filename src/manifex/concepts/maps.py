@@ -18,13 +18,15 @@ Every map is input-shaped (N, C, H, W). The model's state is left as found (the 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attribution.core import OutputSelector, check_model_input, check_output_selector, preserve_model_state
+from ..attribution.core import (OutputSelector, TrainModeWarning, check_model_input, check_output_selector,
+                                preserve_model_state, warn_if_training)
 from ..attribution.layer import check_layer_shape, layer_activations, resolve_layer
 from ..data.base import ImageDataset
 from ..errors import InputError, ModelError
@@ -154,10 +156,13 @@ def concept_maps(
         return out @ weight.to(out)
 
     explainer = make_explainer(head, "input_x_gradient" if method == "gradient_x_input" else method, **options)
+    warn_if_training(model)  # once per model (the wrapper is new at every call: its own warning is silenced)
     maps = []
-    for s in range(0, x.shape[0], batch_size):
-        xb = check_model_input(model, x[s : s + batch_size], "x")
-        maps.append(explainer.attribute(xb, target).detach())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainModeWarning)
+        for s in range(0, x.shape[0], batch_size):
+            xb = check_model_input(model, x[s : s + batch_size], "x")
+            maps.append(explainer.attribute(xb, target).detach())
     return torch.cat(maps)
 
 
