@@ -227,6 +227,24 @@ def test_deeplift_map_conserves_the_concept_difference_on_the_trained_resnet():
     torch.testing.assert_close(gxi, x * g, rtol=1e-10, atol=1e-12)
 
 
+def test_several_concepts_in_one_batch_equal_one_concept_at_a_time():
+    model = copy.deepcopy(tiny_resnet()).double().eval()
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    basis = _basis(torch.rand(2, 3, 12, generator=torch.Generator().manual_seed(15), dtype=torch.float64), "blocks.1", (0, 2))
+    bases = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    for method, kw in (("lrp", {}), ("deeplift", {"baseline": bases}), ("gradient_x_input", {}), ("upsampled", {})):
+        together = concept_maps(model, x, basis, 2, method=method, batch_size=4, **kw)  # 9 rows in 3 calls
+        assert together.shape == (3, 3, 1, 8, 8)
+        for j in range(3):
+            one = concept_maps(model, x, basis, (2, j), method=method, **kw)
+            torch.testing.assert_close(together[:, j], one, rtol=1e-10, atol=1e-12)
+    # a per-image DeepLift reference is each image's own: its map sums to s(x_i) − s(x̄_i)
+    maps = concept_maps(model, x, basis, (0, 1), method="deeplift", baseline=bases, batch_size=2)
+    h = basis.vectors[0, 1]
+    torch.testing.assert_close(maps.sum((1, 2, 3)), _coefficient(model, x, "blocks.1", h) - _coefficient(model, bases, "blocks.1", h),
+                               rtol=1e-9, atol=1e-12)
+
+
 def test_upsampled_map_is_the_coefficient_map():
     model = BiasFreeResNet().double().eval()
     x = torch.rand(2, 1, 8, 8, dtype=torch.float64)

@@ -74,30 +74,38 @@ class _UpToLayer(nn.Module):
         return seen[0].flatten(1)
 
 
-def concept_direction(basis: ConceptBasis | None, concept: Any, channels: int) -> torch.Tensor:
-    """The concept vector (channels,) named by ``concept``: a (class, index) pair of ``basis``, or a tensor."""
+def concept_direction(basis: ConceptBasis | None, concept: Any, channels: int) -> tuple[torch.Tensor, bool]:
+    """``(vectors (m, channels), several)``: the concept vector(s) named by ``concept`` — a (class, index) pair of
+    ``basis``, a class of ``basis`` (all its concepts), a vector (channels,) or vectors (m, channels);
+    ``several`` is False for one pair or one vector."""
     if isinstance(concept, torch.Tensor):
         h = concept.detach()
-        if h.shape != (channels,) or not h.is_floating_point() or not bool(torch.isfinite(h).all()):
-            raise InputError(f"a concept tensor must be a finite float vector of the layer's {channels} channels, got "
-                             f"{tuple(h.shape)} {h.dtype}.")
-        return h
-    if isinstance(concept, tuple) and len(concept) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in concept):
+        if h.dim() not in (1, 2) or h.shape[-1] != channels or h.numel() == 0 or not h.is_floating_point() \
+                or not bool(torch.isfinite(h).all()):
+            raise InputError(f"a concept tensor must be a finite float vector ({channels},) or vectors (m, {channels}) of the "
+                             f"layer's channels, got {tuple(h.shape)} {h.dtype}.")
+        return (h[None], False) if h.dim() == 1 else (h, True)
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if is_int(concept) or isinstance(concept, tuple) and len(concept) == 2 and all(is_int(v) for v in concept):
         if basis is None:
-            raise InputError("a (class, index) concept needs the basis it comes from.")
-        cls, j = concept
-        vecs = basis.of(cls)
+            raise InputError("a concept named by its class needs the basis it comes from.")
+        cls = concept if is_int(concept) else concept[0]
+        vecs = basis.of(cls).detach()
+        if is_int(concept):
+            return vecs, True
+        j = concept[1]
         if not 0 <= j < vecs.shape[0]:
             raise InputError(f"concept index {j} is out of range: class {cls} has {vecs.shape[0]} concepts (0..{vecs.shape[0] - 1}).")
-        return vecs[j].detach()
-    raise InputError(f"concept must be a (class, index) pair of the basis, e.g. (3, 0), or a (channels,) tensor, got {concept!r}.")
+        return vecs[j : j + 1], False
+    raise InputError(f"concept must be a (class, index) pair of the basis, e.g. (3, 0), a class (all its concepts), or "
+                     f"a (channels,) or (m, channels) tensor, got {concept!r}.")
 
 
 def concept_maps(
     model: nn.Module,
     x: ImageDataset | torch.Tensor,
     basis: ConceptBasis | None,
-    concept: tuple[int, int] | torch.Tensor,
+    concept: tuple[int, int] | int | torch.Tensor,
     *,
     method: str = "lrp",
     layer: str | nn.Module | None = None,
@@ -107,12 +115,14 @@ def concept_maps(
     batch_size: int = 64,
     output: OutputSelector = None,
 ) -> torch.Tensor:
-    """Input-shaped maps (N, C, H, W) of the concept ``concept`` in the images ``x`` (see the module docstring).
+    """Input-shaped maps of the concept ``concept`` in the images ``x`` (see the module docstring): (N, C, H, W)
+    for one concept — a (class, index) pair of ``basis`` or a vector (channels,) —, (N, m, C, H, W) for several —
+    a class of ``basis`` (its k concepts) or vectors (m, channels) —, computed in one batched pass (image × concept
+    rows, ``batch_size`` rows per call). With a vector, ``basis`` may be None and ``layer`` names the layer.
 
-    ``concept``: a (class, index) pair of ``basis``, or a concept vector (channels,) (then ``basis`` may be None
-    and ``layer`` names the layer). ``method``: "lrp", "deeplift", "gradient_x_input" or "upsampled" (the cheap
-    picture). ``baseline``: DeepLift's reference (a number or an image). ``composite``/``canonizers``: LRP's (the
-    engine's defaults when None; a composite that selects layers by name sees them as ``model.<name>``).
+    ``method``: "lrp", "deeplift", "gradient_x_input" or "upsampled" (the cheap picture). ``baseline``:
+    DeepLift's reference (a number, one image (C, H, W) or one per image (N, C, H, W)). ``composite``/``canonizers``:
+    LRP's (the engine's defaults when None; a composite that selects layers by name sees them as ``model.<name>``).
     ``output`` is accepted for symmetry with the other concept functions; the maps never use the logits.
     """
     check_output_selector(output)
@@ -128,53 +138,69 @@ def concept_maps(
         layer = basis.layer
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive int, got {batch_size!r}.")
+    if method != "deeplift" and not (isinstance(baseline, (int, float)) and baseline == 0.0):
+        raise InputError(f"baseline is DeepLift's reference; method {method!r} takes none.")
     x = as_images(x)
     module, name = resolve_layer(model, layer)
     probe = check_model_input(model, x[:1], "x")
     with preserve_model_state(model):
         a = layer_activations(model, probe, module)
     check_layer_shape(tuple(a.shape), name, what="concept_maps")
-    h = concept_direction(basis, concept, a.shape[1]).to(probe.device, probe.dtype)
+    H, several = concept_direction(basis, concept, a.shape[1])
+    H = H.to(probe.device, probe.dtype)
+    N, m = x.shape[0], H.shape[0]
     if method == "upsampled":
-        return _upsampled(model, module, x, h, batch_size)
+        maps = _upsampled(model, module, x, H, batch_size)
+        return maps if several else maps[:, 0]
     from ..attribution import make_explainer
 
     options: dict[str, Any] = {}
     if method == "deeplift":
         options["baseline"] = baseline
+        if isinstance(baseline, torch.Tensor) and baseline.dim() == x.dim():  # one reference per image: per row
+            if baseline.shape[0] != N:
+                raise InputError(f"baseline has {baseline.shape[0]} images for {N} images in x.")
     elif method == "lrp":
         if composite is not None:
             options["composite"] = composite
         if canonizers is not None:
             options["canonizers"] = canonizers
-    elif baseline != 0.0:
-        raise InputError(f"baseline is DeepLift's reference; method {method!r} takes none.")
     head = _UpToLayer(model, module, name)
-    weight = h.reshape(-1, *([1] * (a.dim() - 2))).expand(a.shape[1:]).reshape(-1)
-
-    def target(out: torch.Tensor) -> torch.Tensor:  # s = Σ_p ⟨a_p, h⟩, as float scores
-        return out @ weight.to(out)
-
+    # per concept, its weight on the flattened layer output: s_j = out · weights[j]
+    weights = H.reshape(m, -1, *([1] * (a.dim() - 2))).expand(m, *a.shape[1:]).reshape(m, -1)
+    rows = torch.arange(N * m)  # row r: image r // m, concept r % m
     explainer = make_explainer(head, "input_x_gradient" if method == "gradient_x_input" else method, **options)
     warn_if_training(model)  # once per model (the wrapper is new at every call: its own warning is silenced)
     maps = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrainModeWarning)
-        for s in range(0, x.shape[0], batch_size):
-            xb = check_model_input(model, x[s : s + batch_size], "x")
+        for s in range(0, N * m, batch_size):
+            r = rows[s : s + batch_size]
+            xb = check_model_input(model, x[r // m], "x")
+            w = weights[(r % m).to(weights.device)]
+
+            def target(out: torch.Tensor, w: torch.Tensor = w) -> torch.Tensor:  # s = Σ_p ⟨a_p, h⟩ per row
+                return (out * w.to(out)).sum(1)
+
+            if method == "deeplift" and isinstance(baseline, torch.Tensor) and baseline.dim() == x.dim():
+                explainer.baseline = baseline[r // m]
             maps.append(explainer.attribute(xb, target).detach())
-    return torch.cat(maps)
+    out = torch.cat(maps).reshape(N, m, *x.shape[1:])
+    return out if several else out[:, 0]
 
 
 @torch.no_grad()
-def _upsampled(model, module, x, h, batch_size) -> torch.Tensor:
+def _upsampled(model, module, x, H, batch_size) -> torch.Tensor:
+    """(N, m, C, H, W): the coefficient maps ⟨a_p, h_j⟩, bilinearly upsampled, repeated over the channels."""
     out = []
     with preserve_model_state(model):
         for s in range(0, x.shape[0], batch_size):
             xb = check_model_input(model, x[s : s + batch_size], "x")
             a = layer_activations(model, xb, module)
-            c = torch.einsum("nc...,c->n...", a, h)
-            c = c[:, None] if c.dim() == 3 else c[:, None, None, None]
-            up = F.interpolate(c, size=tuple(xb.shape[2:]), mode="bilinear", align_corners=False) if c.shape[2:] != xb.shape[2:] else c
-            out.append(up.expand(-1, xb.shape[1], -1, -1).clone())
+            c = torch.einsum("nc...,mc->nm...", a, H)
+            c = c if c.dim() == 4 else c[:, :, None, None]
+            n, m = c.shape[:2]
+            if c.shape[2:] != xb.shape[2:]:
+                c = F.interpolate(c, size=tuple(xb.shape[2:]), mode="bilinear", align_corners=False)
+            out.append(c[:, :, None].expand(n, m, xb.shape[1], *xb.shape[2:]).clone())
     return torch.cat(out)

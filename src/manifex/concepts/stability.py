@@ -90,18 +90,24 @@ def matrix_stability(X: torch.Tensor, reference: torch.Tensor, *, n_rows: torch.
     def match(H: torch.Tensor) -> torch.Tensor:
         return torch.stack([matched_cosine(reference[i], H[i]) for i in range(C)])  # (C, k)
 
-    seed_cos = [match(nmf(X, k, solver=solver, n_rows=rows.to(X.device), seed=s)[1]) for s in seeds]
-    boot_cos = []
+    # every refit in one batched NMF: C matrices per other seed, then C per half (the reference's seed)
+    mats, counts, run_seeds = [X] * len(seeds), [rows] * len(seeds), [s for s in seeds for _ in range(C)]
     g = torch.Generator().manual_seed(int(seed))
     for _ in range(bootstrap):
         half = (images // 2).tolist()
-        Xh = X.new_zeros(C, max(half) * rows_per_image, c)
+        Xh = X.new_zeros(C, R, c)
         for i in range(C):
             pick = torch.randperm(int(images[i]), generator=g)[: half[i]].sort().values
             idx = (pick[:, None] * rows_per_image + torch.arange(rows_per_image)).reshape(-1).to(X.device)
             Xh[i, : idx.numel()] = X[i, idx]
-        Hh = nmf(Xh, k, solver=solver, n_rows=torch.tensor([h * rows_per_image for h in half], device=X.device), seed=seed)[1]
-        boot_cos.append(match(Hh))
+        mats.append(Xh)
+        counts.append(torch.tensor([h * rows_per_image for h in half]))
+        run_seeds += [int(seed)] * C
+    seed_cos, boot_cos = [], []
+    if mats:
+        H = nmf(torch.cat(mats), k, solver=solver, n_rows=torch.cat(counts).to(X.device), seed=run_seeds)[1]
+        cos = [match(H[r * C : (r + 1) * C]) for r in range(len(mats))]
+        seed_cos, boot_cos = cos[: len(seeds)], cos[len(seeds) :]
     empty = torch.zeros(C, 0, k, dtype=torch.float64)
     return ConceptStability(seed_cosine=torch.stack(seed_cos, 1) if seed_cos else empty,
                             bootstrap_cosine=torch.stack(boot_cos, 1) if boot_cos else empty, seeds=seeds,
