@@ -349,3 +349,36 @@ def test_relevance_ranked_references_are_the_cells_of_largest_concept_relevance(
     assert by_activation.rank_by == "activation" and bool((by_activation.scores <= 1 + 1e-6).all())
     with pytest.raises(InputError, match="rank_by must be one of"):
         concept_prototypes(model, x, basis, rank_by="gradient")
+
+
+def test_report_ranks_concepts_maps_them_and_marks_stability(tmp_path):
+    from manifex.concepts.report import UNSTABLE_BELOW, run_concept_campaign, summarize, write_concepts_report
+    from manifex.data import load_digits8
+
+    model = tiny_resnet()
+    x = load_digits8().x[:200]
+    opts = {"layer": "blocks.1", "components": 3, "images_per_class": 12, "relevance": "deeplift", "samples": 1,
+            "solver": "auto", "seed": 0, "batch_size": 64, "pool": 2, "top_k": 3, "strips": 1, "layout": "strip",
+            "controls": 2, "geometry": "grid", "importance": "sobol", "sobol_designs": 8, "stability_seeds": 1,
+            "stability_halves": 2, "map_method": "deeplift", "relmax": True}
+    before = _state(model)
+    records = run_concept_campaign(model, x, [0, 1], tmp_path, options=opts, progress=False)
+    assert _same_state(before, _state(model))
+    for r in records:
+        assert len(r["importance"]) == 3 and sorted(r["importance_rank"]) == [0, 1, 2]
+        assert r["importance"][r["importance_rank"][0]] == max(r["importance"])
+        assert len(r["stability"]) == 3 and len(r["stability_bootstrap_cosine"]) == 2
+        assert r["unstable"] == [j for j, v in enumerate(r["stability"]) if v < UNSTABLE_BELOW]
+        assert (tmp_path / r["maps_figure"]).is_file() and len(r["relmax_top_image_index"]) == 3
+        # DeepLift maps (baseline 0) sum to s(x) − s(0) of each concept on the class's example image
+        basis_h = torch.tensor(r["vectors"])
+        xi = x[r["map_image_index"] : r["map_image_index"] + 1]
+        want = torch.stack(
+            [_coefficient(model, xi, "blocks.1", h)[0] - _coefficient(model, torch.zeros_like(xi), "blocks.1", h)[0]
+             for h in basis_h])
+        # float32 model: the map's sum and the direct difference agree to float32 round-off of sums of ~100 terms
+        torch.testing.assert_close(torch.tensor(r["map_sums"]), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    summary = summarize(records)
+    assert summary["stability"]["concepts"] == 6 and summary["importance"]["method"] == "sobol"
+    html = write_concepts_report(records, tmp_path, options=opts).read_text()
+    assert "most important concept" in html and "maps.png" in html and "concept stability" in html.lower()
