@@ -113,7 +113,7 @@ def maps_figure(image: torch.Tensor, maps: torch.Tensor, relmax: torch.Tensor | 
         panels.append(_mosaic(relmax.clamp(0, 1).numpy()))
         titles.append("top crops by relevance (RelMax)")
     widths = [q.shape[1] for q in panels]
-    fig = Figure(figsize=(11, 1.6 + 0.42 * k), dpi=40 * scale, layout="constrained")
+    fig = Figure(figsize=(11 if relmax is not None else 6, 1.6 + 0.42 * k), dpi=40 * scale, layout="constrained")
     axes = fig.subplots(1, len(panels), width_ratios=[max(w, 0.45 * max(widths)) for w in widths], squeeze=False)[0]
     for j, (ax, pic, t) in enumerate(zip(axes, panels, titles)):
         ax.imshow(pic[..., 0] if pic.shape[2] == 1 else pic, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
