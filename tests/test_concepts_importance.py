@@ -265,6 +265,8 @@ def test_mistakes_are_one_line_errors_before_any_work():
         concept_importance(model, x, _basis(torch.rand(1, 3, 5, dtype=torch.float64), "features"))
     with pytest.raises(InputError, match="dtype"):
         concept_importance(model, x.float(), basis)
+    with pytest.raises(InputError, match="negative activations"):
+        concept_importance(model, x, _basis(torch.rand(1, 3, 4, dtype=torch.float64), "features.0"))
     with pytest.raises(InputError, match="concept index 7 is out of range"):
         concept_maps(model, x, basis, (0, 7))
     with pytest.raises(InputError, match="method must be one of"):
@@ -382,3 +384,16 @@ def test_report_ranks_concepts_maps_them_and_marks_stability(tmp_path):
     assert summary["stability"]["concepts"] == 6 and summary["importance"]["method"] == "sobol"
     html = write_concepts_report(records, tmp_path, options=opts).read_text()
     assert "most important concept" in html and "maps.png" in html and "concept stability" in html.lower()
+
+
+def test_nmf_takes_one_seed_per_matrix():
+    from manifex.concepts import nmf
+
+    # uniform noise without a spectral gap: the seed of the randomized SVD behind the start changes the result
+    X = torch.rand(1, 200, 64, generator=torch.Generator().manual_seed(17), dtype=torch.float64)
+    together = nmf(X.expand(3, -1, -1), 6, seed=[0, 5, 9])[1]
+    assert not torch.allclose(together[0], together[1], atol=1e-3)
+    for b, s in enumerate((0, 5, 9)):
+        torch.testing.assert_close(together[b], nmf(X[0], 6, seed=s)[1], rtol=1e-9, atol=1e-10)
+    with pytest.raises(InputError, match="2 seeds for 3 matrices"):
+        nmf(X.expand(3, -1, -1), 6, seed=[0, 1])

@@ -143,6 +143,9 @@ def concept_importance(
             a = layer_activations(model, probe, module)
             n_classes = check_logits(model(probe), "concept_importance")
         check_layer_shape(tuple(a.shape), name, what="concept_importance")
+        if bool((a < 0).any()):
+            raise InputError(f"layer {name!r} has negative activations (min {float(a.min()):.3g}); concept coefficients "
+                             "are NMF coefficients and need a layer after a ReLU (the basis's layer).")
         if a.shape[1] != basis.vectors.shape[-1]:
             raise InputError(f"the basis has {basis.vectors.shape[-1]} channels but layer {name!r} outputs {a.shape[1]}; "
                              "use the basis of this model and layer.")

@@ -250,7 +250,8 @@ def nmf(
         raise InputError(f"max_iter must be a positive int, got {max_iter!r}.")
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
         raise InputError(f"tol must be a finite number >= 0, got {tol!r}.")
-    seeds = list(seed) if isinstance(seed, (list, tuple, range, torch.Tensor, np.ndarray)) else [seed]
+    several = isinstance(seed, (list, tuple, range)) or isinstance(seed, (torch.Tensor, np.ndarray)) and seed.ndim > 0
+    seeds = list(seed) if several else [seed.item() if isinstance(seed, (torch.Tensor, np.ndarray)) else seed]
     if not seeds or any(isinstance(s, bool) or not isinstance(s, (numbers.Integral, np.integer)) and
                         not (isinstance(s, torch.Tensor) and not s.is_floating_point()) for s in seeds):
         raise InputError(f"seed must be an int (scikit-learn's random_state) or one int per matrix, got {seed!r}.")
