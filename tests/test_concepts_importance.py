@@ -193,7 +193,7 @@ def _coefficient(model, x, layer, h):
 
 def test_lrp_map_conserves_the_concept_coefficient_through_a_residual_block():
     from manifex.attribution import Composite, ResidualSum
-    from manifex.attribution.lrp.rules import Epsilon
+    from manifex.attribution.lrp.rules import Epsilon, ZPlus
 
     model = BiasFreeResNet().double().eval()
     x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
@@ -210,6 +210,10 @@ def test_lrp_map_conserves_the_concept_coefficient_through_a_residual_block():
                          canonizers=())
     assert not torch.allclose(twice.sum((1, 2, 3)), _coefficient(model, x, "relu2", h), rtol=1e-3)
     assert _same_state(before, _state(model))
+    # a composite selects layers by the model's own names: z+ on conv1 alone changes the map
+    named = concept_maps(model, x, None, h, layer="relu2", method="lrp", canonizers=(ResidualSum(stabilizer=1e-300),),
+                         composite=Composite([("conv1", ZPlus(stabilizer=1e-300)), ((nn.Conv2d, nn.Linear), Epsilon(epsilon=1e-300))]))
+    assert not torch.allclose(named, maps)
 
 
 def test_deeplift_map_conserves_the_concept_difference_on_the_trained_resnet():
@@ -282,6 +286,10 @@ def test_model_state_is_left_as_found_also_after_an_exception():
         concept_importance(model, x, basis, n_design=4)
     concept_importance(model, x, basis, method="gradient")
     concept_maps(model, x, basis, (0, 0), method="gradient_x_input")
+    from manifex.errors import ModelError
+
+    with pytest.raises(ModelError, match="BatchNorm layer 'stem.1'"):  # LRP refuses train mode, naming the model's layer
+        concept_maps(model, x, basis, (0, 0), method="lrp")
     from manifex.concepts import concept_prototypes
 
     concept_prototypes(model, x, basis, top_k=2, pool=1, rank_by="relevance")

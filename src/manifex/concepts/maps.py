@@ -44,14 +44,18 @@ class _Reached(BaseException):
 
 class _UpToLayer(nn.Module):
     """The model up to ``layer``: returns the layer's output, flattened (N, features); the layers after it
-    never run. The explainers' hooks (LRP rules, DeepLift's Rescale) see the same modules as in the model,
-    their names prefixed by ``model.``."""
+    never run. Its modules are the model's, under the model's own names (``named_modules`` is the model's), so
+    the explainers' hooks (LRP rules, DeepLift's Rescale), a composite that selects layers by name and their
+    error messages see the model as it is."""
 
     def __init__(self, model: nn.Module, layer: nn.Module, name: str) -> None:
         super().__init__()
         self.model = model
         self._layer = [layer]  # not a submodule: it is already one of model's
         self.layer_name = name
+
+    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
+        return self.model.named_modules(memo, prefix, remove_duplicate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         seen: list[torch.Tensor] = []
@@ -122,7 +126,7 @@ def concept_maps(
 
     ``method``: "lrp", "deeplift", "gradient_x_input" or "upsampled" (the cheap picture). ``baseline``:
     DeepLift's reference (a number, one image (C, H, W) or one per image (N, C, H, W)). ``composite``/``canonizers``:
-    LRP's (the engine's defaults when None; a composite that selects layers by name sees them as ``model.<name>``).
+    LRP's (the engine's defaults when None; a composite selects layers by the model's own names).
     ``output`` is accepted for symmetry with the other concept functions; the maps never use the logits.
     """
     check_output_selector(output)
