@@ -62,7 +62,7 @@ def jansen_total_indices(outputs: torch.Tensor, k: int, n_design: int) -> torch.
         raise InputError(f"outputs must have (k + 2)·n_design = {(k + 2) * n_design} entries, got {outputs.shape[-1]}.")
     a = outputs[..., :n_design]
     c = outputs[..., 2 * n_design :].reshape(*outputs.shape[:-1], k, n_design)
-    var = a.var(-1, unbiased=n_design > 1).clamp_min(1e-12) if n_design > 1 else torch.full_like(a[..., 0], 1e-12)
+    var = a.var(-1, correction=1).clamp_min(1e-12) if n_design > 1 else torch.full_like(a[..., 0], 1e-12)
     return ((a.unsqueeze(-2) - c) ** 2).sum(-1) / (2 * n_design * var.unsqueeze(-1))
 
 
@@ -122,8 +122,8 @@ def concept_importance(
     output: OutputSelector = None,
 ) -> torch.Tensor:
     """Importance of every concept of ``basis`` for its class: (classes, concepts), float64 on the CPU, row i for
-    ``basis.classes[i]`` (see the module docstring for the two methods). Larger = more important; the Sobol
-    indices lie in [0, ~1] (total indices of correlated-free masks may sum to more than 1 with interactions).
+    ``basis.classes[i]`` (see the module docstring for the two methods). Larger = more important; each Sobol
+    total index lies in [0, 1] up to the estimator's error, and they sum to more than 1 when concepts interact.
 
     ``x``: images (N, C, H, W) in the model's input space and dtype (an ImageDataset's images); every class is
     scored on all of them unless ``indices`` gives per class the images to use (e.g. ``basis.image_indices``,
