@@ -124,10 +124,11 @@ def test_sobol_indices_match_exact_variance_decomposition():
             return _upper(model, rebuilt.permute(0, 3, 1, 2))[:, 0]
         exact.append(_exact_total_indices(f, 3))
     exact = torch.stack(exact).mean(0)
-    # QMC error of the Jansen sums: the integrands are degree-4 polynomials in 6 of the design's coordinates;
-    # for the first 2^12 unscrambled Sobol points their error is O((log N)^6 / N) — measured 1e-3 here
-    # (deterministic: float64, unscrambled sequence) — the tolerance keeps a 10x margin.
-    torch.testing.assert_close(got[0], exact, atol=2e-2, rtol=0)
+    # QMC error of the Jansen sums: the integrands are degree-4 polynomials in the design's coordinates, whose
+    # error on the first N unscrambled Sobol points falls as O((log N)^s / N): measured 7e-3 at N = 256, 9e-4 at
+    # 1,024 and 2.2e-4 at 4,096 (deterministic: float64, an unscrambled sequence, no machine dependence); the
+    # tolerance keeps a >20x margin at 4,096.
+    torch.testing.assert_close(got[0], exact, atol=5e-3, rtol=0)
     assert exact.sum() > 0.5 and int(exact.argmax()) == int(got[0].argmax())
 
 
