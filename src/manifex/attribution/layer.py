@@ -38,6 +38,7 @@ __all__ = [
     "LayerIntegratedGradients",
     "LayerDeepLift",
     "LAYER_METHODS",
+    "outputs_from_layer",
 ]
 
 
@@ -298,6 +299,32 @@ class LayerDeepLift(LayerExplainer):
 
     def __repr__(self) -> str:
         return f"LayerDeepLift(layer={self.layer_name!r}, multiply_by_inputs={self.multiply_by_inputs})"
+
+
+def outputs_from_layer(model: Callable[[torch.Tensor], Any], layer: nn.Module, name: str, x: torch.Tensor,
+                       replacement: torch.Tensor, *, reuse_prefix: bool = True) -> Any:
+    """The model's output when ``layer``'s output for the images ``x`` (n, ...) is replaced by ``replacement``
+    (G·n, *layer_shape), whose row r belongs to image ``r % n`` (G groups of the n images, group-major).
+
+    ``reuse_prefix``: the layers before ``layer`` run once on the n images and the hook hands all G·n rows to
+    the rest of the network — exact when the layers after it treat rows independently and read the input only
+    through ``layer`` (a feed-forward net in eval mode). When the rest refuses the larger batch (a skip
+    connection around the layer, a reshape by the input's batch size: an error, or an output that does not
+    have G·n rows) every row runs through the whole model instead (x repeated G times). Gradients flow to
+    ``replacement``. The caller holds the model's state (preserve_model_state) and the output selection."""
+    n, rows = x.shape[0], replacement.shape[0]
+    if rows % n:
+        raise InputError(f"the replacement has {rows} rows, not a multiple of the {n} images.")
+    if reuse_prefix and rows > n:
+        try:
+            with _layer_hook(layer, name, lambda out: replacement):
+                out = model(x)
+            if isinstance(out, torch.Tensor) and out.shape[0] == rows:
+                return out
+        except RuntimeError:
+            pass  # the rest of the model mixes the rows with tensors from before the layer: no reuse
+    with _layer_hook(layer, name, lambda out: replacement):
+        return model(x.repeat(rows // n, *([1] * (x.dim() - 1))))
 
 
 #: Registry method name → layer explainer (``explain(..., layer=...)``).

@@ -64,7 +64,8 @@ class ConceptBasis:
     ``image_indices``: per class, the indices (into the data) of the images used; ``options``: the recipe.
     ``n_excluded``: per class, its images left out because their relevance was <= 0 at every position (they
     carry no weight, so no concept); ``skipped``: class → reason, for the requested classes not in the basis
-    (no image predicted as it, or relevance <= 0 everywhere on all its images).
+    (no image predicted as it, or relevance <= 0 everywhere on all its images). ``matrix``, ``n_rows``,
+    ``rows_per_image``: the NMF's input, kept only on request (``keep_matrix=True``, for ``concept_stability``).
     """
 
     vectors: torch.Tensor
@@ -78,6 +79,11 @@ class ConceptBasis:
     options: dict[str, Any] = field(default_factory=dict)
     n_excluded: list[int] = field(default_factory=list)
     skipped: dict[int, str] = field(default_factory=dict)
+    #: with ``class_concepts(..., keep_matrix=True)``: the factorised matrices (C, rows, channels), zero-padded,
+    #: their real row counts (C,) and the rows of one image (its positions); not saved by ``to_dict``
+    matrix: torch.Tensor | None = field(default=None, repr=False)
+    n_rows: torch.Tensor | None = field(default=None, repr=False)
+    rows_per_image: int = 0
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -249,6 +255,7 @@ def class_concepts(
     predictions: torch.Tensor | None = None,
     progress: bool = False,
     output: OutputSelector = None,
+    keep_matrix: bool = False,
 ) -> ConceptBasis:
     """Concept vectors of each class at ``layer`` (the research recipe by default; see the module docstring).
 
@@ -261,6 +268,8 @@ def class_concepts(
     ``relu`` (True: ReLU of the relevance before the channel mean). ``solver``: NMF solver ("auto", "hals",
     "mu", "sklearn"). ``predictions``: the model's argmax on ``data``, if already known. ``output``: for a
     model returning a tuple/dict, which part holds the logits (an index, key or callable, as for ``explain``).
+    ``keep_matrix``: keep the factorised matrices in the basis (``matrix``, ``n_rows``, ``rows_per_image``), so
+    that :func:`~manifex.concepts.concept_stability` can refactorise them without recomputing the relevance.
 
     Images whose relevance map is <= 0 at every position carry no weight and are left out (counted in
     ``n_excluded``); a class without predicted images, or whose relevance is <= 0 everywhere on all its
@@ -287,11 +296,11 @@ def class_concepts(
     warn_if_training(model)
     with preserve_model_state(model), selected_output(model, output):
         return _class_concepts(model, x, probe, module, layer_name, classes, n_components, images_per_class, relevance,
-                               opts, solver, seed, batch_size, predictions, progress)
+                               opts, solver, seed, batch_size, predictions, progress, bool(keep_matrix))
 
 
 def _class_concepts(model, x, probe, module, layer_name, classes, n_components, images_per_class, relevance, opts, solver,
-                    seed, batch_size, predictions, progress) -> ConceptBasis:
+                    seed, batch_size, predictions, progress, keep_matrix=False) -> ConceptBasis:
     dev = model_device(model)
     # one batch first: the layer's output shape, channels, sign, and the number of classes
     with torch.no_grad():
@@ -383,4 +392,6 @@ def _class_concepts(model, x, probe, module, layer_name, classes, n_components, 
         vectors=H.detach(), classes=kept, n_images=counts, recon_error=err.detach(),
         relative_error=(err.double() / norm).to(err.dtype), layer=layer_name, image_indices=picks,
         n_iter=[int(i) for i in n_iter], options=recipe, n_excluded=n_excluded, skipped=skipped,
+        matrix=X.detach() if keep_matrix else None, n_rows=n_rows.cpu() if keep_matrix else None,
+        rows_per_image=per_image if keep_matrix else 0,
     )

@@ -59,6 +59,20 @@ class ConceptsConfig:
                           "then the rank-2..n crops; more strips give a narrower interval for argmax = A (cheap: the crops "
                           "are already ranked).", low=1)
     controls: int = setting(20, "Random-crop strips per class (control).", low=1)
+    importance: str = setting("sobol", "Rank each class's concepts by importance: sobol (CRAFT's Sobol total indices of the "
+                              "concept coefficients, masked and run from the layer on), gradient (gradient x coefficient) "
+                              "or none.", choices=("sobol", "gradient", "none"))
+    sobol_designs: int = setting(32, "Sobol design size (CRAFT: 32); (components + 2) x designs runs of the layers above "
+                                 "the layer per image.", low=2)
+    stability_seeds: int = setting(1, "Refit each class's NMF with this many other seeds and report every concept's matched "
+                                   "cosine (Hungarian).", low=0)
+    stability_halves: int = setting(1, "Refit each class's NMF on this many random halves of its images (bootstrap; all "
+                                    "refits run as one batched NMF).", low=0)
+    map_method: str = setting("lrp", "Concept maps of one image per class: the concept coefficient's relevance propagated "
+                              "to the pixels (lrp, deeplift, gradient_x_input), upsampled (the cheap coefficient map) "
+                              "or none.", choices=("lrp", "deeplift", "gradient_x_input", "upsampled", "none"))
+    relmax: bool = setting(False, "Also show reference crops ranked by the concept's relevance for the class (RelMax; one "
+                           "layer-gradient pass over all images per class).")
     batch_size: int = setting(64, "Images per attribution batch.", low=1, result=False)
     seed: int = setting(0, "Seed of the data split, training and sampling.", cli=False)
     device: str = setting("cpu", "torch device.", result=False, cli=False)
@@ -69,7 +83,9 @@ class ConceptsConfig:
                 "images_per_class": self.images_per_class, "relevance": self.relevance, "samples": self.samples,
                 "solver": self.solver, "pool": self.pool, "geometry": self.geometry, "layout": self.layout,
                 "top_k": self.top_k, "strips": self.strips, "controls": self.controls, "seed": self.seed,
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "importance": self.importance, "sobol_designs": self.sobol_designs,
+                "stability_seeds": self.stability_seeds, "stability_halves": self.stability_halves,
+                "map_method": self.map_method, "relmax": self.relmax}
 
 
 class ConceptsExperiment(Experiment):

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import InputError
 
-__all__ = ["nmf", "nmf_error", "NMF_SOLVERS", "matched_cosine"]
+__all__ = ["nmf", "nmf_error", "NMF_SOLVERS", "matched_cosine", "nmf_transform"]
 
 Solver = Literal["auto", "hals", "mu", "sklearn"]
 NMF_SOLVERS = ("auto", "hals", "mu", "sklearn")
@@ -79,7 +79,7 @@ def _check_input(X: torch.Tensor, n_components: int, n_rows: torch.Tensor | None
     return Xb * valid[:, :, None], rows, batched
 
 
-def _svd_top(X: torch.Tensor, rows: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _svd_top(X: torch.Tensor, rows: torch.Tensor, k: int, seed: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k singular triplets of each matrix (B, R, c), U zero on padding rows, in float64: scikit-learn's
     ``randomized_svd(X_b, k, random_state=seed)`` on the real rows of each matrix, as ``_initialize_nmf`` calls
     it (its n_iter "auto", 10 oversamples, LU power iterations, sign flip), in the dtype scikit-learn's NMF
@@ -98,12 +98,12 @@ def _svd_top(X: torch.Tensor, rows: torch.Tensor, k: int, seed: int) -> tuple[to
     with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
         for b in range(B):
             r = int(rows[b])
-            u, sv, vh = randomized_svd(Xc[b, :r].numpy(), k, random_state=seed)
+            u, sv, vh = randomized_svd(Xc[b, :r].numpy(), k, random_state=seed[b])
             U[b, :r], S[b], Vh[b] = torch.from_numpy(u).double(), torch.from_numpy(sv).double(), torch.from_numpy(vh).double()
     return U.to(X.device), S.to(X.device), Vh.to(X.device)
 
 
-def _nndsvd(X: torch.Tensor, rows: torch.Tensor, k: int, variant: str, seed: int,
+def _nndsvd(X: torch.Tensor, rows: torch.Tensor, k: int, variant: str, seed: list[int],
             eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """NNDSVD (Boutsidis & Gallopoulos) as scikit-learn's ``_initialize_nmf``, from the same randomized SVD
     (:func:`_svd_top`); ``"nndsvda"`` fills zeros with the matrix mean."""
@@ -207,7 +207,7 @@ def _sklearn(X, rows, k, init, max_iter, tol, seed) -> tuple[torch.Tensor, torch
     Xn = X.detach().cpu().numpy()
     for b in range(X.shape[0]):
         r = int(rows[b])
-        model = NMF(n_components=k, init=init, max_iter=max_iter, tol=tol, random_state=seed)
+        model = NMF(n_components=k, init=init, max_iter=max_iter, tol=tol, random_state=seed[b])
         w = np.zeros((X.shape[1], k), dtype=Xn.dtype)
         w[:r] = model.fit_transform(Xn[b, :r])
         Ws.append(w)
@@ -226,7 +226,7 @@ def nmf(
     max_iter: int = 200,
     tol: float = 1e-4,
     n_rows: torch.Tensor | None = None,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     return_n_iter: bool = False,
 ):
     """Factorise ``X`` (R, c) — or a batch (B, R, c), one matrix per class — as ``X ≈ W H``, W, H ≥ 0.
@@ -238,7 +238,8 @@ def nmf(
     ``init``, ``max_iter`` and ``tol`` as scikit-learn's (its defaults). ``seed`` is scikit-learn's
     ``random_state`` (of the randomized SVD behind the NNDSVD start): every solver starts as
     ``sklearn.decomposition.NMF(random_state=seed)`` does, so "hals" ends where it ends; any int is taken
-    modulo 2**32 (numpy's seed range), so a negative CLI ``--seed`` works too. Raises InputError for
+    modulo 2**32 (numpy's seed range), so a negative CLI ``--seed`` works too; a sequence gives each matrix of
+    the batch its own seed (several restarts of one matrix in one batched run). Raises InputError for
     negative or non-finite entries and for ``n_components`` above the number of rows or channels.
     """
     if solver not in NMF_SOLVERS:
@@ -249,15 +250,23 @@ def nmf(
         raise InputError(f"max_iter must be a positive int, got {max_iter!r}.")
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
         raise InputError(f"tol must be a finite number >= 0, got {tol!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise InputError(f"seed must be an int (scikit-learn's random_state), got {seed!r}.")
+    several = isinstance(seed, (list, tuple, range)) or isinstance(seed, (torch.Tensor, np.ndarray)) and seed.ndim > 0
+    seeds = list(seed) if several else [seed.item() if isinstance(seed, (torch.Tensor, np.ndarray)) else seed]
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, (numbers.Integral, np.integer)) and
+                        not (isinstance(s, torch.Tensor) and not s.is_floating_point()) for s in seeds):
+        raise InputError(f"seed must be an int (scikit-learn's random_state) or one int per matrix, got {seed!r}.")
     Xb, rows, batched = _check_input(X, n_components, n_rows)
+    if len(seeds) == 1:
+        seeds = seeds * Xb.shape[0]
+    if len(seeds) != Xb.shape[0]:
+        raise InputError(f"seed holds {len(seeds)} seeds for {Xb.shape[0]} matrices; give one int, or one per matrix.")
+    seeds = [int(s) % 2**32 for s in seeds]  # numpy seeds are in [0, 2**32)
     Xb = Xb.detach()
     solver = _AUTO if solver == "auto" else solver
     if solver == "sklearn":
-        W, H, n_iter = _sklearn(Xb, rows, n_components, init, max_iter, tol, int(seed) % 2**32)
+        W, H, n_iter = _sklearn(Xb, rows, n_components, init, max_iter, tol, seeds)
     else:
-        W, H = _nndsvd(Xb, rows, n_components, init, int(seed) % 2**32)  # numpy seeds are in [0, 2**32)
+        W, H = _nndsvd(Xb, rows, n_components, init, seeds)
         W, H, n_iter = (_hals if solver == "hals" else _mu)(Xb, W, H, max_iter, tol)
     if not batched:
         W, H = W[0], H[0]
@@ -286,3 +295,45 @@ def matched_cosine(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     out = torch.empty(A.shape[0], dtype=torch.float64)
     out[torch.as_tensor(r)] = cos[torch.as_tensor(r), torch.as_tensor(c)]
     return out
+
+
+def nmf_transform(X: torch.Tensor, H: torch.Tensor, *, max_iter: int = 200, tol: float = 1e-4) -> torch.Tensor:
+    """The coefficients W ≥ 0 of the rows of ``X`` on fixed components ``H``: argmin_W ‖X − W H‖_F
+    (scikit-learn's ``NMF.transform``: coordinate descent on W alone, from W = √(mean(x)/k)).
+
+    ``X`` (..., R, c) ≥ 0 and ``H`` (..., k, c) with the same leading (batch) shape, or one ``H`` (k, c) for
+    every matrix; returns W (..., R, k) in X's dtype and device. The problem is separable by rows, so each row
+    starts from its own mean and stops on its own projected-gradient violation (≤ ``tol`` × its first), where
+    scikit-learn stops on the whole matrix's: a row's coefficients do not depend on the other rows of the batch.
+    """
+    if not isinstance(X, torch.Tensor) or not isinstance(H, torch.Tensor) or X.dim() < 2 or H.dim() < 2:
+        raise InputError("nmf_transform needs tensors X (..., R, c) and H (..., k, c).")
+    if X.shape[-1] != H.shape[-1]:
+        raise InputError(f"X has {X.shape[-1]} features but H has {H.shape[-1]}; they must match.")
+    if not X.is_floating_point() or bool((X < 0).any()) or not bool(torch.isfinite(X).all()):
+        raise InputError("nmf_transform needs finite, non-negative floating-point X (activations after a ReLU).")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise InputError(f"max_iter must be a positive int, got {max_iter!r}.")
+    H = H.to(X)
+    k = H.shape[-2]
+    HHt = H @ H.transpose(-1, -2)  # (..., k, k)
+    XHt = X @ H.transpose(-1, -2)  # (..., R, k)
+    W = (X.mean(-1, keepdim=True) / k).sqrt().expand(*XHt.shape).clone()
+    active = torch.ones(XHt.shape[:-1], dtype=torch.bool, device=X.device)
+    first = torch.zeros(XHt.shape[:-1], dtype=X.dtype, device=X.device)
+    for it in range(max_iter):
+        violation = torch.zeros_like(first)
+        for t in range(k):
+            grad = (W * HHt[..., t, :].unsqueeze(-2)).sum(-1) - XHt[..., t]  # (..., R)
+            w = W[..., t]
+            pg = torch.where(w == 0, grad.clamp(max=0), grad)
+            violation += pg.abs()
+            hess = HHt[..., t, t].unsqueeze(-1)
+            step = torch.where(hess != 0, grad / torch.where(hess != 0, hess, torch.ones_like(hess)), torch.zeros_like(grad))
+            W[..., t] = torch.where(active, (w - step).clamp(min=0), w)
+        if it == 0:
+            first = violation
+        active &= ~((first == 0) | (violation <= tol * first))
+        if not bool(active.any()):
+            break
+    return W

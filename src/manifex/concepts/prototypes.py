@@ -6,6 +6,12 @@ every pooled position; the winning cell (i, j) is the pixel box [i·s, (i+1)·s)
 s = ⌊H / h⌋ (the cell's share of the image). ``geometry="receptive_field"`` crops instead the cell's
 receptive field: the box of input pixels on which the pooled cell depends (measured once, by gradients on a
 few data images), zero-padded at the image border so that every crop of a layer has the same size.
+
+``rank_by="relevance"`` ranks the cells by the concept's relevance for its class instead of the cosine (RelMax,
+as Zennit-CRP's reference images): at every position the activation's component along the unit concept vector
+ĥ, ⟨a, ĥ⟩ ĥ, times the gradient of the class's logit, i.e. ⟨a, ĥ⟩ · ⟨∂f_A/∂a, ĥ⟩ (gradient × input of that
+component), average-pooled like the activations (:func:`pooled_concept_relevance`). Activation ranking finds
+where the concept is strongest; relevance ranking where it adds most to the class's logit.
 """
 from __future__ import annotations
 
@@ -17,14 +23,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..attribution.core import OutputSelector, preserve_model_state
-from ..attribution.layer import check_layer_shape, layer_activations, resolve_layer
+from ..attribution.core import OutputSelector, check_model_input, preserve_model_state, selected_output, warn_if_training
+from ..attribution.layer import LayerGradient, check_layer_shape, layer_activations, resolve_layer
 from ..attribution.methods import model_device
 from ..data.base import ImageDataset
 from ..errors import InputError
 from .basis import ConceptBasis, as_images, predict_classes
 
-__all__ = ["Prototypes", "concept_prototypes", "pooled_activations", "cell_boxes", "crop_boxes", "resolve_pool", "MAX_AUTO_POOL"]
+__all__ = ["Prototypes", "concept_prototypes", "pooled_activations", "pooled_concept_relevance", "cell_boxes", "crop_boxes",
+           "resolve_pool", "MAX_AUTO_POOL", "RANK_BY"]
+
+RANK_BY = ("activation", "relevance")
 
 #: The largest pool that ``pool="auto"`` picks (the CLI's MNIST-5k setting: 16-px cells at blocks.2).
 MAX_AUTO_POOL = 4
@@ -36,7 +45,8 @@ Geometry = Literal["grid", "receptive_field"]
 class Prototypes:
     """Top crops of every concept of every class.
 
-    ``scores`` (C, k, top_k): cosine similarity; ``image_index`` (C, k, top_k): index into the data;
+    ``scores`` (C, k, top_k): cosine similarity (``rank_by="activation"``) or the concept's pooled relevance
+    for its class (``"relevance"``); ``image_index`` (C, k, top_k): index into the data;
     ``cells`` (C, k, top_k, 2): (i, j) of the pooled grid; ``boxes`` (C, k, top_k, 4): pixel box
     (top, left, bottom, right), bottom/right exclusive, possibly outside the image for the receptive field;
     ``crops`` (C, k, top_k, channels, s_h, s_w). ``exclude_target``: crops only from images not predicted
@@ -52,6 +62,7 @@ class Prototypes:
     exclude_target: bool
     geometry: str
     grid: tuple[int, int]
+    rank_by: str = "activation"
 
     @property
     def crop_size(self) -> tuple[int, int]:
@@ -94,6 +105,39 @@ def pooled_activations(model: nn.Module, x: torch.Tensor, layer: str | nn.Module
             elif pool > 1:
                 a = F.avg_pool2d(a, pool, pool)
             out.append(a.cpu())
+    return torch.cat(out)
+
+
+def pooled_concept_relevance(model: nn.Module, x: torch.Tensor, basis: ConceptBasis, *, pool: int | str = 2,
+                             batch_size: int = 64, output: OutputSelector = None) -> torch.Tensor:
+    """Per image, the relevance of every concept of ``basis`` for its class at every pooled cell:
+    (N, C, k, h, w) on the CPU, ⟨a, ĥ⟩ · ⟨∂f_class/∂a, ĥ⟩ per position (ĥ the unit concept vector),
+    ``pool``×``pool`` average-pooled (see the module docstring). One layer-gradient pass per class and batch,
+    on the model's device; the model's state is left as found."""
+    module, name = resolve_layer(model, basis.layer)
+    vecs = torch.nn.functional.normalize(basis.vectors.detach().double(), dim=-1)  # (C, k, c)
+    explainer = LayerGradient(model, module, output=output)
+    out = []
+    with preserve_model_state(model), selected_output(model, output):
+        for s in range(0, x.shape[0], batch_size):
+            xb = check_model_input(model, x[s : s + batch_size], "data")
+            a = layer_activations(model, xb, module)
+            check_layer_shape(tuple(a.shape), name, what="concept prototypes")
+            if s == 0:
+                pool = resolve_pool(pool, tuple(a.shape[2:]), f"layer {name!r}")
+            a4 = a[:, :, None, None] if a.dim() == 2 else a
+            v = vecs.to(a.device)
+            coeff = torch.einsum("nchw,ikc->nikhw", a4.double(), v)
+            rel = []
+            for i, cls in enumerate(basis.classes):
+                g = explainer.attribute(xb, cls)
+                g4 = g[:, :, None, None] if g.dim() == 2 else g
+                rel.append(coeff[:, i] * torch.einsum("nchw,kc->nkhw", g4.double(), v[i]))
+            r = torch.stack(rel, 1)  # (n, C, k, h, w)
+            if a.dim() == 4 and pool > 1:
+                n, C, k, h, w = r.shape
+                r = F.avg_pool2d(r.reshape(n, C * k, h, w), pool, pool).reshape(n, C, k, h // pool, w // pool)
+            out.append(r.cpu())
     return torch.cat(out)
 
 
@@ -167,6 +211,8 @@ def concept_prototypes(
     pooled: torch.Tensor | None = None,
     progress: bool = False,
     output: OutputSelector = None,
+    rank_by: str = "activation",
+    relevance: torch.Tensor | None = None,
 ) -> Prototypes:
     """The ``top_k`` crops of every concept of ``basis`` among all pooled positions of ``data``.
 
@@ -174,8 +220,13 @@ def concept_prototypes(
     stricter pool). ``pool``: the average-pool size of the layer's grid, or "auto" (:func:`resolve_pool`).
     ``geometry``: "grid" (the research's cell boxes) or "receptive_field". ``pooled`` and
     ``predictions`` may be passed when already computed (see :func:`pooled_activations`). ``output``: for a model
-    returning a tuple/dict, which part holds the logits (only used to predict, with ``exclude_target``).
+    returning a tuple/dict, which part holds the logits (to predict, with ``exclude_target``, and for the
+    relevance). ``rank_by``: "activation" (the cosine, the research's ranking) or "relevance" (RelMax: the
+    concept's relevance for its class, see the module docstring; ``relevance`` may pass it precomputed by
+    :func:`pooled_concept_relevance`).
     """
+    if rank_by not in RANK_BY:
+        raise InputError(f"rank_by must be one of {', '.join(RANK_BY)}, got {rank_by!r}.")
     if not isinstance(basis, ConceptBasis):
         raise InputError(f"basis must be a ConceptBasis (from class_concepts), got {type(basis).__name__}.")
     if geometry not in ("grid", "receptive_field"):
@@ -203,13 +254,23 @@ def concept_prototypes(
     pool_size = N if not exclude_target else int(min((predictions != cl).sum() for cl in basis.classes))
     if pool_size * h * w < top_k:
         raise InputError(f"only {pool_size * h * w} positions to choose {top_k} crops from; lower top_k or use more data.")
+    if rank_by == "relevance":
+        if relevance is None:
+            warn_if_training(model)
+            relevance = pooled_concept_relevance(model, x, basis, pool=pool, batch_size=batch_size, output=output)
+        if tuple(relevance.shape) != (N, C, k, h, w):
+            raise InputError(f"relevance must have shape {(N, C, k, h, w)} (images, classes, concepts, pooled grid), got "
+                             f"{tuple(relevance.shape)}.")
     vecs = F.normalize(basis.vectors.detach().cpu().float().reshape(C * k, c), dim=1)
     best = torch.full((C * k, top_k), -float("inf"))
     best_pos = torch.zeros(C * k, top_k, dtype=torch.long)
     cls_of_row = torch.tensor(basis.classes).repeat_interleave(k)
     for s in tqdm(range(0, N, batch_size), desc="concepts: prototypes", disable=not progress, leave=False):
-        p = F.normalize(pooled[s : s + batch_size].float().permute(0, 2, 3, 1).reshape(-1, c), dim=1)
-        cos = vecs @ p.T  # (C·k, n·h·w)
+        if rank_by == "relevance":
+            cos = relevance[s : s + batch_size].float().permute(1, 2, 0, 3, 4).reshape(C * k, -1)  # (C·k, n·h·w)
+        else:
+            p = F.normalize(pooled[s : s + batch_size].float().permute(0, 2, 3, 1).reshape(-1, c), dim=1)
+            cos = vecs @ p.T  # (C·k, n·h·w)
         if exclude_target:
             img_pred = predictions[s : s + batch_size].repeat_interleave(h * w)
             cos = cos.masked_fill(cls_of_row[:, None] == img_pred[None, :], -float("inf"))
@@ -225,4 +286,4 @@ def concept_prototypes(
     shape = (C, k, top_k)
     return Prototypes(scores=best.reshape(shape), image_index=image_index.reshape(shape), cells=cells.reshape(*shape, 2),
                       boxes=boxes.reshape(*shape, 4), crops=crops.reshape(*shape, *crops.shape[1:]), classes=list(basis.classes),
-                      exclude_target=bool(exclude_target), geometry=geometry, grid=(h, w))
+                      exclude_target=bool(exclude_target), geometry=geometry, grid=(h, w), rank_by=rank_by)

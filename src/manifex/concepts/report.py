@@ -23,10 +23,16 @@ from ..models.cache import state_fingerprint
 from ..runs import Unit, atomic_write_bytes, check_settings, run_units, tensor_fingerprint, unit_dir
 from .basis import class_concepts
 from .components import RESEARCH_NUMBERS, component_statistics, prediction_from_components
+from .importance import concept_importance
+from .maps import concept_maps
 from .prototypes import concept_prototypes, pooled_activations
+from .stability import matrix_stability
+
+#: A concept whose smallest matched cosine over the other seeds and bootstrap halves is below this is "unstable".
+UNSTABLE_BELOW = 0.8
 
 __all__ = ["run_concept_campaign", "process_classes", "summarize", "write_concepts_report", "class_figure", "concept_figure",
-           "rate_text"]
+           "maps_figure", "rate_text", "UNSTABLE_BELOW"]
 
 POOLS = ("include", "exclude")
 
@@ -85,6 +91,61 @@ def concept_figure(crops: dict[str, torch.Tensor], strips: dict[str, torch.Tenso
     return fig
 
 
+def maps_figure(image: torch.Tensor, maps: torch.Tensor, relmax: torch.Tensor | None, path: Path, *, labels: Sequence[str],
+                title: str, method: str, scale: int = 3) -> Path:
+    """One PNG per class: the example image beside the map of every concept on it (one row per concept, red positive,
+    blue negative, each row scaled to its own largest |value|) and, if given, the relevance-ranked (RelMax) top
+    crops (k, top_k, C, h, w) of each concept; ``labels``: one per concept row. Written atomically."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    k = int(maps.shape[0])
+    m = maps.sum(1).double()  # (k, H, W): summed over the image's channels
+    m = m / m.flatten(1).abs().amax(1).clamp_min(1e-30)[:, None, None]
+    rgb = torch.from_numpy(colormaps["bwr"]((m.numpy() + 1) / 2)[..., :3]).permute(0, 3, 1, 2).float()  # (k, 3, H, W)
+    img = image.detach().cpu().float().clamp(0, 1)
+    img = img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]
+    pairs = torch.stack([img.expand(k, -1, -1, -1), rgb], 1)  # (k, 2, 3, H, W): the image beside each map
+    panels = [_mosaic(pairs.numpy())]
+    titles = [f"image, concept map ({method})"]
+    if relmax is not None:
+        panels.append(_mosaic(relmax.clamp(0, 1).numpy()))
+        titles.append("top crops by relevance (RelMax)")
+    widths = [q.shape[1] for q in panels]
+    fig = Figure(figsize=(11 if relmax is not None else 6, 1.6 + 0.42 * k), dpi=40 * scale, layout="constrained")
+    axes = fig.subplots(1, len(panels), width_ratios=[max(w, 0.45 * max(widths)) for w in widths], squeeze=False)[0]
+    for j, (ax, pic, t) in enumerate(zip(axes, panels, titles)):
+        ax.imshow(pic[..., 0] if pic.shape[2] == 1 else pic, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(t, fontsize=11)
+        ax.set_xticks([])
+        rows = np.arange(k) * (pic.shape[0] / k) + pic.shape[0] / (2 * k)
+        ax.set_yticks(rows, list(labels) if j == 0 else [str(i + 1) for i in range(k)], fontsize=10)
+        ax.tick_params(length=0)
+        for side in ax.spines.values():
+            side.set_visible(False)
+    fig.suptitle(title, fontsize=13, fontweight="bold")
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def _concept_labels(importance: list[float] | None, stability: list[float] | None) -> list[str]:
+    """Row labels "concept 2 · #1 · stab 0.97" (importance rank, smallest matched cosine, "unstable" below the bar)."""
+    k = len(importance if importance is not None else stability or [])
+    rank = {int(j): r + 1 for r, j in enumerate(np.argsort(-np.asarray(importance)))} if importance is not None else {}
+    out = []
+    for j in range(k):
+        parts = [f"concept {j + 1}"]
+        if rank:
+            parts.append(f"#{rank[j]}")
+        if stability is not None:
+            parts.append(f"stab {stability[j]:.2f}" + (" unstable" if stability[j] < UNSTABLE_BELOW else ""))
+        out.append(" · ".join(parts))
+    return out
+
+
 def process_classes(units: list[Unit], context: dict[str, Any], out_dir: Path) -> list[dict]:
     """A batch of classes: concepts (batched), prototypes of both pools, the components test, figures.
     A class left out of the basis (no predicted image, or relevance <= 0 everywhere on all its images) gets a
@@ -100,7 +161,8 @@ def process_classes(units: list[Unit], context: dict[str, Any], out_dir: Path) -
             basis = class_concepts(model, x, opts["layer"], classes=classes, n_components=opts["components"],
                                    images_per_class=opts["images_per_class"], relevance=opts["relevance"],
                                    relevance_options={"n_samples": opts["samples"]}, solver=opts["solver"], seed=opts["seed"],
-                                   batch_size=opts["batch_size"], predictions=preds, output=context.get("output"))
+                                   batch_size=opts["batch_size"], predictions=preds, output=context.get("output"),
+                                   keep_matrix=bool(opts.get("stability_seeds") or opts.get("stability_halves")))
         except InputError as e:
             if "relevance is <= 0" not in str(e):
                 raise
@@ -120,6 +182,7 @@ def process_classes(units: list[Unit], context: dict[str, Any], out_dir: Path) -
                                               predictions=preds, pool=opts["pool"], seed=opts["seed"],
                                               output=context.get("output"))
             results[pool] = (protos, test)
+        extras = _concept_extras(model, x, basis, preds, opts, context.get("output"), pooled)
     records = []
     for u, c in zip(units, classes):
         if c not in basis.classes:
@@ -145,11 +208,74 @@ def process_classes(units: list[Unit], context: dict[str, Any], out_dir: Path) -
         name = class_names[c] if c < len(class_names) else str(c)
         class_figure(crops, strips, fig, label=name, p={pool: float(results[pool][1].p[i].reshape(-1)[0]) for pool in POOLS})
         rec["figure"] = str(fig.relative_to(out_dir))
+        rec.update(_extra_record(extras, i, x, basis, opts, fig.parent, out_dir, name))
         records.append(rec)
     warned = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)))
     if warned and records:
         records[0]["warnings"] = warned
     return records
+
+
+def _concept_extras(model, x, basis, preds, opts, output, pooled) -> dict[str, Any]:
+    """Importance, stability, concept maps of each class's example image and RelMax references, as the options
+    ask (each off when its option is absent: ``importance`` "none", 0 seeds and halves, ``map_method`` "none",
+    ``relmax`` False)."""
+    out: dict[str, Any] = {}
+    method = opts.get("importance", "none")
+    if method != "none":
+        out["importance"] = concept_importance(model, x, basis, method=method, indices=basis.image_indices,
+                                               n_design=int(opts.get("sobol_designs", 32)), output=output)
+    seeds, halves = int(opts.get("stability_seeds") or 0), int(opts.get("stability_halves") or 0)
+    if seeds or halves:
+        s0 = int(opts.get("seed", 0))
+        out["stability"] = matrix_stability(basis.matrix, basis.vectors, n_rows=basis.n_rows,
+                                            rows_per_image=basis.rows_per_image, seeds=range(s0 + 1, s0 + 1 + seeds),
+                                            bootstrap=halves if min(basis.n_images) // 2 * basis.rows_per_image
+                                            >= basis.n_components else 0, seed=s0,
+                                            solver=opts.get("solver", "auto"))
+    map_method = opts.get("map_method", "none")
+    if map_method != "none":
+        examples = torch.stack([idx[0] for idx in basis.image_indices])  # each class's first (seeded) image
+        out["examples"] = examples
+        out["maps"] = [concept_maps(model, x[int(examples[i]) : int(examples[i]) + 1], basis, c, method=map_method,
+                                    batch_size=int(opts.get("batch_size", 64)), output=output)[0]  # (k, C, H, W)
+                       for i, c in enumerate(basis.classes)]
+    if opts.get("relmax"):
+        out["relmax"] = concept_prototypes(model, x, basis, top_k=opts["top_k"], pool=opts["pool"], geometry=opts["geometry"],
+                                           predictions=preds, pooled=pooled, output=output, rank_by="relevance")
+    return out
+
+
+def _extra_record(extras: dict[str, Any], i: int, x: torch.Tensor, basis, opts: dict[str, Any], folder: Path, out_dir: Path,
+                  name: str) -> dict[str, Any]:
+    rec: dict[str, Any] = {}
+    imp = extras["importance"][i].tolist() if "importance" in extras else None
+    if imp is not None:
+        rec["importance"] = imp
+        rec["importance_method"] = opts.get("importance")
+        rec["importance_rank"] = [int(j) for j in np.argsort(-np.asarray(imp))]
+    stab = None
+    if "stability" in extras:
+        st = extras["stability"]
+        stab = st.cosine[i].tolist()
+        rec["stability"] = stab
+        rec["stability_seed_cosine"] = st.seed_cosine[i].tolist()
+        rec["stability_bootstrap_cosine"] = st.bootstrap_cosine[i].tolist()
+        rec["unstable"] = [j for j, v in enumerate(stab) if v < UNSTABLE_BELOW]
+    if "relmax" in extras:
+        rel = extras["relmax"]
+        rec["relmax_top_image_index"] = rel.image_index[i].tolist()
+        rec["relmax_top_scores"] = rel.scores[i].tolist()
+    if "maps" in extras:
+        path = folder / "maps.png"
+        ex = int(extras["examples"][i])
+        maps_figure(x[ex], extras["maps"][i].cpu(), extras["relmax"].crops[i] if "relmax" in extras else None, path,
+                    labels=_concept_labels(imp, stab), title=f"class {name}: where each concept is (image {ex})",
+                    method=opts.get("map_method"))
+        rec["maps_figure"] = str(path.relative_to(out_dir))
+        rec["map_image_index"] = ex
+        rec["map_sums"] = extras["maps"][i].flatten(1).sum(1).tolist()
+    return rec
 
 
 def run_concept_campaign(model: nn.Module, x: torch.Tensor, classes: Sequence[int], out_dir: str | Path, *,
@@ -203,6 +329,13 @@ def summarize(records: list[dict]) -> dict[str, Any]:
                      "control": component_statistics(cp, ch) if cp.numel() else {}}
         if p.numel():
             out[pool]["margin_points"] = 100 * (out[pool]["concepts"]["argmax_rate"] - out[pool]["control"]["argmax_rate"])
+    stab = [v for r in done for v in r.get("stability", [])]
+    if stab:
+        out["stability"] = {"mean_cosine": float(np.mean(stab)), "min_cosine": float(np.min(stab)), "threshold": UNSTABLE_BELOW,
+                            "unstable": sum(len(r.get("unstable", [])) for r in done), "concepts": len(stab)}
+    if any("importance" in r for r in done):
+        out["importance"] = {"method": next(r["importance_method"] for r in done if "importance" in r),
+                             "most_important": {str(r["class"]): r["importance_rank"][0] for r in done if "importance" in r}}
     if done:
         rel = [r["relative_error"] for r in done]
         out["nmf"] = {"mean_relative_error": float(np.mean(rel)), "max_relative_error": float(np.max(rel)),
@@ -282,7 +415,13 @@ def write_concepts_report(records: list[dict], out_dir: str | Path, *, options: 
     per_class = [{"cls": name(r["class"]), "n": r["n_images"], "excluded": r.get("n_excluded", 0), "rel": f"{r['relative_error']:.3f}", "iters": r["nmf_iterations"],
                   "p_in": f"{r['include']['p'][0]:.2f}", "pred_in": name(r["include"]["predicted"][0]),
                   "p_ex": f"{r['exclude']['p'][0]:.2f}", "pred_ex": name(r["exclude"]["predicted"][0]),
-                  "ok_in": bool(r["include"]["hit"][0]), "ok_ex": bool(r["exclude"]["hit"][0]), "figure": r["figure"]}
+                  "ok_in": bool(r["include"]["hit"][0]), "ok_ex": bool(r["exclude"]["hit"][0]), "figure": r["figure"],
+                  "important": (f"{r['importance_rank'][0] + 1} ({r['importance'][r['importance_rank'][0]]:.2f})"
+                                if "importance" in r else "—"),
+                  "ranking": " > ".join(str(j + 1) for j in r["importance_rank"]) if "importance" in r else "—",
+                  "stability": f"{min(r['stability']):.2f}" if r.get("stability") else "—",
+                  "unstable": ", ".join(str(j + 1) for j in r.get("unstable", [])) or ("none" if r.get("stability") else "—"),
+                  "maps_figure": r.get("maps_figure"), "map_image": r.get("map_image_index")}
                  for r in done]
     main = summary.get(headline_pool, {})
     cards = []
@@ -298,6 +437,11 @@ def write_concepts_report(records: list[dict], out_dir: str | Path, *, options: 
     if "nmf" in summary:
         cards.append({"label": "NMF relative error", "value": f"{summary['nmf']['mean_relative_error']:.3f}",
                       "sub": f"‖X − WH‖/‖X‖, mean over classes (max {summary['nmf']['max_relative_error']:.3f})"})
+    if "stability" in summary:
+        st = summary["stability"]
+        cards.append({"label": "concept stability", "value": f"{st['min_cosine']:.2f}",
+                      "sub": f"smallest matched cosine over other seeds and bootstrap halves (mean {st['mean_cosine']:.2f}); "
+                             f"{st['unstable']} of {st['concepts']} concepts below {st['threshold']}"})
     n_ex = sum(summary["excluded_images"].values())
     cards.append({"label": "classes", "value": str(len(done)), "sub": f"{options.get('components')} concepts each"
                   + (f"; {len(summary['skipped'])} skipped" if summary["skipped"] else "")
