@@ -23,7 +23,7 @@ from ..experiment import setting
 from ..models import GenerativeTrainConfig, ModelCache, get_generative
 from ..models.known_manifold import KnownManifoldConfig, make_known_manifold
 from ..runs import Unit, atomic_torch_save, safe_torch_load, unit_dir
-from .result import SEED_REFERENCE, AlignmentResult
+from .result import SEED_REFERENCE
 
 __all__ = ["AlignConfig", "DEFAULT_METHODS", "prepare_data", "attribute_chunks", "load_chunks"]
 
