@@ -221,3 +221,22 @@ def test_estimated_manifold_on_real_data(tmp_path):
     assert set(m["scores"]) == {"standard"}
     # random directions score about √(k/d) = 0.25 on the estimated tangent spaces too (8 samples: loose)
     assert abs(m["scores"]["standard"]["random"]["mean"] - m["baseline"]) < 0.08
+
+
+def test_library_checks_your_model_before_the_vae_is_trained(tmp_path, monkeypatch):
+    """run_alignment(classifier=...) checks the model on a batch of the real data before the VAE, the labeler or the
+    known manifold are built (it trained the VAE first and failed afterwards)."""
+    import manifex.models.zoo as zoo
+    from manifex.alignment import AlignConfig, run_alignment
+    from manifex.errors import ManifexError
+    from manifex.models import ModelCache
+
+    def trained(*args, **kwargs):
+        raise AssertionError("a model was trained before the error")
+
+    monkeypatch.setattr(zoo, "fit_classifier", trained)
+    monkeypatch.setattr(zoo, "fit_generative", trained)
+    three_classes = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    cfg = AlignConfig(dataset="known:digits8", robust=False, n_samples=8)
+    with pytest.raises(ManifexError, match="has 3 outputs but the data has 10 classes"):
+        run_alignment(cfg, cache=ModelCache(tmp_path / "c"), progress=False, classifier=three_classes)
