@@ -68,18 +68,107 @@ def test_degenerate_data_is_refused_without_the_opt_in(first_run, tmp_path):
     assert not (tmp_path / "o" / "report.html").exists()
 
 
-def test_rerun_reuses_models_and_attributions(first_run):
+def test_rerun_resumes_from_out_and_reuses_models(first_run):
+    """The attributions are units of --out (results.jsonl, units/<id>/E.pt): the same command on the same --out
+    computes nothing and reports the same scores; a new --out recomputes the attributions but reuses the cached
+    generator and classifiers (the old align resumed only from the model cache)."""
     root, cache, out, _ = first_run
     before = json.loads((out / "metrics.json").read_text())
-    out2 = root / "out2"
-    res = CliRunner().invoke(main, ["align", *TINY, "--out", str(out2), "--cache-dir", str(cache)])
+    records = (out / "results.jsonl").read_bytes()
+    chunks = {p: p.stat().st_mtime_ns for p in out.glob("units/*/E.pt")}
+    assert len(chunks) == 2 * 3 and len(records.splitlines()) == 2 * 3  # 2 models × 3 methods × 1 chunk of 16 images
+    res = CliRunner().invoke(main, ["align", *TINY, "--out", str(out), "--cache-dir", str(cache)])
     assert res.exit_code == 0, res.output
-    after = json.loads((out2 / "metrics.json").read_text())
-    assert after["generative"]["cached"] is True
-    assert all(info["cached"] for info in after["models"].values())
+    after = json.loads((out / "metrics.json").read_text())
+    assert (out / "results.jsonl").read_bytes() == records
+    assert {p: p.stat().st_mtime_ns for p in out.glob("units/*/E.pt")} == chunks
     assert after["scores"] == before["scores"]
-    # attribution timings come from the cache, so they are identical, not re-measured
-    assert after["timings"]["attribution_seconds"] == before["timings"]["attribution_seconds"]
+    for model, per in before["timings"]["attribution_seconds"].items():  # the chunks' seconds, read back from records
+        assert {m: s for m, s in after["timings"]["attribution_seconds"][model].items() if m != "random"} == \
+            {m: s for m, s in per.items() if m != "random"}
+    res = CliRunner().invoke(main, ["align", *TINY, "--out", str(root / "out2"), "--cache-dir", str(cache)])
+    assert res.exit_code == 0, res.output
+    other = json.loads((root / "out2" / "metrics.json").read_text())
+    assert other["generative"]["cached"] is True
+    assert all(info["cached"] for info in other["models"].values())
+    assert other["model"]["fingerprint"] == before["model"]["fingerprint"]
+
+
+def test_experiment_folder_layout_and_model_named(first_run):
+    _, _, out, _ = first_run
+    exp = json.loads((out / "experiment.json").read_text())
+    assert exp["command"] == "align" and exp["settings"]["n_samples"] == 16 and exp["data"]["spec"] == "known:digits8"
+    assert exp["model"]["source"] == "built-in" and exp["model"]["architecture"] == "lenet"
+    assert set(exp["explainers"]) == {"gradient", "smoothgrad", "integrated_gradients_path"}
+    assert (out / "summary.json").is_file() and (out / "artefacts" / "tangent.pt").is_file()
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["model"]["name"] == "lenet" and m["models"]["standard"]["classifier"] == "lenet"
+    ids = [json.loads(line)["id"] for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(ids) == sorted(f"{model}-{method}-000000-000016" for model in ("standard", "robust")
+                                 for method in ("gradient", "smoothgrad", "integrated_gradients_path"))
+
+
+def test_changed_setting_or_explainer_on_resume_is_refused(first_run, monkeypatch):
+    _, cache, out, _ = first_run
+    records = (out / "results.jsonl").read_bytes()
+    res = CliRunner().invoke(main, ["align", *TINY, "--samples", "12", "--out", str(out), "--cache-dir", str(cache)])
+    assert res.exit_code == 2 and "other settings" in res.output and "n_samples: 16 -> 12" in res.output, res.output
+    from manifex.attribution.methods import Gradient
+
+    monkeypatch.setattr(Gradient, "__repr__", lambda self: "Gradient(changed)")  # an explainer's default changed
+    res = CliRunner().invoke(main, ["align", *TINY, "--out", str(out), "--cache-dir", str(cache)])
+    assert res.exit_code == 2 and "other explainers" in res.output, res.output
+    assert (out / "results.jsonl").read_bytes() == records
+
+
+def test_interrupted_run_resumes_at_the_next_chunk(first_run, tmp_path, monkeypatch):
+    """A run stopped after some chunks keeps them: the re-run computes only the rest (a kill loses at most the
+    chunks in flight)."""
+    import manifex.alignment.pipeline as pipeline
+    from manifex.errors import ModelError
+
+    _, cache, _, _ = first_run
+    args = ["align", *TINY, "--batch-size", "8", "--out", str(tmp_path / "o"), "--cache-dir", str(cache)]
+    real, calls = pipeline.make_explainer, []
+
+    def stop_at_the_fourth(model, method, **kw):
+        calls.append(method)
+        if len(calls) == 4:
+            raise ModelError("stopped here")
+        return real(model, method, **kw)
+
+    monkeypatch.setattr(pipeline, "make_explainer", stop_at_the_fourth)
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and "stopped here" in res.output, res.output
+    done = (tmp_path / "o" / "results.jsonl").read_text().splitlines()
+    assert len(done) == 3
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "o").glob("units/*/E.pt")}
+    monkeypatch.setattr(pipeline, "make_explainer", real)
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    lines = (tmp_path / "o" / "results.jsonl").read_text().splitlines()
+    assert lines[:3] == done and len(lines) == 2 * 3 * 2  # 2 models × 3 methods × 2 chunks of 8, each once
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+
+
+def test_run_alignment_keeps_its_folder_only_when_asked(first_run, tmp_path):
+    """The library call is a thin call of run_experiment: with out_dir it writes (and resumes) the experiment folder,
+    without it nothing is left behind; both give the scores of the CLI run."""
+    from manifex.alignment import AlignConfig, run_alignment
+    from manifex.models import ModelCache
+
+    _, cache, out, _ = first_run
+    cfg = AlignConfig(dataset="known:digits8", n_samples=16, n_train=200, n_test=32, generative_epochs=2,
+                      classifier_epochs=1, robust_epochs=1, robust_steps=2, allow_degenerate=True,
+                      methods=("gradient", "smoothgrad", "ig_path"))
+    cli = json.loads((out / "metrics.json").read_text())["scores"]
+    res = run_alignment(cfg, cache=ModelCache(cache), progress=False, out_dir=tmp_path / "lib")
+    assert (tmp_path / "lib" / "report.html").is_file() and (tmp_path / "lib" / "results.jsonl").is_file()
+    assert res.metrics["scores"] == cli
+    assert set(res.scores) == {"standard", "robust"} and res.scores["standard"]["gradient"].shape == (16,)
+    before = set(tmp_path.iterdir())
+    again = run_alignment(cfg, cache=ModelCache(cache), progress=False)
+    assert set(tmp_path.iterdir()) == before and again.metrics["scores"] == cli
 
 
 def test_missing_dataset_file_is_a_clear_error(tmp_path):
@@ -132,3 +221,22 @@ def test_estimated_manifold_on_real_data(tmp_path):
     assert set(m["scores"]) == {"standard"}
     # random directions score about √(k/d) = 0.25 on the estimated tangent spaces too (8 samples: loose)
     assert abs(m["scores"]["standard"]["random"]["mean"] - m["baseline"]) < 0.08
+
+
+def test_library_checks_your_model_before_the_vae_is_trained(tmp_path, monkeypatch):
+    """run_alignment(classifier=...) checks the model on a batch of the real data before the VAE, the labeler or the
+    known manifold are built (it trained the VAE first and failed afterwards)."""
+    import manifex.models.zoo as zoo
+    from manifex.alignment import AlignConfig, run_alignment
+    from manifex.errors import ManifexError
+    from manifex.models import ModelCache
+
+    def trained(*args, **kwargs):
+        raise AssertionError("a model was trained before the error")
+
+    monkeypatch.setattr(zoo, "fit_classifier", trained)
+    monkeypatch.setattr(zoo, "fit_generative", trained)
+    three_classes = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    cfg = AlignConfig(dataset="known:digits8", robust=False, n_samples=8)
+    with pytest.raises(ManifexError, match="has 3 outputs but the data has 10 classes"):
+        run_alignment(cfg, cache=ModelCache(tmp_path / "c"), progress=False, classifier=three_classes)

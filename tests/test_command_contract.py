@@ -15,11 +15,10 @@ import manifex.models.zoo as zoo
 from manifex.cli import main
 from manifex.data import load_digits8
 
-#: command -> (tiny arguments on digits8, a result setting changed on resume, or None where the command resumes
-#: from the model cache by key: align's changed settings are new cache entries, never mixed with old ones)
+#: command -> (tiny arguments on digits8, a result setting changed on resume)
 COMMANDS = {
     "align": (["--dataset", "known:digits8", "--samples", "8", "--n-train", "50", "--n-test", "16", "--vae-epochs", "1",
-               "--epochs", "1", "--methods", "gradient", "--allow-degenerate"], None),
+               "--epochs", "1", "--methods", "gradient", "--allow-degenerate"], ["--samples", "9"]),
     "attack": (["--dataset", "digits8", "--epochs", "1", "--pairs", "2", "--iterations", "2"], ["--iterations", "3"]),
     "smooth": (["--dataset", "digits8", "--epochs", "1", "--pairs", "2", "--iterations", "2", "--betas", "10"],
                ["--iterations", "3"]),

@@ -365,20 +365,30 @@ def test_cli_workers_without_ray_says_how_to_install(monkeypatch, tmp_path, comm
 
 
 def test_alignment_attributions_in_resumable_chunks(tmp_path):
-    from manifex.alignment.pipeline import _attributions
+    """The alignment run's attribution chunks on the run layer (units/<id>/E.pt). In float64 the chunked and the
+    whole-batch input×gradient of an MLP agree to round-off (each example's gradient is computed on its own; 1e-12 is
+    far above float64 round-off of a 64-d product and far below any real difference)."""
+    from manifex.alignment.pipeline import attribute_chunks, load_chunks
     from manifex.attribution import make_explainer
     from manifex.models import ClassifierConfig, build_classifier
+    from manifex.runs import Unit
 
     torch.manual_seed(0)
-    model = build_classifier(ClassifierConfig("mlp", (1, 8, 8), 10)).eval()
-    x, y = torch.rand(10, 1, 8, 8), torch.arange(10) % 10
-    E = _attributions(model, "input_x_gradient", x, y, 4, tmp_path, executor=None)
-    torch.testing.assert_close(E, make_explainer(model, "input_x_gradient")(x, y), atol=1e-6, rtol=0)
-    assert [r["id"] for r in read_jsonl(tmp_path / "results.jsonl")] == ["000000-000004", "000004-000008", "000008-000010"]
+    model = build_classifier(ClassifierConfig("mlp", (1, 8, 8), 10)).double().eval()
+    x, y = torch.rand(10, 1, 8, 8, dtype=torch.float64), torch.arange(10) % 10
+    units = [Unit(f"standard-input_x_gradient-{i:06d}-{min(i + 4, 10):06d}",
+                  {"model": "standard", "method": "input_x_gradient", "start": i, "stop": min(i + 4, 10)})
+             for i in range(0, 10, 4)]
+    ctx = {"models": {"standard": model}, "x": x, "y": y}
+    records = run_units(units, attribute_chunks, tmp_path, context=ctx, batch_size=1, progress=False)
+    E = load_chunks(tmp_path, records, "cpu")
+    torch.testing.assert_close(E, make_explainer(model, "input_x_gradient")(x, y), atol=1e-12, rtol=0)
+    assert [r["id"] for r in read_jsonl(tmp_path / "results.jsonl")] == [u.id for u in units]
     # a finished chunk is not recomputed: its saved explanation is used as it is
-    atomic_torch_save(torch.zeros(4, 1, 8, 8), tmp_path / "units" / "000000-000004" / "E.pt")
-    E2 = _attributions(model, "input_x_gradient", x, y, 4, tmp_path, executor=None)
-    assert torch.equal(E2[:4], torch.zeros(4, 1, 8, 8)) and torch.equal(E2[4:], E[4:])
+    atomic_torch_save(torch.zeros(4, 1, 8, 8, dtype=torch.float64), tmp_path / "units" / units[0].id / "E.pt")
+    records = run_units(units, attribute_chunks, tmp_path, context=ctx, batch_size=1, progress=False)
+    E2 = load_chunks(tmp_path, records, "cpu")
+    assert torch.equal(E2[:4], torch.zeros(4, 1, 8, 8, dtype=torch.float64)) and torch.equal(E2[4:], E[4:])
 
 
 def test_run_units_batches_are_fixed_whatever_finished_before(tmp_path):

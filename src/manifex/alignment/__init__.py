@@ -8,7 +8,8 @@ import sys as _sys
 import types as _types
 
 from ..models.known_manifold import KnownManifold, KnownManifoldConfig, make_known_manifold, upsampled_decoder
-from .pipeline import DEFAULT_METHODS, AlignConfig, run_alignment
+from .experiment import AlignExperiment, run_alignment
+from .pipeline import DEFAULT_METHODS, AlignConfig
 from .result import SEED_REFERENCE, AlignmentResult
 
 
@@ -21,7 +22,7 @@ def write_report(result: AlignmentResult, out_dir):
 
 __all__ = [
     "KnownManifold", "KnownManifoldConfig", "make_known_manifold", "upsampled_decoder",
-    "DEFAULT_METHODS", "AlignConfig", "run_alignment", "SEED_REFERENCE", "AlignmentResult", "write_report",
+    "DEFAULT_METHODS", "AlignConfig", "AlignExperiment", "run_alignment", "SEED_REFERENCE", "AlignmentResult", "write_report",
 ]
 
 

@@ -549,12 +549,14 @@ def _context(result: AlignmentResult, figures: dict[str, Path]) -> dict[str, Any
     }
 
 
-def write_report(result: AlignmentResult, out_dir: Path) -> Path:
-    """Write the figures, ``metrics.json`` and ``report.html`` into ``out_dir``; returns the HTML's path."""
+def write_report(result: AlignmentResult, out_dir: Path, *, metrics_file: bool = True) -> Path:
+    """Write the figures, ``metrics.json`` (unless ``metrics_file=False``: an experiment run writes it once, through
+    the contract's encoder) and ``report.html`` into ``out_dir``; returns the HTML's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = alignment_figures(result, out_dir)
-    write_json(result.metrics, out_dir / "metrics.json")
+    if metrics_file:
+        write_json(result.metrics, out_dir / "metrics.json")
     html = _environment().get_template(_TEMPLATE).render(**_context(result, figures))
     path = out_dir / "report.html"
     atomic_write_text(path, html)
