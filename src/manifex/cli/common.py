@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import click
@@ -62,17 +61,8 @@ def _betas(ctx, param, value: str):
     return betas
 
 
-def _trained_classifier(dataset, classifier, epochs, seed, device, cache_dir, trust_pickle, quiet):
-    """(model, data, test, info) for a built-in classifier trained (or reused from the cache) on ``dataset``."""
-    data, _ = load_data(dataset, trust_pickle=trust_pickle)
-    train, test = data.split(0.2, seed=seed)
-    model, info = load_classifier(train, test, classifier=classifier, epochs=epochs, seed=seed, device=device,
-                                  cache_dir=cache_dir, progress=not quiet)
-    return model, data, test, info
-
-
 # ------------------------------------------------------------------------------------------------------------------
-# Checks done before any compute: device, writable folders, data, the classifier on one batch.
+# Checks done before any compute (the one resolution lives in manifex.models.resolve; these name the CLI flags).
 # Each raises a manifex error (one line, exit status 2 from the CLI group) naming the option and the fix.
 # ------------------------------------------------------------------------------------------------------------------
 def resolve_device(device: str) -> str:
@@ -94,24 +84,6 @@ def check_model_flags(model_spec: str | None, *, weights=None, normalize=None, o
     from ..models.resolve import check_model_flags as check
 
     check(model_spec, weights=weights, normalize=normalize, output=output)
-
-
-def preflight(*, device: str, out_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-              cache: bool = True) -> str:
-    """The environment checks every command runs first: the device, --out and --cache-dir writable."""
-    device = resolve_device(device)
-    if out_dir is not None:
-        check_writable_dir(out_dir, "--out")
-    if cache:
-        check_writable_dir(cache_dir, "--cache-dir")
-    return device
-
-
-def load_data(dataset: str, *, trust_pickle: bool = False, num_classes: int | None = None, option: str = "--dataset"):
-    """Load and check a classification dataset; return (dataset, checks) (:func:`manifex.models.resolve.resolve_data`)."""
-    from ..models.resolve import resolve_data
-
-    return resolve_data(dataset, trust_pickle=trust_pickle, num_classes=num_classes, option=option)
 
 
 def _normalize(ctx, param, value: str | None):
@@ -151,69 +123,6 @@ def classifier_options(f):
     for option in reversed(options):
         f = option(f)
     return f
-
-
-def check_layer_first(model_spec: str | None, classifier: str, data, layer: str, *, command: str) -> tuple | None:
-    """A built-in classifier's layer names and output shapes are known before it is trained: check ``--layer`` on
-    the untrained network (one small batch), so a wrong name or an unusable shape never waits for the training.
-    Returns the layer's output shape per image; None with ``--model`` (checked as soon as it is loaded)."""
-    if model_spec is None:
-        import torch
-
-        from ..attribution.layer import check_layer_shape, layer_activations, resolve_layer
-        from ..models.classifiers import ClassifierConfig, build_classifier
-
-        with torch.random.fork_rng():  # building the network draws its initial weights
-            net = build_classifier(ClassifierConfig(classifier, tuple(data.image_shape), data.num_classes)).eval()
-        resolve_layer(net, layer)
-        with torch.no_grad():
-            probe = layer_activations(net, data.x[:2], layer)
-        check_layer_shape(tuple(probe.shape), layer, what=command)
-        return tuple(probe.shape[1:])
-    return None
-
-
-def load_classifier(train, test, *, model_spec: str | None = None, weights: str | os.PathLike | None = None,
-                    normalize: tuple | None = None, output: str | None = None, classifier: str = "lenet", epochs: int = 3, seed: int = 0,
-                    device: str = "cpu", cache_dir: str | os.PathLike | None = None, progress: bool = True):
-    """The classifier under test, checked once on one test batch; returns (model, info).
-
-    With ``model_spec`` the user's model is loaded (:func:`manifex.models.user.load_model`), wrapped in
-    :class:`~manifex.models.user.SelectOutput` when ``output`` (``--output``: which part of a tuple or dict output
-    holds the logits) is given and in :class:`~manifex.models.user.Normalize` when ``normalize`` = (mean, std)
-    is given, and checked BEFORE any
-    work. Otherwise the built-in ``classifier`` is trained on ``train`` (or reused from the cache) and checked
-    after training. ``info["checks"]`` lists what was verified, for the report's checks box.
-    """
-    from ..errors import InputError
-    from ..models import ModelCache, TrainConfig, get_classifier
-    from ..models.user import Normalize, SelectOutput, check_classifier, load_model, parse_output
-
-    check_model_flags(model_spec, weights=weights, normalize=normalize, output=output)
-    batch = test.x[: min(8, len(test))]
-    c = test.image_shape[0]
-    if model_spec is None:
-        model, info = get_classifier(train, classifier, TrainConfig(epochs=epochs, seed=seed), cache=ModelCache(cache_dir),
-                                     device=device, progress=progress)
-        info = {**info, "source": "built-in", "classifier": classifier}
-        name = f"the built-in {classifier}"
-    else:
-        if normalize is not None and len(normalize[0]) not in (1, c):
-            raise InputError(f"--normalize has {len(normalize[0])} channel values but the images have {c} channel(s).")
-        model = load_model(model_spec, weights)
-        if output is not None:
-            model = SelectOutput(model, parse_output(output))
-        if normalize is not None:
-            model = Normalize(model, *normalize)
-        model = model.to(device).eval()
-        info = {"source": "user", "classifier": model_spec, "weights": str(weights) if weights else None,
-                "normalize": {"mean": list(normalize[0]), "std": list(normalize[1])} if normalize else None,
-                "output": output}
-        name = f"--model {model_spec}"
-    logits = check_classifier(model, batch, test.num_classes, name=name)
-    info["checks"] = [f"model ({name}): logits of shape {tuple(logits.shape)} on a test batch, finite; "
-                      f"{logits.shape[1]} outputs = the data's {test.num_classes} classes"]
-    return model, info
 
 
 def environment_options(f):
