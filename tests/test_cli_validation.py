@@ -17,7 +17,7 @@ from manifex.models import ModelCache
 ATTACK = ["attack", "--dataset", "digits8", "--pairs", "2", "--iterations", "2", "--epochs", "1", "--quiet"]
 SMOOTH = ["smooth", "--dataset", "digits8", "--pairs", "2", "--iterations", "2", "--epochs", "1", "--quiet"]
 CONCEPTS = ["concepts", "--dataset", "digits8", "--epochs", "1", "--classes", "0,1", "--quiet"]
-CONTRAST = ["contrast", "--dataset", "digits8", "--epochs", "1", "--pairs", "0:1", "--quiet"]
+CONTRAST = ["contrast", "--dataset", "digits8", "--epochs", "1", "--class-pairs", "0:1", "--quiet"]
 COUNTERFACTUAL = ["counterfactual", "--dataset", "digits8", "--n", "2", "--max-steps", "2", "--epochs", "1", "--quiet"]
 ALIGN = ["align", "--dataset", "known:digits8", "--samples", "8", "--n-train", "50", "--n-test", "16",
          "--vae-epochs", "1", "--epochs", "1", "--methods", "gradient", "--quiet"]

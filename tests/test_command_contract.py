@@ -25,9 +25,9 @@ COMMANDS = {
     "counterfactual": (["--dataset", "digits8", "--epochs", "1", "--space", "pixel", "--n", "2", "--max-steps", "3"],
                        ["--max-steps", "4"]),
     "concepts": (["--dataset", "digits8", "--epochs", "1", "--layer", "blocks.1", "--pool", "2", "--classes", "0,1",
-                  "--components", "2", "--images-per-class", "6", "--samples", "1", "--controls", "2", "--top-k", "2"],
+                  "--components", "2", "--images-per-class", "6", "--noise-samples", "1", "--controls", "2", "--top-k", "2"],
                  ["--components", "3"]),
-    "contrast": (["--dataset", "digits8", "--epochs", "1", "--layer", "blocks.1", "--pairs", "0:1", "--images-per-class", "6",
+    "contrast": (["--dataset", "digits8", "--epochs", "1", "--layer", "blocks.1", "--class-pairs", "0:1", "--images-per-class", "6",
                   "--noise-samples", "1", "--random-directions", "1", "--components", "2"], ["--random-directions", "2"]),
 }
 #: a mistake only the command can find, refused before anything is trained (exit 2, one line naming it)
@@ -264,7 +264,7 @@ def _kill_after_first_unit(args, out, env):
 
 #: commands whose tiny run has several units (a kill can fall between two)
 KILLABLE = {"concepts": [], "counterfactual": ["--batch-size", "1"], "attack": ["--batch-size", "1"],
-            "contrast": ["--pairs", "0:1,2:3"]}
+            "contrast": ["--class-pairs", "0:1,2:3"]}
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from manifex.cli import main
 from manifex.runs import read_jsonl
 
 SMALL = ["--dataset", "digits8", "--epochs", "1", "--layer", "blocks.1", "--pool", "2", "--classes", "0,1",
-         "--components", "3", "--images-per-class", "8", "--samples", "2", "--controls", "3", "--top-k", "4", "--quiet"]
+         "--components", "3", "--images-per-class", "8", "--noise-samples", "2", "--controls", "3", "--top-k", "4", "--quiet"]
 
 
 @pytest.fixture(scope="module")

@@ -364,7 +364,7 @@ def test_contrast_cli_end_to_end_and_resume(tmp_path, cli_cache):
     from manifex.runs import read_jsonl, safe_torch_load
 
     out = tmp_path / "run"
-    args = ["contrast", *SMALL, "--pairs", "0:1,3:8", "--cache-dir", cli_cache, "--out", str(out)]
+    args = ["contrast", *SMALL, "--class-pairs", "0:1,3:8", "--cache-dir", cli_cache, "--out", str(out)]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert "swaps the prediction" in res.output and res.output.strip().splitlines()[-1].startswith("report:")
@@ -401,11 +401,11 @@ def test_contrast_cli_end_to_end_and_resume(tmp_path, cli_cache):
     assert res.exit_code == 2 and "settings.n_random: 3 -> 5" in res.output, res.output
     assert hp.stat().st_mtime_ns == stamp
     # a pair with a new class is refused: every pair's hyperplane depends on the classes trained together
-    res = CliRunner().invoke(main, [*args[:-6], "--pairs", "0:1,3:8,1:2", *args[-4:]])
+    res = CliRunner().invoke(main, [*args[:-6], "--class-pairs", "0:1,3:8,1:2", *args[-4:]])
     assert res.exit_code == 2 and "classes.contrasted: [0, 1, 3, 8] -> [0, 1, 2, 3, 8]" in res.output, res.output
     assert hp.stat().st_mtime_ns == stamp and len(read_jsonl(out / "results.jsonl")) == 2
     # a new pair of the same classes resumes: the two finished pairs are kept, one is added
-    res = CliRunner().invoke(main, [*args[:-6], "--pairs", "0:1,3:8,1:0", *args[-4:]])
+    res = CliRunner().invoke(main, [*args[:-6], "--class-pairs", "0:1,3:8,1:0", *args[-4:]])
     assert res.exit_code == 0, res.output
     assert [(r["a"], r["b"]) for r in read_jsonl(out / "results.jsonl")] == [(0, 1), (3, 8), (1, 0)]
     assert hp.stat().st_mtime_ns == stamp
@@ -423,15 +423,15 @@ def test_contrast_cli_end_to_end_and_resume(tmp_path, cli_cache):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
-    (["--pairs", "3:3"], "with itself"),
-    (["--pairs", "0:12"], "out of range"),
+    (["--class-pairs", "3:3"], "with itself"),
+    (["--class-pairs", "0:12"], "out of range"),
     (["--pairs", "0-1"], "A:B class pairs"),
-    (["--pairs", "0:1", "--random-pairs", "3"], "not both"),
-    (["--pairs", "0:1", "--layer", "blocks.9"], "unknown layer 'blocks.9'"),
-    (["--pairs", "0:1", "--components", "999"], "exceeds the"),
-    (["--pairs", "0:1", "--concepts-pair", "2:2"], "with itself"),
-    (["--pairs", "0:1", "--concepts-pair", "0:1,2:3"], "one A:B class pair"),
-    (["--pairs", "0:1,0:1"], "pairs repeat"),
+    (["--class-pairs", "0:1", "--random-pairs", "3"], "not both"),
+    (["--class-pairs", "0:1", "--layer", "blocks.9"], "unknown layer 'blocks.9'"),
+    (["--class-pairs", "0:1", "--components", "999"], "exceeds the"),
+    (["--class-pairs", "0:1", "--concepts-pair", "2:2"], "with itself"),
+    (["--class-pairs", "0:1", "--concepts-pair", "0:1,2:3"], "one A:B class pair"),
+    (["--class-pairs", "0:1,0:1"], "pairs repeat"),
 ])
 def test_contrast_cli_errors_come_before_training(tmp_path, args, message, monkeypatch):
     """Every mistake knowable from the options, the data and the untrained built-in network ends in one line, exit
@@ -476,7 +476,7 @@ def test_crafted_or_truncated_hyperplane_file_never_runs_code(tmp_path, cli_cach
             return (exec, ("open(%r, 'w').write('ran')" % str(tmp_path / "pwned"),))
 
     out = tmp_path / "run"
-    args = ["contrast", *SMALL, "--pairs", "0:1", "--cache-dir", cli_cache, "--out", str(out)]
+    args = ["contrast", *SMALL, "--class-pairs", "0:1", "--cache-dir", cli_cache, "--out", str(out)]
     assert CliRunner().invoke(main, args).exit_code == 0
     hp = out / "artefacts" / "hyperplanes.pt"
     good = safe_torch_load(hp)

@@ -164,7 +164,7 @@ def _cli(args, cache):
 
 @pytest.mark.slow
 def test_cli_negative_layer_gives_a_report(tmp_path, cli_cache):
-    res = _cli(["--layer", "blocks.1.bn2", "--pairs", "0:1", "--random-directions", "1", "--out", str(tmp_path)], cli_cache)
+    res = _cli(["--layer", "blocks.1.bn2", "--class-pairs", "0:1", "--random-directions", "1", "--out", str(tmp_path)], cli_cache)
     assert res.exit_code == 0, res.output
     assert "warning: layer 'blocks.1.bn2' has negative activations (min -" in res.output and "report:" in res.output
     assert (tmp_path / "report.html").exists() and not (tmp_path / "contrastive_concepts.png").exists()
@@ -172,7 +172,7 @@ def test_cli_negative_layer_gives_a_report(tmp_path, cli_cache):
 
 @pytest.mark.slow
 def test_cli_zero_random_directions_reports_no_control(tmp_path, cli_cache):
-    res = _cli(["--layer", "blocks.1", "--pairs", "0:1", "--random-directions", "0", "--out", str(tmp_path)], cli_cache)
+    res = _cli(["--layer", "blocks.1", "--class-pairs", "0:1", "--random-directions", "0", "--out", str(tmp_path)], cli_cache)
     assert res.exit_code == 0, res.output
     assert "no random-direction control" in res.output and "nan%" not in res.output
     assert _no_nan_inf((tmp_path / "metrics.json").read_text())
@@ -235,7 +235,7 @@ def test_cli_user_models(tmp_path, cli_cache, factory, code, message):
             opt.step()
         torch.save(net.state_dict(), tmp_path / "w.pt")
         extra = ["--weights", str(tmp_path / "w.pt")]
-    res = _cli(["--model", f"{tmp_path / 'usernet.py'}:{factory}", *extra, "--layer", "features.1", "--pairs", "0:1",
+    res = _cli(["--model", f"{tmp_path / 'usernet.py'}:{factory}", *extra, "--layer", "features.1", "--class-pairs", "0:1",
                 "--random-directions", "1", "--out", str(tmp_path / "o")], cli_cache)
     assert res.exit_code == code, res.output
     assert message in res.output and "Traceback" not in res.output

@@ -232,7 +232,7 @@ def test_concepts_python_api_equals_the_command(tmp_path):
 
     cache = tmp_path / "cache"
     args = ["--dataset", "digits8", "--epochs", "1", "--layer", "blocks.1", "--pool", "2", "--classes", "0,1",
-            "--components", "2", "--images-per-class", "6", "--samples", "1", "--controls", "2", "--top-k", "2"]
+            "--components", "2", "--images-per-class", "6", "--noise-samples", "1", "--controls", "2", "--top-k", "2"]
     res = CliRunner().invoke(main, ["concepts", *args, "--quiet", "--cache-dir", str(cache), "--out", str(tmp_path / "cli")])
     assert res.exit_code == 0, res.output
     cfg = ConceptsConfig(dataset="digits8", epochs=1, layer="blocks.1", pool=2, classes=(0, 1), components=2,
@@ -261,3 +261,36 @@ def test_a_python_model_is_left_as_found_and_keeps_its_device(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         run_experiment(Boom(), TinyConfig(units=1), tmp_path / "p", model=net, cache_dir=tmp_path / "cache", progress=False)
     assert net.training
+
+
+def test_a_renamed_flag_still_works_for_one_release_with_a_warning():
+    """One meaning per flag across commands: concepts' --samples (noise samples; align's --samples counts images)
+    is now --noise-samples, contrast's --pairs (class pairs; attack's --pairs counts image pairs) --class-pairs.
+    The old names still work, with a warning, and are no longer listed in --help; both names at once are refused."""
+    from manifex.cli.generate import config_from_params, config_options
+
+    @dataclass(frozen=True)
+    class Renamed:
+        noise: int = setting(20, "noise samples", low=0, flag="--noise-samples", old_flags=("--samples",))
+
+    seen = {}
+
+    @click.command()
+    @config_options(Renamed)
+    def cmd(**params):
+        seen["config"] = config_from_params(Renamed, params)
+
+    res = CliRunner().invoke(cmd, ["--samples", "3"])
+    assert res.exit_code == 0 and seen["config"].noise == 3, res.output
+    assert "--samples is renamed --noise-samples" in res.output
+    res = CliRunner().invoke(cmd, ["--noise-samples", "4"])
+    assert res.exit_code == 0 and seen["config"].noise == 4 and "renamed" not in res.output
+    res = CliRunner().invoke(cmd, ["--noise-samples", "4", "--samples", "3"])
+    assert res.exit_code == 2 and "give --noise-samples only" in res.output
+    help_text = CliRunner().invoke(cmd, ["--help"]).output
+    assert "--noise-samples" in help_text and "--samples" not in help_text.replace("--noise-samples", "")
+    from manifex.cli import main
+
+    for command, new, old in (("concepts", "--noise-samples", "--samples"), ("contrast", "--class-pairs", "--pairs")):
+        text = CliRunner().invoke(main, [command, "--help"]).output
+        assert new in text and old + " " not in text

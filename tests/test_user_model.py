@@ -211,8 +211,8 @@ def dict_model(tmp_path_factory):
 @pytest.mark.parametrize("command, extra", [
     ("attack", ["--pairs", "2", "--iterations", "2"]),
     ("concepts", ["--layer", "features.3", "--classes", "0,1", "--components", "2", "--images-per-class", "4",
-                  "--samples", "1", "--controls", "2", "--top-k", "2", "--pool", "4"]),
-    ("contrast", ["--layer", "features.3", "--pairs", "0:1", "--images-per-class", "4", "--noise-samples", "1",
+                  "--noise-samples", "1", "--controls", "2", "--top-k", "2", "--pool", "4"]),
+    ("contrast", ["--layer", "features.3", "--class-pairs", "0:1", "--images-per-class", "4", "--noise-samples", "1",
                   "--random-directions", "1"]),
     ("counterfactual", ["--space", "pixel", "--n", "2", "--max-steps", "3", "--source", "4", "--target", "9"]),
 ])

@@ -29,7 +29,7 @@ def concepts(**params) -> None:
     \b
     Examples:
       manifex concepts                                   # SmallResNet on MNIST-5k, blocks.2, 6 concepts
-      manifex concepts --classes 3,5,8 --components 4 --samples 5
+      manifex concepts --classes 3,5,8 --components 4 --noise-samples 5
       manifex concepts --layer blocks.1 --pool 2 --exclude-target
       manifex concepts --model mynet.py:build --weights w.pt --layer layer4 --layout canvas
     """

@@ -32,10 +32,10 @@ def contrast(**params) -> None:
     \b
     Examples:
         manifex contrast                                   # 20 random pairs, MNIST-5k, SmallResNet
-        manifex contrast --pairs 4:9,3:5,7:1 --out runs/c  # chosen pairs
+        manifex contrast --class-pairs 4:9,3:5,7:1 --out runs/c  # chosen pairs
         manifex contrast --random-pairs 90                 # every ordered pair of 10 classes
         manifex contrast --layer blocks.1 --concepts-pair 3:8 --ood
-        manifex contrast --model my_net.py:Net --weights w.pt --layer features.4 --pairs 0:1
+        manifex contrast --model my_net.py:Net --weights w.pt --layer features.4 --class-pairs 0:1
     Interrupted runs resume (hyperplanes kept in --out/artefacts, finished pairs skipped).
     """
     from ..concepts.contrast.experiment import ContrastExperiment

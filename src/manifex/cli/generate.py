@@ -99,10 +99,29 @@ def _flag(f: dataclasses.Field, meta: dict) -> str:
 
 
 def _option(f: dataclasses.Field, hints: dict) -> Callable:
+    """The field's option, and a hidden option per earlier flag name (read by :func:`config_from_params`)."""
+    meta = setting_meta(f)
+    main = _main_option(f, hints)
+    olds = [_main_option(f, hints, flag=old, name=f"{f.name}__old{i}", hidden=True)
+            for i, old in enumerate(meta.get("old_flags", ()))]
+
+    def decorate(fn: Callable) -> Callable:
+        for o in olds:
+            fn = o(fn)
+        return main(fn)
+
+    return decorate
+
+
+def _main_option(f: dataclasses.Field, hints: dict, *, flag: str | None = None, name: str | None = None,
+                 hidden: bool = False) -> Callable:
     meta = setting_meta(f)
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-    flag = _flag(f, meta)
-    kw: dict[str, Any] = {"help": meta["help"], "show_default": meta["show_default"] and default is not None}
+    flag = flag or _flag(f, meta)
+    if hidden:  # an earlier name: no default of its own (None = not given), not listed in --help
+        default = None
+    kw: dict[str, Any] = {"help": meta["help"], "show_default": meta["show_default"] and default is not None,
+                          "hidden": hidden}
     if meta["metavar"]:
         kw["metavar"] = meta["metavar"]
     tp = _base_type(hints.get(f.name, type(default)))
@@ -113,13 +132,13 @@ def _option(f: dataclasses.Field, hints: dict) -> Callable:
         if isinstance(default, tuple):
             shown = ",".join(map(str, default))
         kw["default"] = None if default is None else str(shown)
-        return click.option(flag, f.name, **kw)
+        return click.option(flag, name or f.name, **kw)
     if tp is bool:
-        name = flag[2:]
+        bname = flag[2:]
         if default:
-            return click.option(f"--{name}/--no-{name}", f.name, default=True, **kw)
+            return click.option(f"--{bname}/--no-{bname}", name or f.name, default=True, **kw)
         kw["show_default"] = False
-        return click.option(flag, f.name, is_flag=True, default=False, **kw)
+        return click.option(flag, name or f.name, is_flag=True, default=False, **kw)
     if meta["choices"]:
         kw["type"] = click.Choice(list(meta["choices"]))
     elif tp is int:
@@ -131,7 +150,7 @@ def _option(f: dataclasses.Field, hints: dict) -> Callable:
         kw["type"] = click.FloatRange(meta["low"], meta["high"]) if bounded else float
     else:
         kw["type"] = str
-    return click.option(flag, f.name, default=default, **kw)
+    return click.option(flag, name or f.name, default=default, **kw)
 
 
 def config_options(config_cls: type, *, exclude: tuple[str, ...] = ()) -> Callable:
@@ -153,6 +172,18 @@ def config_from_params(config_cls: type, params: dict[str, Any], **overrides: An
     as --seed or --trust-pickle may feed both the Config and the run), then ``overrides``."""
     names = {f.name for f in dataclasses.fields(config_cls)}
     values = {k: params[k] for k in params if k in names}
+    for f in dataclasses.fields(config_cls):
+        for i, old in enumerate(setting_meta(f).get("old_flags", ())):
+            given = params.pop(f"{f.name}__old{i}", None)
+            if given is None:
+                continue
+            new = _flag(f, setting_meta(f))
+            ctx = click.get_current_context(silent=True)
+            if ctx is not None and ctx.get_parameter_source(f.name) is click.core.ParameterSource.COMMANDLINE:
+                raise click.UsageError(f"{old} is the old name of {new}; give {new} only.")
+            click.secho(f"warning: {old} is renamed {new} (one meaning per flag across commands); {old} goes in the "
+                        "next release.", fg="yellow", err=True)
+            values[f.name] = given
     values.update(overrides)
     return config_cls(**values)
 

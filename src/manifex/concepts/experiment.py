@@ -40,7 +40,8 @@ class ConceptsConfig:
     relevance: str = setting("deeplift", "Relevance that weights the activations (research: deeplift).",
                              choices=("deeplift", "integrated_gradients", "gradient_x_activation", "none"))
     samples: int = setting(20, "Noise-tunnel samples of the relevance (research: 20; 0 = no noise). σ = 0.25·std of the data "
-                           "and the baseline mean + std: the research's values (0.25, 1.0) in normalised units.", low=0)
+                           "and the baseline mean + std: the research's values (0.25, 1.0) in normalised units.", low=0,
+                           flag="--noise-samples", old_flags=("--samples",))
     solver: str = setting("auto", "NMF solver: auto = hals, scikit-learn's coordinate descent batched over the classes.",
                           choices=("auto", "hals", "mu", "sklearn"))
     pool: int | str = setting("auto", "Average-pool size of the activations for the crop grid, or auto: the largest pool <= 4 "

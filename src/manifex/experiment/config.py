@@ -29,18 +29,21 @@ PARSERS = ("csv", "ints", "floats", "fraction", "int_or_auto", "lr", "pairs", "p
 
 def setting(default: Any, help: str, *, flag: str | None = None, parse: str | None = None,
             choices: Sequence[str] | None = None, low: float | None = None, high: float | None = None,
-            result: bool = True, metavar: str | None = None, cli: bool = True, show_default: bool = True) -> Any:
+            result: bool = True, metavar: str | None = None, cli: bool = True, show_default: bool = True,
+            old_flags: Sequence[str] = ()) -> Any:
     """A Config field with its CLI and guard metadata (see the module docstring).
 
     ``flag``: the option name when it is not ``--<field-name>``; ``parse``: one of :data:`PARSERS`;
     ``choices``: allowed values; ``low``/``high``: the numeric range (inclusive); ``result=False``: the field
     never changes a record (device, batch sizes) and is left out of the settings guard; ``cli=False``: no option
-    (set in Python only).
+    (set in Python only); ``old_flags``: earlier names of the option, still accepted for one release with a
+    deprecation warning (one meaning per flag across commands: a flag that meant something else elsewhere is renamed).
     """
     if parse is not None and parse not in PARSERS:
         raise ValueError(f"parse must be one of {PARSERS}, got {parse!r}")
     meta = {"help": help, "flag": flag, "parse": parse, "choices": tuple(choices) if choices else None, "low": low,
-            "high": high, "result": result, "metavar": metavar, "cli": cli, "show_default": show_default}
+            "high": high, "result": result, "metavar": metavar, "cli": cli, "show_default": show_default,
+            "old_flags": tuple(old_flags)}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"manifex": meta})
     return dataclasses.field(default=default, metadata={"manifex": meta})
@@ -49,7 +52,8 @@ def setting(default: Any, help: str, *, flag: str | None = None, parse: str | No
 def setting_meta(f: dataclasses.Field) -> dict[str, Any]:
     """The metadata of a field declared with :func:`setting` (a plain field counts as a result setting)."""
     return f.metadata.get("manifex", {"help": "", "flag": None, "parse": None, "choices": None, "low": None, "high": None,
-                                      "result": True, "metavar": None, "cli": True, "show_default": True})
+                                      "result": True, "metavar": None, "cli": True, "show_default": True,
+                                      "old_flags": ()})
 
 
 def result_settings(config: Any) -> dict[str, Any]:

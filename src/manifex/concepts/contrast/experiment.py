@@ -34,7 +34,7 @@ from ...attribution.core import OutputSelector, check_output_selector, preserve_
 from ...attribution.layer import check_layer_shape, layer_activations, resolve_layer
 from ...attribution.methods import model_device
 from ...data.base import ImageDataset
-from ...errors import InputError
+from ...errors import InputError, param
 from ...experiment import Experiment, Run, Stage, run_experiment, setting
 from ...models.resolve import ModelInfo, data_identity, resolve_classifier
 from ...runs import Unit, atomic_savefig, atomic_torch_save, safe_torch_load, tensor_fingerprint, unit_dir
@@ -69,10 +69,10 @@ def parse_pairs(text: str) -> list[tuple[int, int]]:
             continue
         bits = part.split(":")
         if len(bits) != 2 or not all(b.strip().lstrip("-").isdigit() for b in bits):
-            raise InputError(f"--pairs takes A:B class pairs separated by commas (e.g. 4:9,3:5), got {part!r}.")
+            raise InputError(f"{param('pairs')} takes A:B class pairs separated by commas (e.g. 4:9,3:5), got {part!r}.")
         pairs.append((int(bits[0]), int(bits[1])))
     if not pairs:
-        raise InputError("--pairs is empty; give A:B pairs such as 4:9,3:5.")
+        raise InputError(f"{param('pairs')} is empty; give A:B pairs such as 4:9,3:5.")
     return pairs
 
 
@@ -112,9 +112,10 @@ class ContrastConfig:
     layer: str = setting("blocks.2", "Layer whose output is contrasted (a module name; an unknown name lists the candidates).")
     # which pairs run changes no record (a pair's record does not depend on the others): the list may grow on resume
     pairs: tuple[tuple[int, int], ...] | None = setting(None, "Class pairs 'A rather than B', e.g. 4:9,3:5.", parse="pairs",
-                                                        metavar="A:B,...", result=False)
-    random_pairs: int | None = setting(None, "N random ordered pairs (seeded) instead of --pairs [default: 20 when --pairs "
-                                       "is not given].", low=1, metavar="N", result=False)
+                                                        metavar="A:B,...", result=False, flag="--class-pairs",
+                                                        old_flags=("--pairs",))
+    random_pairs: int | None = setting(None, "N random ordered pairs (seeded) instead of --class-pairs [default: 20 when "
+                                       "--class-pairs is not given].", low=1, metavar="N", result=False)
     images_per_class: int = setting(60, "Images predicted as each class (hyperplane data and shifting test).", low=1)
     n_random: int = setting(10, "Control: random directions of the same norm as w_AB per pair (0: no control, reported "
                             "as such).", flag="--random-directions", low=0)
@@ -264,7 +265,7 @@ def _layer_min(model: nn.Module, x: torch.Tensor, module: nn.Module, index: torc
 def _check_pairs(pairs: Sequence[tuple[int, int]], n_classes: int) -> list[tuple[int, int]]:
     pairs = [check_pair(a, b, n_classes) for a, b in pairs]
     if not pairs:
-        raise InputError("no class pair to contrast; give --pairs A:B,... or --random-pairs N.")
+        raise InputError(f"no class pair to contrast; give {param('pairs', 'A:B,...')} or {param('random_pairs', 'N')}.")
     if len(set(pairs)) != len(pairs):
         raise InputError(f"pairs repeat: {pairs}; give each A:B once.")
     return pairs
@@ -295,10 +296,10 @@ class ContrastExperiment(Experiment):
         if not isinstance(cfg, ContrastConfig):
             raise InputError(f"config must be a ContrastConfig, got {type(cfg).__name__}.")
         if cfg.pairs is not None and cfg.random_pairs is not None:
-            raise InputError("give either --pairs or --random-pairs, not both.")
+            raise InputError(f"give either {param('pairs')} or {param('random_pairs')}, not both.")
         if cfg.pairs is not None:
             if not cfg.pairs:
-                raise InputError("no class pair to contrast; give --pairs A:B,... or --random-pairs N.")
+                raise InputError(f"no class pair to contrast; give {param('pairs', 'A:B,...')} or {param('random_pairs', 'N')}.")
             if len(set(cfg.pairs)) != len(cfg.pairs):
                 raise InputError(f"pairs repeat: {list(cfg.pairs)}; give each A:B once.")
 
