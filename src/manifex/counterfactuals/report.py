@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from ..reports import environment
 from ..experiment.folder import write_metrics
-from ..runs import atomic_savefig, atomic_write_text
+from ..runs import atomic_savefig, atomic_write_text, safe_torch_load
 from .ascent import DEFAULT_LR
 
 __all__ = ["grid_figure", "path_figure", "spectrum_figure", "helix_figure", "write_report", "write_helix_report", "findings",
@@ -174,7 +174,7 @@ def write_report(result: Any, *, command: str | None = None, metrics_file: bool 
     for rec in records[: max(MAX_GRID, MAX_PATHS)]:
         p = out / rec["files"]["tensors"]
         if p.is_file():
-            items.append({"record": rec, "tensors": torch.load(p, weights_only=True)})
+            items.append({"record": rec, "tensors": safe_torch_load(p)})  # weights_only; a corrupt file: one line
     if items:
         atomic_savefig(grid_figure(items[:MAX_GRID], spaces, cfg.stop_prob), out / "grid.png", dpi=110)
         figures["grid"] = "grid.png"
