@@ -359,7 +359,9 @@ def evaluate(model: nn.Module, x: Any, y: Any, attributions: Any = None, *, metr
             elif r in MANIFEX_METRICS:
                 metric = getattr(manifold, r)(generator=generator, **inits[n]) if generator is not None or "generator" not in inits[n] else getattr(manifold, r)(**inits[n])
             else:
-                metric = classes[r](**{"disable_warnings": True, **inits[n]})
+                # per-example scores unless asked otherwise (some Quantus metrics aggregate by default)
+                defaults = {"disable_warnings": True, "return_aggregate": False}
+                metric = classes[r](**{**{k: v for k, v in defaults.items() if k in _parameters(classes[r].__init__)}, **inits[n]})
             call = dict(calls[n])
             if r in MANIFEX_METRICS and z is not None:
                 call["z_batch"] = z
