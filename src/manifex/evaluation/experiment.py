@@ -231,7 +231,10 @@ def run_evaluation(config: EvaluateConfig = EvaluateConfig(), out_dir: str | Pat
         except InputError:
             methods.remove("gradcam")
             checks.append("Grad-CAM left out: the model has no conv layer")
-    settings = {"config": config.result_settings(), "methods": methods, "metrics": metrics,
+    result_settings = config.result_settings()
+    if classifier is not None:  # the built-in classifier's settings do not apply to the user's model
+        result_settings = {k: v for k, v in result_settings.items() if k not in ("classifier", "epochs")}
+    settings = {"config": result_settings, "methods": methods, "metrics": metrics,
                 "model": {"type": type(model).__name__, "fingerprint": state_fingerprint(model)},
                 "generator": state_fingerprint(gen), "data": tensor_fingerprint(x.cpu()), "targets": tensor_fingerprint(y.cpu())}
     check_settings(out_dir, settings, resume=resume, what="an evaluation")
