@@ -315,12 +315,17 @@ def deletion_curves(model: nn.Module, x: Any, y: Any, attributions: Any, *, gene
     return out
 
 
+#: input values per forward pass of the batched pixel-flipping (2^18: 4096 images of 8×8, 256 of 32×32)
+PIXEL_BUDGET = 1 << 18
+
+
 def pixel_flipping(model: nn.Module, x: Any, y: Any, attributions: Any, *, features_in_step: int = 1,
-                   softmax: bool = True, batch_size: int = 1024) -> torch.Tensor:
+                   softmax: bool = True, max_values: int = PIXEL_BUDGET) -> torch.Tensor:
     """Quantus's PixelFlipping (black baseline: each image's minimum; features in the order np.argsort(−a), a
-    broadcast to x's shape), all ceil(D / features_in_step) steps of every image through the model in batches of
-    ``batch_size`` perturbed images instead of one forward per step. Returns (N, steps) target probabilities
-    (``softmax=False``: the logits' entries), in float64."""
+    broadcast to x's shape), the D / features_in_step steps of the whole batch through the model in few forward
+    passes: as many steps per pass as keep the pass within ``max_values`` input values (at least one step, i.e. the
+    batch, as Quantus), with the perturbed images built by one comparison instead of NumPy copies per step.
+    Returns (N, steps) target probabilities (``softmax=False``: the logits' entries), in float64."""
     x, y, a = _check_curve_inputs(model, x, y, attributions)
     if isinstance(features_in_step, bool) or not isinstance(features_in_step, int) or features_in_step < 1:
         raise InputError(f"features_in_step must be an integer >= 1, got {features_in_step!r}.")
@@ -335,7 +340,7 @@ def pixel_flipping(model: nn.Module, x: Any, y: Any, attributions: Any, *, featu
     step_of = torch.from_numpy(rank // features_in_step).to(x.device).reshape(x.shape)  # step at which a feature goes
     steps = d // features_in_step
     mins = x.reshape(n, -1).amin(1).view(n, *([1] * (x.dim() - 1)))
-    per = max(1, batch_size // n)
+    per = max(1, int(max_values) // (n * d))
     out = []
     with preserve_model_state(model), torch.no_grad():
         for s0 in range(0, steps, per):
