@@ -195,6 +195,8 @@ def test_evaluate_names_options_and_errors_before_work(batch, monkeypatch):
         evaluate(model, x, y, metrics=["pixel_flip"], method="gradient")
     with pytest.raises(InputError, match="re-explain"):
         evaluate(model, x, y, np.ones_like(x), metrics=["MaxSensitivity"])
+    with pytest.raises(InputError, match="generator="):
+        evaluate(model, x, y, metrics=["TangentAlignment"], method="gradient")
     with pytest.raises(InputError, match="more than once"):
         evaluate(model, x, y, metrics=["PixelFlipping", "pixel_flipping"], method="gradient")
 
@@ -217,8 +219,9 @@ def test_evaluate_leaves_model_state_as_found(batch):
 def test_missing_quantus_is_one_line_with_the_install_command(batch, monkeypatch):
     x, y = batch
     monkeypatch.setitem(sys.modules, "quantus", None)
-    with pytest.raises(InputError, match=r'pip install "manifex\[eval\]"'):
-        evaluate(tiny_resnet(), x, y, metrics=["max_sensitivity"], method="gradient")
+    for name in ("max_sensitivity", "Sufficiency"):
+        with pytest.raises(InputError, match=r'pip install "manifex\[eval\]"'):
+            evaluate(tiny_resnet(), x, y, metrics=[name], method="gradient")
     # the manifold-aware metrics need no Quantus
     out = evaluate(tiny_resnet(), x, y, metrics=["TangentAlignment"], method="gradient", generator=LinearGenerator(),
                    channel_first=True)

@@ -90,8 +90,6 @@ def explain_func(model: Callable[[torch.Tensor], Any], inputs: Any, targets: Any
 
     The model's train/eval flags, ``requires_grad``, buffers and hooks are left as found (also on an error).
     """
-    if device is not None:
-        options.pop("device", None)
     for key in ("xai_lib", "xai_lib_kwargs", "attributor", "composite", "canonizer"):
         if key in options:
             raise InputError(f"explain_func runs manifex methods; {key}= is quantus.explain's option: pick the method "
@@ -226,8 +224,11 @@ def metric_name(name: str) -> str:
     key = name.strip()
     found = known.get(key.lower()) or known.get(_snake(key)) or known.get(key.lower().replace("-", "_"))
     if found is None:
-        if key in ("PixelFlipping", "pixel_flipping") or key.lower().replace("_", "") in {k.lower() for k in _DESCRIPTIONS}:
-            import_quantus()  # a Quantus metric without Quantus: the install hint
+        try:
+            import_quantus()
+        except InputError:
+            raise InputError(f"metric {name!r} is not one of manifex's ({', '.join(MANIFEX_METRICS)}); Quantus's metrics "
+                             f"need Quantus 0.6, which is not importable here: install it with {QUANTUS_HINT}.") from None
         close = sorted({v for k, v in known.items() if k[:4] == _snake(key)[:4]})
         raise InputError(f"unknown metric {name!r}; use a Quantus class name or its snake_case (e.g. pixel_flipping, "
                          f"max_sensitivity) or {', '.join(MANIFEX_METRICS)}" + (f"; close: {', '.join(close)}" if close else "") + ".")
@@ -308,6 +309,11 @@ def evaluate(model: nn.Module, x: Any, y: Any, attributions: Any = None, *, metr
                          "besides the attributions.")
     if method is not None:
         _quantus_method(method)
+    needs_generator = [n for n, r in resolved.items() if n not in built and r in MANIFEX_METRICS
+                       and not (r == "ManifoldDeletion" and options.get("perturbation", "manifold") != "manifold")]
+    if needs_generator and generator is None:
+        raise InputError(f"{', '.join(needs_generator)} need generator= (an object with encode/decode: the VAE of a known "
+                         "manifold, a flow, or manifex.as_generator(...)).")
     quantus_needed = any(r not in MANIFEX_METRICS for n, r in resolved.items() if n not in built)
     classes = _quantus_classes() if quantus_needed else {}
     # options: each to the metrics that take it; the leftovers are an error, before any work
@@ -335,7 +341,8 @@ def evaluate(model: nn.Module, x: Any, y: Any, attributions: Any = None, *, metr
     if isinstance(model, nn.Module) and device is None:
         dev = model_device(model)
         device = None if dev is None else str(dev)
-    xs = to_numpy(x).astype(np.float32) if not isinstance(x, torch.Tensor) or x.dtype != torch.float64 else to_numpy(x)
+    # the model's dtype, as Quantus's model wrapper feeds it (torch.Tensor(x): float32 for float32 models)
+    xs = to_numpy(x).astype(torch.empty(0, dtype=_model_dtype(model)).numpy().dtype, copy=False)
     ys = to_numpy(y).astype(np.int64)
     if xs.ndim < 2 or ys.shape != (xs.shape[0],):
         raise InputError(f"x must be a batch (N, ...) and y one class per example (N,), got {xs.shape} and {ys.shape}.")
@@ -357,7 +364,7 @@ def evaluate(model: nn.Module, x: Any, y: Any, attributions: Any = None, *, metr
                 # batched: equal to Quantus's to 1e-5 (tests/test_evaluation.py), faster (benchmarks/bench_evaluate.py)
                 metric = manifold.BatchedPixelFlipping(**inits[n])
             elif r in MANIFEX_METRICS:
-                metric = getattr(manifold, r)(generator=generator, **inits[n]) if generator is not None or "generator" not in inits[n] else getattr(manifold, r)(**inits[n])
+                metric = getattr(manifold, r)(**{"generator": generator, **inits[n]})
             else:
                 # per-example scores unless asked otherwise (some Quantus metrics aggregate by default)
                 defaults = {"disable_warnings": True, "return_aggregate": False}
