@@ -151,6 +151,20 @@ def _sample(n_total: int, n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
 
 
+def _per_example(scores: torch.Tensor, n: int) -> list[float]:
+    """One score per example from what a Quantus metric returns: scores (N,) as they are; a curve per example
+    (N, steps) by its area with unit steps (Quantus's AUC); per layer (layers, N), as MPRT returns them, the last
+    layer's (every layer randomised)."""
+    if scores.dim() == 1 and scores.shape[0] == n:
+        return scores.tolist()
+    if scores.dim() == 2 and scores.shape[0] == n:
+        return (np.trapezoid if hasattr(np, "trapezoid") else np.trapz)(scores.numpy(), dx=1, axis=1).tolist()
+    if scores.dim() == 2 and scores.shape[1] == n:
+        return scores[-1].tolist()
+    raise InputError(f"a metric returned scores of shape {tuple(scores.shape)} for {n} examples; expected (N,), (N, steps) "
+                     "or (layers, N).")
+
+
 def process_methods(units: list[Unit], context: dict, out_dir: Path) -> list[dict]:
     """One record per method unit: per-example scores of every metric, mean deletion curves and manifold distances."""
     cfg: EvaluateConfig = context["config"]
@@ -172,7 +186,7 @@ def process_methods(units: list[Unit], context: dict, out_dir: Path) -> list[dic
                 opts = metric_options(name, n_features=int(np.prod(x.shape[2:])), num_classes=context["num_classes"], config=cfg)
                 r = evaluate(model, x, y, summed, metrics=[name], method=method, batch_size=cfg.batch_size,
                              explain_func_kwargs={}, **opts)
-                scores[name] = r[name].reshape(-1).tolist() if r[name].dim() <= 1 or r[name].shape[0] == x.shape[0] else r[name].tolist()
+                scores[name] = _per_example(r[name], x.shape[0])
             curves = distance = {}
             if "ManifoldDeletion" in metrics:
                 dc = deletion_curves(model, x, y, a, generator=gen, z=z, kinds=PERTURBATIONS, steps=cfg.curve_steps,
