@@ -224,7 +224,7 @@ def run_evaluation(config: EvaluateConfig = EvaluateConfig(), out_dir: str | Pat
     cache = cache or ModelCache()
     torch.manual_seed(config.seed)
     train, test, gen, z_all, real_ref, data_checks, data_info = _prepare_data(config, cache, progress)
-    checks = list(checks) + data_checks
+    checks = list(dict.fromkeys(list(checks) + data_checks))  # the CLI has checked the same data already
     if classifier is None:
         model, info = get_classifier(train, config.classifier, TrainConfig(epochs=config.epochs, seed=config.seed),
                                      cache=cache, device=config.device, progress=progress)
