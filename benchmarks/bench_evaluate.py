@@ -8,7 +8,7 @@ with the perturbed images built beforehand), i.e. the cost of the model alone.
 
 Settings: LeNet on 8×8 digits (64 features, 64 steps) and on 32×32 images (1024 features: 64 steps with
 ``features_in_step=16``, 256 with 4), random weights (speed does not depend on training), float32.
-Times are the median of ``--repeats`` warm calls; noisy on a shared CPU.
+Times are the median of ``--repeats`` warm calls, Quantus and manifex interleaved; noisy on a shared CPU.
 
     PYTHONPATH=src python benchmarks/bench_evaluate.py [--repeats 3] [--threads 1]
 """
@@ -32,16 +32,6 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from manifex.evaluation import explain_func, import_quantus, pixel_flipping
 from manifex.evaluation.manifold import PIXEL_BUDGET
 from manifex.models.classifiers import ClassifierConfig, build_classifier
-
-
-def _median_time(fn, repeats: int) -> tuple[float, object]:
-    out = fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
 
 
 def _floor(model, x, a, step: int) -> float:
@@ -82,9 +72,18 @@ def main() -> None:
         y = np.arange(64) % 10
         a = explain_func(model, x, y, method="gradient")
         metric = quantus.PixelFlipping(features_in_step=step, disable_warnings=True)
-        tq, ref = _median_time(lambda: metric(model=model, x_batch=x, y_batch=y, a_batch=a, channel_first=True), args.repeats)
-        tm, ours = _median_time(lambda: pixel_flipping(model, x, y, a, features_in_step=step), args.repeats)
-        floor = statistics.median(_floor(model, x, a, step) for _ in range(args.repeats))
+        run_q = lambda: metric(model=model, x_batch=x, y_batch=y, a_batch=a, channel_first=True)  # noqa: E731
+        run_m = lambda: pixel_flipping(model, x, y, a, features_in_step=step)  # noqa: E731
+        ref, ours = run_q(), run_m()  # warm-up
+        # interleaved, so that a load that changes during the run weighs on both alike
+        times: dict[str, list[float]] = {"q": [], "m": [], "f": []}
+        for _ in range(args.repeats):
+            for key, fn in (("q", run_q), ("m", run_m)):
+                t = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t)
+            times["f"].append(_floor(model, x, a, step))
+        tq, tm, floor = (statistics.median(times[k]) for k in ("q", "m", "f"))
         diff = float(np.abs(np.asarray(ref) - ours.numpy()).max())
         name = f"PixelFlipping LeNet {size}x{size}, step {step} ({size * size // step} steps)"
         print(f"{name:38s} {tq:10.3f} {tm:10.3f} {tq / tm:6.1f}× {floor:8.3f} {tm / floor:6.2f}× {diff:9.1e}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import warnings
 
@@ -354,7 +355,40 @@ def test_cli_refuses_bad_names_before_training(tmp_path, monkeypatch):
 
     monkeypatch.setattr(zoo, "fit_classifier", trained)
     monkeypatch.setattr(zoo, "fit_generative", trained)
-    for extra, needle in ((["--metrics", "pixel_flip"], "unknown metric"), (["--methods", "gradient,nope"], "unknown method")):
+    for extra, needle in ((["--metrics", "pixel_flip"], "unknown metric|manifex\\[eval\\]"),
+                          (["--methods", "gradient,nope"], "unknown method")):
         res = CliRunner().invoke(main, ["evaluate", *TINY, *extra, "--out", str(tmp_path / "o")])
-        assert res.exit_code == 2 and needle in res.output, res.output
+        assert res.exit_code == 2 and re.search(needle, res.output), res.output
         assert len([line for line in res.output.splitlines() if line.strip()]) == 1
+
+
+def test_run_evaluation_leaves_the_users_model_as_found(tmp_path):
+    from manifex.evaluation.experiment import EvaluateConfig, run_evaluation
+    from manifex.models import ModelCache
+
+    from manifex.errors import ModelError
+    from manifex.models.classifiers import SmallResNet
+
+    with pytest.raises(ModelError, match="10"):  # 4 outputs for 10 classes: refused before the VAE is trained
+        run_evaluation(EvaluateConfig(dataset="digits8"), tmp_path / "bad", classifier=tiny_resnet(),
+                       cache=ModelCache(tmp_path / "nocache"), progress=False)
+    assert not (tmp_path / "nocache").exists() or not any((tmp_path / "nocache").iterdir())
+    torch.manual_seed(0)
+    model = SmallResNet((1, 8, 8), 10, (8, 12))
+    model.train()  # a user's model in train mode is explained as it is (warned), never switched
+    frozen = next(model.parameters())
+    frozen.requires_grad_(False)
+    try:
+        before = _state(model)
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        cfg = EvaluateConfig(dataset="digits8", methods=("gradient",), metrics=("TangentAlignment", "ManifoldDeletion"), n=4,
+                             generator_epochs=1, curve_steps=2, infill_steps=3, distance_steps=3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            summary = run_evaluation(cfg, tmp_path / "out", classifier=model, classifier_info={"classifier": "tiny"},
+                                     cache=ModelCache(tmp_path / "cache"), progress=False)
+        assert _state(model) == before
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())  # BatchNorm statistics too
+        assert summary["methods"] == ["gradient"]
+    finally:
+        frozen.requires_grad_(True)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..attribution import canonical_method, last_conv_layer
-from ..attribution.core import preserve_model_state
+from ..attribution.core import model_device, preserve_model_state, warn_if_training
 from ..errors import DataError, InputError
 from ..models.cache import state_fingerprint
 from ..runs import Unit, check_settings, run_units, tensor_fingerprint
@@ -114,8 +114,9 @@ def _check_config(cfg: EvaluateConfig) -> tuple[list[str], list[str]]:
     return methods, metrics
 
 
-def _prepare_data(cfg: EvaluateConfig, cache, progress: bool):
-    """(train, test, generative, z_of_test or None, real_reference_images, info)."""
+def _prepare_data(cfg: EvaluateConfig, cache, progress: bool, classifier: nn.Module | None = None):
+    """(train, test, generative, z_of_test or None, real_reference_images, checks, info); the user's ``classifier``
+    is checked on one batch of the data (shape, classes, finite logits) before the generator is trained."""
     from ..data import load_dataset
     from ..data.loaders import check_classification_data
     from ..models import GenerativeTrainConfig, get_generative
@@ -129,6 +130,11 @@ def _prepare_data(cfg: EvaluateConfig, cache, progress: bool):
     if lo < 0 or hi > 1:
         raise DataError(f"{cfg.dataset}: pixels lie in [{lo:.3g}, {hi:.3g}]; the generator and the black baseline need "
                         "images in [0, 1].")
+    if classifier is not None:
+        from ..models.user import check_classifier
+
+        with preserve_model_state(classifier):
+            check_classifier(classifier, real.x[:8], real.num_classes, name="the classifier")
     gtrain = GenerativeTrainConfig(epochs=cfg.generator_epochs, seed=cfg.seed)
     if known:
         vae, ginfo = get_generative(real, "vae", cfg.latent_dim, gtrain, cache=cache, device=cfg.device, progress=progress)
@@ -223,22 +229,25 @@ def run_evaluation(config: EvaluateConfig = EvaluateConfig(), out_dir: str | Pat
     methods, metrics = _check_config(config)
     cache = cache or ModelCache()
     torch.manual_seed(config.seed)
-    train, test, gen, z_all, real_ref, data_checks, data_info = _prepare_data(config, cache, progress)
+    train, test, gen, z_all, real_ref, data_checks, data_info = _prepare_data(config, cache, progress, classifier)
     checks = list(dict.fromkeys(list(checks) + data_checks))  # the CLI has checked the same data already
     if classifier is None:
         model, info = get_classifier(train, config.classifier, TrainConfig(epochs=config.epochs, seed=config.seed),
                                      cache=cache, device=config.device, progress=progress)
         info = {"source": "built-in", "classifier": config.classifier, **{k: v for k, v in info.items() if k != "key"}}
-    else:
-        model, info = classifier.to(config.device).eval(), {"source": "user", **(classifier_info or {})}
-    gen = gen.to(config.device).eval()
-    acc = accuracy(model, test)
+    else:  # the user's model as it is (its device, its mode: a model in train mode is warned about, not changed)
+        model, info = classifier, {"source": "user", **(classifier_info or {})}
+        warn_if_training(model)
+    device = model_device(model) or torch.device(config.device)
+    gen = gen.to(device).eval()
+    with preserve_model_state(model):
+        acc = accuracy(model, test)
     chance = float(torch.bincount(test.y, minlength=test.num_classes).max()) / len(test)
     low = acc < chance + 0.2 * (1 - chance)
     checks.append(f"{'FAILED: ' if low else ''}classifier test accuracy {acc:.1%} (chance {chance:.1%})")
     idx = _sample(len(test), min(config.n, len(test)), config.seed)
-    x, y = test.x[idx].to(config.device), test.y[idx].to(config.device)
-    z = z_all[idx].to(config.device) if z_all is not None else None
+    x, y = test.x[idx].to(device), test.y[idx].to(device)
+    z = z_all[idx].to(device) if z_all is not None else None
     if "gradcam" in methods and isinstance(model, nn.Module):
         try:
             last_conv_layer(model)
@@ -255,7 +264,7 @@ def run_evaluation(config: EvaluateConfig = EvaluateConfig(), out_dir: str | Pat
     # the real images' distance to the generator's manifold: the reference the perturbed images are measured against
     ref = None
     if "ManifoldDeletion" in metrics:
-        real = real_ref[_sample(len(real_ref), min(config.n, len(real_ref)), config.seed + 1)].to(config.device)
+        real = real_ref[_sample(len(real_ref), min(config.n, len(real_ref)), config.seed + 1)].to(device)
         with preserve_model_state(gen), torch.no_grad():
             z0 = gen.encode(real)
         ref = manifold_distance(gen, real, z0, steps=config.distance_steps)
