@@ -173,6 +173,32 @@ def test_batched_pixel_flipping_equals_quantus(batch, options):
     np.testing.assert_allclose(direct.numpy(), ref, atol=1e-5, rtol=0)
 
 
+def test_pixel_flipping_is_batched_only_where_the_benchmark_shows_a_gain(batch, monkeypatch):
+    pytest.importorskip("quantus")
+    import manifex.evaluation.manifold as manifold
+    from manifex.models.classifiers import ClassifierConfig, build_classifier
+
+    calls = []
+    real = manifold.BatchedPixelFlipping
+
+    class Spy(real):
+        def __call__(self, *a, **k):
+            calls.append(1)
+            return super().__call__(*a, **k)
+
+    monkeypatch.setattr(manifold, "BatchedPixelFlipping", Spy)
+    x, y = batch
+    evaluate(tiny_resnet(), x, y, np.ones_like(x), metrics=["PixelFlipping"])
+    assert calls == [1]  # 8×8: 16 steps share a pass (3.2× Quantus's speed)
+    torch.manual_seed(0)
+    big = build_classifier(ClassifierConfig("lenet", (1, 16, 16), 4)).eval()
+    x16 = torch.rand(64, 1, 16, 16).numpy()
+    evaluate(big, x16, np.arange(64) % 4, np.random.default_rng(0).random(x16.shape), metrics=["PixelFlipping"], features_in_step=64, batch_size=64)
+    assert calls == [1]  # 16×16 with 64 images a batch: 4 steps a pass, no gain (0.9×): Quantus's own
+    evaluate(tiny_resnet(), x, y, np.random.default_rng(0).random(x.shape), metrics=["PixelFlipping"], perturb_baseline="mean")
+    assert calls == [1]  # a baseline manifex does not reproduce: Quantus's own
+
+
 def test_evaluate_names_options_and_errors_before_work(batch, monkeypatch):
     pytest.importorskip("quantus")
     x, y = batch

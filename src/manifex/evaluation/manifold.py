@@ -379,8 +379,12 @@ class BatchedPixelFlipping:
         x = _tensor(x_batch)
         if isinstance(model, nn.Module):
             x = x.to(next(model.parameters()).dtype)
-        curves = pixel_flipping(model, x, y_batch, a.abs() if self.abs else a, features_in_step=self.features_in_step,
-                                softmax=softmax)
+        a = a.abs() if self.abs else a
+        y = _tensor(y_batch)
+        # in chunks of batch_size images, as Quantus (its steps then see the same batches)
+        curves = torch.cat([pixel_flipping(model, x[s : s + batch_size], y[s : s + batch_size], a[s : s + batch_size],
+                                           features_in_step=self.features_in_step, softmax=softmax)
+                            for s in range(0, x.shape[0], batch_size)])
         if self.return_auc_per_sample:
             return _trapezoid(curves.numpy(), dx=1, axis=1).tolist()
         return curves.tolist()
