@@ -125,7 +125,7 @@ def _prepare_data(cfg: EvaluateConfig, cache, progress: bool, classifier: nn.Mod
     known = cfg.dataset.startswith("known:")
     spec = cfg.dataset.split(":", 1)[1] if known else cfg.dataset
     real = load_dataset(spec, trust_pickle=cfg.trust_pickle)
-    checks = list(check_classification_data(real, where=f"--dataset {cfg.dataset}"))
+    checks = list(check_classification_data(real, where=f"--dataset {spec}"))  # worded as the CLI's check: listed once
     lo, hi = float(real.x.min()), float(real.x.max())
     if lo < 0 or hi > 1:
         raise DataError(f"{cfg.dataset}: pixels lie in [{lo:.3g}, {hi:.3g}]; the generator and the black baseline need "
