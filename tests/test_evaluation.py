@@ -418,3 +418,23 @@ def test_run_evaluation_leaves_the_users_model_as_found(tmp_path):
         assert summary["methods"] == ["gradient"]
     finally:
         frozen.requires_grad_(True)
+
+
+def test_a_methods_record_does_not_depend_on_numpys_global_state(batch):
+    """Quantus draws from NumPy's global generator: each unit seeds it (and restores it), so a resumed run or
+    another worker computes the same record."""
+    pytest.importorskip("quantus")
+    from manifex.evaluation.experiment import EvaluateConfig, process_methods
+    from manifex.runs import Unit
+
+    x, y = batch
+    cfg = EvaluateConfig(nr_runs=5, nr_samples=2)
+    context = {"config": cfg, "model": tiny_resnet(), "x": torch.from_numpy(x[:6]), "y": torch.from_numpy(y[:6]), "z": None,
+               "generator": None, "metrics": ["FaithfulnessCorrelation", "MaxSensitivity"], "num_classes": 4}
+    records = []
+    for state in (1, 2):
+        np.random.seed(state)
+        before = np.random.get_state()[1].copy()
+        records.append(process_methods([Unit("method-gradient", {"method": "gradient"})], context, None)[0])
+        assert np.array_equal(np.random.get_state()[1], before)  # the caller's generator is left as it was
+    assert records[0]["scores"] == records[1]["scores"]

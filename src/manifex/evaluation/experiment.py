@@ -27,7 +27,7 @@ from ..attribution import canonical_method, last_conv_layer
 from ..attribution.core import model_device, preserve_model_state, warn_if_training
 from ..errors import DataError, InputError
 from ..models.cache import state_fingerprint
-from ..runs import Unit, check_settings, run_units, tensor_fingerprint
+from ..runs import Unit, check_settings, run_units, tensor_fingerprint, unit_seed
 from .bridge import MANIFEX_METRICS, evaluate, explain_func, import_quantus, metric_info, metric_name
 from .manifold import PERTURBATIONS, deletion_curves, manifold_distance, tangent_alignment
 
@@ -180,35 +180,47 @@ def process_methods(units: list[Unit], context: dict, out_dir: Path) -> list[dic
     for u in units:
         method = u.payload["method"]
         t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Quantus's own notices; manifex's checks are in the report
-            a = explain_func(model, x, y, method=method, reduce_axes=(), batch_size=cfg.batch_size)
-            a = np.broadcast_to(a, x.shape).copy() if a.shape != tuple(x.shape) else a
-            summed = a.sum(axis=1, keepdims=True)  # Quantus's convention: relevance summed over channels
-            scores: dict[str, list] = {}
-            for name in metrics:
-                if name in MANIFEX_METRICS:
-                    continue
-                opts = metric_options(name, n_features=int(np.prod(x.shape[2:])), num_classes=context["num_classes"], config=cfg)
-                r = evaluate(model, x, y, summed, metrics=[name], method=method, batch_size=cfg.batch_size,
-                             explain_func_kwargs={}, **opts)
-                scores[name] = _per_example(r[name], x.shape[0])
-            curves = distance = {}
-            if "ManifoldDeletion" in metrics:
-                dc = deletion_curves(model, x, y, a, generator=gen, z=z, kinds=PERTURBATIONS, steps=cfg.curve_steps,
-                                     infill_steps=cfg.infill_steps, distance_steps=cfg.distance_steps, seed=cfg.seed,
-                                     batch_size=max(256, cfg.batch_size))
-                for kind, metric in CURVE_METRICS.items():
-                    scores[metric] = dc.auc[kind].tolist()
-                curves = {k: {"mean": v.mean(0).tolist(), "sd": v.std(0).tolist()} for k, v in dc.prob.items()}
-                distance = {k: {"mean": v.mean(0).tolist(), "sd": v.std(0).tolist()} for k, v in dc.distance.items()}
-            if "TangentAlignment" in metrics:
-                ta = tangent_alignment(a, gen, x=x, z=z, batch_size=cfg.batch_size)
-                scores["TangentAlignment"] = ta.ratio.tolist()
-                scores["TangentAlignmentRaw"] = ta.score.tolist()
-        records.append({"id": u.id, "method": method, "scores": scores, "curves": curves, "distance": distance,
-                        "seconds": round(time.perf_counter() - t0, 2)})
+        # Quantus draws its noise and subsets from NumPy's global generator: seeded per unit (and restored after),
+        # so a method's record is the same whichever run, order or worker computes it
+        numpy_state = np.random.get_state()
+        np.random.seed(unit_seed(u.id, cfg.seed) % 2**32)
+        try:
+            records.append(_process_method(u, method, cfg, model, x, y, z, gen, metrics, context, t0))
+        finally:
+            np.random.set_state(numpy_state)
     return records
+
+
+def _process_method(u: Unit, method: str, cfg: EvaluateConfig, model, x, y, z, gen, metrics, context, t0) -> dict:
+    """The record of one method (see :func:`process_methods`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Quantus's own notices; manifex's checks are in the report
+        a = explain_func(model, x, y, method=method, reduce_axes=(), batch_size=cfg.batch_size)
+        a = np.broadcast_to(a, x.shape).copy() if a.shape != tuple(x.shape) else a
+        summed = a.sum(axis=1, keepdims=True)  # Quantus's convention: relevance summed over channels
+        scores: dict[str, list] = {}
+        for name in metrics:
+            if name in MANIFEX_METRICS:
+                continue
+            opts = metric_options(name, n_features=int(np.prod(x.shape[2:])), num_classes=context["num_classes"], config=cfg)
+            r = evaluate(model, x, y, summed, metrics=[name], method=method, batch_size=cfg.batch_size,
+                         explain_func_kwargs={}, **opts)
+            scores[name] = _per_example(r[name], x.shape[0])
+        curves = distance = {}
+        if "ManifoldDeletion" in metrics:
+            dc = deletion_curves(model, x, y, a, generator=gen, z=z, kinds=PERTURBATIONS, steps=cfg.curve_steps,
+                                 infill_steps=cfg.infill_steps, distance_steps=cfg.distance_steps, seed=cfg.seed,
+                                 batch_size=max(256, cfg.batch_size))
+            for kind, metric in CURVE_METRICS.items():
+                scores[metric] = dc.auc[kind].tolist()
+            curves = {k: {"mean": v.mean(0).tolist(), "sd": v.std(0).tolist()} for k, v in dc.prob.items()}
+            distance = {k: {"mean": v.mean(0).tolist(), "sd": v.std(0).tolist()} for k, v in dc.distance.items()}
+        if "TangentAlignment" in metrics:
+            ta = tangent_alignment(a, gen, x=x, z=z, batch_size=cfg.batch_size)
+            scores["TangentAlignment"] = ta.ratio.tolist()
+            scores["TangentAlignmentRaw"] = ta.score.tolist()
+    return {"id": u.id, "method": method, "scores": scores, "curves": curves, "distance": distance,
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def run_evaluation(config: EvaluateConfig = EvaluateConfig(), out_dir: str | Path = "runs/evaluate", *,
