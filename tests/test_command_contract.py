@@ -29,6 +29,10 @@ COMMANDS = {
                  ["--components", "3"]),
     "contrast": (["--dataset", "digits8", "--epochs", "1", "--layer", "blocks.1", "--class-pairs", "0:1", "--images-per-class", "6",
                   "--noise-samples", "1", "--random-directions", "1", "--components", "2"], ["--random-directions", "2"]),
+    # the manifold-aware metrics only: the row needs no Quantus (the optional eval extra)
+    "evaluate": (["--dataset", "digits8", "--epochs", "1", "--n", "4", "--methods", "gradient", "--metrics",
+                  "TangentAlignment,ManifoldDeletion", "--vae-epochs", "1", "--curve-steps", "3", "--infill-steps", "5"],
+                 ["--curve-steps", "4"]),
 }
 #: a mistake only the command can find, refused before anything is trained (exit 2, one line naming it)
 MISTAKES = {

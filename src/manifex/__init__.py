@@ -1,7 +1,8 @@
 """manifex — the geometry of neural-network explanations.
 
 Shared core: :mod:`manifex.data`, :mod:`manifex.models`, :mod:`manifex.geometry`, :mod:`manifex.attribution`.
-Systems on top: :mod:`manifex.alignment`, :mod:`manifex.manipulation`. The CLI (``manifex``) is a thin layer over these.
+Systems on top: :mod:`manifex.alignment`, :mod:`manifex.manipulation`, :mod:`manifex.counterfactuals`,
+:mod:`manifex.concepts`, :mod:`manifex.evaluation`. The CLI (``manifex``) is a thin layer over these.
 
 >>> import manifex
 >>> T = manifex.tangent_space(vae.decode, z)            # (N, k) latent codes -> tangent bases
@@ -24,6 +25,7 @@ from .geometry import (
 from .counterfactuals import counterfactual
 from .manipulation import manipulate
 from .concepts import class_concepts
+from .evaluation import evaluate
 from .geometry.spectrum import GeneratorSpectrum, generator_spectrum
 from .models.generators import Generator, as_generator, invert_generator
 
@@ -35,5 +37,5 @@ __all__ = [
     "TangentSpace", "alignment", "decompose", "estimate_dimension", "project", "random_baseline", "tangent_mass",
     "tangent_space", "__version__",
     "Generator", "as_generator", "invert_generator", "GeneratorSpectrum", "generator_spectrum",
-    "counterfactual",
+    "counterfactual", "evaluate",
 ]
