@@ -101,7 +101,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
+    import sklearn.decomposition  # noqa: F401  (loads scikit-learn's BLAS now: threadpool_limits limits only
+    from threadpoolctl import threadpool_limits  # the libraries loaded when it is entered)
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
