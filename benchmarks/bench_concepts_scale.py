@@ -22,10 +22,14 @@ so both sides explain the same images).
 Extrapolation to 1000 classes × 50 images: per class, the research loop's time and manifex's relevance + NMF
 time scale with the images per class (× 50 / ``--images``) and with the classes (× 1000); prototypes are a
 forward pass over the pool plus a cosine search, extrapolated per image (× 50,000 / pool size), which holds
-while the forward pass dominates — the search itself grows with pool × concepts (classes²) and is stated
-from its measured share. The ratio is research / manifex per class at the measured size.
+while the forward pass dominates — the search itself grows with pool × concepts (classes²) and is not timed
+apart, so the prototypes' share of the extrapolation is a lower bound. The ratio is research / manifex per class at the measured size.
 
-    PYTHONPATH=src python benchmarks/bench_concepts_scale.py                        # small CPU configuration
+Measured (2 shared CPU cores, load average 4, one thread; README "Concepts and class contrasting"): 5.1× at the
+default (width 16, 112², 4 classes × 4 images), 0.8× at width 32, 128², 8 × 8 (there the convolutions, not the
+per-call overhead that batching removes, are the cost, and ``batch_size=64`` took 23 s against 15 s at 8).
+
+    PYTHONPATH=src python benchmarks/bench_concepts_scale.py                        # small CPU configuration (~15 s)
     PYTHONPATH=src python benchmarks/bench_concepts_scale.py --width 64 --size 224 --classes 8 --images 50 \\
         --samples 20 --device cuda                                                 # the full-size figure on a GPU
 """
@@ -98,7 +102,9 @@ def main() -> None:
     ap.add_argument("--research-classes", type=int, default=1, help="classes timed with the research loop")
     ap.add_argument("--images", type=int, default=4, help="images per class")
     ap.add_argument("--samples", type=int, default=5, help="noise samples (the research: 5 on CPU, 20 on GPU)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch and BLAS threads (on a shared 2-core machine two threads thrash: 12.9 s against 1.6 s)")
+    ap.add_argument("--batch-size", type=int, default=64, help="class_concepts' batch_size (its default: 64)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     import sklearn.decomposition  # noqa: F401  (loads scikit-learn's BLAS now: threadpool_limits limits only
@@ -141,6 +147,7 @@ def run(args) -> None:
 
     t = time.perf_counter()
     basis = class_concepts(model, x, "layer4", classes=list(range(C)), images_per_class=N, predictions=labels,
+                           batch_size=args.batch_size,
                            relevance_options={"n_samples": args.samples, "sigma": sigma, "baseline": baseline})
     _sync(dev)
     t_basis = time.perf_counter() - t
