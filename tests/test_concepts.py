@@ -100,6 +100,64 @@ def test_nmf_equals_sklearn_on_uniform_noise(init):
         nmf(Xs, 5, seed=1.5)
 
 
+def test_nmf_batch_leaving_at_different_iterations_follows_sklearn():
+    """Matrices that stop at different iterations leave the batch (their factors written back, the rest
+    compacted); a component whose Hessian (HHᵀ)_tt or (WᵀW)_tt is zero takes no step, as in scikit-learn.
+    float64, so the tolerance is the one of test_nmf_equals_sklearn_on_uniform_noise (≤ 6e-10 relative from
+    summation order over ≤ 200 sweeps)."""
+    g = torch.Generator().manual_seed(1)
+    low = [torch.rand(120, r, generator=g, dtype=torch.float64) @ torch.rand(r, 16, generator=g, dtype=torch.float64)
+           for r in (2, 4, 8)]
+    X = torch.stack(low + [torch.rand(120, 16, generator=g, dtype=torch.float64)])
+    X[:2] += 0.01 * torch.rand(2, 120, 16, generator=g, dtype=torch.float64)
+    X[3, :, 5] = 0  # a dead channel: its column of H is zero from the start (NNDSVDa) and must stay so
+    W, H, n_iter = nmf(X, 4, return_n_iter=True, tol=1e-3)
+    its = []
+    for b in range(X.shape[0]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = sk_nmf.NMF(4, random_state=0, tol=1e-3)
+            Ws = torch.from_numpy(m.fit_transform(X[b].numpy()))
+        its.append(m.n_iter_)
+        Hs = torch.from_numpy(m.components_)
+        torch.testing.assert_close(H[b], Hs, rtol=1e-9, atol=1e-9 * float(Hs.abs().max()))
+        torch.testing.assert_close(W[b], Ws, rtol=1e-9, atol=1e-9 * float(Ws.abs().max()))
+    assert n_iter.tolist() == its and len(set(its)) >= 3, its  # the batch shrinks at least twice
+    assert bool((H[3, :, 5] == 0).all())
+
+
+def test_cd_sweep_equals_sklearns_coordinate_loop():
+    """One coordinate pass against a transcription of scikit-learn's ``_update_cdnmf_fast`` (row by row,
+    component by component), including a zero Hessian (no step) and entries that start at zero (their
+    violation counts only negative gradients). float64: the same products in a different order, 1e-12."""
+    import importlib
+
+    sweep = importlib.import_module("manifex.concepts.nmf")._cd_sweep
+    g = torch.Generator().manual_seed(2)
+    B, k, n = 2, 4, 7
+    F_ = torch.rand(B, k, 9, generator=g, dtype=torch.float64)
+    F_[0, 2] = 0  # component 2 of matrix 0 is dead: gram_22 = 0
+    gram = F_ @ F_.transpose(1, 2)
+    A = torch.rand(B, k, n, generator=g, dtype=torch.float64)
+    A[A < 0.3] = 0
+    neg_proj = -torch.rand(B, k, n, generator=g, dtype=torch.float64) * 2
+    ref, viol = A.clone(), torch.zeros(B, dtype=torch.float64)
+    for b in range(B):
+        for t in range(k):
+            hess = float(gram[b, t, t])
+            for i in range(n):
+                grad = float(neg_proj[b, t, i]) + sum(float(gram[b, t, r]) * float(ref[b, r, i]) for r in range(k))
+                pg = min(0.0, grad) if ref[b, t, i] == 0 else grad
+                viol[b] += abs(pg)
+                if hess != 0:
+                    ref[b, t, i] = max(float(ref[b, t, i]) - grad / hess, 0.0)
+    out = A.clone()
+    v = sweep(out, gram, neg_proj)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v, viol, rtol=1e-12, atol=1e-12)
+    assert torch.equal(out[0, 2], A[0, 2]) and bool((A == 0).any()) and bool(((ref != A) & (A == 0)).any())
+
+
 def test_nmf_errors():
     X = synthetic(B=1)[0]
     with pytest.raises(InputError, match="non-negative.*ReLU"):
