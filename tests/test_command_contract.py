@@ -42,6 +42,7 @@ MISTAKES = {
     "counterfactual": (["--target", "10"], "10"),
     "concepts": (["--layer", "nope"], "nope"),
     "contrast": (["--layer", "nope"], "nope"),
+    "evaluate": (["--methods", "nope"], "nope"),
 }
 #: the layer of the user's network below, for the commands that read one
 USER_LAYER = {"concepts": ["--layer", "features.1", "--pool", "4"], "contrast": ["--layer", "features.1"]}
@@ -213,7 +214,7 @@ def _records(folder):
 
 
 #: commands whose units run on Ray workers in the battery (align's chunks too, but its tiny run has one chunk)
-RAY = ("attack", "counterfactual", "concepts", "contrast")
+RAY = ("attack", "counterfactual", "concepts", "contrast", "evaluate")
 
 
 @pytest.mark.slow
@@ -268,7 +269,7 @@ def _kill_after_first_unit(args, out, env):
 
 #: commands whose tiny run has several units (a kill can fall between two)
 KILLABLE = {"concepts": [], "counterfactual": ["--batch-size", "1"], "attack": ["--batch-size", "1"],
-            "contrast": ["--class-pairs", "0:1,2:3"]}
+            "contrast": ["--class-pairs", "0:1,2:3"], "evaluate": ["--methods", "gradient,input_x_gradient"]}
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,11 +27,12 @@ from ..attribution import canonical_method, last_conv_layer
 from ..attribution.core import model_device, preserve_model_state, warn_if_training
 from ..errors import DataError, InputError
 from ..models.cache import state_fingerprint
-from ..runs import Unit, check_settings, run_units, tensor_fingerprint, unit_seed
+from ..experiment import Experiment, Run, Stage, run_experiment, setting
+from ..runs import Unit, unit_seed
 from .bridge import MANIFEX_METRICS, evaluate, explain_func, import_quantus, metric_info, metric_name
 from .manifold import PERTURBATIONS, deletion_curves, manifold_distance, tangent_alignment
 
-__all__ = ["EvaluateConfig", "run_evaluation", "DEFAULT_METHODS", "DEFAULT_METRICS", "metric_options", "process_methods"]
+__all__ = ["EvaluateConfig", "EvaluateExperiment", "run_evaluation", "DEFAULT_METHODS", "DEFAULT_METRICS", "metric_options", "process_methods"]
 
 #: gradient, SmoothGrad, IG, Input×Gradient, an LRP composite (EpsilonPlus), DeepLift, Grad-CAM (models with a conv layer)
 DEFAULT_METHODS = ("gradient", "smoothgrad", "integrated_gradients", "input_x_gradient", "lrp", "deeplift", "gradcam")
@@ -44,32 +45,37 @@ CURVE_METRICS = {"black": "BlackDeletion", "road": "ROADDeletion", "manifold": "
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """Settings of an evaluation run (every field but ``device`` and ``trust_pickle`` decides the results).
+    """Settings of an evaluation run (each a CLI option of ``manifex evaluate`` unless marked Python-only).
 
     ``n``: test images scored. ``curve_steps``: points of the deletion curves (fractions 0, 1/steps, …);
     ``infill_steps``/``distance_steps``: Adam steps of the in-fill and of the distance to the manifold.
     ``nr_samples``: MaxSensitivity's noisy copies; ``nr_runs``: FaithfulnessCorrelation's random subsets.
     """
 
-    dataset: str = "known:digits8"
-    classifier: str = "lenet"
-    epochs: int = 10
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    metrics: tuple[str, ...] = DEFAULT_METRICS
-    n: int = 64
-    latent_dim: int = 10
-    generator_epochs: int = 20
-    known_n_train: int = 2000
-    known_n_test: int = 500
-    curve_steps: int = 10
-    infill_steps: int = 100
-    distance_steps: int = 100
-    nr_samples: int = 10
-    nr_runs: int = 50
-    batch_size: int = 64
-    seed: int = 0
-    device: str = "cpu"
-    trust_pickle: bool = False
+    dataset: str = setting("known:digits8", "'known:<data>' samples images from a VAE trained on <data> (the manifold is "
+                           "known: exact tangent spaces and latent codes); any other dataset gets a VAE trained on it.")
+    classifier: str = setting("lenet", "Built-in classifier trained (and cached) on the data; see --model for your own.",
+                              choices=("lenet", "mlp", "vgg", "resnet"))
+    epochs: int = setting(10, "Classifier epochs (cached).", low=1)
+    methods: tuple[str, ...] = setting(DEFAULT_METHODS, "Comma-separated attribution methods (see `manifex methods`); "
+                                       "Grad-CAM is left out for a model without a conv layer.", parse="csv")
+    metrics: tuple[str, ...] = setting(DEFAULT_METRICS, "Comma-separated metrics: Quantus class names or snake_case "
+                                       "(pip install \"manifex[eval]\"), and the manifold-aware TangentAlignment and "
+                                       "ManifoldDeletion.", parse="csv")
+    n: int = setting(64, "Test images scored (a seeded random pick).", low=2)
+    latent_dim: int = setting(10, "Latent dimension of the VAE.", low=1, cli=False)
+    generator_epochs: int = setting(20, "Epochs of the VAE (the manifold).", low=1, flag="--vae-epochs")
+    known_n_train: int = setting(2000, "Generated training images of known:<data>.", low=1, cli=False)
+    known_n_test: int = setting(500, "Generated test images of known:<data>.", low=1, cli=False)
+    curve_steps: int = setting(10, "Points of the deletion curves.", low=1)
+    infill_steps: int = setting(100, "Adam steps of the on-manifold in-fill.", low=1)
+    distance_steps: int = setting(100, "Adam steps of the distance to the manifold.", low=1, cli=False)
+    nr_samples: int = setting(10, "MaxSensitivity's noisy copies.", low=1)
+    nr_runs: int = setting(50, "FaithfulnessCorrelation's random subsets.", low=1, cli=False)
+    batch_size: int = setting(64, "Images per explanation batch.", low=1, result=False)
+    seed: int = setting(0, "Seed of the split, training and sampling.", cli=False)
+    device: str = setting("cpu", "torch device.", result=False, cli=False)
+    trust_pickle: bool = setting(False, "Allow pickled dataset files.", result=False, cli=False)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,43 +120,27 @@ def _check_config(cfg: EvaluateConfig) -> tuple[list[str], list[str]]:
     return methods, metrics
 
 
-def _prepare_data(cfg: EvaluateConfig, cache, progress: bool, classifier: nn.Module | None = None):
-    """(train, test, generative, z_of_test or None, real_reference_images, checks, info); the user's ``classifier``
-    is checked on one batch of the data (shape, classes, finite logits) before the generator is trained."""
-    from ..data import load_dataset
-    from ..data.loaders import check_classification_data
+def _derive_data(cfg: EvaluateConfig, real, cache, progress: bool, device: str):
+    """(train, test, generative, z_of_test or None, real_reference_images, checks, info) from the loaded base data."""
     from ..models import GenerativeTrainConfig, get_generative
     from ..models.known_manifold import KnownManifoldConfig, make_known_manifold
 
     known = cfg.dataset.startswith("known:")
-    spec = cfg.dataset.split(":", 1)[1] if known else cfg.dataset
-    real = load_dataset(spec, trust_pickle=cfg.trust_pickle)
-    checks = list(check_classification_data(real, where=f"--dataset {spec}"))  # worded as the CLI's check: listed once
-    lo, hi = float(real.x.min()), float(real.x.max())
-    if lo < 0 or hi > 1:
-        raise DataError(f"{cfg.dataset}: pixels lie in [{lo:.3g}, {hi:.3g}]; the generator and the black baseline need "
-                        "images in [0, 1].")
-    if classifier is not None:
-        from ..models.user import check_classifier
-
-        with preserve_model_state(classifier):
-            check_classifier(classifier, real.x[:8], real.num_classes, name="the classifier")
     gtrain = GenerativeTrainConfig(epochs=cfg.generator_epochs, seed=cfg.seed)
     if known:
-        vae, ginfo = get_generative(real, "vae", cfg.latent_dim, gtrain, cache=cache, device=cfg.device, progress=progress)
+        vae, _ = get_generative(real, "vae", cfg.latent_dim, gtrain, cache=cache, device=device, progress=progress)
         km = make_known_manifold(real, vae, KnownManifoldConfig(n_train=cfg.known_n_train, n_test=cfg.known_n_test,
                                                                 seed=cfg.seed), cache=cache, progress=progress)
-        checks += km.checks
         _, real_test = real.split(0.2, seed=cfg.seed)
         info = {"manifold": "known (images sampled from a VAE decoder; tangent spaces exact, latent codes stored)",
                 "labeler_accuracy": km.labeler_accuracy, "acceptance_rate": km.acceptance_rate}
-        return km.train, km.test, vae, km.test.z, real_test.x, checks, info
+        return km.train, km.test, vae, km.test.z, real_test.x, list(km.checks), info
     train, test = real.split(0.2, seed=cfg.seed)
     train.z = test.z = None
-    vae, ginfo = get_generative(train, "vae", cfg.latent_dim, gtrain, cache=cache, device=cfg.device, progress=progress)
+    vae, _ = get_generative(train, "vae", cfg.latent_dim, gtrain, cache=cache, device=device, progress=progress)
     info = {"manifold": f"estimated by a VAE (latent {cfg.latent_dim}) trained on the training split; tangent spaces and "
                         "in-fills from its decoder at the encoder's codes"}
-    return train, test, vae, None, test.x, checks, info
+    return train, test, vae, None, test.x, [], info
 
 
 def _sample(n_total: int, n: int, seed: int) -> torch.Tensor:
@@ -223,70 +213,142 @@ def _process_method(u: Unit, method: str, cfg: EvaluateConfig, model, x, y, z, g
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
+class EvaluateExperiment(Experiment):
+    """``manifex evaluate`` on the experiment contract: the base data checked, your model checked on it before the
+    generator is trained, the manifold (known or estimated), the classifier, one unit per method, the report."""
+
+    command = "evaluate"
+    what = "an evaluation"
+
+    def check_options(self, cfg: EvaluateConfig) -> None:
+        _check_config(cfg)  # names, sizes, Quantus installed: before any data or training
+
+    def load_data(self, run: Run) -> None:
+        from ..models.resolve import resolve_data
+
+        cfg = run.config
+        spec = cfg.dataset.split(":", 1)[1] if cfg.dataset.startswith("known:") else cfg.dataset
+        real, checks = resolve_data(spec, trust_pickle=run.trust_pickle or cfg.trust_pickle, num_classes=run.num_classes)
+        run.data = real
+        run.checks.extend(checks)
+
+    def check_data(self, run: Run) -> None:
+        """Your model on one batch of the real data (shape, classes, finite logits), before the generator is trained."""
+        from ..experiment import UserModel
+        from ..models.resolve import resolve_classifier
+
+        user = run.user_model
+        if user is None:
+            return
+        train, test = run.data.split(0.2, seed=run.config.seed)
+        u = user if isinstance(user, UserModel) else UserModel("")
+        run.model, run.model_info = resolve_classifier(
+            train, test, model=u.spec if isinstance(user, UserModel) else user, weights=u.weights, normalize=u.normalize,
+            output=u.output, device=run.device, cache_dir=run.cache_dir, progress=run.progress, measure_accuracy=False)
+        run.checks.extend(run.model_info.checks)
+
+    def derive_data(self, run: Run) -> None:
+        from ..models import ModelCache
+
+        cfg = run.config
+        torch.manual_seed(cfg.seed)
+        run.train, run.test, gen, z_all, real_ref, checks, info = _derive_data(cfg, run.data, ModelCache(run.cache_dir),
+                                                                               run.progress, run.device)
+        run.checks.extend(checks)
+        run.extra.update(generator=gen, z_all=z_all, real_ref=real_ref, data_info=info)
+
+    def resolve_model(self, run: Run) -> None:
+        if run.model is not None:  # your model, loaded and checked in check_data
+            warn_if_training(run.model)
+            return
+        super().resolve_model(run)
+
+    def prepare(self, run: Run) -> dict[str, Any]:
+        from ..models import accuracy
+        from ..models.cache import state_fingerprint
+
+        cfg, model, test = run.config, run.model, run.test
+        methods, metrics = _check_config(cfg)
+        device = model_device(model) or torch.device(run.device)
+        gen = run.extra["generator"].to(device).eval()
+        run.folder.claim("generator", {"fingerprint": state_fingerprint(gen)})
+        with preserve_model_state(model):
+            acc = accuracy(model, test)
+        chance = float(torch.bincount(test.y, minlength=test.num_classes).max()) / len(test)
+        low = acc < chance + 0.2 * (1 - chance)
+        run.checks.append(f"{'FAILED: ' if low else ''}classifier test accuracy {acc:.1%} (chance {chance:.1%})")
+        idx = _sample(len(test), min(cfg.n, len(test)), cfg.seed)
+        x, y = test.x[idx].to(device), test.y[idx].to(device)
+        z_all = run.extra["z_all"]
+        z = z_all[idx].to(device) if z_all is not None else None
+        if "gradcam" in methods:
+            try:
+                last_conv_layer(model)
+            except InputError:
+                methods.remove("gradcam")
+                run.checks.append("Grad-CAM left out: the model has no conv layer")
+        # the real images' distance to the generator's manifold: the reference the perturbed images are measured against
+        ref = None
+        if "ManifoldDeletion" in metrics:
+            real_ref = run.extra["real_ref"]
+            real = real_ref[_sample(len(real_ref), min(cfg.n, len(real_ref)), cfg.seed + 1)].to(device)
+            with preserve_model_state(gen), torch.no_grad():
+                z0 = gen.encode(real)
+            ref = manifold_distance(gen, real, z0, steps=cfg.distance_steps)
+        info = run.model_info
+        model_info = {"classifier": info.name, "source": info.source, "fingerprint": info.fingerprint,
+                      "test accuracy": round(acc, 4), "dataset": cfg.dataset, "images scored": int(x.shape[0])}
+        return {"config": cfg, "model": model, "x": x, "y": y, "z": z, "generator": gen, "metrics": metrics,
+                "methods": methods, "num_classes": test.num_classes, "reference": ref, "model_info": model_info}
+
+    def plan(self, run: Run, context: dict[str, Any]) -> Iterator[Stage]:
+        units = [Unit(f"method-{m}", {"method": m}) for m in context["methods"]]
+        yield Stage("methods", units, process_methods, context, batch_size=1, desc="methods")
+
+    def summarize(self, run: Run, context: dict[str, Any]) -> dict[str, Any]:
+        from .report import summarize
+
+        return summarize(run.records["methods"], context["metrics"], reference_distance=context["reference"])
+
+    def _report_args(self, run: Run, context: dict[str, Any]) -> dict[str, Any]:
+        return {"config": run.config, "model_info": context["model_info"], "data_info": run.extra["data_info"],
+                "checks": list(dict.fromkeys(run.checks)), "seconds": run.seconds}
+
+    def metrics(self, run: Run, summary: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+        from .report import evaluation_metrics
+
+        return evaluation_metrics(run.records["methods"], summary, **self._report_args(run, context))
+
+    def report(self, run: Run, summary: dict[str, Any], context: dict[str, Any]) -> Path:
+        from .report import write_evaluation_report
+
+        return write_evaluation_report(run.records["methods"], summary, run.out, command=run.command, metrics_file=False,
+                                       **self._report_args(run, context))
+
+    def findings(self, run: Run, summary: dict[str, Any]) -> list[str]:
+        rc = summary.get("ranking_change")
+        if not rc:
+            return []
+        return [f"deletion ranking {'changes' if rc['changes'] else 'does not change'} on the manifold: best black "
+                f"{rc['top']['black']}, ROAD {rc['top']['road']}, in-filled {rc['top']['manifold']}"]
+
+
 def run_evaluation(config: EvaluateConfig = EvaluateConfig(), out_dir: str | Path = "runs/evaluate", *,
                    classifier: nn.Module | None = None, classifier_info: dict | None = None, cache: Any = None,
                    executor: Any = None, resume: bool = True, progress: bool = True, checks: Sequence[str] = (),
-                   command: str | None = None) -> dict:
-    """Evaluate every method of ``config`` by every metric on ``config.n`` test images; write ``results.jsonl`` (one
-    record per method, resumable), ``metrics.json`` and ``report.html`` in ``out_dir``; return the summary.
+                   command: str | None = None, overwrite: bool = False) -> dict:
+    """Evaluate every method of ``config`` by every metric on ``config.n`` test images; write the experiment folder
+    (``results.jsonl``: one record per method, resumable; ``metrics.json``, ``report.html``) in ``out_dir``; return
+    the summary. A thin call of :func:`manifex.experiment.run_experiment` with :class:`EvaluateExperiment`.
 
     ``classifier``: your own model (images in [0, 1] → logits) instead of the built-in ``config.classifier``
-    trained here; ``classifier_info`` describes it for the report. A resume with other result settings, another
-    model or other images is refused in one line (``resume=False`` starts over).
+    trained here, left as found. A resume with other settings, another model or other data is refused in one line
+    (``resume=False`` starts over in the folder, ``overwrite=True`` moves it aside). ``classifier_info`` and
+    ``checks`` are accepted for compatibility (the model is described by its ModelInfo now).
     """
-    from ..models import ModelCache, TrainConfig, accuracy, get_classifier
-    from .report import summarize, write_evaluation_report
-
-    t_start = time.perf_counter()
-    methods, metrics = _check_config(config)
-    cache = cache or ModelCache()
-    torch.manual_seed(config.seed)
-    train, test, gen, z_all, real_ref, data_checks, data_info = _prepare_data(config, cache, progress, classifier)
-    checks = list(dict.fromkeys(list(checks) + data_checks))  # the CLI has checked the same data already
-    if classifier is None:
-        model, info = get_classifier(train, config.classifier, TrainConfig(epochs=config.epochs, seed=config.seed),
-                                     cache=cache, device=config.device, progress=progress)
-        info = {"source": "built-in", "classifier": config.classifier, **{k: v for k, v in info.items() if k != "key"}}
-    else:  # the user's model as it is (its device, its mode: a model in train mode is warned about, not changed)
-        model, info = classifier, {"source": "user", **(classifier_info or {})}
-        warn_if_training(model)
-    device = model_device(model) or torch.device(config.device)
-    gen = gen.to(device).eval()
-    with preserve_model_state(model):
-        acc = accuracy(model, test)
-    chance = float(torch.bincount(test.y, minlength=test.num_classes).max()) / len(test)
-    low = acc < chance + 0.2 * (1 - chance)
-    checks.append(f"{'FAILED: ' if low else ''}classifier test accuracy {acc:.1%} (chance {chance:.1%})")
-    idx = _sample(len(test), min(config.n, len(test)), config.seed)
-    x, y = test.x[idx].to(device), test.y[idx].to(device)
-    z = z_all[idx].to(device) if z_all is not None else None
-    if "gradcam" in methods and isinstance(model, nn.Module):
-        try:
-            last_conv_layer(model)
-        except InputError:
-            methods.remove("gradcam")
-            checks.append("Grad-CAM left out: the model has no conv layer")
-    result_settings = config.result_settings()
-    if classifier is not None:  # the built-in classifier's settings do not apply to the user's model
-        result_settings = {k: v for k, v in result_settings.items() if k not in ("classifier", "epochs")}
-    settings = {"config": result_settings, "methods": methods, "metrics": metrics,
-                "model": {"type": type(model).__name__, "fingerprint": state_fingerprint(model)},
-                "generator": state_fingerprint(gen), "data": tensor_fingerprint(x.cpu()), "targets": tensor_fingerprint(y.cpu())}
-    check_settings(out_dir, settings, resume=resume, what="an evaluation")
-    # the real images' distance to the generator's manifold: the reference the perturbed images are measured against
-    ref = None
-    if "ManifoldDeletion" in metrics:
-        real = real_ref[_sample(len(real_ref), min(config.n, len(real_ref)), config.seed + 1)].to(device)
-        with preserve_model_state(gen), torch.no_grad():
-            z0 = gen.encode(real)
-        ref = manifold_distance(gen, real, z0, steps=config.distance_steps)
-    units = [Unit(f"method-{m}", {"method": m}) for m in methods]
-    context = {"config": config, "model": model, "x": x, "y": y, "z": z, "generator": gen, "metrics": metrics,
-               "num_classes": test.num_classes}
-    records = run_units(units, process_methods, out_dir, context=context, batch_size=1, executor=executor, resume=resume,
-                        progress=progress, desc="methods")
-    summary = summarize(records, metrics, reference_distance=ref)
-    model_info = {**info, "test accuracy": round(acc, 4), "dataset": config.dataset, "images scored": int(x.shape[0])}
-    write_evaluation_report(records, summary, out_dir, config=config, model_info=model_info, data_info=data_info,
-                            checks=checks, command=command, seconds=round(time.perf_counter() - t_start, 1))
-    return summary
+    del classifier_info, checks
+    cache_dir = getattr(cache, "root", None)
+    result = run_experiment(EvaluateExperiment(), config, out_dir, model=classifier, resume=resume, overwrite=overwrite,
+                            executor=executor, progress=progress, cache_dir=cache_dir, trust_pickle=config.trust_pickle,
+                            device=config.device, command=command)
+    return result.summary

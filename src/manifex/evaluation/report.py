@@ -173,15 +173,9 @@ def curves_figure(summary: dict, fractions: Sequence[float]) -> bytes:
     return _png(fig)
 
 
-def write_evaluation_report(records: list[dict], summary: dict, out_dir: str | Path, *, config: Any, model_info: dict,
-                            data_info: dict, checks: Sequence[str] = (), command: str | None = None,
-                            seconds: float | None = None) -> Path:
-    """``metrics.json``, ``rank.png``, ``curves.png`` and ``report.html`` in ``out_dir``; returns the HTML path."""
-    out = Path(out_dir)
-    options = config.to_dict()
-    fractions = [i / config.curve_steps for i in range(config.curve_steps)]
+def evaluation_checks(summary: dict, checks: Sequence[str]) -> list[str]:
+    """The run's checks plus the manifold check of the perturbed images (FAILED when the in-fill leaves the manifold)."""
     checks = list(checks)
-    warnings: list[str] = [c[8:] for c in checks if c.startswith("FAILED: ")]
     mc = summary.get("manifold_check")
     if mc:
         ref = summary["reference_distance"]
@@ -190,9 +184,30 @@ def write_evaluation_report(records: list[dict], summary: dict, out_dir: str | P
                           f"mean distance ≤ {v['max_mean_distance']:.3f} from the manifold (real images: median "
                           f"{ref['median']:.3f}, 95% ≤ {ref['q95']:.3f}); {'within' if v['within_reference'] else 'beyond'} "
                           "the real images' distance")
-    write_json({"summary": summary, "options": options, "model": model_info, "data": data_info, "checks": checks,
-                "warnings": warnings, "seconds": seconds, "fractions": fractions,
-                "records": [{k: v for k, v in r.items()} for r in records]}, out / "metrics.json")
+    return checks
+
+
+def evaluation_metrics(records: list[dict], summary: dict, *, config: Any, model_info: dict, data_info: dict,
+                       checks: Sequence[str] = (), seconds: float | None = None) -> dict[str, Any]:
+    """The content of ``metrics.json``: summary, options, model, data, checks, warnings, fractions, per-method records."""
+    checks = evaluation_checks(summary, checks)
+    warnings = [c[8:] for c in checks if c.startswith("FAILED: ")]
+    fractions = [i / config.curve_steps for i in range(config.curve_steps)]
+    return {"summary": summary, "options": config.to_dict(), "model": model_info, "data": data_info, "checks": checks,
+            "warnings": warnings, "seconds": seconds, "fractions": fractions, "records": [dict(r) for r in records]}
+
+
+def write_evaluation_report(records: list[dict], summary: dict, out_dir: str | Path, *, config: Any, model_info: dict,
+                            data_info: dict, checks: Sequence[str] = (), command: str | None = None,
+                            seconds: float | None = None, metrics_file: bool = True) -> Path:
+    """``rank.png``, ``curves.png``, ``report.html`` (and ``metrics.json`` unless ``metrics_file=False``: the experiment
+    contract writes it) in ``out_dir``; returns the HTML path."""
+    out = Path(out_dir)
+    metrics = evaluation_metrics(records, summary, config=config, model_info=model_info, data_info=data_info,
+                                 checks=checks, seconds=seconds)
+    options, fractions, checks, warnings = metrics["options"], metrics["fractions"], metrics["checks"], metrics["warnings"]
+    if metrics_file:
+        write_json(metrics, out / "metrics.json")
     atomic_write_bytes(out / "rank.png", rank_figure(summary))
     has_curves = bool(summary.get("curves"))
     if has_curves:
@@ -216,6 +231,7 @@ def write_evaluation_report(records: list[dict], summary: dict, out_dir: str | P
                         + f" when the removed pixels stay on the manifold: best by black deletion {top['black']}, by ROAD "
                         f"{top['road']}, by the in-filled deletion {top['manifold']} (Kendall τ black vs in-filled "
                         f"{rc['pairs']['black vs manifold']['kendall_tau']:.2f}).")
+    mc = summary.get("manifold_check")
     if mc:
         findings.append(f"Black deletion takes the images to distance {mc['black']['max_mean_distance']:.2f} from the manifold, "
                         f"the in-fill to {mc['manifold']['max_mean_distance']:.2f}; real images lie at "

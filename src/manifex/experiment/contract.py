@@ -91,6 +91,8 @@ class Run:
     records: dict[str, list[dict]] = field(default_factory=dict)
     n_new: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    #: what a system's hooks hand on to its later hooks (a generator, derived data, notes)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def out(self) -> Path:
