@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, param
 from ..experiment import Experiment, Run, Stage, run_experiment
 from ..models import ModelCache
 from ..runs import Executor, Unit
@@ -58,15 +58,15 @@ class AlignExperiment(Experiment):
         if not isinstance(cfg, AlignConfig):
             raise InputError(f"an align run takes an AlignConfig, got {type(cfg).__name__}.")
         if not cfg.methods:
-            raise InputError("--methods is empty; name at least one attribution method (see `manifex methods`).")
+            raise InputError(f"{param('methods')} is empty; name at least one attribution method (see `manifex methods`).")
         for m in cfg.methods:
             canonical_method(m)  # an unknown name lists the registry
         if cfg.n_samples < 2:
-            raise InputError(f"--samples must be >= 2, got {cfg.n_samples}.")
+            raise InputError(f"{param('n_samples')} must be >= 2, got {cfg.n_samples}.")
         if cfg.batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {cfg.batch_size}.")
         if _known(cfg) and not cfg.dataset.split(":", 1)[1]:
-            raise InputError("--dataset known: needs the data the VAE is trained on, e.g. known:mnist5k or known:digits8.")
+            raise InputError(f"{param('dataset', 'known:')} needs the data the VAE is trained on, e.g. known:mnist5k or known:digits8.")
 
     def load_data(self, run: Run) -> None:
         """The base data (for ``known:<data>`` the data the VAE learns), loaded and checked once; the split and the
@@ -94,7 +94,7 @@ class AlignExperiment(Experiment):
         if user is None:
             return
         if cfg.robust:
-            raise InputError("--robust fine-tunes a built-in classifier; with your own --model use --no-robust "
+            raise InputError(f"{param('robust')} fine-tunes a built-in classifier; with your own {param('model')} use {param('robust', False)} "
                              "(robust=False).")
         u = user if isinstance(user, UserModel) else UserModel("")
         spec = u.spec if isinstance(user, UserModel) else user

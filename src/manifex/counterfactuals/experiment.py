@@ -38,7 +38,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import DataError, InputError
+from ..errors import DataError, InputError, param
 from ..experiment import Experiment, Run, Stage, UserModel, run_experiment
 from ..experiment.config import result_settings, setting
 from ..models import ModelCache, TrainConfig, accuracy, get_classifier
@@ -165,7 +165,7 @@ def check_classes(source: int | None, target: int, num_classes: int, dataset: st
         if c is not None and not 0 <= c < num_classes:
             raise InputError(f"--{name} {c} is not a class of {dataset} (classes 0..{num_classes - 1}).")
     if source is not None and source == target:
-        raise InputError("--source and --target are the same class; pick two different classes.")
+        raise InputError(f"{param('source')} and {param('target')} are the same class; pick two different classes.")
 
 
 def check_pixels(cfg: CounterfactualConfig, train) -> str:
@@ -250,7 +250,7 @@ def build_context(cfg: CounterfactualConfig, train, test, clf: torch.nn.Module, 
     pool = ok & (test.y == cfg.source) if cfg.source is not None else ok & (test.y != cfg.target)
     idx = pool.nonzero().flatten()
     if len(idx) == 0:
-        raise DataError(f"no correctly classified test image of class {cfg.source} in {cfg.dataset}; pick another --source.")
+        raise DataError(f"no correctly classified test image of class {cfg.source} in {cfg.dataset}; pick another {param('source')}.")
     perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(cfg.seed))
     chosen = idx[perm[: cfg.n]].sort().values
     if len(chosen) < cfg.n:
@@ -436,7 +436,7 @@ class CounterfactualExperiment(Experiment):
                              "(manifex counterfactual --dataset helix).")
         bad = [s for s in (cfg.spaces or ()) if s not in ("latent", "pixel")]
         if bad or not cfg.spaces:
-            raise InputError(f"--space takes latent and/or pixel, got {', '.join(bad) or 'nothing'}.")
+            raise InputError(f"{param('spaces')} takes latent and/or pixel, got {', '.join(bad) or 'nothing'}.")
         for flag, value, allowed in (("--generator", cfg.generator, GENERATORS), ("--classifier", cfg.classifier, CLASSIFIERS),
                                      ("--second-classifier", cfg.second_classifier, CLASSIFIERS + (None,))):
             if value not in allowed:
@@ -446,14 +446,14 @@ class CounterfactualExperiment(Experiment):
             if not isinstance(value, int) or value < low:
                 raise InputError(f"{flag} must be an integer >= {low}, got {value!r}.")
         if cfg.generator_epochs is not None and (not isinstance(cfg.generator_epochs, int) or cfg.generator_epochs < 1):
-            raise InputError(f"--generator-epochs must be an integer >= 1, got {cfg.generator_epochs!r}.")
+            raise InputError(f"{param('generator_epochs')} must be an integer >= 1, got {cfg.generator_epochs!r}.")
         if not 0 < cfg.stop_prob < 1:
-            raise InputError(f"--stop-prob must lie strictly between 0 and 1 (a probability to exceed), got {cfg.stop_prob!r}.")
+            raise InputError(f"{param('stop_prob')} must lie strictly between 0 and 1 (a probability to exceed), got {cfg.stop_prob!r}.")
         for flag, lr in (("--lr-latent", cfg.lr_latent), ("--lr-pixel", cfg.lr_pixel)):
             if lr is not None and not (math.isfinite(lr) and lr > 0):
                 raise InputError(f"{flag} must be a finite number > 0 (or default), got {lr!r}.")
         if cfg.source is not None and cfg.source == cfg.target:
-            raise InputError("--source and --target are the same class; pick two different classes.")
+            raise InputError(f"{param('source')} and {param('target')} are the same class; pick two different classes.")
 
     def settings(self, cfg: CounterfactualConfig) -> dict[str, Any]:
         """Every field that changes a record, with the latent lr resolved (a resume never mixes two defaults)."""

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..attribution import canonical_method, last_conv_layer
 from ..attribution.core import model_device, preserve_model_state, warn_if_training
-from ..errors import DataError, InputError
+from ..errors import DataError, InputError, param
 from ..models.cache import state_fingerprint
 from ..experiment import Experiment, Run, Stage, run_experiment, setting
 from ..runs import Unit, unit_seed
@@ -103,9 +103,9 @@ def metric_options(name: str, *, n_features: int, num_classes: int, config: Eval
 def _check_config(cfg: EvaluateConfig) -> tuple[list[str], list[str]]:
     """(methods, metrics) canonical; names, sizes and Quantus checked before any data or model work."""
     if not cfg.methods:
-        raise InputError("methods is empty; name at least one attribution method (e.g. --methods gradient).")
+        raise InputError(f"methods is empty; name at least one attribution method (e.g. {param('methods')} gradient).")
     if not cfg.metrics:
-        raise InputError("metrics is empty; name at least one metric (e.g. --metrics pixel_flipping).")
+        raise InputError(f"metrics is empty; name at least one metric (e.g. {param('metrics')} pixel_flipping).")
     methods = list(dict.fromkeys(canonical_method(m) for m in cfg.methods))
     metrics = list(dict.fromkeys(metric_name(m) for m in cfg.metrics))
     if any(m not in MANIFEX_METRICS for m in metrics):

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import InputError, ModelError
+from ..errors import InputError, ModelError, param
 from ..experiment import Experiment, Run, Stage, setting
 from ..models.resolve import data_identity, file_sha256
 
@@ -90,27 +90,27 @@ def check_options_common(cfg: Any) -> str:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
     if not (number(cfg.lr) and cfg.lr > 0):
-        raise InputError(f"--lr must be a finite number > 0, got {cfg.lr!r}.")
+        raise InputError(f"{param('lr')} must be a finite number > 0, got {cfg.lr!r}.")
     if not (isinstance(cfg.iterations, int) and not isinstance(cfg.iterations, bool) and cfg.iterations >= 1):
-        raise InputError(f"--iterations must be an integer >= 1, got {cfg.iterations!r}.")
+        raise InputError(f"{param('iterations')} must be an integer >= 1, got {cfg.iterations!r}.")
     if cfg.budget is not None and not (number(cfg.budget) and cfg.budget > 0):
-        raise InputError(f"--budget must be a finite number > 0 in pixel units of [0, 1] (e.g. 8/255) or none, got {cfg.budget!r}.")
+        raise InputError(f"{param('budget')} must be a finite number > 0 in pixel units of [0, 1] (e.g. 8/255) or none, got {cfg.budget!r}.")
     gamma = getattr(cfg, "gamma", None)
     if gamma is not None and not (number(gamma) and gamma >= 0):
-        raise InputError(f"--gamma must be a finite number >= 0 (the output term's weight), got {gamma!r}.")
+        raise InputError(f"{param('gamma')} must be a finite number >= 0 (the output term's weight), got {gamma!r}.")
     stop = getattr(cfg, "stop_pcc", None)
     if stop is not None and not (number(stop) and -1 < stop <= 1):
-        raise InputError(f"--stop-pcc is a Pearson correlation in (-1, 1], got {stop!r}.")
+        raise InputError(f"{param('stop_pcc')} is a Pearson correlation in (-1, 1], got {stop!r}.")
     return method
 
 
 def check_pairs(n_pairs: int, test) -> None:
     """There must be an original for every pair in the test split (a one-line error naming --pairs)."""
     if n_pairs > len(test):
-        raise InputError(f"--pairs {n_pairs}: the test split has only {len(test)} images to draw originals from; use "
-                         f"--pairs {len(test)} or fewer (or --pairs-csv).")
+        raise InputError(f"{param('n_pairs')} {n_pairs}: the test split has only {len(test)} images to draw originals from; use "
+                         f"{param('n_pairs')} {len(test)} or fewer (or {param('pairs_csv')}).")
     if int(torch.unique(test.y).numel()) < 2:
-        raise InputError("--pairs needs originals and targets of different classes, but the test split has one class.")
+        raise InputError(f"{param('n_pairs')} needs originals and targets of different classes, but the test split has one class.")
 
 
 def check_smoothable(model, x: torch.Tensor, unsupported: str) -> None:
@@ -183,13 +183,13 @@ class AttackExperiment(Experiment):
     def check_options(self, cfg: AttackConfig) -> None:
         check_options_common(cfg)
         if cfg.data_dir is not None and cfg.pairs_csv is None:
-            raise InputError("--data-dir is the folder of the --pairs-csv images; pass --pairs-csv too (or leave out --data-dir).")
+            raise InputError(f"{param('data_dir')} is the folder of the {param('pairs_csv')} images; pass {param('pairs_csv')} too (or leave out {param('data_dir')}).")
         if cfg.pairs_csv is not None and not Path(cfg.pairs_csv).expanduser().is_file():
-            raise InputError(f"--pairs-csv {cfg.pairs_csv}: no such file; pass a CSV with a header row `original,target`.")
+            raise InputError(f"{param('pairs_csv')} {cfg.pairs_csv}: no such file; pass a CSV with a header row `original,target`.")
         bg = cfg.beta_growth
         if bg not in ("auto", None) and not (isinstance(bg, (tuple, list)) and len(bg) == 2
                                             and all(isinstance(b, (int, float)) and math.isfinite(b) and b > 0 for b in bg)):
-            raise InputError(f"--beta-growth must be 'B0,B1' with finite β > 0, 'auto' or 'none'; got {bg!r}.")
+            raise InputError(f"{param('beta_growth')} must be 'B0,B1' with finite β > 0, 'auto' or 'none'; got {bg!r}.")
 
     def pairs(self, run: Run):
         """The campaign's pairs: from --pairs-csv (sizes checked against the data's images) or sampled from the test split."""

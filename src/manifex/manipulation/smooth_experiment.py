@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, param
 from ..experiment import Experiment, Run, Stage, setting
 from ..runs import Unit, atomic_torch_save, safe_torch_load, unit_dir
 from .experiment import _CLASSIFIERS, _UNSUPPORTED_HELP, accuracy_check, check_options_common, check_pairs, check_smoothable, model_footer
@@ -110,9 +110,9 @@ class SmoothExperiment(Experiment):
         betas = list(cfg.betas)
         if not betas or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0
                             for b in betas):
-            raise InputError(f"--betas must list finite softplus β values > 0 (the ReLU model is always added), got {cfg.betas!r}.")
+            raise InputError(f"{param('betas')} must list finite softplus β values > 0 (the ReLU model is always added), got {cfg.betas!r}.")
         if len({float(b) for b in betas}) != len(betas):
-            raise InputError(f"--betas lists a β more than once ({','.join(f'{b:g}' for b in betas)}); name each β once.")
+            raise InputError(f"{param('betas')} lists a β more than once ({','.join(f'{b:g}' for b in betas)}); name each β once.")
 
     def check_data(self, run: Run) -> None:
         if run.config.n_pairs:

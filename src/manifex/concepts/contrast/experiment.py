@@ -89,7 +89,7 @@ def _pair_tuple(p: Any) -> tuple[int, int]:
     if isinstance(p, str):
         parsed = parse_pairs(p)
         if len(parsed) != 1:
-            raise InputError(f"--concepts-pair takes one A:B pair, got {p!r}.")
+            raise InputError(f"{param('concepts_pair')} takes one A:B pair, got {p!r}.")
         return parsed[0]
     try:
         a, b = p
@@ -354,7 +354,7 @@ class ContrastExperiment(Experiment):
                 probe = layer_activations(net, data.x[:2], cfg.layer)
             check_layer_shape(tuple(probe.shape), cfg.layer, what="manifex contrast")
             if cfg.n_components > probe.shape[1]:
-                raise InputError(f"--components {cfg.n_components} exceeds the {probe.shape[1]} channels of layer {cfg.layer!r}.")
+                raise InputError(f"{param('n_components')} {cfg.n_components} exceeds the {probe.shape[1]} channels of layer {cfg.layer!r}.")
 
     def derive_data(self, run: Run) -> None:
         n = self._n_classes(run)
@@ -384,7 +384,7 @@ class ContrastExperiment(Experiment):
             return
         if self.images is not None:
             raise InputError("images given to ContrastExperiment go with your nn.Module as model (run_contrast); "
-                             "for a built-in or --model classifier use config.dataset.")
+                             f"for a built-in or {param('model')} classifier use config.dataset.")
         from ...experiment import UserModel
 
         cfg = run.config
@@ -413,7 +413,7 @@ class ContrastExperiment(Experiment):
             pairs = self.resolve_pairs(cfg, n_classes)
             cpair = self._concepts_pair(cfg, pairs, n_classes)
             if cfg.n_components > acts.shape[1]:
-                raise InputError(f"--components {cfg.n_components} exceeds the {acts.shape[1]} channels of layer {layer!r}.")
+                raise InputError(f"{param('n_components')} {cfg.n_components} exceeds the {acts.shape[1]} channels of layer {layer!r}.")
             preds = predict_classes(model, x, cfg.batch_size)
             classes = sorted({c for p in pairs for c in p} | set(cpair))
             counts = {c: int((preds == c).sum()) for c in classes}
