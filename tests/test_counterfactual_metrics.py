@@ -134,7 +134,14 @@ def test_judges_fid_uses_the_second_judges_penultimate_features():
     t = torch.tensor([2, 2, 2, 1, 1])
     got = judges.fid(x_cf, t)
     feats = lambda v: second[:3](v).detach()  # noqa: E731 - the input of the last Linear
+    second.train()
     assert torch.allclose(penultimate_features(second, x_cf), feats(x_cf), atol=0, rtol=0)
+    assert second.training and not second[3]._forward_pre_hooks  # left as found: train mode, no hook
+    with pytest.raises(RuntimeError):  # a failing forward: the hook is still removed
+        penultimate_features(second, torch.zeros(2, 1, 3, 3, dtype=torch.float64))
+    assert second.training and not second[3]._forward_pre_hooks
+    with pytest.raises(InputError, match="no nn.Linear"):
+        penultimate_features(nn.Sequential(nn.Flatten()), x_cf)
     per = [(3, frechet_distance(feats(x_cf[:3]), feats(x[y == 2]))), (2, frechet_distance(feats(x_cf[3:]), feats(x[y == 1])))]
     assert got["value"] == pytest.approx(sum(k * v for k, v in per) / 5, rel=1e-12)
     assert got["n"] == 5 and got["n_reference"] == 16
