@@ -170,3 +170,50 @@ def test_run_campaign_with_a_prepared_context_trains_nothing_more(tmp_path, monk
     result = run_campaign(cfg, tmp_path / "out", cache=ModelCache(tmp_path / "empty"), prepared=prep, progress=False)
     assert [r["index"] for r in result.records] == prep["chosen"].tolist()
     assert result.info["classifier"]["name"] == "lenet" and result.n_new == 2
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+NEW_FIELDS = {"validity", "l0", "sparsity", "ynn", "im1", "im2", "seconds"}
+
+
+def test_campaign_has_every_metric_in_summary_metrics_and_report_and_leaves_the_old_fields_alone(tmp_path):
+    """The metrics of issue 20 in the summary per space, metrics.json and the report's table; the class autoencoders
+    (trained inside the run, under a forked RNG) change no existing field of any record: a run without them
+    (--im-epochs 0) has the same records but for the new fields."""
+    from manifex.counterfactuals.experiment import CounterfactualConfig, run_campaign
+    from manifex.counterfactuals.report import write_report
+
+    # LeNet after 3 epochs (1 leaves it at p(9) ≈ 0.17 for every step), lr 0.05: p(9) > 0.9 in 11-13 steps
+    cfg = CounterfactualConfig(dataset="digits8", classifier_epochs=3, spaces=("pixel",), n=3, max_steps=150,
+                               lr_pixel=0.05, stop_prob=0.9, im_epochs=2)
+    cache = ModelCache(tmp_path / "c")
+    res = run_campaign(cfg, tmp_path / "out", cache=cache, progress=False)
+    s = res.summary["pixel"]
+    assert s["n_success"] >= 2, "the Fréchet distance needs two successes"
+    for key in ("validity", "l0", "l1", "l2", "linf", "sparsity", "ynn", "im1", "im2", "seconds", "fid"):
+        assert key in s, key
+    assert s["fid"]["n"] == s["n_success"] and s["fid"]["value"] >= 0
+    assert res.info["autoencoders"]["classes"] == [4, 9] and any(c.startswith("IM1/IM2:") for c in res.checks)
+    write_report(res)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert set(metrics["summary"]["pixel"]) >= {"validity", "l0", "ynn", "im1", "im2", "seconds", "fid"}
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "Counterfactual metrics" in html and "IM1" in html and "yNN" in html and "Fréchet" in html
+
+    without = run_campaign(CounterfactualConfig(**{**cfg.to_dict(), "spaces": ("pixel",), "im_epochs": 0}), tmp_path / "out0",
+                           cache=cache, progress=False)
+    assert "im1" not in without.summary["pixel"] and without.info["autoencoders"] == {"enabled": False}
+    for a, b in zip(res.records, without.records):
+        old = lambda r: {k: v for k, v in r["pixel"].items() if k not in NEW_FIELDS}  # noqa: E731
+        assert old(a) == old(b)
+        assert NEW_FIELDS - set(a["pixel"]) == set() and {"im1", "im2"} & set(b["pixel"]) == set()
+
+
+@pytest.mark.parametrize("change,message", [({"im_epochs": -1}, "--im-epochs"), ({"l0_tol": float("nan")}, "l0_tol")])
+def test_metric_options_are_refused_before_anything(tmp_path, change, message):
+    from manifex.counterfactuals.experiment import CounterfactualConfig, run_campaign
+
+    with pytest.raises(InputError, match=message):
+        run_campaign(CounterfactualConfig(**{"dataset": "digits8", **change}), tmp_path / "out",
+                     cache=ModelCache(tmp_path / "c"), progress=False)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "out").exists()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence, Union
@@ -82,7 +83,10 @@ class CounterfactualResult:
     ``z_cf``: latent code(s) at x_cf (a tensor or a list for multi-scale latents; ``None`` in pixel space).
     ``x_recon`` = decode(encode(x)) and ``recon_error`` (N,) = max |x_recon − x| (``None`` in pixel space).
     ``delta`` = x_cf − x. ``path`` (N, K, *x_shape) and ``path_steps`` (N, K): K frames from the start to
-    x_cf (``record_path=K``), else ``None``.
+    x_cf (``record_path=K``), else ``None``. Classification only (else ``None``): ``original`` (N,) the classifier's
+    class at x (argmax), ``prediction`` (N,) its class at x_cf. ``group`` (N,): the input each row belongs to
+    (``n_per_input=K``: rows i·K … i·K + K − 1 are input i's K counterfactuals; ``None`` for K = 1).
+    ``info["seconds"]``: wall time of the call (``info["seconds_per_counterfactual"]``: divided by the rows).
     """
 
     x: torch.Tensor
@@ -100,6 +104,9 @@ class CounterfactualResult:
     path: torch.Tensor | None = None
     path_steps: torch.Tensor | None = None
     info: dict = field(default_factory=dict)
+    original: torch.Tensor | None = None
+    prediction: torch.Tensor | None = None
+    group: torch.Tensor | None = None
 
     @property
     def delta(self) -> torch.Tensor:
@@ -275,8 +282,19 @@ def _search_chunk(
     box,
     record_path: int,
     bar,
+    per_input: int = 1,
+    diversity: float = 0.0,
+    mask: torch.Tensor | None = None,
+    mask_weight: float = 0.0,
+    x_start: torch.Tensor | None = None,
 ) -> dict:
-    """The batched research loop over one chunk; returns per-row results (chunk order)."""
+    """The batched research loop over one chunk; returns per-row results (chunk order).
+
+    ``per_input`` = K > 1: the chunk's rows are consecutive groups of K counterfactuals of one input, and
+    ``diversity`` > 0 adds −diversity × the mean pairwise L2 distance of each group's search variables (a finished
+    row stays in its group's term at its final position). ``mask`` (rows, *x_shape) in [0, 1]: pixel space multiplies
+    the gradient by it (entries with mask 0 never move); latent space adds mask_weight × ‖(1 − mask) ⊙ (x′ − x_start)‖²
+    to each row's loss (a penalty: the decoded change outside the mask shrinks but is not exactly zero)."""
     n = x.shape[0]
     latent = decode is not None
     params = [t.detach().clone() for t in start]
@@ -294,6 +312,8 @@ def _search_chunk(
     stride = 1
     diverged = torch.zeros(n, dtype=torch.bool, device=x.device)
     prev: torch.Tensor | None = None
+    # every row's search variable at its latest position (finished rows: final), for the diversity term
+    anchor = [t.detach().clone() for t in start] if per_input > 1 and diversity > 0 else None
     for step in range(max_steps + 1):
         leaves = [p.requires_grad_(True) for p in params]
         with torch.enable_grad():
@@ -310,6 +330,13 @@ def _search_chunk(
             else:
                 xp = leaves[0]
             value, reached, loss = scorer(xp, chunk_rows[active])
+            if mask is not None and latent and mask_weight > 0:
+                outside = (1 - mask[active]) * (xp - x_start[active])
+                loss = loss + mask_weight * outside.pow(2).reshape(len(active), -1).sum(1)
+            extra = None
+            if anchor is not None:
+                full = torch.cat([a.index_put((active,), leaf).reshape(n, -1) for a, leaf in zip(anchor, leaves)], 1)
+                extra = -diversity * _mean_pairwise_distance(full.reshape(n // per_input, per_input, -1)).sum()
         if record_path:
             if step % stride == 0:
                 frame = torch.full_like(x, float("nan"))
@@ -347,15 +374,19 @@ def _search_chunk(
         if not bool(keep.any()):
             break
         with torch.enable_grad():  # the caller may be under torch.no_grad(): indexing `loss` must stay on the graph
-            grads = torch.autograd.grad(loss[keep].sum(), leaves, allow_unused=True)
+            total = loss[keep].sum() if extra is None else loss[keep].sum() + extra
+            grads = torch.autograd.grad(total, leaves, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         grads = [g[keep] for g in grads]
+        if mask is not None and not latent:
+            grads = [grads[0] * mask[active[keep]]]
         if step == 0:
             flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
             zero = (flat == 0).all(dim=1)
             if bool(zero.any()):
                 bad = chunk_rows[active[keep][zero]].tolist()
-                where = "through decode (check that decode(z) depends on z) or through the classifier" if latent else "of the classifier"
+                where = ("through decode (check that decode(z) depends on z) or through the classifier" if latent else
+                         "of the classifier" + (" inside the mask" if mask is not None else ""))
                 raise ModelError(
                     f"the loss gradient is exactly zero at examples {bad[:10]}: no signal {where}; the search "
                     "cannot move. A saturated or piecewise-constant model (rounding, argmax) has no usable gradient."
@@ -369,10 +400,22 @@ def _search_chunk(
         adam.step(params, grads)
         if not latent and box is not None:
             params[0].clamp_(float(box[0]), float(box[1]))  # the seed projects the pixels before each forward
+        if anchor is not None:
+            for a, p in zip(anchor, params):
+                a[active] = p
     out = {"x_cf": x_cf, "z_cf": z_cf, "steps": steps, "success": success, "value": value_out, "diverged": diverged}
     if record_path:
         out["path"], out["path_steps"] = path_out, path_steps_out
     return out
+
+
+def _mean_pairwise_distance(v: torch.Tensor) -> torch.Tensor:
+    """(G, K, D) → (G,): mean L2 distance over the K(K − 1)/2 pairs of each group (differentiable at coinciding
+    points: the square root gets 1e-12 added, so its gradient there is 0, not NaN)."""
+    k = v.shape[1]
+    d2 = (v[:, :, None] - v[:, None]).pow(2).sum(-1)
+    i, j = torch.triu_indices(k, k, 1, device=v.device)
+    return (d2[:, i, j] + 1e-12).sqrt().mean(1)
 
 
 def _warn_if_probabilities(logits: torch.Tensor, stop_prob: float) -> None:
@@ -418,6 +461,12 @@ def counterfactual(
     progress: bool = False,
     tf32: bool = False,
     output: OutputSelector = None,
+    n_per_input: int = 1,
+    diversity: float = 1.0,
+    spread: float = 0.1,
+    seed: int = 0,
+    mask: torch.Tensor | None = None,
+    mask_weight: float = 10.0,
 ) -> CounterfactualResult:
     """Counterfactuals of ``x`` (N, ...) for ``target`` by gradient descent in a generator's latent space or on pixels.
 
@@ -439,6 +488,19 @@ def counterfactual(
     ``output``: for a classifier that returns a tuple/dict, which part holds the logits (an index, a key or a
     callable), as in :func:`manifex.explain`. ``progress``: a bar that advances as examples finish.
 
+    Several counterfactuals per input: ``n_per_input=K`` searches K per input in one batch (result rows i·K …
+    i·K + K − 1 belong to input i; ``result.group``). The first of the K starts at encode(x) (pixel space: x), the
+    others at that start plus Gaussian noise of standard deviation ``spread`` × the start's RMS (pixel space: inside
+    the mask only, then clipped to the box), drawn from ``seed``; ``diversity`` (≥ 0) weighs a term −diversity × the
+    mean pairwise L2 distance between the K search variables (z, or the pixels) added to the summed losses, so the K
+    push apart while each keeps its own stop test (``diversity=0``: K independent searches). K = 1 is the plain search.
+
+    A region: ``mask`` (broadcastable to x, values in [0, 1], 1 = may change). Pixel space: the gradient is
+    multiplied by the mask, so entries with mask 0 keep their value exactly (Adam's update of a zero gradient is
+    zero). Latent space cannot confine a decoder exactly: the loss gets mask_weight × ‖(1 − mask) ⊙ (x′ − x₀)‖² per
+    row (x₀ the clipped decode(encode(x)), the search's start), which shrinks the change outside the mask without
+    zeroing it; measure it from ``result.delta``.
+
     The models run in eval mode during the call (a model found in train mode with Dropout/BatchNorm gets the
     explainers' :class:`~manifex.attribution.core.TrainModeWarning`); their mode, ``requires_grad``, buffers and
     hooks are restored afterwards, also on error.
@@ -449,7 +511,9 @@ def counterfactual(
     by more than ``recon_tol``, and when the target is already predicted (those rows take zero steps, flagged in
     ``result.already``).
     """
+    t_begin = time.perf_counter()
     _check_options(space, lr, max_steps, stop_prob, box, batch_size, record_path)
+    per_input = _check_diverse(n_per_input, diversity, spread, seed, mask_weight)
     output = check_output_selector(output)
     check_tensor(x, "x", min_ndim=2)
     check_finite(x, "x")
@@ -491,6 +555,18 @@ def counterfactual(
                              f"{tuple(int(v) for v in declared)}; pass x as (N, {', '.join(str(int(v)) for v in declared)}).")
     kind = gen.kind if gen is not None else None
     lr = float(lr) if lr is not None else default_lr(kind, gen) if space == "latent" else default_lr(None)
+    mask_t = _check_mask(mask, x) if mask is not None else None
+    group = None
+    if per_input > 1:  # K rows per input, consecutive; per-input options repeated with them
+        if objective is None:
+            target = _targets(target, n, device).repeat_interleave(per_input)
+        else:
+            stop_value = _per_row(stop_value, n, "stop_value", device, x.dtype).repeat_interleave(per_input)
+            direction = _directions(direction, n, device, x.dtype).repeat_interleave(per_input)
+        group = torch.arange(n, device=device).repeat_interleave(per_input)
+        x = x.repeat_interleave(per_input, 0)
+        mask_t = mask_t.repeat_interleave(per_input, 0) if mask_t is not None else None
+        n = x.shape[0]
 
     if objective == "output":
         if classifier is None:
@@ -527,10 +603,11 @@ def counterfactual(
                 if bool(((t < 0) | (t >= k)).any()):
                     raise InputError(f"target classes must lie in [0, {k - 1}] (the classifier has {k} outputs), "
                                      f"got values in [{int(t.min())}, {int(t.max())}].")
-                already = logits.argmax(1) == t
+                original = logits.argmax(1)
+                already = original == t
                 sign = stop = None
             else:
-                t = None
+                t = original = None
                 values = torch.cat([objective(x[i : i + batch_size]) for i in range(0, n, batch_size)])
                 if values.shape != (n,):
                     raise ModelError(f"the objective must return one score per example, shape ({n},), got {tuple(values.shape)}.")
@@ -586,13 +663,22 @@ def counterfactual(
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(todo), desc=f"counterfactuals ({space})", unit="example", leave=False)
+        begin = _spread_starts(z0 if z0 is not None else [x], todo, per_input, float(spread), int(seed),
+                               mask_t if z0 is None else None, box if z0 is None else None)
+        x_start = None
+        if mask_t is not None and gen is not None:
+            x_start = x_recon.clamp(float(box[0]), float(box[1])) if box is not None else x_recon
+        # a chunk holds whole groups of K rows (every group is searched or already there as a whole)
+        chunk = max(1, int(batch_size) // per_input) * per_input
         try:
-            for c in range(0, len(todo), batch_size):
-                rows = todo[c : c + batch_size]
-                start = [p[rows] for p in z0] if z0 is not None else [x[rows]]
+            for c in range(0, len(todo), chunk):
+                rows = todo[c : c + chunk]
+                start = [p[rows] for p in begin]
                 decode = gen.decode if gen is not None else None
                 res = _search_chunk(x[rows], start, multi, decode, scorer, rows, lr=lr, max_steps=int(max_steps), box=box,
-                                    record_path=int(record_path), bar=bar)
+                                    record_path=int(record_path), bar=bar, per_input=per_input, diversity=float(diversity),
+                                    mask=mask_t[rows] if mask_t is not None else None, mask_weight=float(mask_weight),
+                                    x_start=x_start[rows] if x_start is not None else None)
                 x_cf[rows], steps[rows], success[rows], value[rows] = res["x_cf"], res["steps"], res["success"], res["value"]
                 diverged[rows] = res["diverged"]
                 if z_cf is not None:
@@ -615,17 +701,78 @@ def counterfactual(
             x_cf[rows], value[rows], success[rows] = start, v, reached
             if record_path:
                 path[rows] = start[:, None].expand_as(path[rows])
+        prediction = None
+        if objective is None:
+            with torch.no_grad():
+                prediction = torch.cat([call_model(classifier, x_cf[i : i + batch_size]).argmax(1)
+                                        for i in range(0, n, batch_size)])
     if bool(diverged.any()):
         rows = diverged.nonzero().flatten().tolist()
         warnings.warn(f"the search diverged (NaN/inf image or score) for {len(rows)} of {n} examples {rows[:10]}; they "
                       "stopped as failures at their last finite image (result.info['diverged']). Lower lr.",
                       RuntimeWarning, stacklevel=2)
     info = {"kind": kind, "max_steps": int(max_steps), "diverged": diverged.nonzero().flatten().tolist(), "stop_prob": float(stop_prob) if objective is None else None,
-            "box": None if box is None else [float(box[0]), float(box[1])], "exact": getattr(gen, "exact", None)}
+            "box": None if box is None else [float(box[0]), float(box[1])], "exact": getattr(gen, "exact", None),
+            "n_per_input": per_input}
+    info["seconds"] = time.perf_counter() - t_begin
+    info["seconds_per_counterfactual"] = info["seconds"] / n
     return CounterfactualResult(
         x=x, x_cf=x_cf.detach(), success=success, steps=steps, p_target=value.detach(), already=already, target=t,
         space=space, lr=lr, z_cf=_pack(z_cf, multi) if z_cf is not None else None, x_recon=x_recon,
-        recon_error=recon_error, path=path, path_steps=path_steps, info=info)
+        recon_error=recon_error, path=path, path_steps=path_steps, info=info, original=original, prediction=prediction,
+        group=group)
+
+
+def _check_diverse(n_per_input: Any, diversity: Any, spread: Any, seed: Any, mask_weight: Any) -> int:
+    if isinstance(n_per_input, bool) or not isinstance(n_per_input, numbers.Integral) or n_per_input < 1:
+        raise InputError(f"n_per_input must be an integer >= 1 (counterfactuals per input), got {n_per_input!r}.")
+    for name, v in (("diversity", diversity), ("spread", spread), ("mask_weight", mask_weight)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+            raise InputError(f"{name} must be a finite number >= 0, got {v!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise InputError(f"seed must be an integer, got {seed!r}.")
+    return int(n_per_input)
+
+
+def _check_mask(mask: Any, x: torch.Tensor) -> torch.Tensor:
+    """The region mask as a float tensor shaped like x (N, ...), values in [0, 1], every row free somewhere."""
+    if not isinstance(mask, torch.Tensor):
+        raise InputError(f"mask must be a tensor broadcastable to x {tuple(x.shape)} (1 = may change), got {type(mask).__name__}.")
+    try:
+        m = torch.broadcast_to(mask.to(device=x.device, dtype=x.dtype), x.shape)
+    except RuntimeError:
+        raise InputError(f"mask of shape {tuple(mask.shape)} does not broadcast to x {tuple(x.shape)}; pass (*x_shape), "
+                         f"(N, *x_shape) or (H, W).") from None
+    if not bool(torch.isfinite(m).all()) or bool(((m < 0) | (m > 1)).any()):
+        raise InputError("mask values must lie in [0, 1] (1 = may change, 0 = keep); got values outside.")
+    empty = (m.reshape(x.shape[0], -1) == 0).all(1)
+    if bool(empty.any()):
+        raise InputError(f"the mask is zero everywhere for examples {empty.nonzero().flatten().tolist()[:10]}: nothing "
+                         "may change there; free some pixels (mask 1) or leave those examples out.")
+    return m.contiguous()
+
+
+def _spread_starts(parts: list[torch.Tensor], todo: torch.Tensor, k: int, spread: float, seed: int,
+                   mask: torch.Tensor | None, box) -> list[torch.Tensor]:
+    """The search's starts: ``parts`` (z, or [x]) with rows 2..K of each searched group moved by Gaussian noise of
+    std ``spread`` × the row's RMS (pixel space: times the mask, then clipped to the box)."""
+    if k == 1 or spread == 0 or len(todo) == 0:
+        return parts
+    rows = todo[(todo % k) != 0]
+    if len(rows) == 0:
+        return parts
+    g = torch.Generator().manual_seed(seed)
+    out = [p.clone() for p in parts]
+    rms = torch.cat([p[rows].reshape(len(rows), -1) for p in parts], 1).pow(2).mean(1).sqrt()
+    for p in out:
+        noise = torch.randn(p[rows].shape, generator=g, dtype=p.dtype).to(p.device)
+        noise = noise * (spread * rms).reshape(-1, *([1] * (p.dim() - 1)))
+        if mask is not None:
+            noise = noise * mask[rows]
+        p[rows] = p[rows] + noise
+        if box is not None:
+            p[rows] = p[rows].clamp(float(box[0]), float(box[1]))
+    return out
 
 
 def _check_log_density(gen: Any, x: torch.Tensor, batch_size: int) -> None:

@@ -2,8 +2,14 @@
 
 Per example (:func:`example_metrics`) and summarised per space (:func:`summarize`); :func:`evaluate` does both.
 
-* search: success, steps, p(target);
-* size of the change δ = x′ − x: L1, L2, L∞ (pixels in [0, 1]);
+* search: success (p(target) > stop_prob), steps, p(target), validity (the classifier's argmax at x′ is the
+  target; summarised over every searched example), seconds (the search's wall time per counterfactual);
+* size of the change δ = x′ − x: L0 (pixels changed by more than ``l0_tol``, 0.5/255 by default: half an 8-bit
+  grey level, so a change that survives 8-bit quantisation), sparsity 1 − L0 / pixels, L1, L2, L∞ (pixels in [0, 1]);
+* plausibility: yNN (CARLA: share of the k nearest training images of x′ that the classifier under test labels as
+  the target), IM1 and IM2 (Van Looveren & Klaise 2021, :class:`ClassAutoencoders`), and per space the Fréchet
+  distance between the counterfactuals and real training images of the target class in the penultimate-layer
+  features of the second-network judge (:meth:`Judges.fid`, :func:`frechet_distance`);
 * independent judges (:class:`Judges`), each asked whether x′ is of the target class: an RBF-SVM trained on the
   pixels (scikit-learn), the k = 10 nearest training images (fraction carrying the target label, and their
   majority vote), and a second classifier of another architecture;
@@ -23,15 +29,114 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..attribution.core import preserve_model_state
+from ..attribution.core import call_model, check_model_input, preserve_model_state
 from ..errors import InputError
 from ..geometry import TangentSpace, alignment
 from .ascent import CounterfactualResult
 
-__all__ = ["Judges", "manifold_distance", "example_metrics", "summarize", "evaluate", "JUDGE_KEYS"]
+__all__ = ["Judges", "ClassAutoencoders", "manifold_distance", "frechet_distance", "example_metrics", "summarize",
+           "evaluate", "JUDGE_KEYS", "METRIC_DIRECTIONS", "DEFAULT_L0_TOL"]
 
 #: Per-example judge fields (1 = agrees with the target class).
 JUDGE_KEYS = ("svm", "knn_vote", "knn_fraction", "second")
+
+#: A pixel counts as changed (L0) when some channel moved by more than this: half an 8-bit grey level.
+DEFAULT_L0_TOL = 0.5 / 255
+
+#: Which way is better for each counterfactual metric ("higher" / "lower").
+METRIC_DIRECTIONS = {"validity": "higher", "l0": "lower", "l1": "lower", "l2": "lower", "linf": "lower",
+                     "sparsity": "higher", "ynn": "higher", "im1": "lower", "im2": "lower", "seconds": "lower",
+                     "fid": "lower"}
+
+
+def _last_linear(model: nn.Module) -> nn.Linear:
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    if last is None:
+        raise InputError(f"the Fréchet distance uses the input of the judge's last nn.Linear (its penultimate features); "
+                         f"{type(model).__name__} has no nn.Linear.")
+    return last
+
+
+def penultimate_features(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """(N, D) inputs of ``model``'s last ``nn.Linear`` for x (N, ...), in eval mode; the model's state is restored."""
+    layer = _last_linear(model)
+    got: list[torch.Tensor] = []
+    dev = next(model.parameters()).device
+    with preserve_model_state(model), torch.no_grad():
+        model.eval()
+        handle = layer.register_forward_pre_hook(lambda mod, inp: got.append(inp[0].detach().flatten(1).cpu()))
+        try:
+            for i in range(0, x.shape[0], batch_size):
+                model(x[i : i + batch_size].detach().to(dev))
+        finally:
+            handle.remove()
+    return torch.cat(got).double()
+
+
+def _sqrt_psd(a: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets a (n, d) and b (m, d) (n, m ≥ 2; covariances with
+    n − 1): ‖μa − μb‖² + tr Σa + tr Σb − 2 tr (Σa^½ Σb Σa^½)^½ (the eigen form of tr (Σa Σb)^½, float64; the same
+    as FID's scipy.linalg.sqrtm form, without its complex round-off). Biased upwards for small n, like FID: compare
+    values at equal n only."""
+    a = np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, dtype=np.float64)
+    b = np.asarray(b.detach().cpu() if isinstance(b, torch.Tensor) else b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
+        raise InputError(f"frechet_distance needs two (n ≥ 2, d) feature sets of equal d, got {a.shape} and {b.shape}.")
+    ca, cb = np.cov(a, rowvar=False).reshape(a.shape[1], -1), np.cov(b, rowvar=False).reshape(b.shape[1], -1)
+    ra = _sqrt_psd(ca)
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(ra @ cb @ ra), 0, None)).sum()
+    d = float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2 * cross)
+    return max(d, 0.0)
+
+
+def _reconstruct(ae: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    dev = next(ae.parameters()).device
+    with preserve_model_state(ae), torch.no_grad():
+        ae.eval()
+        out = ae.reconstruct(x.to(dev)) if hasattr(ae, "reconstruct") else ae(x.to(dev))
+    return out.to(x.device, x.dtype)
+
+
+@dataclass
+class ClassAutoencoders:
+    """Autoencoders for IM1/IM2 (Van Looveren & Klaise, "Interpretable counterfactual explanations guided by
+    prototypes", 2021): ``per_class[c]`` trained on the images of class c only, ``all`` on every class. Each maps
+    x (N, ...) to its reconstruction (``reconstruct(x)`` or ``forward``).
+
+    IM1 = ‖x′ − AE_t(x′)‖² / (‖x′ − AE_o(x′)‖² + ε), t the target, o the classifier's class at x: below 1 when the
+    target's autoencoder reconstructs x′ better than the original class's (lower is better). IM2 = ‖AE_t(x′) −
+    AE(x′)‖² / (‖x′‖₁ + ε): how far the target's reconstruction is from the all-class one (lower is better).
+    ε = 1e-8; squared L2 over every pixel.
+    """
+
+    per_class: Mapping[int, nn.Module]
+    all: nn.Module
+    eps: float = 1e-8
+
+    def __call__(self, x_cf: torch.Tensor, target: torch.Tensor, original: torch.Tensor) -> dict[str, np.ndarray]:
+        """``im1``, ``im2`` (N,) float64; NaN where the target's (or for IM1 the original class's) autoencoder is missing."""
+        n = x_cf.shape[0]
+        x = x_cf.detach().double()
+        t, o = target.detach().cpu().long(), original.detach().cpu().long()
+        rec = {c: torch.full_like(x, float("nan")) for c in ("t", "o")}
+        for key, cls in (("t", t), ("o", o)):
+            for c in cls.unique().tolist():
+                if int(c) in self.per_class:
+                    rows = (cls == c).nonzero().flatten().to(x.device)
+                    rec[key][rows] = _reconstruct(self.per_class[int(c)], x_cf[rows]).double()
+        full = _reconstruct(self.all, x_cf).double()
+        sq = lambda d: d.reshape(n, -1).pow(2).sum(1)  # noqa: E731
+        im1 = sq(x - rec["t"]) / (sq(x - rec["o"]) + self.eps)
+        im2 = sq(rec["t"] - full) / (x.reshape(n, -1).abs().sum(1) + self.eps)
+        return {"im1": im1.cpu().numpy(), "im2": im2.cpu().numpy()}
 
 
 @dataclass
@@ -50,6 +155,8 @@ class Judges:
     second: nn.Module | None = None
     second_name: str = ""
     svm_accuracy: float | None = None
+    y_pred: np.ndarray | None = None
+    x_train: torch.Tensor | None = None
 
     @classmethod
     def fit(
@@ -65,10 +172,12 @@ class Judges:
         seed: int = 0,
         x_val: torch.Tensor | None = None,
         y_val: torch.Tensor | None = None,
+        classifier: nn.Module | None = None,
     ) -> "Judges":
         """Fit the SVM (on at most ``svm_max`` seeded-random training images) and the neighbour index.
 
-        ``x_val``/``y_val`` (optional) give the SVM's held-out accuracy, reported with the judges.
+        ``x_val``/``y_val`` (optional) give the SVM's held-out accuracy, reported with the judges. ``classifier``
+        (optional, the model under test): its labels of the training images, for yNN.
         """
         from sklearn.neighbors import NearestNeighbors
         from sklearn.svm import SVC
@@ -85,7 +194,14 @@ class Judges:
         acc = None
         if x_val is not None and y_val is not None:
             acc = float((svm.predict(x_val.reshape(x_val.shape[0], -1).cpu().double().numpy()) == y_val.cpu().numpy()).mean())
-        return cls(svm, knn, y, min(k, len(X)), second, second_name, acc)
+        y_pred = None
+        if classifier is not None:
+            with preserve_model_state(classifier), torch.no_grad():
+                classifier.eval()
+                xt = check_model_input(classifier, x_train.detach(), "x_train")
+                y_pred = torch.cat([call_model(classifier, xt[i : i + 512]).argmax(1).cpu()
+                                    for i in range(0, len(xt), 512)]).numpy()
+        return cls(svm, knn, y, min(k, len(X)), second, second_name, acc, y_pred, x_train.detach().cpu())
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:
         """Per example (N,): ``svm`` / ``knn_vote`` / ``second`` (1.0 if the judge's class is the target, else 0.0),
@@ -99,6 +215,8 @@ class Judges:
         n_classes = int(max(self.y_train.max(), t.max())) + 1
         votes = np.stack([np.bincount(row, minlength=n_classes) for row in labels])
         out["knn_vote"] = (votes.argmax(1) == t).astype(float)
+        if self.y_pred is not None:  # CARLA's yNN: the neighbours' labels by the classifier under test
+            out["ynn"] = (self.y_pred[idx] == t[:, None]).mean(1)
         if self.second is not None:
             with preserve_model_state(self.second), torch.no_grad():
                 self.second.eval()
@@ -106,6 +224,28 @@ class Judges:
                 pred = self.second(x.detach().to(dev)).argmax(1).cpu().numpy()
             out["second"] = (pred == t).astype(float)
         return out
+
+    def fid(self, x_cf: torch.Tensor, target: torch.Tensor) -> dict | None:
+        """Fréchet distance between ``x_cf`` and the training images of its target class, in the penultimate
+        features of the second-network judge: per target class with at least two counterfactuals, averaged weighted
+        by their counts. ``{"value", "n", "n_reference"}``, or None without a second judge or two counterfactuals."""
+        if self.second is None or self.x_train is None:
+            return None
+        t = target.detach().cpu()
+        if not hasattr(self, "_ref"):
+            self._ref: dict[int, torch.Tensor] = {}
+        total, n, n_ref = 0.0, 0, 0
+        for c in t.unique().tolist():
+            rows = (t == c).nonzero().flatten()
+            real = torch.as_tensor(self.y_train) == c
+            if len(rows) < 2 or int(real.sum()) < 2:
+                continue
+            if c not in self._ref:
+                self._ref[c] = penultimate_features(self.second, self.x_train[real])
+            total += len(rows) * frechet_distance(penultimate_features(self.second, x_cf[rows.to(x_cf.device)]), self._ref[c])
+            n += len(rows)
+            n_ref += len(self._ref[c])
+        return {"value": total / n, "n": n, "n_reference": n_ref} if n else None
 
 
 def manifold_distance(
@@ -150,6 +290,16 @@ def _norms(delta: torch.Tensor) -> dict[str, np.ndarray]:
     return {"l1": d.abs().sum(1).cpu().numpy(), "l2": d.norm(dim=1).cpu().numpy(), "linf": d.abs().amax(1).cpu().numpy()}
 
 
+def _l0(delta: torch.Tensor, tol: float) -> dict[str, np.ndarray]:
+    """Pixels changed by more than ``tol`` (images (N, C, H, W): a pixel whose largest channel change exceeds it;
+    other shapes: entries), and sparsity = 1 − L0 / their number."""
+    d = delta.detach().abs()
+    d = d.amax(1) if d.dim() == 4 else d
+    changed = (d.reshape(d.shape[0], -1) > tol).sum(1).double()
+    size = d[0].numel()
+    return {"l0": changed.cpu().numpy(), "sparsity": (1 - changed / size).cpu().numpy()}
+
+
 def example_metrics(
     result: CounterfactualResult,
     *,
@@ -157,9 +307,13 @@ def example_metrics(
     tangent: TangentSpace | torch.Tensor | None = None,
     manifold: Callable[[torch.Tensor], torch.Tensor] | None = None,
     bits_per_dim: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    autoencoders: ClassAutoencoders | None = None,
+    l0_tol: float = DEFAULT_L0_TOL,
 ) -> list[dict]:
     """One dict of numbers per example of ``result`` (see the module docstring).
 
+    ``judges`` give svm/knn/second and, fitted with the classifier, yNN; ``autoencoders`` give IM1/IM2 (needs
+    ``result.original``: classification). ``l0_tol``: the change that counts a pixel as changed (L0, sparsity).
     ``tangent``: tangent spaces at the originals (a :class:`TangentSpace` or an orthonormal basis (N, r, *x_shape)).
     ``manifold``: x (N, ...) → (N,) distances to the known data manifold. ``bits_per_dim``: x → (N,) bits per
     dimension under a flow (e.g. ``Generator.bits_per_dim``).
@@ -170,6 +324,15 @@ def example_metrics(
         "already": result.already.cpu().numpy(), "p_target": result.p_target.detach().cpu().numpy(),
         **_norms(result.delta),
     }
+    if not (math.isfinite(l0_tol) and l0_tol >= 0):
+        raise InputError(f"l0_tol must be a finite number >= 0, got {l0_tol!r}.")
+    cols.update(_l0(result.delta, float(l0_tol)))
+    if result.prediction is not None and result.target is not None:
+        cols["validity"] = (result.prediction == result.target).double().cpu().numpy()
+    if result.info.get("seconds_per_counterfactual") is not None:
+        cols["seconds"] = np.full(n, float(result.info["seconds_per_counterfactual"]))
+    if autoencoders is not None and result.target is not None and result.original is not None:
+        cols.update(autoencoders(result.x_cf, result.target, result.original))
     if result.recon_error is not None:
         cols["recon_error"] = result.recon_error.cpu().numpy()
     if judges is not None and result.target is not None:
@@ -221,14 +384,16 @@ def _stats(values: list[float]) -> dict | None:
 
 
 #: Fields summarised over the successful, non-trivial counterfactuals of a space.
-SUMMARY_FIELDS = ("steps", "p_target", "l1", "l2", "linf", "svm", "knn_vote", "knn_fraction", "second", "tangent_fraction",
+SUMMARY_FIELDS = ("steps", "p_target", "l0", "sparsity", "l1", "l2", "linf", "ynn", "im1", "im2", "seconds", "svm", "knn_vote", "knn_fraction", "second", "tangent_fraction",
                   "manifold_distance", "off_manifold_fraction", "bpd_before", "bpd_after", "recon_error")
 
 
-def summarize(per_space: Mapping[str, Sequence[dict]]) -> dict:
+def summarize(per_space: Mapping[str, Sequence[dict]], fid: Mapping[str, dict | None] | None = None) -> dict:
     """Per space: ``n``, ``success_rate`` (over examples that did not already have the target), mean/median of
-    every per-example field over the successful ones, and under ``"all"`` over every searched example; plus
-    latent/pixel ratios of medians (``*_all``: over every searched example) when both spaces are present."""
+    every per-example field over the successful ones, and under ``"all"`` over every searched example; ``validity``
+    over every searched example (over the successful ones it is 1 whenever stop_prob ≥ 0.5); ``fid`` from
+    ``fid[space]`` (:meth:`Judges.fid`); plus latent/pixel ratios of medians (``*_all``: over every searched
+    example) when both spaces are present."""
     out: dict[str, Any] = {}
     for space, rows in per_space.items():
         live = [r for r in rows if not r.get("already")]
@@ -241,6 +406,10 @@ def summarize(per_space: Mapping[str, Sequence[dict]]) -> dict:
                 s[f] = st
         # the same over every searched example, successful or not (what the budget reached)
         s["all"] = {f: st for f in SUMMARY_FIELDS if (st := _stats([r.get(f) for r in live if f in r])) is not None}
+        if (st := _stats([r.get("validity") for r in live if "validity" in r])) is not None:
+            s["validity"] = s["all"]["validity"] = st
+        if fid is not None and fid.get(space) is not None:
+            s["fid"] = fid[space]
         for f in ("bpd_before", "bpd_after"):  # log-densities that overflowed: +inf bits/dim, not in the means
             for where, group in ((s, ok), (s["all"], live)):
                 k = sum(1 for r in group if r.get(f"{f}_overflow"))
@@ -277,8 +446,17 @@ def summarize(per_space: Mapping[str, Sequence[dict]]) -> dict:
 def evaluate(results: Mapping[str, CounterfactualResult], **kwargs: Any) -> dict:
     """``{"per_example": {space: [dict per example]}, "summary": summarize(...)}`` for results keyed by space
     (e.g. ``{"latent": counterfactual(..., space="latent"), "pixel": counterfactual(..., space="pixel")}``);
-    ``kwargs`` go to :func:`example_metrics` (judges, tangent, manifold, bits_per_dim)."""
+    ``kwargs`` go to :func:`example_metrics` (judges, tangent, manifold, bits_per_dim, autoencoders, l0_tol). With
+    judges that hold a second classifier, the summary's ``fid`` is the Fréchet distance of each space's successful
+    counterfactuals (not already of the target) to the training images of their target class (:meth:`Judges.fid`)."""
     if not results:
         raise InputError("evaluate needs at least one CounterfactualResult, keyed by space name.")
     per = {space: example_metrics(r, **kwargs) for space, r in results.items()}
-    return {"per_example": per, "summary": summarize(per)}
+    judges = kwargs.get("judges")
+    fid = None
+    if judges is not None:
+        fid = {}
+        for space, r in results.items():
+            ok = (r.success & ~r.already).nonzero().flatten()
+            fid[space] = judges.fid(r.x_cf[ok], r.target[ok]) if r.target is not None else None
+    return {"per_example": per, "summary": summarize(per, fid)}

@@ -16,9 +16,10 @@ from ..reports import environment
 from ..experiment.folder import write_metrics
 from ..runs import atomic_savefig, atomic_write_text, safe_torch_load
 from .ascent import DEFAULT_LR
+from .evaluate import METRIC_DIRECTIONS
 
 __all__ = ["grid_figure", "path_figure", "spectrum_figure", "helix_figure", "write_report", "write_helix_report", "findings",
-           "campaign_metrics"]
+           "campaign_metrics", "metrics_rows"]
 
 #: Images shown in the research grid and the path strips.
 MAX_GRID, MAX_PATHS = 8, 4
@@ -174,7 +175,7 @@ def write_report(result: Any, *, command: str | None = None, metrics_file: bool 
     for rec in records[: max(MAX_GRID, MAX_PATHS)]:
         p = out / rec["files"]["tensors"]
         if p.is_file():
-            items.append({"record": rec, "tensors": safe_torch_load(p)})  # weights_only; a corrupt file: one line
+            items.append({"record": rec, "tensors": safe_torch_load(p, what="counterfactual tensors")})
     if items:
         atomic_savefig(grid_figure(items[:MAX_GRID], spaces, cfg.stop_prob), out / "grid.png", dpi=110)
         figures["grid"] = "grid.png"
@@ -207,6 +208,7 @@ def write_report(result: Any, *, command: str | None = None, metrics_file: bool 
                 if over[s]:
                     cells[s] += f" (+{over[s]} overflow: −log p beyond float range)"
             metric_rows.append({"name": label, **cells})
+    cf_rows = metrics_rows(summary, spaces, cfg)
     cards = []
     for s in spaces:
         sr = summary[s].get("success_rate")
@@ -228,11 +230,55 @@ def write_report(result: Any, *, command: str | None = None, metrics_file: bool 
                    subtitle=f"{len(records)} images of class {cfg.source} → {cfg.target} on {cfg.dataset}; "
                             f"generator {cfg.generator}, classifier {result.info.get('classifier', {}).get('name') or cfg.classifier}",
                    findings=lines[1:], cards=cards, spaces=spaces, judge_rows=judge_rows, metric_rows=metric_rows,
-                   figures=figures, checks=result.checks,
+                   cf_rows=cf_rows, figures=figures, checks=result.checks,
                    settings={**cfg.to_dict(), "lr_latent_effective": cfg.effective_lr_latent(),
                              "lr_pixel_effective": cfg.lr_pixel if cfg.lr_pixel is not None else DEFAULT_LR[None]},
                    info=result.info, command=command,
                    helix=None)
+
+
+#: The counterfactual metrics table: summary key, label, statistic, digits, what it measures.
+CF_METRICS = (
+    ("validity", "validity", "mean", 3, "share of searched examples whose counterfactual the classifier assigns to the target (argmax)"),
+    ("l0", "L0: pixels changed", "median", 0, "pixels that moved by more than the L0 tolerance"),
+    ("sparsity", "sparsity", "mean", 3, "1 − L0 / number of pixels"),
+    ("l1", "L1 of δ", "mean", 2, "sum of |x′ − x|"),
+    ("l2", "L2 of δ", "mean", 3, "‖x′ − x‖₂"),
+    ("linf", "L∞ of δ", "mean", 3, "largest |x′ − x|"),
+    ("ynn", "yNN", "mean", 3, "share of the 10 nearest training images the classifier labels as the target"),
+    ("im1", "IM1", "median", 3, "target-class autoencoder error ÷ original-class autoencoder error on x′"),
+    ("im2", "IM2", "median", 4, "‖AE_target(x′) − AE_all(x′)‖² ÷ ‖x′‖₁"),
+    ("seconds", "seconds per counterfactual", "mean", 3, "wall time of the batched search ÷ counterfactuals"),
+    ("fid", "Fréchet distance to real target images", "value", 2, "in the second judge's penultimate features"),
+)
+
+
+def metrics_rows(summary: dict, spaces: list[str], cfg: Any = None) -> list[dict]:
+    """Rows of the report's counterfactual metrics table (one per metric the summary holds; a column per space)."""
+    rows = []
+    for key, label, which, digits, what in CF_METRICS:
+        vals = {}
+        for s in spaces:
+            sp = summary.get(s, {})
+            if key == "fid":
+                v = (sp.get("fid") or {}).get("value")
+            elif key == "validity":
+                v = (sp.get("validity") or {}).get("mean")
+            else:
+                v = _stat(summary, s, key, which)
+            vals[s] = v
+        if all(v is None for v in vals.values()):
+            continue
+        if key == "l0" and cfg is not None and getattr(cfg, "l0_tol", None) is not None:
+            what = f"{what} ({cfg.l0_tol:.3g})"
+        if key == "fid":
+            n = {s: (summary.get(s, {}).get("fid") or {}).get("n") for s in spaces}
+            cells = {s: "n/a" if vals[s] is None else f"{vals[s]:.{digits}f} (n={n[s]})" for s in spaces}
+        else:
+            cells = {s: "n/a" if v is None else f"{v:.{digits}f}" for s, v in vals.items()}
+        rows.append({"name": f"{label} ({which})" if which != "value" else label,
+                     "direction": "↑" if METRIC_DIRECTIONS[key] == "higher" else "↓", "what": what, **cells})
+    return rows
 
 
 def findings(summary: dict, spaces: list[str]) -> list[str]:
