@@ -55,7 +55,7 @@ def test_known_data_is_loaded_once_and_its_classes_checked_first(tmp_path, count
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"stop_prob": 1.0}, "--stop-prob"), ({"spaces": ()}, "--space"), ({"generator": "glow"}, "--generator"),
+    ({"stop_prob": 1.0}, "stop_prob"), ({"spaces": ()}, "spaces"), ({"generator": "glow"}, "--generator"),
     ({"max_steps": 0}, "--max-steps"), ({"source": 3, "target": 3}, "same class"), ({"dataset": "helix"}, "HelixExperiment"),
 ])
 def test_run_campaign_refuses_bad_options_before_anything(tmp_path, monkeypatch, change, message):
