@@ -143,12 +143,13 @@ def recommendation(rows: list[dict[str, Any]], stages: dict[str, dict[str, Any]]
         aligned = sorted((r for r in rows if "aligned?" in r), key=lambda r: -r["aligned?"]["value"])
         if faithful and aligned:
             f, a = faithful[0], aligned[0]
+            fa = f"on-manifold deletion AUC {f['faithful?']['value']:.3f}, lower = more faithful"
+            al = f"{a['aligned?']['value']:.2f}× the alignment of a random direction"
             if f["method"] == a["method"]:
-                parts.append(f"For this model, {f['method']} is the most faithful and the most aligned method "
-                             f"({f['faithful?']['text']}; {a['aligned?']['text']}).")
+                parts.append(f"For this model, {f['method']} is the most faithful and the most aligned method ({fa}; {al}).")
             else:
-                parts.append(f"For this model, {f['method']} is the most faithful method ({f['faithful?']['text']}) and "
-                             f"{a['method']} the most aligned with the data manifold ({a['aligned?']['text']}).")
+                parts.append(f"For this model, {f['method']} is the most faithful method ({fa}) and {a['method']} the "
+                             f"most aligned with the data manifold ({al}).")
             if a["aligned?"]["verdict"] == "no":
                 parts.append("No method's explanations lie in the data manifold's tangent space more than a random direction.")
         elif "evaluate" in stages:
@@ -160,24 +161,29 @@ def recommendation(rows: list[dict[str, Any]], stages: dict[str, dict[str, Any]]
     if man and not at_failed:
         r = man[0]
         can = r["manipulable?"]["verdict"] == "yes"
-        parts.append(f"{r['method']} maps {'can' if can else 'could not'} be manipulated at L∞ 8/255 "
-                     f"({r['manipulable?']['text']}).")
+        m = r["manipulable?"]
+        parts.append(f"{r['method']} maps {'can' if can else 'could not'} be manipulated at L∞ 8/255 (PCC with the target "
+                     f"map {m['reference']:.2f} → {m['value']:.2f}).")
     sm = _get(stages, "smooth", "headline") or {}
     sweep = {s.get("beta"): s for s in sm.get("sweep", [])}
     relu = sweep.get("ReLU")
     smoothed = [s for b, s in sweep.items() if b != "ReLU" and _num(s.get("pcc_gain")) is not None]
     if relu and smoothed and not sm.get("failed_checks") and _num(relu.get("pcc_gain")) is not None:
         s = min(smoothed, key=lambda s: s["pcc_gain"])
+        cost = _num(s.get("accuracy_cost"))
+        acc = ("" if cost is None else f", accuracy {'down' if cost > 0 else 'up'} by {abs(cost):.3f}")
         parts.append(f"β-smoothing ({s['beta']}) {'reduces' if s['pcc_gain'] < relu['pcc_gain'] else 'does not reduce'} the "
-                     f"attack's gain in PCC ({relu['pcc_gain']:.3f} → {s['pcc_gain']:.3f}) at an accuracy cost of "
-                     f"{_f(s.get('accuracy_cost'), 3)}.")
+                     f"attack's gain in PCC ({relu['pcc_gain']:.3f} → {s['pcc_gain']:.3f}{acc}).")
     return " ".join(parts)
 
 
 def stage_numbers(stage: str, h: dict[str, Any]) -> list[tuple[str, str]]:
     """The few numbers a stage's section of the audit report shows (label, value with its reference)."""
     if stage == "evaluate":
-        return [(f"{m}: {c}", _f(v, 3)) for m, cols in h.get("methods", {}).items() for c, v in cols.items()]
+        short = {"TangentAlignment": "tangent alignment", "BlackDeletion": "deletion AUC black",
+                 "ROADDeletion": "ROAD", "ManifoldDeletion": "in-filled"}
+        return [(m, " · ".join(f"{short.get(c, c)} {_f(v, 3)}" for c, v in cols.items()))
+                for m, cols in h.get("methods", {}).items()]
     if stage == "attack":
         return [("PCC manipulated map ↔ target map", f"{_f(h.get('pcc_manip_target'))} (before: {_f(h.get('pcc_orig_target'))})"),
                 ("PCC manipulated map ↔ original map", _f(h.get("pcc_manip_orig"))),
