@@ -159,3 +159,19 @@ def test_scorecard_verdicts_follow_their_stated_rules():
     assert {r["method"]: r for r in scorecard(stages)}["a"]["manipulable?"]["verdict"] == "not at this budget"
     ev["failed_checks"] = ["degenerate"]
     assert "withheld" in recommendation(scorecard(stages), stages)
+
+
+@pytest.mark.slow
+def test_a_module_given_in_python_is_left_as_found(tmp_path, user_model):
+    from manifex.models.user import load_model
+
+    net = load_model(*user_model).train()
+    net.features[0].weight.requires_grad_(False)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    r = audit(AuditConfig(dataset="digits8", budget="quick", stages=("concepts", "attack")), tmp_path / "m", model=net,
+              progress=False)
+    assert set(r.metrics["stages"]) == {"attack", "concepts"} and not r.skipped
+    assert all(m.training for m in net.modules())
+    assert [p.requires_grad for p in net.parameters()] == [False, True, True, True]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())

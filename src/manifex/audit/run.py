@@ -102,12 +102,14 @@ def audit(config: AuditConfig, out_dir: str | os.PathLike, *, model: UserModel |
             checks.append(why)
     layout = "strip" if model is None and config.classifier == "resnet" else "canvas"  # the strip needs global pooling
     configs = stage_configs(config, num_classes=num_classes or data.num_classes, layer=layer, layout=layout)
-    experiments = _experiments()
+    experiments = {name: cls() for name, cls in _experiments().items() if name in configs}
+    for name, cfg in configs.items():  # every stage's own option checks before the first stage trains anything
+        experiments[name].check_options(cfg)
     results: dict[str, Any] = {s: None for s in names}
     seconds: dict[str, float] = {}
     for name, cfg in configs.items():
         start = time.perf_counter()
-        results[name] = run_experiment(experiments[name](), cfg, out / name, model=model, resume=resume,
+        results[name] = run_experiment(experiments[name], cfg, out / name, model=model, resume=resume,
                                        overwrite=overwrite, executor=executor, progress=progress, cache_dir=cache_dir,
                                        trust_pickle=trust_pickle, num_classes=num_classes, command=command)
         seconds[name] = round(time.perf_counter() - start, 1)
