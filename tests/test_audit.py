@@ -175,3 +175,11 @@ def test_a_module_given_in_python_is_left_as_found(tmp_path, user_model):
     assert [p.requires_grad for p in net.parameters()] == [False, True, True, True]
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())
+
+
+def test_concept_layer_probe_follows_the_models_dtype_and_names_a_shape_mismatch():
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10)).double()
+    assert find_concept_layer(conv, torch.rand(2, 1, 8, 8))[0] == "1"  # float32 data, float64 model
+    with pytest.raises(InputError, match=r"\(2, 3, 8, 8\)"):
+        find_concept_layer(conv, torch.rand(2, 3, 8, 8))
+    assert not any(m._forward_hooks for m in conv.modules())

@@ -139,9 +139,15 @@ def find_concept_layer(model: nn.Module, x: torch.Tensor) -> tuple[str | None, s
             if name:
                 handles.append(module.register_forward_hook(
                     lambda m, i, o, name=name: fired.append((name, m, o)) if isinstance(o, torch.Tensor) else None))
+        first = next((p for p in model.parameters() if p.is_floating_point()), None)
+        if first is not None:  # the probe batch in the model's dtype and on its device (as the stages pass it)
+            x = x.to(device=first.device, dtype=first.dtype)
         try:
             with torch.no_grad():
                 model(x)
+        except RuntimeError as e:
+            raise InputError(f"the model failed on a batch of {tuple(x.shape)} images while looking for its concept layer "
+                             f"({' '.join(str(e).split())[:200]}); check that it takes the data's image shape.") from e
         finally:
             for h in handles:
                 h.remove()
