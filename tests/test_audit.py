@@ -86,6 +86,10 @@ def test_quick_audit_runs_every_stage_and_a_rerun_adds_nothing(tmp_path):
     again = audit(AuditConfig(dataset="digits8", budget="quick", epochs=1), out, progress=False)
     assert all(sum(r.n_new.values()) == 0 for r in again.stages.values())
     assert _results(out) == before
+    # other epochs change every stage's settings: refused in one line naming the stage and the ways out, untrained
+    refused = CliRunner().invoke(main, [*QUICK[:6], "2", "--quiet", "--out", str(out)])
+    assert refused.exit_code == 2 and "audit stage evaluate" in refused.output and "--overwrite" in refused.output
+    assert _results(out) == before
 
 
 @pytest.mark.slow
@@ -183,3 +187,18 @@ def test_concept_layer_probe_follows_the_models_dtype_and_names_a_shape_mismatch
     with pytest.raises(InputError, match=r"\(2, 3, 8, 8\)"):
         find_concept_layer(conv, torch.rand(2, 3, 8, 8))
     assert not any(m._forward_hooks for m in conv.modules())
+
+
+def test_budget_table_maps_every_stage_and_drops_quantus_metrics_when_it_is_missing(monkeypatch):
+    import manifex.audit.plan as plan
+
+    quick = plan.stage_configs(AuditConfig(budget="quick"), num_classes=10, layer="features", layout="canvas")
+    assert list(quick) == list(STAGES) and quick["counterfactual"].source == 4 and quick["contrast"].pairs == ((4, 9),)
+    assert quick["attack"].budget == quick["smooth"].budget == 8 / 255
+    standard = plan.stage_configs(AuditConfig(budget="standard"), num_classes=2, layer=None, layout="canvas")
+    assert "concepts" not in standard and standard["counterfactual"].target == 1
+    assert standard["evaluate"].n > quick["evaluate"].n and standard["attack"].n_pairs > quick["attack"].n_pairs
+    monkeypatch.setattr(plan, "_has_quantus", lambda: False)
+    notes: list[str] = []
+    no_q = plan.stage_configs(AuditConfig(budget="standard"), num_classes=10, layer=None, layout="canvas", notes=notes)
+    assert no_q["evaluate"].metrics == ("TangentAlignment", "ManifoldDeletion") and "Quantus" in notes[0]

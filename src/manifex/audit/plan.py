@@ -94,15 +94,31 @@ def _classes_pair(num_classes: int) -> tuple[int, int]:
     return (4, 9) if num_classes > 9 else (0, 1)
 
 
-def stage_configs(config: AuditConfig, *, num_classes: int, layer: str | None, layout: str) -> dict[str, Any]:
+def _has_quantus() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("quantus") is not None
+
+
+def stage_configs(config: AuditConfig, *, num_classes: int, layer: str | None, layout: str,
+                  notes: list[str] | None = None) -> dict[str, Any]:
     """Each selected stage's Config (of its own system) for ``config``'s budget; ``layer``: the concepts/contrast
-    layer (None: those stages are left out by the caller)."""
+    layer (None: those stages are left out). Without Quantus the evaluate stage keeps manifex's own metrics and
+    says so in ``notes``."""
     from ..concepts import ConceptsConfig, ContrastConfig
     from ..counterfactuals.experiment import CounterfactualConfig
     from ..evaluation.experiment import EvaluateConfig
     from ..manipulation import AttackConfig, SmoothConfig
 
     t = _TABLE[config.budget]
+    if "evaluate" in t and t["evaluate"].get("metrics") and not _has_quantus():
+        from ..evaluation import MANIFEX_METRICS
+
+        kept = tuple(m for m in t["evaluate"]["metrics"] if m in MANIFEX_METRICS)
+        if notes is not None and len(kept) < len(t["evaluate"]["metrics"]):
+            notes.append(f"Quantus is not installed: evaluate scores {', '.join(kept)} only "
+                         '(pip install "manifex[eval]" for the Quantus metrics)')
+        t = {**t, "evaluate": {**t["evaluate"], "metrics": kept}}
     common = dict(dataset=config.dataset, classifier=config.classifier, seed=config.seed, device=config.device)
     source, target = _classes_pair(num_classes)
     build: dict[str, Callable[[], Any]] = {

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import InputError, param
+from ..errors import InputError, ManifexError, param
 from ..experiment import UserModel, run_experiment, write_metrics
 from .plan import AuditConfig, find_concept_layer, stage_configs
 from .summary import headline, recommendation, scorecard
@@ -101,7 +101,7 @@ def audit(config: AuditConfig, out_dir: str | os.PathLike, *, model: UserModel |
         else:
             checks.append(why)
     layout = "strip" if model is None and config.classifier == "resnet" else "canvas"  # the strip needs global pooling
-    configs = stage_configs(config, num_classes=num_classes or data.num_classes, layer=layer, layout=layout)
+    configs = stage_configs(config, num_classes=num_classes or data.num_classes, layer=layer, layout=layout, notes=checks)
     experiments = {name: cls() for name, cls in _experiments().items() if name in configs}
     for name, cfg in configs.items():  # every stage's own option checks before the first stage trains anything
         experiments[name].check_options(cfg)
@@ -109,9 +109,12 @@ def audit(config: AuditConfig, out_dir: str | os.PathLike, *, model: UserModel |
     seconds: dict[str, float] = {}
     for name, cfg in configs.items():
         start = time.perf_counter()
-        results[name] = run_experiment(experiments[name], cfg, out / name, model=model, resume=resume,
-                                       overwrite=overwrite, executor=executor, progress=progress, cache_dir=cache_dir,
-                                       trust_pickle=trust_pickle, num_classes=num_classes, command=command)
+        try:
+            results[name] = run_experiment(experiments[name], cfg, out / name, model=model, resume=resume,
+                                           overwrite=overwrite, executor=executor, progress=progress, cache_dir=cache_dir,
+                                           trust_pickle=trust_pickle, num_classes=num_classes, command=command)
+        except ManifexError as e:  # say which stage refused (its own settings are named in the message)
+            raise type(e)(f"audit stage {name}: {e}") from e
         seconds[name] = round(time.perf_counter() - start, 1)
     for name, why in skipped.items():
         checks.append(f"FAILED: stage {name} skipped: {why}")
