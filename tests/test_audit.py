@@ -147,8 +147,8 @@ def test_concept_layer_is_the_last_nonnegative_grid_and_model_state_is_kept():
 
 
 def test_scorecard_verdicts_follow_their_stated_rules():
-    ev = {"methods": {"a": {"TangentAlignment": 1.5, "ManifoldDeletion": 0.2}, "b": {"TangentAlignment": 0.9,
-                                                                                   "ManifoldDeletion": 0.1}},
+    ev = {"methods": {"a": {"TangentAlignment": 1.5, "ManifoldDeletion": 0.2, "MaxSensitivity": 0.3},
+                      "b": {"TangentAlignment": 0.9, "ManifoldDeletion": 0.1, "MaxSensitivity": 0.5}},
           "alignment_q1": {"a": 1.1, "b": 0.7}, "start_probability": {"a": 0.9, "b": 0.9}}
     at = {"method": "a", "pcc_orig_target": 0.3, "pcc_manip_target": 0.3 + MANIPULATION_GAIN + 0.01,
           "top1_kept_rate": 1.0, "budget_linf": 8 / 255, "n_pairs": 4}
@@ -157,6 +157,7 @@ def test_scorecard_verdicts_follow_their_stated_rules():
     assert rows["a"]["aligned?"]["verdict"] == "yes" and rows["b"]["aligned?"]["verdict"] == "no"
     assert rows["b"]["faithful?"]["verdict"] == "best" and rows["a"]["faithful?"]["verdict"] == "rank 2 of 2"
     assert rows["a"]["manipulable?"]["verdict"] == "yes" and rows["a"]["manipulable?"]["reference"] == 0.3
+    assert rows["a"]["robust?"]["verdict"] == "most robust" and rows["b"]["robust?"]["reference"] == 0.3
     text = recommendation(list(rows.values()), stages)
     assert "b is the most faithful" in text and "a the most aligned" in text and "can be manipulated" in text
     at["pcc_manip_target"] = 0.3 + MANIPULATION_GAIN - 0.01

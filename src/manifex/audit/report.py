@@ -10,7 +10,7 @@ from .summary import STAGE_TITLES, stage_numbers
 
 __all__ = ["write_audit_report"]
 
-QUESTIONS = ("aligned?", "faithful?", "manipulable?")
+QUESTIONS = ("aligned?", "faithful?", "robust?", "manipulable?")
 
 _WHAT = {
     "evaluate": "Each method's explanations of the same test images: alignment with the tangent space of a generator's "

@@ -7,6 +7,7 @@ Scorecard rules (each verdict is shown with its number and its reference):
   the lower quartile over the images exceeds 1, "partly" when only the mean does, else "no".
 - faithful?  on-manifold deletion AUC of the target probability (lower = better; in-filled from the generator), against
   the best method's AUC; "best" for the lowest, else the rank.
+- robust?  Quantus' max-sensitivity (where the evaluation ran it; lower = better), against the best method's.
 - manipulable?  the attack at L∞ 8/255: Pearson correlation of the manipulated map with the target map against the
   original map's correlation with it (the reference); "yes" when the attack raised it by at least
   :data:`MANIPULATION_GAIN` with the prediction kept on every pair.
@@ -95,7 +96,7 @@ def _f(v: Any, digits: int = 2) -> str:
 
 
 def scorecard(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per explanation method: aligned?, faithful?, manipulable? — each ``{"verdict", "value", "reference",
+    """One row per explanation method: aligned?, faithful?, robust?, manipulable? — each ``{"verdict", "value", "reference",
     "text"}`` or absent where no stage measured it."""
     rows: dict[str, dict[str, Any]] = {}
     ev = _get(stages, "evaluate", "headline") or {}
@@ -118,6 +119,11 @@ def scorecard(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                                 "reference": best_v,
                                 "text": f"on-manifold deletion AUC {auc:.3f} (best: {best_k} {best_v:.3f}; "
                                         f"no effect ≈ {_f(p0, 3)}; lower = more faithful)"}
+    sens = sorted((_num(v.get("MaxSensitivity")), k) for k, v in methods.items() if _num(v.get("MaxSensitivity")) is not None)
+    for rank, (v, meth) in enumerate(sens, 1):
+        rows[meth]["robust?"] = {"verdict": "most robust" if rank == 1 else f"rank {rank} of {len(sens)}", "value": v,
+                                 "reference": sens[0][0], "text": f"max-sensitivity {v:.3f} (best: {sens[0][1]} "
+                                                                  f"{sens[0][0]:.3f}; lower = more robust)"}
     at = _get(stages, "attack", "headline")
     if at and at.get("method"):
         row = rows.setdefault(at["method"], {"method": at["method"]})
