@@ -64,7 +64,7 @@ def methods() -> None:
 
 
 # Register the commands of every system (each module decorates functions with @main.command()).
-from . import align as _align, concepts as _concepts, contrast as _contrast, counterfactual as _counterfactual, evaluate as _evaluate, manipulation as _manipulation  # noqa: E402,F401
+from . import align as _align, audit as _audit, concepts as _concepts, contrast as _contrast, counterfactual as _counterfactual, evaluate as _evaluate, manipulation as _manipulation  # noqa: E402,F401
 
 if __name__ == "__main__":  # pragma: no cover
     main()

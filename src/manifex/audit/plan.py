@@ -1,0 +1,178 @@
+"""What an audit runs: :class:`AuditConfig`, the one budget table (:func:`stage_configs`) and the automatic layer.
+
+The audit is the one package (with the CLI) that imports several systems: each stage is that system's own
+experiment, configured here from the audit's few settings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import InputError, param
+from ..experiment import setting
+
+__all__ = ["AuditConfig", "BUDGETS", "STAGES", "stage_configs", "find_concept_layer"]
+
+BUDGETS = ("quick", "standard", "thorough")
+#: The stages in the order they run (each in ``out_dir/<stage>/``).
+STAGES = ("evaluate", "attack", "smooth", "counterfactual", "concepts", "contrast")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The settings of an audit (each a CLI option of ``manifex audit``); every stage's settings follow from them."""
+
+    dataset: str = setting("digits8", "Data the classifier is trained on and the stages draw their images from: mnist5k, "
+                           "digits8, a .npz with x and y, or an image folder with one subfolder per class.")
+    classifier: str = setting("lenet", "Built-in classifier trained (and cached) on the data, the same in every stage; "
+                              "see --model for your own.", choices=("lenet", "resnet", "vgg", "mlp"))
+    epochs: int = setting(3, "Classifier epochs (cached).", low=1)
+    budget: str = setting("quick", "Sample counts and steps of every stage: quick (a smoke run, minutes on 2 CPU cores "
+                          "on digits8), standard (numbers worth reading), thorough (each system's research settings).",
+                          choices=BUDGETS)
+    stages: tuple[str, ...] | None = setting(None, f"Only these stages, e.g. evaluate,concepts (default: all of "
+                                             f"{','.join(STAGES)}).", parse="csv")
+    seed: int = setting(0, "Seed of the data split, training and sampling.", cli=False)
+    device: str = setting("cpu", "torch device.", result=False, cli=False)
+
+    def selected(self) -> tuple[str, ...]:
+        """The stages to run, in run order; an unknown name is refused in one line."""
+        if self.budget not in BUDGETS:
+            raise InputError(f"{param('budget', self.budget)} is not one of {', '.join(BUDGETS)}.")
+        if self.stages is None:
+            return STAGES
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad or not self.stages:
+            raise InputError(f"{param('stages')} takes {', '.join(STAGES)}; got {', '.join(bad) or 'nothing'}.")
+        return tuple(s for s in STAGES if s in self.stages)
+
+
+#: Per budget: the numbers each stage takes (the one place that maps a budget to sample counts and steps;
+#: ``thorough`` leaves every system at its own research defaults except the ones named).
+_TABLE: dict[str, dict[str, dict[str, Any]]] = {
+    "quick": {
+        "evaluate": dict(n=8, methods=("gradient", "smoothgrad", "integrated_gradients"),
+                         metrics=("TangentAlignment", "ManifoldDeletion"), generator_epochs=3, curve_steps=5,
+                         infill_steps=20, distance_steps=20),
+        "attack": dict(n_pairs=2, iterations=30),
+        "smooth": dict(n_pairs=2, iterations=30, betas=(10.0,)),
+        "counterfactual": dict(n=2, max_steps=60, generator="vae", generator_epochs=3, im_epochs=0, svm_max=300,
+                               spectrum_top=8, manifold_steps=20, path_frames=4),
+        "concepts": dict(n_classes=2, components=2, images_per_class=8, samples=1, controls=2, top_k=2, strips=2,
+                         importance="none", stability_seeds=0, stability_halves=0, map_method="upsampled"),
+        "contrast": dict(images_per_class=8, n_random=1, n_components=2, n_samples=1, epochs=20),
+    },
+    "standard": {
+        "evaluate": dict(n=32, methods=("gradient", "smoothgrad", "integrated_gradients", "input_x_gradient", "lrp",
+                                        "deeplift"),
+                         metrics=("PixelFlipping", "FaithfulnessCorrelation", "MaxSensitivity", "RandomLogit",
+                                  "TangentAlignment", "ManifoldDeletion"), generator_epochs=10, curve_steps=8,
+                         infill_steps=60, distance_steps=60),
+        "attack": dict(n_pairs=8, iterations=200),
+        "smooth": dict(n_pairs=8, iterations=100, betas=(10.0, 3.0)),
+        "counterfactual": dict(n=8, max_steps=500, generator="flow", im_epochs=5, svm_max=1000, spectrum_top=16,
+                               manifold_steps=100),
+        "concepts": dict(n_classes=4, components=4, images_per_class=30, samples=5, controls=10, top_k=4, strips=3,
+                         importance="gradient", stability_seeds=0, stability_halves=0, map_method="upsampled"),
+        "contrast": dict(images_per_class=30, n_random=5, n_components=4, n_samples=5, epochs=50),
+    },
+    "thorough": {
+        "evaluate": dict(), "attack": dict(), "smooth": dict(), "counterfactual": dict(),
+        "concepts": dict(n_classes=None), "contrast": dict(),
+    },
+}
+#: The manipulation budget of the attack stages (L∞, pixel units of [0, 1]): the field's usual 8/255.
+ATTACK_BUDGET = 8 / 255
+
+
+def _classes_pair(num_classes: int) -> tuple[int, int]:
+    """The class pair of the counterfactual and contrast stages: 4 → 9 where the data has them (the research's
+    pair on MNIST), else the first two classes."""
+    return (4, 9) if num_classes > 9 else (0, 1)
+
+
+def _has_quantus() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("quantus") is not None
+
+
+def stage_configs(config: AuditConfig, *, num_classes: int, layer: str | None, layout: str,
+                  notes: list[str] | None = None) -> dict[str, Any]:
+    """Each selected stage's Config (of its own system) for ``config``'s budget; ``layer``: the concepts/contrast
+    layer (None: those stages are left out). Without Quantus the evaluate stage keeps manifex's own metrics and
+    says so in ``notes``."""
+    from ..concepts import ConceptsConfig, ContrastConfig
+    from ..counterfactuals.experiment import CounterfactualConfig
+    from ..evaluation.experiment import EvaluateConfig
+    from ..manipulation import AttackConfig, SmoothConfig
+
+    t = _TABLE[config.budget]
+    if "evaluate" in t and t["evaluate"].get("metrics") and not _has_quantus():
+        from ..evaluation import MANIFEX_METRICS
+
+        kept = tuple(m for m in t["evaluate"]["metrics"] if m in MANIFEX_METRICS)
+        if notes is not None and len(kept) < len(t["evaluate"]["metrics"]):
+            notes.append(f"Quantus is not installed: evaluate scores {', '.join(kept)} only "
+                         '(pip install "manifex[eval]" for the Quantus metrics)')
+        t = {**t, "evaluate": {**t["evaluate"], "metrics": kept}}
+    common = dict(dataset=config.dataset, classifier=config.classifier, seed=config.seed, device=config.device)
+    source, target = _classes_pair(num_classes)
+    build: dict[str, Callable[[], Any]] = {
+        "evaluate": lambda: EvaluateConfig(**common, epochs=config.epochs, **t["evaluate"]),
+        "attack": lambda: AttackConfig(**common, epochs=config.epochs, method="gradient", budget=ATTACK_BUDGET,
+                                       norm="linf", **t["attack"]),
+        "smooth": lambda: SmoothConfig(**common, epochs=config.epochs, method="gradient", budget=ATTACK_BUDGET,
+                                       **t["smooth"]),
+        "counterfactual": lambda: CounterfactualConfig(**common, classifier_epochs=config.epochs, source=source,
+                                                       target=target, spaces=("latent", "pixel"), **t["counterfactual"]),
+        "concepts": lambda: ConceptsConfig(**common, epochs=config.epochs, layer=layer, pool="auto", layout=layout,
+                                           classes=None if t["concepts"]["n_classes"] is None
+                                           else tuple(range(min(num_classes, t["concepts"]["n_classes"]))),
+                                           **{k: v for k, v in t["concepts"].items() if k != "n_classes"}),
+        "contrast": lambda: ContrastConfig(**common, classifier_epochs=config.epochs, layer=layer,
+                                           pairs=((source, target),), **t["contrast"]),
+    }
+    return {name: build[name]() for name in config.selected() if layer is not None or name not in ("concepts", "contrast")}
+
+
+def find_concept_layer(model: nn.Module, x: torch.Tensor) -> tuple[str | None, str]:
+    """The last layer whose output is a non-negative (N, C, H, W) map with a grid of at least 2×2 on the batch
+    ``x``: the layer the concepts and contrast stages decompose. Returns ``(name, why)``; ``name`` is None when the
+    model has none (``why`` then says so). Of modules that return the same tensor (a block and its last ReLU) the
+    deepest container is named (``blocks.2`` rather than ``blocks`` or ``blocks.2.relu2``). The model's state
+    (train flags, hooks) is left as found."""
+    from ..attribution.core import preserve_model_state
+
+    fired: list[tuple[str, nn.Module, torch.Tensor]] = []
+    with preserve_model_state(model):
+        model.eval()
+        handles = []
+        for name, module in model.named_modules():
+            if name:
+                handles.append(module.register_forward_hook(
+                    lambda m, i, o, name=name: fired.append((name, m, o)) if isinstance(o, torch.Tensor) else None))
+        first = next((p for p in model.parameters() if p.is_floating_point()), None)
+        if first is not None:  # the probe batch in the model's dtype and on its device (as the stages pass it)
+            x = x.to(device=first.device, dtype=first.dtype)
+        try:
+            with torch.no_grad():
+                model(x)
+        except RuntimeError as e:
+            raise InputError(f"the model failed on a batch of {tuple(x.shape)} images while looking for its concept layer "
+                             f"({' '.join(str(e).split())[:200]}); check that it takes the data's image shape.") from e
+        finally:
+            for h in handles:
+                h.remove()
+    spatial = [(n, m, o) for n, m, o in fired if o.dim() == 4 and min(o.shape[2:]) >= 2 and bool((o >= 0).all())]
+    if not spatial:
+        return None, ("no layer of the model gives a non-negative (N, C, H, W) map with a grid of at least 2x2 "
+                      f"(on {tuple(x.shape[1:])} images), so there are no spatial concepts to decompose")
+    last = spatial[-1][2]
+    same = [(n, m) for n, m, o in fired if o is last]
+    containers = [n for n, m in same if any(True for _ in m.children())]
+    name = max(containers, key=lambda n: n.count(".")) if containers else same[-1][0]
+    return name, f"layer {name}: the last non-negative map with a grid of at least 2x2 ({tuple(last.shape[1:])} per image)"

@@ -1,0 +1,220 @@
+"""The audit's numbers: each stage's headline (read from the stage's own ``metrics.json``), the scorecard and the
+recommendation that follows from them. Pure functions of plain dicts, so a resumed or copied audit re-reads them.
+
+Scorecard rules (each verdict is shown with its number and its reference):
+
+- aligned?  TangentAlignment: ‖P_T E‖/‖E‖ over a random direction's expected score (reference 1 = chance). "yes" when
+  the lower quartile over the images exceeds 1, "partly" when only the mean does, else "no".
+- faithful?  on-manifold deletion AUC of the target probability (lower = better; in-filled from the generator), against
+  the best method's AUC; "best" for the lowest, else the rank.
+- robust?  Quantus' max-sensitivity (where the evaluation ran it; lower = better), against the best method's.
+- manipulable?  the attack at L∞ 8/255: Pearson correlation of the manipulated map with the target map against the
+  original map's correlation with it (the reference); "yes" when the attack raised it by at least
+  :data:`MANIPULATION_GAIN` with the prediction kept on every pair.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["headline", "scorecard", "recommendation", "MANIPULATION_GAIN", "STAGE_TITLES"]
+
+#: The least rise of the map's PCC with the target map that counts as a successful manipulation (the attack
+#: literature reports rises of 0.3-0.9 at 8/255 on ImageNet; 0.1 is a deliberately low bar for a smoke budget).
+MANIPULATION_GAIN = 0.1
+
+STAGE_TITLES = {"evaluate": "Explanations: faithfulness and tangent alignment", "attack": "Manipulability at L∞ 8/255",
+                "smooth": "β-smoothing against manipulation", "counterfactual": "Counterfactuals: latent vs pixel",
+                "concepts": "Concepts and the prediction-from-components test", "contrast": "Class contrast: one pair"}
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _failed(m: dict[str, Any]) -> list[str]:
+    return [c[len("FAILED: "):] for c in m.get("checks", []) if isinstance(c, str) and c.startswith("FAILED: ")]
+
+
+def headline(stage: str, m: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of one stage from its ``metrics.json`` (one schema per stage; missing numbers are None)."""
+    h: dict[str, Any] = {"failed_checks": _failed(m)}
+    if stage == "evaluate":
+        s = m.get("summary", {})
+        table = s.get("table", {})
+        h["methods"] = {meth: {col: _get(table, col, meth, "mean") for col in s.get("columns", [])}
+                        for meth in s.get("methods", [])}
+        h["alignment_q1"] = {meth: _get(table, "TangentAlignment", meth, "q1") for meth in s.get("methods", [])}
+        h["start_probability"] = {meth: (v[0] if v else None) for meth, v in (_get(s, "curves", "manifold") or {}).items()}
+        h["direction"] = s.get("direction", {})
+        h["ranking_changes"] = _get(s, "ranking_change", "changes")
+    elif stage == "attack":
+        means = m.get("means", {})
+        h.update(method=m.get("method"), budget_linf=_get(m, "config", "budget"), n_pairs=m.get("n_pairs"),
+                 pcc_manip_target=means.get("pcc_manip_target"), pcc_orig_target=means.get("pcc_orig_target"),
+                 pcc_manip_orig=means.get("pcc_manip_orig"), top1_kept_rate=m.get("top1_kept_rate"),
+                 max_dp=means.get("max_dp"))
+    elif stage == "smooth":
+        h.update(method=m.get("method"), budget_linf=m.get("budget_linf"),
+                 sweep=[{k: r.get(k) for k in ("beta", "pcc_manip_target", "pcc_orig_target", "pcc_gain", "accuracy",
+                                                "accuracy_cost", "curvature", "top1_kept_rate", "n_pairs")}
+                        for r in m.get("sweep", [])])
+    elif stage == "counterfactual":
+        s = m.get("summary", {})
+        for space in ("latent", "pixel"):
+            if space in s:
+                a = s[space].get("all", {})
+                h[space] = {"n": s[space].get("n"), "success_rate": s[space].get("success_rate"),
+                            **{k: _get(a, k, "mean") for k in ("validity", "svm", "knn_vote", "second", "tangent_fraction",
+                                                               "l2", "linf")}}
+        h["source"], h["target"] = _get(m, "config", "source"), _get(m, "config", "target")
+    elif stage == "concepts":
+        s = m.get("summary", {})
+        h.update(classes=s.get("classes"), layer=_get(m, "options", "layer"),
+                 concepts={k: _get(s, "include", "concepts", k) for k in ("argmax_rate", "argmax_ci_low", "argmax_ci_high", "n",
+                                                                          "mean_p")},
+                 control={k: _get(s, "include", "control", k) for k in ("argmax_rate", "argmax_ci_low", "argmax_ci_high", "n",
+                                                                         "mean_p")})
+    elif stage == "contrast":
+        s = m.get("summary", {})
+        h.update(pairs=m.get("pairs"), **{k: s.get(k) for k in ("swap_rate", "n_swapped", "control_swap_rate", "n_control",
+                                                                 "hyperplane_accuracy", "median_t_swap")})
+    return h
+
+
+def _f(v: Any, digits: int = 2) -> str:
+    v = _num(v)
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def scorecard(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per explanation method: aligned?, faithful?, robust?, manipulable? — each ``{"verdict", "value", "reference",
+    "text"}`` or absent where no stage measured it."""
+    rows: dict[str, dict[str, Any]] = {}
+    ev = _get(stages, "evaluate", "headline") or {}
+    methods = ev.get("methods", {})
+    deletion = {k: _num(v.get("ManifoldDeletion")) for k, v in methods.items()}
+    ranked = sorted((v, k) for k, v in deletion.items() if v is not None)
+    for meth, cols in methods.items():
+        row = rows.setdefault(meth, {"method": meth})
+        ratio, q1 = _num(cols.get("TangentAlignment")), _num(ev.get("alignment_q1", {}).get(meth))
+        if ratio is not None:
+            verdict = "yes" if q1 is not None and q1 > 1 else "partly" if ratio > 1 else "no"
+            row["aligned?"] = {"verdict": verdict, "value": ratio, "reference": 1.0,
+                               "text": f"{ratio:.2f}× chance (lower quartile {_f(q1)}; chance = 1)"}
+        auc = deletion.get(meth)
+        if auc is not None and ranked:
+            rank = [k for _, k in ranked].index(meth) + 1
+            best_v, best_k = ranked[0]
+            p0 = _num(ev.get("start_probability", {}).get(meth))
+            row["faithful?"] = {"verdict": "best" if rank == 1 else f"rank {rank} of {len(ranked)}", "value": auc,
+                                "reference": best_v,
+                                "text": f"on-manifold deletion AUC {auc:.3f} (best: {best_k} {best_v:.3f}; "
+                                        f"no effect ≈ {_f(p0, 3)}; lower = more faithful)"}
+    sens = sorted((_num(v.get("MaxSensitivity")), k) for k, v in methods.items() if _num(v.get("MaxSensitivity")) is not None)
+    for rank, (v, meth) in enumerate(sens, 1):
+        rows[meth]["robust?"] = {"verdict": "most robust" if rank == 1 else f"rank {rank} of {len(sens)}", "value": v,
+                                 "reference": sens[0][0], "text": f"max-sensitivity {v:.3f} (best: {sens[0][1]} "
+                                                                  f"{sens[0][0]:.3f}; lower = more robust)"}
+    at = _get(stages, "attack", "headline")
+    if at and at.get("method"):
+        row = rows.setdefault(at["method"], {"method": at["method"]})
+        after, before, kept = _num(at.get("pcc_manip_target")), _num(at.get("pcc_orig_target")), _num(at.get("top1_kept_rate"))
+        if after is not None and before is not None:
+            gain = after - before
+            yes = gain >= MANIPULATION_GAIN and kept == 1.0
+            row["manipulable?"] = {"verdict": "yes" if yes else "not at this budget", "value": after, "reference": before,
+                                   "text": f"PCC with the target map {before:.2f} → {after:.2f} at L∞ "
+                                           f"{_f((at.get('budget_linf') or 0) * 255, 0)}/255 over {at.get('n_pairs')} pairs "
+                                           f"(prediction kept: {_f(kept)}; counts from a rise ≥ {MANIPULATION_GAIN})"}
+    return list(rows.values())
+
+
+def recommendation(rows: list[dict[str, Any]], stages: dict[str, dict[str, Any]]) -> str:
+    """One or two sentences that follow from the scorecard's numbers (and say what is withheld or missing)."""
+    parts: list[str] = []
+    ev_failed = (_get(stages, "evaluate", "headline") or {}).get("failed_checks")
+    if ev_failed:
+        parts.append(f"The explanation scores are withheld: the evaluation failed {len(ev_failed)} check(s) (see its report).")
+    else:
+        faithful = [r for r in rows if _get(r, "faithful?", "verdict") == "best"]
+        aligned = sorted((r for r in rows if "aligned?" in r), key=lambda r: -r["aligned?"]["value"])
+        if faithful and aligned:
+            f, a = faithful[0], aligned[0]
+            fa = f"on-manifold deletion AUC {f['faithful?']['value']:.3f}, lower = more faithful"
+            al = f"{a['aligned?']['value']:.2f}× the alignment of a random direction"
+            if f["method"] == a["method"]:
+                parts.append(f"For this model, {f['method']} is the most faithful and the most aligned method ({fa}; {al}).")
+            else:
+                parts.append(f"For this model, {f['method']} is the most faithful method ({fa}) and {a['method']} the "
+                             f"most aligned with the data manifold ({al}).")
+            if a["aligned?"]["verdict"] == "no":
+                parts.append("No method's explanations lie in the data manifold's tangent space more than a random direction.")
+        elif "evaluate" in stages:
+            parts.append("The evaluation gave no comparable faithfulness or alignment numbers.")
+        else:
+            parts.append("The explanations were not evaluated (stage evaluate not run).")
+    man = [r for r in rows if "manipulable?" in r]
+    at_failed = (_get(stages, "attack", "headline") or {}).get("failed_checks")
+    if man and not at_failed:
+        r = man[0]
+        can = r["manipulable?"]["verdict"] == "yes"
+        m = r["manipulable?"]
+        parts.append(f"{r['method']} maps {'can' if can else 'could not'} be manipulated at L∞ 8/255 (PCC with the target "
+                     f"map {m['reference']:.2f} → {m['value']:.2f}).")
+    sm = _get(stages, "smooth", "headline") or {}
+    sweep = {s.get("beta"): s for s in sm.get("sweep", [])}
+    relu = sweep.get("ReLU")
+    smoothed = [s for b, s in sweep.items() if b != "ReLU" and _num(s.get("pcc_gain")) is not None]
+    if relu and smoothed and not sm.get("failed_checks") and _num(relu.get("pcc_gain")) is not None:
+        s = min(smoothed, key=lambda s: s["pcc_gain"])
+        cost = _num(s.get("accuracy_cost"))
+        acc = ("" if cost is None else f", accuracy {'down' if cost > 0 else 'up'} by {abs(cost):.3f}")
+        parts.append(f"β-smoothing ({s['beta']}) {'reduces' if s['pcc_gain'] < relu['pcc_gain'] else 'does not reduce'} the "
+                     f"attack's gain in PCC ({relu['pcc_gain']:.3f} → {s['pcc_gain']:.3f}{acc}).")
+    return " ".join(parts)
+
+
+def stage_numbers(stage: str, h: dict[str, Any]) -> list[tuple[str, str]]:
+    """The few numbers a stage's section of the audit report shows (label, value with its reference)."""
+    if stage == "evaluate":
+        short = {"TangentAlignment": "tangent alignment", "BlackDeletion": "deletion AUC black",
+                 "ROADDeletion": "ROAD", "ManifoldDeletion": "in-filled"}
+        return [(m, " · ".join(f"{short.get(c, c)} {_f(v, 3)}" for c, v in cols.items()))
+                for m, cols in h.get("methods", {}).items()]
+    if stage == "attack":
+        return [("PCC manipulated map ↔ target map", f"{_f(h.get('pcc_manip_target'))} (before: {_f(h.get('pcc_orig_target'))})"),
+                ("PCC manipulated map ↔ original map", _f(h.get("pcc_manip_orig"))),
+                ("prediction kept", _f(h.get("top1_kept_rate"))), ("pairs", str(h.get("n_pairs")))]
+    if stage == "smooth":
+        return [(f"{s['beta']}: PCC gain of the attack", f"{_f(s.get('pcc_gain'), 3)} (accuracy {_f(s.get('accuracy'))}, "
+                 f"curvature {_f(s.get('curvature'), 3)})") for s in h.get("sweep", [])]
+    if stage == "counterfactual":
+        out = []
+        for space in ("latent", "pixel"):
+            if space in h:
+                d = h[space]
+                out.append((f"{space}: success / validity / SVM judge / tangent part",
+                            f"{_f(d.get('success_rate'))} / {_f(d.get('validity'))} / {_f(d.get('svm'))} / "
+                            f"{_f(d.get('tangent_fraction'))} (n = {d.get('n')})"))
+        return out
+    if stage == "concepts":
+        c, r = h.get("concepts", {}), h.get("control", {})
+        return [("argmax = A from the concepts' crops",
+                 f"{_f(c.get('argmax_rate'))} [{_f(c.get('argmax_ci_low'))}, {_f(c.get('argmax_ci_high'))}] (n = {c.get('n')})"),
+                ("argmax = A from random crops (control)",
+                 f"{_f(r.get('argmax_rate'))} [{_f(r.get('argmax_ci_low'))}, {_f(r.get('argmax_ci_high'))}] (n = {r.get('n')})"),
+                ("layer", str(h.get("layer")))]
+    if stage == "contrast":
+        return [("pairs swapped by the shift along w_AB", f"{_f(h.get('swap_rate'))} (random directions: "
+                 f"{_f(h.get('control_swap_rate'))})"), ("hyperplane accuracy", _f(h.get("hyperplane_accuracy"))),
+                ("pairs", str(h.get("pairs")))]
+    return []
