@@ -28,11 +28,11 @@ from typing import Any, Callable, Mapping
 
 from ..errors import DataError, InputError, param
 from ..runs import atomic_torch_save, atomic_write_json, file_lock, safe_torch_load, to_jsonable
+from ..runs.settings import settings_diff
 
 __all__ = ["ExperimentFolder", "EXPERIMENT_FILE", "write_metrics"]
 
 EXPERIMENT_FILE = "experiment.json"
-_MISSING = object()
 
 
 def _version() -> str:
@@ -42,20 +42,6 @@ def _version() -> str:
         return version("manifex")
     except Exception:  # pragma: no cover - running from a source tree without metadata
         return "unknown"
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, Mapping) and d:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
-def _short(v: Any) -> str:
-    text = "(not set)" if v is _MISSING else json.dumps(v)
-    return text if len(text) <= 48 else text[:45] + "..."
 
 
 def _plain(value: Any) -> Any:
@@ -154,14 +140,14 @@ class ExperimentFolder:
                 if old.get("command", self.command) != self.command:
                     raise InputError(f"{self.path} holds a {old.get('command')} run, not {self.command}; use a new {param('out_dir')}, "
                                      f"or {param('overwrite', True)} to move it aside.")
-                a, b = _flat(old.get(section, {}), f"{section}."), _flat(new, f"{section}.")
-                diff = sorted(k for k in set(a) | set(b) if a.get(k, _MISSING) != b.get(k, _MISSING))
-                if diff:
-                    shown = "; ".join(f"{k}: {_short(a.get(k, _MISSING))} -> {_short(b.get(k, _MISSING))}" for k in diff[:5])
-                    more = f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""
+                old_section, new_section = old.get(section, {}), new
+                if not isinstance(old_section, Mapping) or not isinstance(new_section, Mapping):
+                    old_section, new_section = {"value": old_section}, {"value": new_section}
+                shown = settings_diff(old_section, new_section, prefix=f"{section}.", shown=5, width=48)
+                if shown:
                     advice = self.advice or (f"resume with the same options, use a new {param('out_dir')}, or "
                                              f"{param('overwrite', True)} to move the old folder aside and start over.")
-                    raise InputError(f"{self.path} holds {self.what} made with other {section} ({shown}{more}); {advice}")
+                    raise InputError(f"{self.path} holds {self.what} made with other {section} ({shown}); {advice}")
             record = dict(old or {}) if (self.resume and self.has_results()) else {}
             record.update({"command": self.command, "manifex": _version(), **{k: v for k, v in self._claimed.items()}})
             record[section] = new

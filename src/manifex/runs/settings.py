@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from ..errors import DataError, InputError
 from .files import PathLike, atomic_write_json, to_jsonable
 
-__all__ = ["check_settings", "tensor_fingerprint", "SETTINGS_FILE"]
+__all__ = ["check_settings", "settings_diff", "tensor_fingerprint", "SETTINGS_FILE"]
 
 #: The default settings file of a run folder.
 SETTINGS_FILE = "settings.json"
@@ -39,12 +39,22 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-def _short(v: Any) -> str:
+def _short(v: Any, width: int = 60) -> str:
     text = "(not set)" if v is _MISSING else json.dumps(v)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 _MISSING = object()
+
+
+def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any], *, prefix: str = "", shown: int = 6,
+                  width: int = 60) -> str:
+    """The keys that differ between two settings dicts (nested keys dotted, ``prefix`` before each), as
+    ``key: old -> new; ...`` (at most ``shown``, then how many more); an empty string when they are equal."""
+    a, b = _flat(dict(old), prefix), _flat(dict(new), prefix)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k, _MISSING) != b.get(k, _MISSING))
+    text = "; ".join(f"{k}: {_short(a.get(k, _MISSING), width)} -> {_short(b.get(k, _MISSING), width)}" for k in diff[:shown])
+    return text + (f" (and {len(diff) - shown} more)" if len(diff) > shown else "")
 
 
 def check_settings(out_dir: PathLike, settings: Mapping[str, Any], *, resume: bool = True, file: str = SETTINGS_FILE,
@@ -64,12 +74,9 @@ def check_settings(out_dir: PathLike, settings: Mapping[str, Any], *, resume: bo
         except (OSError, ValueError) as e:
             raise DataError(f"{path} is unreadable ({e}); delete the folder's results to start over, or use a new "
                             "output folder.") from e
-        a, b = _flat(old), _flat(new)
-        diff = sorted(k for k in set(a) | set(b) if a.get(k, _MISSING) != b.get(k, _MISSING))
-        if diff:
-            shown = "; ".join(f"{k}: {_short(a.get(k, _MISSING))} -> {_short(b.get(k, _MISSING))}" for k in diff[:6])
-            more = f" (and {len(diff) - 6} more)" if len(diff) > 6 else ""
-            raise InputError(f"{out} holds {what} with other settings ({shown}{more}); resume with the same settings, "
+        shown = settings_diff(old, new)
+        if shown:
+            raise InputError(f"{out} holds {what} with other settings ({shown}); resume with the same settings, "
                              "start over with resume=False (--no-resume), or use a new output folder (--out).")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, new)
