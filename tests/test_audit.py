@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
 import torch
@@ -12,51 +11,12 @@ from torch import nn
 from manifex.audit import STAGES, AuditConfig, audit, find_concept_layer
 from manifex.audit.summary import MANIPULATION_GAIN, recommendation, scorecard
 from manifex.cli import main
-from manifex.data import load_digits8
 from manifex.errors import InputError
 
 QUICK = ["audit", "--dataset", "digits8", "--budget", "quick", "--epochs", "1", "--quiet"]
 
-USER_FILE = textwrap.dedent('''
-    from torch import nn
-
-    class UserNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
-            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 10))
-
-        def forward(self, x):
-            return self.head(self.features(x))
-
-    def build():
-        return UserNet()
-''')
-
-
 def _results(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("results*.jsonl"))}
-
-
-@pytest.fixture(scope="module")
-def user_model(tmp_path_factory):
-    """The user's file and its weights, trained briefly on digits8 (the idea of test_command_contract's fixture)."""
-    import importlib.util
-
-    root = tmp_path_factory.mktemp("audit_user")
-    (root / "user_nets.py").write_text(USER_FILE)
-    spec = importlib.util.spec_from_file_location("user_nets_for_audit", root / "user_nets.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    torch.manual_seed(0)
-    net, data = mod.build(), load_digits8()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(60):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(data.x), data.y).backward()
-        opt.step()
-    torch.save(net.state_dict(), root / "w.pt")
-    return f"{root / 'user_nets.py'}:build", str(root / "w.pt")
 
 
 @pytest.mark.slow

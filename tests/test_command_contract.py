@@ -5,7 +5,6 @@ and metrics.json name. A new command joins by adding its row."""
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from click.testing import CliRunner
 
 import manifex.models.zoo as zoo
 from manifex.cli import main
-from manifex.data import load_digits8
 
 #: command -> (tiny arguments on digits8, a result setting changed on resume)
 COMMANDS = {
@@ -47,24 +45,6 @@ MISTAKES = {
 #: the layer of the user's network below, for the commands that read one
 USER_LAYER = {"concepts": ["--layer", "features.1", "--pool", "4"], "contrast": ["--layer", "features.1"]}
 
-USER_FILE = textwrap.dedent('''
-    import torch
-    from torch import nn
-
-    class UserNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
-            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 10))
-
-        def forward(self, x):
-            return self.head(self.features(x))
-
-    def build():
-        return UserNet()
-''')
-
-
 def run(command, tmp_path, *extra, cache=True):
     args, _ = COMMANDS[command]
     return CliRunner().invoke(main, [command, *args, *extra, "--quiet", "--out", str(tmp_path / "out"),
@@ -74,27 +54,6 @@ def run(command, tmp_path, *extra, cache=True):
 def results(folder):
     """Every results file of a run folder (smooth keeps one campaign per β)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("results.jsonl"))}
-
-
-@pytest.fixture(scope="module")
-def user_model(tmp_path_factory):
-    """The user's file and its weights, trained for a second on digits8 so that it predicts every class."""
-    import importlib.util
-
-    root = tmp_path_factory.mktemp("contract_user")
-    (root / "user_nets.py").write_text(USER_FILE)
-    spec = importlib.util.spec_from_file_location("user_nets_for_contract", root / "user_nets.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    torch.manual_seed(0)
-    net, data = mod.build(), load_digits8()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(60):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(data.x), data.y).backward()
-        opt.step()
-    torch.save(net.state_dict(), root / "w.pt")
-    return f"{root / 'user_nets.py'}:build", str(root / "w.pt")
 
 
 @pytest.mark.slow
