@@ -102,8 +102,7 @@ class ConceptsExperiment(Experiment):
                 raise InputError(f"{param('classes')} lists {', '.join(map(str, dup))} more than once; name each class once.")
 
     def check_data(self, run: Run) -> None:
-        from ..attribution.layer import check_layer_shape, layer_activations, resolve_layer
-        from ..models.classifiers import ClassifierConfig, build_classifier
+        from ..models.resolve import builtin_layer_shape
         from .prototypes import resolve_pool
 
         cfg, data = run.config, run.data
@@ -112,13 +111,8 @@ class ConceptsExperiment(Experiment):
             if bad:
                 raise InputError(f"{param('classes')} {bad} out of range: the data has classes 0..{data.num_classes - 1}.")
         if run.user_model is None:  # a built-in network's layers are known before it is trained
-            with torch.random.fork_rng():  # building the network draws its initial weights
-                net = build_classifier(ClassifierConfig(cfg.classifier, tuple(data.image_shape), data.num_classes)).eval()
-            resolve_layer(net, cfg.layer)
-            with torch.no_grad():
-                probe = layer_activations(net, data.x[:2], cfg.layer)
-            check_layer_shape(tuple(probe.shape), cfg.layer, what="manifex concepts")
-            resolve_pool(cfg.pool, tuple(probe.shape[2:]), param("layer", cfg.layer))
+            shape = builtin_layer_shape(cfg.classifier, data, cfg.layer, what="manifex concepts")
+            resolve_pool(cfg.pool, tuple(shape[1:]), param("layer", cfg.layer))
 
     def prepare(self, run: Run) -> dict[str, Any]:
         from ..attribution.core import preserve_model_state

@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import InputError, param
 
 __all__ = ["ModelInfo", "resolve_device", "check_writable_dir", "resolve_data", "resolve_classifier", "check_model_flags",
-           "data_identity", "file_sha256"]
+           "data_identity", "file_sha256", "builtin_layer_shape"]
 
 
 @dataclass(frozen=True)
@@ -204,3 +204,19 @@ def resolve_classifier(train, test, *, model: str | nn.Module | None = None, wei
         output=None if output is None else str(output), fingerprint=state_fingerprint(net), accuracy=acc,
         epochs=epochs if model is None else None, cached=cached, checks=checks)
     return net, info
+
+
+def builtin_layer_shape(classifier: str, data, layer: str, *, what: str) -> tuple[int, ...]:
+    """A built-in classifier's layer is known before it is trained: its output shape per image on two images of
+    ``data``, from the untrained network (the caller's RNG untouched). An unknown name lists the layers; a shape
+    the command cannot use is refused (``what`` names the command) — both before any training."""
+    from ..attribution.layer import check_layer_shape, layer_activations, resolve_layer
+    from .classifiers import ClassifierConfig, build_classifier
+
+    with torch.random.fork_rng():  # building the network draws its initial weights
+        net = build_classifier(ClassifierConfig(classifier, tuple(data.image_shape), data.num_classes)).eval()
+    resolve_layer(net, layer)
+    with torch.no_grad():
+        probe = layer_activations(net, data.x[:2], layer)
+    check_layer_shape(tuple(probe.shape), layer, what=what)
+    return tuple(probe.shape[1:])

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ...attribution.core import OutputSelector, check_output_selector, preserve_model_state
-from ...attribution.layer import check_layer_shape, layer_activations, resolve_layer
+from ...attribution.layer import layer_activations
 from ...attribution.methods import model_device
 from ...data.base import ImageDataset
 from ...errors import InputError, param
@@ -340,21 +340,15 @@ class ContrastExperiment(Experiment):
     def check_data(self, run: Run) -> None:
         """Pairs against the data's classes, and a built-in network's layer (name, output shape, channels against
         --components) on the untrained network: all before any training."""
-        from ...models.classifiers import ClassifierConfig, build_classifier
+        from ...models.resolve import builtin_layer_shape
 
         cfg, n = run.config, self._n_classes(run)
         if n is not None:
             self._concepts_pair(cfg, self.resolve_pairs(cfg, n), n)
         if run.user_model is None:  # a built-in network's layers are known before it is trained
-            data = run.data
-            with torch.random.fork_rng():  # building the network draws its initial weights
-                net = build_classifier(ClassifierConfig(cfg.classifier, tuple(data.image_shape), data.num_classes)).eval()
-            resolve_layer(net, cfg.layer)
-            with torch.no_grad():
-                probe = layer_activations(net, data.x[:2], cfg.layer)
-            check_layer_shape(tuple(probe.shape), cfg.layer, what="manifex contrast")
-            if cfg.n_components > probe.shape[1]:
-                raise InputError(f"{param('n_components')} {cfg.n_components} exceeds the {probe.shape[1]} channels of layer {cfg.layer!r}.")
+            channels = builtin_layer_shape(cfg.classifier, run.data, cfg.layer, what="manifex contrast")[0]
+            if cfg.n_components > channels:
+                raise InputError(f"{param('n_components')} {cfg.n_components} exceeds the {channels} channels of layer {cfg.layer!r}.")
 
     def derive_data(self, run: Run) -> None:
         n = self._n_classes(run)
