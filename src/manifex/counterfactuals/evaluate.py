@@ -31,7 +31,7 @@ from torch import nn
 
 from ..attribution.core import call_model, check_model_input, preserve_model_state
 from ..errors import InputError
-from ..geometry import TangentSpace, alignment
+from ..geometry import TangentSpace, alignment, manifold_distance
 from .ascent import CounterfactualResult
 
 __all__ = ["Judges", "ClassAutoencoders", "manifold_distance", "frechet_distance", "example_metrics", "summarize",
@@ -246,43 +246,6 @@ class Judges:
             n += len(rows)
             n_ref += len(self._ref[c])
         return {"value": total / n, "n": n, "n_reference": n_ref} if n else None
-
-
-def manifold_distance(
-    decode: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    z_init: torch.Tensor | Sequence[torch.Tensor],
-    *,
-    steps: int = 300,
-    lr: float = 0.05,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distance of each x (N, ...) to the manifold {decode(z)}: min over z of ‖decode(z) − x‖₂, and the best z.
-
-    Adam on z (summed per-row squared errors, so rows do not interact) from each of the starting codes in
-    ``z_init`` (a (N, k) tensor or a list of them, e.g. the code of the original image and an encoder's guess);
-    the smallest distance found wins. An upper bound on the true distance (a local search).
-    """
-    inits = [z_init] if isinstance(z_init, torch.Tensor) else list(z_init)
-    xf = x.detach().reshape(x.shape[0], -1)
-    best = torch.full((x.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
-    best_z = inits[0].detach().clone()
-    for z0 in inits:
-        z = z0.detach().clone().requires_grad_(True)
-        opt = torch.optim.Adam([z], lr=lr)
-        for i in range(steps + 1):
-            with torch.enable_grad():  # callers may hold torch.no_grad()
-                d2 = (decode(z).reshape(x.shape[0], -1) - xf).pow(2).sum(1)
-                loss = d2.sum()
-            dist = d2.detach().sqrt()
-            better = dist < best
-            best = torch.where(better, dist, best)
-            best_z[better] = z.detach()[better]
-            if i == steps:
-                break
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return best, best_z
 
 
 def _norms(delta: torch.Tensor) -> dict[str, np.ndarray]:

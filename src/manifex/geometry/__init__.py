@@ -8,6 +8,7 @@ from .projection import (
     tangent_coefficients,
     tangent_mass,
 )
+from .distance import manifold_distance
 from .spectrum import GeneratorSpectrum, generator_spectrum
 from .tangent import TangentSpace, decoder_jacobian, default_rtol, tangent_space
 
@@ -16,4 +17,5 @@ __all__ = [
     "alignment", "random_baseline", "tangent_coefficients", "project", "decompose", "tangent_mass",
     "estimate_dimension",
     "GeneratorSpectrum", "generator_spectrum",
+    "manifold_distance",
 ]
