@@ -565,3 +565,34 @@ def test_cross_reference_check_can_fail(tmp_path):
     page.write_text(":func:`manifex.explain` :func:`manifex.no_such_name` :class:`Generator`\n", encoding="utf-8")
     bad = _bad_references([page])
     assert len(bad) == 2 and "no_such_name" in bad[0] and "not a full dotted manifex path" in bad[1]
+
+
+BENCH = re.compile(r"python3? (benchmarks/\w+\.py)([^`]*)")
+
+
+def _bad_benchmark_commands(texts: dict[str, str]) -> list[str]:
+    """Each ``python benchmarks/NAME.py --flag ...`` quoted for a figure names a script that exists and takes
+    those flags (each flag must be declared in the script as ``"--flag"``)."""
+    bad = []
+    for name, text in texts.items():
+        for m in BENCH.finditer(re.sub(r"\s+", " ", text)):
+            script = ROOT / m.group(1)
+            if not script.is_file():
+                bad.append(f"{name}: {m.group(1)} does not exist")
+                continue
+            source = script.read_text(encoding="utf-8")
+            bad += [f"{name}: {m.group(1)} has no option {flag}"
+                    for flag in re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9-]*", m.group(2)) if f'"{flag}"' not in source]
+    return bad
+
+
+def test_benchmark_commands_exist():
+    """The command printed beside each measured figure still runs: script and flags exist."""
+    texts = {_rel(p): p.read_text(encoding="utf-8") for p in doc_sources()}
+    assert sum(len(BENCH.findall(t)) for t in texts.values()) >= 10, "the benchmark commands were not found"
+    assert not (bad := _bad_benchmark_commands(texts)), "\n".join(bad)
+
+
+def test_benchmark_check_can_fail():
+    bad = _bad_benchmark_commands({"p.rst": "``python benchmarks/bench_tangent.py --no-such`` ``python benchmarks/nope.py``"})
+    assert bad == ["p.rst: benchmarks/bench_tangent.py has no option --no-such", "p.rst: benchmarks/nope.py does not exist"]
