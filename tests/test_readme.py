@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 #: Folders under docs/ that Sphinx writes (git-ignored): their pages are build output, not sources.
-GENERATED = {"_build", "auto_examples", "generated"}
+GENERATED = {"_build", "auto_examples", "generated", "_autosummary"}
 MD_MARKER = re.compile(r"<!--\s*readme-test:\s*([\w-]+)\s*-->")
 RST_MARKER = re.compile(r"\.\.\s+docs-test:\s*([\w-]+)\s*")
 RST_CODE = re.compile(r"^(\s*)\.\.\s+(code-block|code|sourcecode)::\s*(\S*)\s*$")
@@ -245,6 +245,18 @@ def fx_mnist4(tmp_path, monkeypatch):
     return {"model": _lenet32(), "x": x, "y": y}
 
 
+def fx_evaluation(tmp_path, monkeypatch):
+    """Four images decoded from known codes of an untrained VAE (exact tangent spaces) and the narrow LeNet."""
+    from manifex.models import VAE
+
+    torch.manual_seed(0)
+    vae = VAE(image_shape=(1, 32, 32), latent_dim=10).eval()
+    z = torch.randn(4, 10)
+    with torch.no_grad():
+        x = vae.decode(z)
+    return {"model": _lenet32(), "vae": vae, "z": z, "x": x, "y": torch.arange(4)}
+
+
 def fx_standalone(tmp_path, monkeypatch):
     """Nothing: the getting-started block (also the README's) defines everything it uses."""
     return {}
@@ -342,6 +354,7 @@ SHRINK: dict[str, list[tuple[str, str]]] = {
     "experiment": [("components=3)", "components=3, epochs=1, samples=1, images_per_class=6, controls=2)")],
     "scaling": [('"runs/big", executor=', '"runs/big", iterations=2, executor=')],
     "mnist4": [("iterations=500)", "iterations=3)")],
+    "evaluation": [("steps=10)", "steps=2, infill_steps=2, distance_steps=2)")],
 }
 
 
@@ -372,6 +385,11 @@ def _check_standalone(ns):
     assert ns["E"].shape == ns["x"].shape == (16, 1, 32, 32) and ns["T"].basis.shape == (16, 10, 1, 32, 32)
     scores = manifex.geometry.alignment(ns["E"], ns["T"])
     assert scores.shape == (16,) and bool(((scores >= 0) & (scores <= 1 + 1e-6)).all())
+
+
+def _check_evaluation(ns):
+    assert ns["ta"].score.shape == (4,) and bool((ns["ta"].ratio > 0).all())
+    assert set(ns["curves"].auc) == {"black", "road", "manifold"} and ns["flips"].shape == (4, 64)
 
 
 def _check_my_nets(ns):
