@@ -25,7 +25,7 @@ forward pass over the pool plus a cosine search, extrapolated per image (× 50,0
 while the forward pass dominates — the search itself grows with pool × concepts (classes²) and is not timed
 apart, so the prototypes' share of the extrapolation is a lower bound. The ratio is research / manifex per class at the measured size.
 
-Measured (2 shared CPU cores, load average 4, one thread; README "Concepts and class contrasting"): 5.1× at the
+Measured (2 shared CPU cores, load average 4, one thread; docs/guide/concepts.rst): 5.1× at the
 default (width 16, 112², 4 classes × 4 images), 0.8× at width 32, 128², 8 × 8 (there the convolutions, not the
 per-call overhead that batching removes, are the cost, and ``batch_size=64`` took 23 s against 15 s at 8).
 

@@ -20,7 +20,7 @@ batches of 1 and of 2 (local), which is the round-off a different batch composit
 
     PYTHONPATH=src python benchmarks/bench_scale.py [--pairs 32] [--iterations 30] [--batch-size 4]
 
-Measured (torch 2.13 CPU, 2 cores, ray 2.60) — see the README's "Scaling out" for the figures and the machine
+Measured (torch 2.13 CPU, 2 cores, ray 2.60) — see docs/guide/scaling.rst for the figures and the machine
 state they were taken in.
 """
 from __future__ import annotations

@@ -19,7 +19,7 @@ finished already, so a unit always runs with the same neighbours, and before eac
 torch's RNG from the batch's first unit id (:func:`unit_seed`), inside ``torch.random.fork_rng`` so the
 caller's RNG is untouched. So a record does not depend on the executor, the worker or an interruption
 (bit-identical in our tests); it does depend, by float round-off, on ``batch_size`` (batched kernels sum
-in another order, and an iterative attack amplifies that) — measured in README "Scaling out".
+in another order, and an iterative attack amplifies that) — measured in docs/guide/scaling.rst.
 """
 from __future__ import annotations
 
