@@ -48,7 +48,7 @@ class KnownManifoldConfig:
 
 
 def upsampled_decoder(decoder: Callable[[torch.Tensor], torch.Tensor], size: int = 256) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The decoder followed by bilinear upsampling to ``size``×``size`` (the MNIST256 variant)."""
+    """The decoder followed by bilinear upsampling to ``size`` × ``size`` (the MNIST256 variant)."""
 
     def decode(z: torch.Tensor) -> torch.Tensor:
         return F.interpolate(decoder(z), size=(size, size), mode="bilinear", align_corners=False)

@@ -11,7 +11,11 @@ from ...errors import InputError, ModelError
 __all__ = ["Rule", "Pass", "LinearRule", "Term", "Epsilon", "Norm", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "Flat",
            "WSquare", "stabilize"]
 
+#: How a :class:`LinearRule` treats a layer's bias: "rule" as the rule declares (a weight on a constant input),
+#: "keep" the original bias in the first term of each group (as Captum), "zero" drops it.
 BiasMode = Literal["rule", "keep", "zero"]
+#: How :class:`Gamma` boosts: "sign_aware" boosts the contributions of each output's own sign (stable on negative
+#: outputs, the default) or "textbook" (``w + γw⁺`` for every output, as Captum).
 GammaMode = Literal["sign_aware", "textbook"]
 
 
