@@ -12,6 +12,7 @@ that every name has a docstring and that every public package has its page).
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -43,6 +44,7 @@ extensions = [
 ]
 
 root_doc = "index"
+smartquotes = False  # "--out" stays two hyphens (not an en dash) in the CLI reference and the docstrings
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
 templates_path: list[str] = []
 html_static_path = ["_static"]
@@ -360,6 +362,26 @@ def _setup_api(app) -> None:
             lines[:] = _data_doc(obj, name.rsplit(".", 1)[1])[1]
 
     app.connect("autodoc-process-docstring", data_docstring)
+
+    def config_settings(app, what, name, obj, options, lines):
+        """A system's Config lists its settings (declared with :func:`manifex.experiment.setting`): the default, the
+        command-line flag and the help that ``--help`` prints, from the same declaration."""
+        if what != "class" or not dataclasses.is_dataclass(obj):
+            return
+        fields = [f for f in dataclasses.fields(obj) if "manifex" in f.metadata]
+        if not fields:
+            return
+        lines += ["", ".. rubric:: Settings", ""]
+        for f in fields:
+            meta = f.metadata["manifex"]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            where = "Python only" if not meta["cli"] else f"``{meta['flag'] or '--' + f.name.replace('_', '-')}``"
+            note = "" if meta["result"] else "; does not change the results"
+            help_text = " ".join(meta["help"].split())
+            lines.append(f"- ``{f.name}`` = ``{default!r}`` ({where}{note}): {help_text}")
+        lines.append("")
+
+    app.connect("autodoc-process-docstring", config_settings)
 
 
 def setup(app):
