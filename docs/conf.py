@@ -53,9 +53,12 @@ html_css_files = ["manifex.css"]
 # -- warnings as errors: every manifex reference must resolve ------------------------------------------------
 nitpicky = True
 # Third-party and typing names in signatures cannot be resolved without intersphinx (off: no network at build),
-# so only references outside manifex are ignored; an unresolved ``manifex.*`` reference stays an error.
+# so references into those packages are ignored; any other unresolved reference (a manifex name, qualified or not,
+# that the ``missing-reference`` handler below cannot map to a documented public name) stays an error.
 nitpick_ignore_regex = [
-    (r"py:.*", r"(?!manifex\b).*"),
+    (r"py:.*", r"(torch|numpy|np|matplotlib|scipy|sklearn|quantus|ray|click|jinja2|PIL|normflows|FrEIA|filelock|tqdm"
+               r"|os|pathlib|types|re|typing|collections|dataclasses|concurrent|json|io)(\..*)?"),
+    (r"py:.*", r"(dict|list|tuple|set|type|Callable|Sequence|Mapping|Iterable|Iterator)\[.*"),  # pieces of generics
 ]
 
 # -- autodoc / autosummary / napoleon -------------------------------------------------------------------------
@@ -64,7 +67,6 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_class_signature = "mixed"
 autodoc_inherit_docstrings = False  # a subclass without a docstring must not repeat nn.Module's
-autodoc_default_options = {"members": False}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False  # manifex writes prose and Google-style sections; "-----" rules are prose
 napoleon_use_rtype = False
@@ -201,6 +203,23 @@ def _data_doc(obj, name: str) -> tuple[str | None, list[str]]:
 _MISSING = object()
 
 
+def _import_target(dotted: str):
+    """The object a dotted name designates (a module, or attributes below one), or ``_MISSING``."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return _MISSING
+        return obj
+    return _MISSING
+
+
 def public_names() -> dict[str, list[str]]:
     """``{package: [names of its __all__]}`` for every documented package."""
     return {m: list(importlib.import_module(m).__all__) for m in api_modules()}
@@ -329,30 +348,44 @@ def _setup_api(app) -> None:
         return state["homes"]
 
     def public_reference(app, env, node, contnode):
-        """Resolve ``manifex.x.module.Name`` (an object's defining module, as type hints name it) to its public
-        documented name, when the object is public."""
-        target = node.get("reftarget", "")
-        if node.get("refdomain") != "py" or not target.startswith("manifex."):
+        """Resolve a reference to a public object by another of its names: its defining module's
+        (``manifex.geometry.tangent.TangentSpace``, as type hints name it), a name relative to the docstring's module
+        or one of its parents (``core.target_gradient``), or its bare name when one public object has it
+        (``class_concepts`` in a docstring of :mod:`manifex.concepts.contrast`). What stays unresolved is a warning,
+        an error under ``-W``."""
+        if node.get("refdomain") != "py":
             return None
-        parts = target.split(".")
-        obj = None
-        for i in range(len(parts), 0, -1):
-            try:
-                obj = importlib.import_module(".".join(parts[:i]))
-            except ImportError:
-                continue
-            try:
-                for attr in parts[i:]:
-                    obj = getattr(obj, attr)
-            except AttributeError:
-                return None
-            break
-        if obj is None:
-            return None
-        home = homes().get(id(obj))
+        target = node.get("reftarget", "").lstrip(".~")
+        home = None
+        if target.startswith("manifex."):
+            home = _home_of(_import_target(target), target)
+        else:
+            module = node.get("py:module") or ""
+            parts = module.split(".") if module.startswith("manifex") else []
+            for i in range(len(parts), 0, -1):
+                home = _home_of(_import_target(".".join(parts[:i]) + "." + target), target)
+                if home:
+                    break
+            if home is None:  # a bare public name, or ``Class.member`` of a public class
+                head, _, rest = target.partition(".")
+                named = {h for p, h in canonical().items() if p.endswith("." + head)}
+                if len(named) == 1:
+                    home = named.pop() + (f".{rest}" if rest else "")
         if home is None:
             return None
         return env.get_domain("py").resolve_xref(env, node["refdoc"], app.builder, "obj", home, node, contnode)
+
+    def _home_of(obj, target: str) -> str | None:
+        """The documented name of a public object, or of a method of a public class (``Class.method``)."""
+        if obj is _MISSING:
+            return None
+        if not isinstance(obj, types.ModuleType) and id(obj) in homes():
+            return homes()[id(obj)]
+        owner, _, attr = target.rpartition(".")
+        parent = _import_target(owner) if owner else _MISSING
+        if inspect.isclass(parent) and id(parent) in homes():
+            return f"{homes()[id(parent)]}.{attr}"
+        return None
 
     app.connect("missing-reference", public_reference)
 
@@ -362,6 +395,22 @@ def _setup_api(app) -> None:
             lines[:] = _data_doc(obj, name.rsplit(".", 1)[1])[1]
 
     app.connect("autodoc-process-docstring", data_docstring)
+
+    prose: dict[str, list[str]] = {}
+
+    def keep_attribute_prose(app, what, name, obj, options, lines):
+        """An attribute's or a property's docstring is prose: napoleon would read ``(N, k) float: the scores`` as a type ``(N, k)
+        float`` and a description. Its lines are kept before napoleon runs (priority 100 < 500) and put back after
+        it (priority 900)."""
+        if what in ("attribute", "property"):
+            prose[name] = list(lines)
+
+    def restore_attribute_prose(app, what, name, obj, options, lines):
+        if what in ("attribute", "property") and name in prose:
+            lines[:] = prose.pop(name)
+
+    app.connect("autodoc-process-docstring", keep_attribute_prose, priority=100)
+    app.connect("autodoc-process-docstring", restore_attribute_prose, priority=900)
 
     def config_settings(app, what, name, obj, options, lines):
         """A system's Config lists its settings (declared with :func:`manifex.experiment.setting`): the default, the

@@ -73,7 +73,7 @@ class Prototypes:
 def resolve_pool(pool: int | str, layer_grid: tuple[int, ...], layer: str = "the layer") -> int:
     """The pool size for a layer whose spatial grid is ``layer_grid`` (h, w) (``()`` for a dense (N, C) layer).
 
-    ``"auto"``: the largest pool <= :data:`MAX_AUTO_POOL` that leaves a pooled grid of at least 2×2 (1 when the
+    ``"auto"``: the largest pool <= ``MAX_AUTO_POOL`` (4) that leaves a pooled grid of at least 2×2 (1 when the
     layer's grid is smaller than 4×4; MNIST-5k's blocks.2, 8×8: 4; digits8's blocks.2, 2×2: 1). An int larger
     than the grid is refused (InputError), since the pooled grid would be empty."""
     if pool == "auto":

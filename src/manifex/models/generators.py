@@ -208,7 +208,7 @@ class Generator:
         return bpd + math.log2(levels) if levels else bpd
 
     def round_trip(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(decode(encode(x)), per-example max |decode(encode(x)) − x|), both detached."""
+        """``(decode(encode(x)), per-example max |decode(encode(x)) − x|)``, both detached."""
         with torch.no_grad():
             xr = self.decode(self.encode(x))
         err = (xr - x).reshape(x.shape[0], -1).abs().amax(1)
