@@ -9,8 +9,9 @@ Checks, per page, after it has loaded (scripts run, MathJax included):
   and its anchor is an ``id`` (or ``<a name>``) on the page it points to;
 - the page is not wider than the window: ``document.documentElement.scrollWidth <= --width`` at a window of
   ``--width`` pixels;
-- the page requests nothing from the network (any request other than ``file:``, ``data:``, ``blob:`` or
-  ``about:``; they are blocked, and listed).
+- the page requests nothing from the network: no request other than ``file:``, ``data:``, ``blob:`` or ``about:``
+  while it loads (they are blocked, and listed), and no network URL in the ``src``/``href`` of a script, stylesheet,
+  image, frame or media element of its markup.
 
 One Chromium runs for the whole site and is driven over the DevTools protocol on a pipe
 (``--remote-debugging-pipe``: JSON messages separated by NUL bytes on file descriptors 3 and 4), so nothing
@@ -203,7 +204,7 @@ def check_site(site: Path, *, chromium: str = CHROMIUM, width: int = 1280, timeo
             rel = page.relative_to(site)
             info, network = visit(browser, page, timeout)
             measured[page] = info
-            for url in sorted(set(network)):
+            for url in sorted(set(network) | set(_static_requests(page))):
                 problems.append(f"{rel}: requests the network: {url}")
             for img in info["images"]:
                 if not img["ok"] or img["width"] == 0:
@@ -239,7 +240,7 @@ def check_site(site: Path, *, chromium: str = CHROMIUM, width: int = 1280, timeo
     seconds = time.monotonic() - start
     verdict = "FAILED" if problems else "ok"
     print(f"check_site: {verdict}: {len(pages)} pages, {sum(len(m['images']) for m in measured.values())} images, "
-          f"{len(seen)} internal links, {len(problems)} problems ({seconds:.1f} s)", file=out)
+          f"{len(seen)} internal links, {len(problems)} problem{'' if len(problems) == 1 else 's'} ({seconds:.1f} s)", file=out)
     return len(problems)
 
 
@@ -251,6 +252,14 @@ def _short(url: str, site: Path) -> str:
     except ValueError:
         pass
     return path + (f"#{frag}" if frag else "")
+
+
+def _static_requests(page: Path) -> list[str]:
+    """Network URLs that a page's markup loads (script, stylesheet, image, frame, media), found in its source: also
+    those the browser would fetch only later (a lazy image below the fold, a preload)."""
+    text = page.read_text(errors="replace")
+    return re.findall(r'<(?:script|link|img|iframe|source|video|audio|embed|object)\b[^>]*?\b(?:src|href|data)='
+                      r'["\']((?:https?:)?//[^"\']+)', text, re.I)
 
 
 def _static_ids(page: Path) -> list[str]:
