@@ -68,7 +68,8 @@ autodoc_typehints = "signature"
 autodoc_class_signature = "mixed"
 autodoc_inherit_docstrings = False  # a subclass without a docstring must not repeat nn.Module's
 napoleon_google_docstring = True
-napoleon_numpy_docstring = False  # manifex writes prose and Google-style sections; "-----" rules are prose
+napoleon_numpy_docstring = False  # manifex's docstrings are prose (Google-style sections would be read); an
+# underlined heading such as "Conventions\n-----" stays a heading, not a NumPy section
 napoleon_use_rtype = False
 python_use_unqualified_type_names = True
 add_module_names = True
