@@ -232,14 +232,15 @@ def canonical_names() -> dict[str, str]:
     An object exported by several packages is documented once, in the exporting package that contains the module
     defining it (the deepest one); elsewhere it is listed and gets a short entry that points there.
     """
-    exporters: dict[int, list[str]] = {}
-    objects: dict[int, object] = {}
+    exporters: dict[tuple, list[str]] = {}
+    objects: dict[tuple, object] = {}
     names = public_names()
     for pkg, all_ in names.items():
         module = importlib.import_module(pkg)
         for name in all_:
             obj = _public(module, name)
-            key = id(obj) if _kind(obj) != "data" else id(obj) ^ hash(name)
+            # a constant is the same public object only under the same name (equal small values may be one object)
+            key = (id(obj), None if _kind(obj) != "data" else name)
             exporters.setdefault(key, []).append(f"{pkg}.{name}")
             objects[key] = obj
     result = {}
