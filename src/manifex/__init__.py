@@ -29,6 +29,7 @@ from .evaluation import evaluate
 from .geometry.spectrum import GeneratorSpectrum, generator_spectrum
 from .models.generators import Generator, as_generator, invert_generator
 
+#: The installed version of manifex (``manifex --version`` prints it too).
 __version__ = "0.1.0"
 
 __all__ = [

@@ -6,7 +6,7 @@ on their device (CPU or CUDA) and gradients flow where the metric is differentia
 ``ssim``, ``output_change().max_prob_change``, ``perturbation_norms``).
 
 Explanation maps are ``(N, H, W)`` or ``(N, C, H, W)``. The metrics compare *whatever they are given*:
-they never sum channels or normalise. To compare maps the way the research code did (sum of |relevance|
+they never sum channels or normalise. To compare maps the way the research code did (sum of ``|relevance|``
 over channels, normalised to sum 1), pass them through :func:`normalize_map` first::
 
     s = ssim(normalize_map(h_adv), normalize_map(h_target))
@@ -358,6 +358,8 @@ def _linf(x: torch.Tensor, x_adv: torch.Tensor, pixel_scale: float | Sequence[fl
     return perturbation_norms(x, x_adv, pixel_scale).linf
 
 
+#: The metrics by name: ``{name: Metric(function, higher_is_better, category, bounds, description)}``, in three
+#: categories: similarity of two maps, change of the output, size of the input change.
 METRICS: dict[str, Metric] = {
     "mse": Metric(mse, higher_is_better=False, category="similarity", bounds=(0.0, math.inf),
                   description="mean squared difference of the maps"),

@@ -10,7 +10,7 @@ Conventions
 - A *map* is (H, W) or (C, H, W). Channels are reduced before display: by **sum** for signed maps
   (positive and negative relevance in different channels may cancel, as they do for the dot product with
   the input) and by **sum of absolute values** for absolute maps.
-- Normalisation uses percentile clipping: the scale is the ``clip_quantile`` quantile of |map|, so a few
+- Normalisation uses percentile clipping: the scale is the ``clip_quantile`` quantile of ``|map|``, so a few
   extreme pixels do not wash out the rest. Signed maps go to [-1, 1] symmetrically (0 stays 0, -a ↦ -f(a))
   and are drawn with the blue-white-red colormap ``"bwr"``; absolute maps go to [0, 1].
 """
@@ -54,7 +54,7 @@ def to_numpy(a: Any) -> np.ndarray:
 
 
 def reduce_channels(a: Any, mode: Literal["sum", "abs"]) -> np.ndarray:
-    """(H, W) from a map (H, W) or (C, H, W): channel sum (``"sum"``) or sum of |·| (``"abs"``)."""
+    """(H, W) from a map (H, W) or (C, H, W): channel sum (``"sum"``) or sum of ``|·|`` (``"abs"``)."""
     x = to_numpy(a)
     if x.ndim == 3:
         x = x.sum(axis=0) if mode == "sum" else np.abs(x).sum(axis=0)
@@ -81,7 +81,7 @@ def _scale(values: np.ndarray, clip_quantile: float) -> float:
 
 
 def signed_heatmap(a: Any, clip_quantile: float = 0.995, *, scale: float | None = None) -> np.ndarray:
-    """Signed map → (H, W) in [-1, 1]: channel sum, divided by the ``clip_quantile`` quantile of |a|, clipped.
+    """Signed map → (H, W) in [-1, 1]: channel sum, divided by the ``clip_quantile`` quantile of ``|a|``, clipped.
 
     Symmetric: 0 ↦ 0 and -a ↦ -f(a). Draw with ``cmap="bwr", vmin=-1, vmax=1``. An all-zero map stays zero.
     ``scale`` overrides the per-map quantile (to put several maps on one scale).
@@ -94,7 +94,7 @@ def signed_heatmap(a: Any, clip_quantile: float = 0.995, *, scale: float | None 
 
 
 def absolute_heatmap(a: Any, clip_quantile: float = 0.995, *, scale: float | None = None) -> np.ndarray:
-    """Map → (H, W) in [0, 1]: channel sum of |a|, divided by its ``clip_quantile`` quantile, clipped.
+    """Map → (H, W) in [0, 1]: channel sum of ``|a|``, divided by its ``clip_quantile`` quantile, clipped.
 
     Draw with an absolute colormap such as ``"magma"``, ``vmin=0, vmax=1``. ``scale`` overrides the quantile.
     """
@@ -188,8 +188,8 @@ def image_grid(
     """A grid of images and maps; ``rows[i][j]`` is drawn as ``kinds[j]`` (``None`` leaves a blank cell).
 
     - ``"image"``: via :func:`as_image`, grey or RGB.
-    - ``"signed"``: channel sum, ``bwr`` on a symmetric scale; ``"absolute"``: channel sum of |·|, ``magma``.
-    - Scales are the ``clip_quantile`` quantile of |map|: per cell, or per column when ``shared_scale``
+    - ``"signed"``: channel sum, ``bwr`` on a symmetric scale; ``"absolute"``: channel sum of ``|·|``, ``magma``.
+    - Scales are the ``clip_quantile`` quantile of ``|map|``: per cell, or per column when ``shared_scale``
       (then maps in a column are comparable, and a colorbar in the maps' own units is drawn under it;
       ``colorbar`` overrides that).
 

@@ -70,7 +70,7 @@ class AlignExperiment(Experiment):
 
     def load_data(self, run: Run) -> None:
         """The base data (for ``known:<data>`` the data the VAE learns), loaded and checked once; the split and the
-        generated data come in :meth:`derive_data`, after the settings are claimed."""
+        generated data come in :meth:`~manifex.experiment.Experiment.derive_data`, after the settings are claimed."""
         from ..models.resolve import resolve_data
 
         cfg = run.config

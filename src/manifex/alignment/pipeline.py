@@ -27,6 +27,8 @@ from .result import SEED_REFERENCE
 
 __all__ = ["AlignConfig", "DEFAULT_METHODS", "prepare_data", "attribute_chunks", "load_chunks"]
 
+#: The attribution methods ``manifex align`` scores when ``--methods`` is not given (the five of the research;
+#: random vectors are scored beside them as the baseline).
 DEFAULT_METHODS = ("gradient", "input_x_gradient", "integrated_gradients_path", "integrated_gradients", "smoothgrad")
 
 

@@ -152,7 +152,7 @@ def selected_output(model: object, output: OutputSelector = None) -> Iterator[No
     """Inside, every call of ``model`` (by an explainer, LRP's hooks or ``manipulate``) returns the logits
     tensor picked by ``output``; a model that returns a tuple/dict without a selector raises InputError
     naming the option. For an ``nn.Module`` by a forward hook (removed on exit, also on an exception);
-    for a plain callable through :func:`call_model`. Nested selections on one model: the innermost
+    for a plain callable through ``call_model``. Nested selections on one model: the innermost
     non-None selector applies."""
     output = check_output_selector(output)
     first = not _selector_for(model)[0]

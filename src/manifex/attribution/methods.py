@@ -247,7 +247,7 @@ class IntegratedGradients(Explainer):
 
     @property
     def method(self) -> str:
-        """Deprecated name of :attr:`integration`."""
+        """Deprecated name of ``integration`` (the integration rule given to the constructor)."""
         return self.integration
 
     def _baseline_like(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,9 @@ def _smoothgrad(model, *, base: str = "gradient", **options) -> Explainer:
     return SmoothGrad(make_explainer(model, base, **inner_opts), **options)
 
 
+#: The attribution methods by registry name: ``{name: MethodSpec(factory, description, default options)}``.
+#: :func:`explain` and :func:`make_explainer` take these names (or an alias of :data:`ALIASES`); ``manifex methods``
+#: prints the table.
 METHODS: dict[str, MethodSpec] = {
     "deeplift": MethodSpec(DeepLift, "DeepLift (Rescale), baseline 0 (Captum DeepLift; with layer= LayerDeepLift)"),
     "gradient": MethodSpec(Gradient, "signed gradient of the target logit"),
@@ -67,6 +70,8 @@ METHODS: dict[str, MethodSpec] = {
     "lrp_epsilon_plus": MethodSpec(LRPEpsilonPlus, "LRP: z+ on conv, ε on dense layers", {"epsilon": 1e-6}),
 }
 
+#: Other names of the methods: ``{alias: registry name of METHODS}`` (short forms such as ``ig`` and ``sg``, and
+#: Captum's class names such as ``noisetunnel``), lower-case.
 ALIASES: dict[str, str] = {
     "lrp_zplus": "lrp_alpha1beta0",
     "lrp_z_plus": "lrp_alpha1beta0",
@@ -117,6 +122,7 @@ def _canonical_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def method_names() -> list[str]:
+    """The registry names of every attribution method (the keys of :data:`METHODS`), sorted; aliases excluded."""
     return sorted(METHODS)
 
 

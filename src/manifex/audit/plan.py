@@ -16,6 +16,8 @@ from ..experiment import setting
 
 __all__ = ["AuditConfig", "BUDGETS", "STAGES", "stage_configs", "find_concept_layer"]
 
+#: The audit's budgets (``--budget``), from a smoke run of minutes to the research's sample counts; the numbers
+#: of each stage per budget are in :func:`stage_configs`.
 BUDGETS = ("quick", "standard", "thorough")
 #: The stages in the order they run (each in ``out_dir/<stage>/``).
 STAGES = ("evaluate", "attack", "smooth", "counterfactual", "concepts", "contrast")

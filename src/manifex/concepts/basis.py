@@ -50,6 +50,8 @@ from .nmf import NMF_SOLVERS, nmf, nmf_error
 __all__ = ["ConceptBasis", "class_concepts", "RELEVANCES", "predict_classes", "as_images", "relevance_explainer",
            "select_class_images"]
 
+#: The relevance that weights the activations before the NMF (:func:`class_concepts`): the layer attribution of
+#: the class logit by DeepLift, Integrated Gradients or gradient × activation, or "none" (plain activations).
 RELEVANCES = ("deeplift", "integrated_gradients", "gradient_x_activation", "none")
 _DEFAULT_OPTIONS = {"n_samples": 20, "sigma": "auto", "baseline": "auto", "noise": None, "steps": 50, "relu": True}
 

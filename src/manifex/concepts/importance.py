@@ -37,6 +37,8 @@ from .nmf import nmf_transform
 
 __all__ = ["concept_importance", "concept_coefficients", "sobol_masks", "jansen_total_indices", "IMPORTANCE_METHODS"]
 
+#: How :func:`concept_importance` scores a concept: "sobol" (total Sobol indices of masked concept coefficients)
+#: or "gradient" (coefficient times the gradient of the class logit).
 IMPORTANCE_METHODS = ("sobol", "gradient")
 
 

@@ -34,6 +34,8 @@ from .basis import ConceptBasis, as_images
 
 __all__ = ["concept_maps", "concept_direction", "MAP_METHODS"]
 
+#: How :func:`concept_maps` locates a concept in the input: an attribution of the concept's direction in the
+#: layer ("lrp", "deeplift", "gradient_x_input") or the coefficient map upsampled to the image ("upsampled").
 MAP_METHODS = ("lrp", "deeplift", "gradient_x_input", "upsampled")
 
 

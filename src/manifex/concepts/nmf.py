@@ -32,6 +32,8 @@ from ..errors import InputError
 __all__ = ["nmf", "nmf_error", "NMF_SOLVERS", "matched_cosine", "nmf_transform"]
 
 Solver = Literal["auto", "hals", "mu", "sklearn"]
+#: The solvers :func:`nmf` takes: "hals" (batched coordinate descent on the model's device, as scikit-learn's NMF
+#: updates), "mu" (batched multiplicative updates), "sklearn" (scikit-learn, one matrix per call) or "auto" (= "hals").
 NMF_SOLVERS = ("auto", "hals", "mu", "sklearn")
 
 # "auto" = "hals" everywhere. Measured (benchmarks/bench_concepts.py, 10 classes × 3,840 rows × 64 channels,

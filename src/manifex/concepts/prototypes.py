@@ -33,6 +33,7 @@ from .basis import ConceptBasis, as_images, predict_classes
 __all__ = ["Prototypes", "concept_prototypes", "pooled_activations", "pooled_concept_relevance", "cell_boxes", "crop_boxes",
            "resolve_pool", "MAX_AUTO_POOL", "RANK_BY"]
 
+#: How :func:`concept_prototypes` ranks the image cells of a concept: by its activation or by its relevance.
 RANK_BY = ("activation", "relevance")
 
 #: The largest pool that ``pool="auto"`` picks (the CLI's MNIST-5k setting: 16-px cells at blocks.2).
@@ -72,7 +73,7 @@ class Prototypes:
 def resolve_pool(pool: int | str, layer_grid: tuple[int, ...], layer: str = "the layer") -> int:
     """The pool size for a layer whose spatial grid is ``layer_grid`` (h, w) (``()`` for a dense (N, C) layer).
 
-    ``"auto"``: the largest pool <= :data:`MAX_AUTO_POOL` that leaves a pooled grid of at least 2×2 (1 when the
+    ``"auto"``: the largest pool <= ``MAX_AUTO_POOL`` (4) that leaves a pooled grid of at least 2×2 (1 when the
     layer's grid is smaller than 4×4; MNIST-5k's blocks.2, 8×8: 4; digits8's blocks.2, 2×2: 1). An int larger
     than the grid is refused (InputError), since the pooled grid would be empty."""
     if pool == "auto":
@@ -88,7 +89,7 @@ def resolve_pool(pool: int | str, layer_grid: tuple[int, ...], layer: str = "the
 @torch.no_grad()
 def pooled_activations(model: nn.Module, x: torch.Tensor, layer: str | nn.Module, *, pool: int | str = 2,
                        batch_size: int = 256) -> torch.Tensor:
-    """The layer's activations of every image, ``pool``×``pool`` average-pooled: (N, c, h, w) on the CPU
+    """The layer's activations of every image, ``pool`` × ``pool`` average-pooled: (N, c, h, w) on the CPU
     (``pool="auto"``: see :func:`resolve_pool`; a pool larger than the layer's grid is an InputError, raised
     on the first batch). The model's state is left as found."""
     dev = model_device(model)
@@ -112,7 +113,7 @@ def pooled_concept_relevance(model: nn.Module, x: torch.Tensor, basis: ConceptBa
                              batch_size: int = 64, output: OutputSelector = None) -> torch.Tensor:
     """Per image, the relevance of every concept of ``basis`` for its class at every pooled cell:
     (N, C, k, h, w) on the CPU, ⟨a, ĥ⟩ · ⟨∂f_class/∂a, ĥ⟩ per position (ĥ the unit concept vector),
-    ``pool``×``pool`` average-pooled (see the module docstring). One layer-gradient pass per class and batch,
+    ``pool`` × ``pool`` average-pooled (see the module docstring). One layer-gradient pass per class and batch,
     on the model's device; the model's state is left as found."""
     module, name = resolve_layer(model, basis.layer)
     vecs = torch.nn.functional.normalize(basis.vectors.detach().double(), dim=-1)  # (C, k, c)

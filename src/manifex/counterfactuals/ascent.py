@@ -75,14 +75,14 @@ def default_lr(kind: str | None, generator: Any = None) -> float:
 class CounterfactualResult:
     """Counterfactuals of a batch of N examples.
 
-    ``x_cf`` (N, *x_shape): the counterfactual, clipped to the box, at the step the search stopped.
+    ``x_cf`` ``(N, *x_shape)``: the counterfactual, clipped to the box, at the step the search stopped.
     ``success`` (N,) bool: the stop criterion was met within ``max_steps``. ``steps`` (N,) long: optimiser
     steps taken (0 when the start already met the criterion). ``p_target`` (N,): p(target | x_cf), or the
     objective at x_cf for regression. ``already`` (N,) bool: the model already predicted the target at x
     (argmax; regression: the objective was already past ``stop_value``) — such rows take zero steps.
     ``z_cf``: latent code(s) at x_cf (a tensor or a list for multi-scale latents; ``None`` in pixel space).
-    ``x_recon`` = decode(encode(x)) and ``recon_error`` (N,) = max |x_recon − x| (``None`` in pixel space).
-    ``delta`` = x_cf − x. ``path`` (N, K, *x_shape) and ``path_steps`` (N, K): K frames from the start to
+    ``x_recon`` = decode(encode(x)) and ``recon_error`` (N,) = ``max |x_recon − x|`` (``None`` in pixel space).
+    ``delta`` = x_cf − x. ``path`` ``(N, K, *x_shape)`` and ``path_steps`` (N, K): K frames from the start to
     x_cf (``record_path=K``), else ``None``. Classification only (else ``None``): ``original`` (N,) the classifier's
     class at x (argmax), ``prediction`` (N,) its class at x_cf. ``group`` (N,): the input each row belongs to
     (``n_per_input=K``: rows i·K … i·K + K − 1 are input i's K counterfactuals; ``None`` for K = 1).

@@ -158,7 +158,7 @@ class MetricInfo:
     source: str = "quantus"
 
 
-#: manifex's own metrics (computed in torch; Quantus-compatible callables in :mod:`.manifold`).
+#: manifex's own metrics (computed in torch; Quantus-compatible callables in ``manifex.evaluation.manifold``).
 MANIFEX_METRICS: dict[str, MetricInfo] = {
     "TangentAlignment": MetricInfo("TangentAlignment", "manifold", True, False,
                                    "‖P_T E‖/‖E‖ of the attribution in the data manifold's tangent space, over the random "

@@ -8,7 +8,7 @@
    ``n`` test images, every Quantus metric of ``metrics`` (through :func:`.bridge.evaluate`), the tangent alignment
    and the three deletion curves (black, ROAD, in-filled from the generator) with the perturbed images' distance
    to the manifold.
-4. ``metrics.json`` and ``report.html`` (:mod:`.report`).
+4. ``metrics.json`` and ``report.html`` (``report``).
 """
 from __future__ import annotations
 

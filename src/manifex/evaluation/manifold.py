@@ -34,6 +34,8 @@ __all__ = ["tangent_alignment", "TangentAlignmentResult", "deletion_curves", "De
            "manifold_infill", "manifold_distance", "road_impute", "TangentAlignment", "ManifoldDeletion", "BatchedPixelFlipping",
            "PERTURBATIONS"]
 
+#: What a deleted pixel becomes in the deletion curves: "black" (0), "road" (ROAD's noisy linear imputation from
+#: its neighbours) or "manifold" (in-filled by the generative model, so the image stays on the data manifold).
 PERTURBATIONS = ("black", "road", "manifold")
 
 #: the trapezoid rule (NumPy 2 renamed np.trapz to np.trapezoid and NumPy 2.4 removed the old name)
@@ -124,9 +126,9 @@ def manifold_distance(generator: Any, x: torch.Tensor, z_init: Sequence[torch.Te
 
 def manifold_infill(generator: Any, x: torch.Tensor, keep: torch.Tensor, *, steps: int = 100, lr: float = 0.05,
                     z_init: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The removed pixels (``keep`` False; (N, 1 or C, H, W)) of x in-filled from the generator: z* minimises
+    """The removed pixels (``keep`` False; (N, 1 or C, H, W)) of x in-filled from the generator: ``z*`` minimises
     ‖keep ⊙ (decode(z) − x)‖² (Adam, ``steps``, from ``z_init``, default the prior's mode 0: no removed pixel
-    leaks in), and the result is x on the kept pixels, decode(z*) elsewhere. Returns (images, z*)."""
+    leaks in), and the result is x on the kept pixels, ``decode(z*)`` elsewhere. Returns ``(images, z*)``."""
     g = _generator(generator)
     x = x.detach().to(g.device)
     keep = keep.to(device=x.device, dtype=x.dtype).expand_as(x)

@@ -33,7 +33,7 @@ def setting(default: Any, help: str, *, flag: str | None = None, parse: str | No
             old_flags: Sequence[str] = ()) -> Any:
     """A Config field with its CLI and guard metadata (see the module docstring).
 
-    ``flag``: the option name when it is not ``--<field-name>``; ``parse``: one of :data:`PARSERS`;
+    ``flag``: the option name when it is not ``--<field-name>``; ``parse``: one of ``PARSERS`` (csv, ints, floats, fraction, int_or_auto, lr, pairs, pair, betas, beta_pair);
     ``choices``: allowed values; ``low``/``high``: the numeric range (inclusive); ``result=False``: the field
     never changes a record (device, batch sizes) and is left out of the settings guard; ``cli=False``: no option
     (set in Python only); ``old_flags``: earlier names of the option, still accepted for one release with a

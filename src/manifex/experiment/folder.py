@@ -32,6 +32,8 @@ from ..runs.settings import settings_diff
 
 __all__ = ["ExperimentFolder", "EXPERIMENT_FILE", "write_metrics"]
 
+#: The file in an experiment folder that records the resolved settings, the model's identity and the data; a
+#: resumed run compares it and refuses a changed setting.
 EXPERIMENT_FILE = "experiment.json"
 
 

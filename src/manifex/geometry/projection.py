@@ -91,8 +91,8 @@ def decompose(E: torch.Tensor, tangent: TangentSpace | torch.Tensor) -> tuple[to
 def alignment(E: torch.Tensor, tangent: TangentSpace | torch.Tensor) -> torch.Tensor:
     """Fraction of E in the tangent space, ‖P_T E‖₂ / ‖E‖₂ per sample, shape (N,), in [0, 1].
 
-    ``E`` is any attribution tensor (N, *x_shape) — from manifex, Captum or elsewhere. The score is
-    scale-invariant and computed so: each row is divided by its largest |entry| first, so E × 1e20 or
+    ``E`` is any attribution tensor ``(N, *x_shape)`` — from manifex, Captum or elsewhere. The score is
+    scale-invariant and computed so: each row is divided by its largest ``|entry|`` first, so E × 1e20 or
     E × 1e-22 in float32 scores exactly like E. Only samples with E exactly 0 get NaN (the score is
     undefined), with a warning. Compare with :func:`random_baseline`.
     """
@@ -130,7 +130,7 @@ def random_baseline(k: int, d: int, *, rms: bool = False) -> float:
 
 
 def tangent_mass(tangent: TangentSpace | torch.Tensor) -> torch.Tensor:
-    """Per-pixel tangent mass diag(U Uᵀ), shaped (N, *x_shape); sums to the rank of each sample."""
+    """Per-pixel tangent mass diag(U Uᵀ), shaped ``(N, *x_shape)``; sums to the rank of each sample."""
     basis = _basis(tangent)
     return (basis * basis).sum(1)
 

@@ -35,7 +35,7 @@ class GeneratorSpectrum:
     """Spectrum of ∂decode/∂z for a batch.
 
     ``singular_values`` (N, r), largest first (r = k for the exact method, ``top`` for the randomised one);
-    ``vectors`` (N, r, *x_shape): left singular vectors, orthonormal rows (data space); ``right_vectors`` (N, r, k):
+    ``vectors`` ``(N, r, *x_shape)``: left singular vectors, orthonormal rows (data space); ``right_vectors`` (N, r, k):
     right singular vectors (flat latent space); ``dimension`` (N,) from :func:`estimate_dimension` on the returned
     values; ``method``: "exact" or "randomized".
     """

@@ -30,7 +30,7 @@ def default_rtol(d: int, k: int, dtype: torch.dtype) -> float:
 class TangentSpace:
     """Orthonormal tangent bases of a batch.
 
-    ``basis`` (N, r, *x_shape): rows ``basis[i, :rank[i]]`` are orthonormal and span T_x of sample i,
+    ``basis`` ``(N, r, *x_shape)``: rows ``basis[i, :rank[i]]`` are orthonormal and span T_x of sample i,
     ordered by decreasing singular value; r = max(rank). Rows at positions ≥ ``rank[i]`` are exactly zero
     (only when ranks differ within the batch) — they add nothing to projections, and ``rank`` says how many
     are real. ``singular_values`` (N, k) are those of the Jacobian, largest first.
@@ -149,7 +149,7 @@ def _jacobian_groups(
 
 
 def decoder_jacobian(decoder: Decoder, z: torch.Tensor, *, max_rows: int = 256, progress: bool = False) -> torch.Tensor:
-    """Jacobian rows ``J[i, j] = ∂decoder(z_i)/∂z_ij`` as a tensor (N, k, *x_shape), by forward-mode AD.
+    """Jacobian rows ``J[i, j] = ∂decoder(z_i)/∂z_ij`` as a tensor ``(N, k, *x_shape)``, by forward-mode AD.
 
     Each pass pushes one-hot tangents through ``torch.func.jvp`` for a chunk of (sample, direction) pairs;
     ``max_rows`` bounds the pairs per pass, hence the memory of a pass.

@@ -242,7 +242,7 @@ def _check_number(name: str, value: object, *, low: float, inclusive: bool = Fal
 
 
 def prepare_maps(explanation: torch.Tensor, *, signed: bool = False) -> torch.Tensor:
-    """The map an explanation (N, H, W) or (N, C, H, W) is compared by: ``signed=False`` Σ_c |e| normalised
+    """The map an explanation (N, H, W) or (N, C, H, W) is compared by: ``signed=False`` ``Σ_c |e|`` normalised
     to sum 1 per example (the research comparison); ``signed=True`` the signed channel sum Σ_c e, unscaled."""
     return normalize_map(explanation, "none" if signed else "abs_sum")
 
@@ -409,7 +409,7 @@ def manipulate(
     pass the [0, 1] pixel box in that space: ``box=normalized_box(mean, std)``.
     ``epsilon``/``norm``: optional per-example budget ‖x_adv − x‖ ≤ ε (``"linf"`` or ``"l2"``, in the
     units of x), projected after each step. ``signed``: compare signed channel sums instead of normalised
-    |relevance|; with ``preserve_relevance`` each target is rescaled to the original explanation's total
+    ``|relevance|``; with ``preserve_relevance`` each target is rescaled to the original explanation's total
     relevance (the fork's setting). ``beta_growth=(β0, β1)``: softplus(β) instead of ReLU during the attack,
     β growing geometrically from β0 to β1 (the reference output g(x) is then taken at the current β, so the
     output term measures the change caused by the perturbation, not by the smoothing). ``stop_pcc``: an example stops (its x_adv is frozen) once the

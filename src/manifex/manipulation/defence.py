@@ -326,12 +326,12 @@ def hessian_power_iteration(
     Hessian-vector product (double backprop through the engine's gradient path
     :func:`~manifex.attribution.core.target_gradient` with ``create_graph=True``), takes the Rayleigh
     quotient λ_i = v_iᵀ H_i v_i and normalises v_i ← H_i v_i / ‖H_i v_i‖ per example. An example stops
-    (its λ and v are frozen) when |λ_k − λ_{k−1}| ≤ ``tol`` · |λ_k|, or after ``iterations`` products,
+    (its λ and v are frozen) when ``|λ_k − λ_{k−1}| ≤ tol · |λ_k|``, or after ``iterations`` products,
     so a batch gives the same numbers as its examples one at a time. All examples start from one
     random unit vector drawn from ``seed`` (independent of the batch composition).
 
     Power iteration finds the eigenvalue of largest **magnitude** (returned signed); it converges at the
-    rate (|λ₂|/|λ₁|)² in λ, slowly when the two largest magnitudes are close, and oscillates when the
+    rate ``(|λ₂|/|λ₁|)²`` in λ, slowly when the two largest magnitudes are close, and oscillates when the
     top two are ±λ of equal magnitude. Raise ``iterations`` and lower ``tol`` for precise values.
 
     ``target``: the class score (int, (N,) tensor or callable, see :data:`~manifex.attribution.Target`);
@@ -481,7 +481,7 @@ def robustness_sweep(
     difference: how far the budget moved the map, the manipulability; the "before" differs per β because
     each smoothed model has its own maps), ``pcc_manip_orig``,
     ``ssim_manip_target``, ``ssim_orig_target`` (None for maps under 11×11), ``mse_manip_target``,
-    ``max_dp`` (mean max |Δp|), ``l2``, ``linf``; ``top1_kept_rate``; ``curvature`` = mean |λ_max| of the
+    ``max_dp`` (mean ``max |Δp|``), ``l2``, ``linf``; ``top1_kept_rate``; ``curvature`` = mean ``|λ_max|`` of the
     input Hessian of the explained class score on the originals (same model, the class it predicts),
     ``curvature_median``; with ``data``: ``accuracy`` of the model at this β, ``accuracy_relu`` and
     ``accuracy_cost`` = accuracy_relu − accuracy (else None).
@@ -625,8 +625,8 @@ def plot_beta_curves(sweep_results: Sequence[dict[str, Any]], path: str | os.Pat
     """Attack success and its cost against β: a :class:`matplotlib.figure.Figure` (saved as PNG at ``path``).
 
     Left panel: PCC of the manipulated map to the target (attack success; the PCC before the attack
-    dotted) and mean max |Δp| (output change, twin axis) against β on a log axis. Right panel: the
-    accuracy of the softplus(β) model and the curvature (mean |λ_max| of the input Hessian, twin log axis)
+    dotted) and mean ``max |Δp|`` (output change, twin axis) against β on a log axis. Right panel: the
+    accuracy of the softplus(β) model and the curvature (mean ``|λ_max|`` of the input Hessian, twin log axis)
     against β. The ReLU model (β = inf) is drawn at the right end, labelled "ReLU"; it has no curvature
     point: its Hessian is zero almost everywhere (the curvature sits in the kinks, the β → ∞ limit), which
     the panel notes instead of plotting a misleading 0. Legends sit below the panels. ``sweep_results``:

@@ -26,6 +26,7 @@ from .training import (
     pgd_l2,
     predict,
 )
+from .resolve import ModelInfo
 from .zoo import get_classifier, get_generative, state_fingerprint
 
 __all__ = [
@@ -36,5 +37,5 @@ __all__ = [
     "flatten_latent", "unflatten_latent", "ImageFlow", "VectorFlow", "DCGAN",
     "GeneratorTrainConfig", "fit_generator", "get_image_flow", "get_vector_flow", "get_helix_flow", "get_gan", "get_generator",
     "AdversarialConfig", "GenerativeTrainConfig", "TrainConfig", "accuracy", "fit_classifier", "fit_generative",
-    "pgd_l2", "predict", "get_classifier", "get_generative", "state_fingerprint",
+    "pgd_l2", "predict", "get_classifier", "get_generative", "state_fingerprint", "ModelInfo",
 ]

@@ -108,6 +108,7 @@ class SmallResNet(nn.Module):
         return self.head(self.blocks(self.stem(x)))
 
 
+#: The built-in classifiers by name (``--classifier``): ``{name: class(in_shape, num_classes)}``.
 CLASSIFIERS = {"mlp": MLP, "lenet": LeNet, "vgg": SmallVGG, "resnet": SmallResNet}
 
 
@@ -124,6 +125,8 @@ class ClassifierConfig:
 
 
 def build_classifier(config: ClassifierConfig) -> nn.Module:
+    """An untrained built-in classifier: ``config.arch`` from :data:`CLASSIFIERS` for images of ``config.in_shape``
+    (C, H, W) and ``config.num_classes`` logits."""
     if config.arch not in CLASSIFIERS:
         raise InputError(f"unknown classifier {config.arch!r}; choose one of {', '.join(CLASSIFIERS)}.")
     return CLASSIFIERS[config.arch](tuple(config.in_shape), config.num_classes)

@@ -184,6 +184,9 @@ class GenerativeConfig:
 
 
 def build_generative(config: GenerativeConfig) -> GenerativeModel:
+    """An untrained generative model: a :class:`VAE` or a :class:`ConvAutoencoder` (``config.arch``) for images of
+    ``config.image_shape`` (C, H, W) with ``config.latent_dim`` latent dimensions (the VAE's k, the autoencoder's
+    latent channels)."""
     if config.arch == "vae":
         return VAE(tuple(config.image_shape), config.latent_dim)
     if config.arch == "autoencoder":

@@ -161,14 +161,14 @@ class Generator:
         return self._log_prob is not None
 
     def encode(self, x: torch.Tensor) -> Latent:
-        """x (N, *x_shape) → z (tensor or list of tensors, batch-first). Raises ModelError on non-finite z."""
+        """x ``(N, *x_shape)`` → z (tensor or list of tensors, batch-first). Raises ModelError on non-finite z."""
         z = self._encode(x)
         _parts(z)
         _check_finite_latent(z, "encode")
         return z
 
     def decode(self, z: Latent) -> torch.Tensor:
-        """z → x (N, *x_shape)."""
+        """z → x ``(N, *x_shape)``."""
         return self._decode(z)
 
     def __call__(self, z: Latent) -> torch.Tensor:
@@ -208,7 +208,7 @@ class Generator:
         return bpd + math.log2(levels) if levels else bpd
 
     def round_trip(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(decode(encode(x)), per-example max |decode(encode(x)) − x|), both detached."""
+        """``(decode(encode(x)), per-example max |decode(encode(x)) − x|)``, both detached."""
         with torch.no_grad():
             xr = self.decode(self.encode(x))
         err = (xr - x).reshape(x.shape[0], -1).abs().amax(1)
@@ -414,7 +414,7 @@ def invert_generator(
     Per example i: loss_i = mean over pixels of (clip(decode(z_i), box) − x_i)², clip inside the graph as in the
     research. Each step first evaluates loss_i; examples with loss_i < ``tol`` stop (frozen from then on), the others
     take one Adam step. The summed loss gives each row exactly its batch-1 gradient, and Adam is elementwise, so
-    every row follows its batch-1 trajectory. ``z_init`` defaults to N(0, I) of shape (N, *latent_shape) drawn with
+    every row follows its batch-1 trajectory. ``z_init`` defaults to N(0, I) of shape ``(N, *latent_shape)`` drawn with
     ``seed``. Warns :class:`ApproximateGeneratorWarning` for rows that did not reach ``tol``.
     """
     check_tensor(x, "x", min_ndim=2)

@@ -48,7 +48,7 @@ class KnownManifoldConfig:
 
 
 def upsampled_decoder(decoder: Callable[[torch.Tensor], torch.Tensor], size: int = 256) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The decoder followed by bilinear upsampling to ``size``×``size`` (the MNIST256 variant)."""
+    """The decoder followed by bilinear upsampling to ``size`` × ``size`` (the MNIST256 variant)."""
 
     def decode(z: torch.Tensor) -> torch.Tensor:
         return F.interpolate(decoder(z), size=(size, size), mode="bilinear", align_corners=False)
@@ -151,7 +151,7 @@ def make_known_manifold(
 ) -> KnownManifold:
     """Sample a labelled dataset from ``generative``'s decoder (cached by generator weights and config).
 
-    The result is checked (:func:`check_known_manifold`): a labeler near chance, classes that (almost) never
+    The result is checked (``check_known_manifold``): a labeler near chance, classes that (almost) never
     occur, or an acceptance rate of a near-uniform labeler make the labels meaningless. Such a dataset raises
     :class:`DataError` (the labeler is checked before sampling, so this fails early) unless
     ``allow_degenerate``, which returns it with the problems in ``warnings``.

@@ -290,7 +290,7 @@ def fit_generative(
 class GeneratorTrainConfig:
     """Flow / GAN training by the model's own ``loss(x, generator=g)``: Adam(``lr``, ``betas``) for a fixed
     number of epochs (no early stopping, so a cached model is a function of this config). The zoo's defaults
-    per model are in :mod:`manifex.models.generator_zoo`."""
+    per model are in ``manifex/models/generator_zoo.py``."""
 
     epochs: int = 10
     batch_size: int = 64

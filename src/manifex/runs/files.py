@@ -271,7 +271,7 @@ def read_jsonl(path: PathLike, repair: bool = False) -> list[dict]:
 
 
 class JsonlLog:
-    """A JSON-lines results file whose records carry a unique ``key`` (``"id"``): :meth:`append` writes only
+    """A JSON-lines results file whose records carry a unique ``key`` (``"id"``): :meth:`JsonlLog.append` writes only
     records whose key is not in the file yet — checked under the lock, against what *any* process has
     appended — so two processes that finish the same unit never duplicate it. Reads are incremental (only
     the bytes appended since the last look), so appends stay cheap for large campaigns."""

@@ -45,10 +45,10 @@ functionally (``F.softplus``) get their plain gradient (fine for ReLU, not for s
 modules); elementwise products (gating, attention) have no rule; only additions are canonized, not
 subtractions.
 
-Layout (by concept, as in Zennit): :mod:`.rules` (the rules, declared as terms), :mod:`.composites` (which
-rule for which layer, and the presets), :mod:`.canonizers` (BatchNorm folding, residual sums),
-:mod:`.engine` (the session, hooks and autograd functions), :mod:`.explainer` (``LRP`` and its preset
-explainers) and :mod:`.layers` (layer types, layers as functions of input and parameters). Import from
+Layout (by concept, as in Zennit): ``rules`` (the rules, declared as terms), ``composites`` (which
+rule for which layer, and the presets), ``canonizers`` (BatchNorm folding, residual sums),
+``engine`` (the session, hooks and autograd functions), ``explainer`` (``LRP`` and its preset
+explainers) and ``layers`` (layer types, layers as functions of input and parameters). Import from
 ``manifex.attribution.lrp``; the submodules are an implementation detail.
 """
 from __future__ import annotations
@@ -61,13 +61,13 @@ from .engine import LRPSession
 from .explainer import LRP, LRPEpsilon, LRPEpsilonGammaBox, LRPEpsilonPlus, LRPGamma, LRPZPlus
 from .layers import ACTIVATION_TYPES, AVGPOOL_TYPES, CONV_TYPES, LINEAR_TYPES, LayerForward
 from .rules import (
-    AlphaBeta, BiasMode, Epsilon, Flat, Gamma, GammaMode, Group, LinearRule, Norm, Pass, Rule, Term, WSquare, ZBox,
-    ZPlus, stabilize,
+    AlphaBeta, BiasMode, Epsilon, Flat, Gamma, GammaMode, Group, LinearRule, Norm, OutputSign, Pass, Rule, Term, WSquare,
+    ZBox, ZPlus, stabilize,
 )
 
 __all__ = [
     "Rule", "Pass", "LinearRule", "Term", "Epsilon", "Norm", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "Flat",
-    "WSquare", "stabilize", "BiasMode", "GammaMode", "Group", "LayerForward",
+    "WSquare", "stabilize", "BiasMode", "GammaMode", "OutputSign", "Group", "LayerForward",
     "Composite", "Selector", "EpsilonGammaBox", "EpsilonPlus", "EpsilonAlpha2Beta1", "GammaByBlock", "vgg16_gamma_preset",
     "Canonizer", "BatchNormFolding", "ResidualSum", "LRPSession",
     "LRP", "LRPEpsilon", "LRPGamma", "LRPZPlus", "LRPEpsilonGammaBox", "LRPEpsilonPlus",

@@ -14,6 +14,8 @@ from .rules import AlphaBeta, Epsilon, Gamma, GammaMode, Norm, Pass, Rule, ZBox,
 __all__ = ["Selector", "Composite", "EpsilonGammaBox", "EpsilonPlus", "EpsilonAlpha2Beta1", "GammaByBlock",
            "vgg16_gamma_preset"]
 
+#: What picks the layers a composite's rule applies to: a module type or tuple of types, a layer name (a string
+#: with regex syntax matches the whole qualified name), a compiled pattern, or ``f(name, module) -> bool``.
 Selector = Union[type, tuple, str, "re.Pattern[str]", Callable[[str, nn.Module], bool]]
 
 

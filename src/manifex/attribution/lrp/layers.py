@@ -16,7 +16,9 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 #: Layers whose parameters a rule may modify (plus eval-mode BatchNorm, treated as a per-channel affine map).
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,) + _CONV + _CONV_TRANSPOSE
+#: The convolutions (1-3d, also transposed): the layers that composites' conv rules select.
 CONV_TYPES: tuple[type[nn.Module], ...] = _CONV + _CONV_TRANSPOSE
+#: Average pools (also adaptive): relevance is redistributed in proportion to the inputs (the :class:`Norm` rule).
 AVGPOOL_TYPES: tuple[type[nn.Module], ...] = (
     nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
 )
@@ -27,6 +29,8 @@ ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.Tanhshrink, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
 )
 
+#: The functional form of a layer a rule evaluates: ``forward(x, weight, bias) -> output`` (weight and bias may be
+#: modified by the rule or None for a parameter-free layer).
 LayerForward = Callable[[torch.Tensor, Union[torch.Tensor, None], Union[torch.Tensor, None]], torch.Tensor]
 
 

@@ -11,7 +11,11 @@ from ...errors import InputError, ModelError
 __all__ = ["Rule", "Pass", "LinearRule", "Term", "Epsilon", "Norm", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "Flat",
            "WSquare", "stabilize"]
 
+#: How a :class:`LinearRule` treats a layer's bias: "rule" as the rule declares (a weight on a constant input),
+#: "keep" the original bias in the first term of each group (as Captum), "zero" drops it.
 BiasMode = Literal["rule", "keep", "zero"]
+#: How :class:`Gamma` boosts: "sign_aware" boosts the contributions of each output's own sign (stable on negative
+#: outputs, the default) or "textbook" (``w + γw⁺`` for every output, as Captum).
 GammaMode = Literal["sign_aware", "textbook"]
 
 
@@ -69,6 +73,8 @@ class Term(NamedTuple):
     sign: float = 1.0
 
 
+#: Which outputs a :class:`Group` explains: all of them, or only those of one sign (of the reference
+#: pre-activation).
 OutputSign = Literal["all", "positive", "negative"]
 
 
@@ -95,7 +101,7 @@ class Pass(Rule):
 
 
 class LinearRule(Rule):
-    """A rule for a linear-type layer, declared by :meth:`groups`.
+    """A rule for a linear-type layer, declared by :meth:`LinearRule.groups`.
 
     For each group ``(c, terms, outputs)``: ``Z = Σ_t sign_t z_t``, ``s = R_out / stab(Z)`` on the selected
     outputs (0 elsewhere) and the group adds ``c · Σ_t sign_t in_t ⊙ J_t^T s`` to ``R_in`` (``J_t``: Jacobian
@@ -111,6 +117,7 @@ class LinearRule(Rule):
     modifies_parameters: bool = True
 
     def groups(self) -> tuple[Group, ...]:
+        """The rule's declaration: its groups (:class:`Group`) of terms (:class:`Term`); each subclass defines them."""
         raise NotImplementedError
 
     def relevance(

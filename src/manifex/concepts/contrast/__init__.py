@@ -1,11 +1,11 @@
 """Class contrasting (Herdt & Otero Baguer): what separates class A from class B inside the network? Built on the
 concept basis of :mod:`manifex.concepts`.
 
-- :mod:`.hyperplanes` — per-class activation data, batched class-pair hyperplanes, the OOD filter, contrastive
+- ``hyperplanes`` — per-class activation data, batched class-pair hyperplanes, the OOD filter, contrastive
   concepts ("why A rather than B");
-- :mod:`.shift` — the shifting test (does moving along w_AB swap the prediction?) and the patch test;
-- :mod:`.experiment` — ``manifex contrast`` on the experiment contract (:class:`ContrastConfig`,
-  :class:`ContrastExperiment`, :func:`run_contrast`); :mod:`.report` — its figures and report.
+- ``shift`` — the shifting test (does moving along w_AB swap the prediction?) and the patch test;
+- ``experiment`` — ``manifex contrast`` on the experiment contract (:class:`ContrastConfig`,
+  :class:`ContrastExperiment`, :func:`run_contrast`); ``report`` — its figures and report.
 
 >>> data = class_activation_data(model, x, "blocks.2"); hp = train_hyperplanes(data)
 >>> res = shifting_test(model, x_4, "blocks.2", hp.pair(4, 9)[0], 4, 9)

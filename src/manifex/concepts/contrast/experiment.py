@@ -553,7 +553,7 @@ def run_contrast(model: nn.Module, data: ImageDataset | torch.Tensor, pairs: Seq
 
 
 def write_contrast_report(run: ContrastRun, *, command: str | None = None, metrics_file: bool = True) -> Path:
-    """Figures, ``metrics.json`` and ``report.html`` of ``run`` in ``run.out_dir`` (see :mod:`.report`)."""
+    """Figures, ``metrics.json`` and ``report.html`` of ``run`` in ``run.out_dir`` (see ``manifex.concepts.contrast.report``)."""
     from .report import write_contrast_report as write
 
     return write(run, command=command, metrics_file=metrics_file)
