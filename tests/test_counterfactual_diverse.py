@@ -258,3 +258,27 @@ def test_campaign_refuses_bad_diversity_and_mask_options_before_training(tmp_pat
         run_campaign(_campaign_config(**change), tmp_path / "out", cache=ModelCache(tmp_path / "c"))
     # nothing written (a mask checked against the images' shape is refused after the folder's writability check)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_options_that_change_nothing_stay_out_of_the_settings_guard():
+    """One counterfactual per image, no mask: the guarded settings are those of the plain search (a folder made before
+    these options existed still resumes); with them, they are guarded (the mask as its content)."""
+    from manifex.counterfactuals.experiment import CounterfactualConfig
+
+    new = {"per_input", "diversity", "spread", "mask", "mask_weight"}
+    assert not new & set(CounterfactualConfig(diversity=3.0, mask_weight=1.0).results_settings())
+    d = CounterfactualConfig(per_input=2, mask="0:4,0:4").results_settings()
+    assert d["per_input"] == 2 and d["diversity"] == 1.0 and d["mask"] == "box 0:4,0:4" and d["mask_weight"] == 10.0
+
+
+def test_findings_count_counterfactuals_not_images_with_k_per_image():
+    """With K per image the success rates and the paired numbers count counterfactuals (the summary's n is N·K):
+    the findings say so instead of "of images"."""
+    from manifex.counterfactuals.report import findings
+
+    s = {"latent": {"success_rate": 0.25}, "pixel": {"success_rate": 1.0},
+         "paired": {"n": 3, "svm": {"latent": 0.0, "pixel": 1.0}, "knn_vote": {"latent": 0.5, "pixel": 1.0}}}
+    plain, k3 = findings(s, ["latent", "pixel"]), findings(s, ["latent", "pixel"], per_input=3)
+    assert plain[0].endswith("25% of images, pixel ones for 100%.") and "On the 3 images where" in plain[1]
+    assert k3[0].endswith("25%, pixel ones for 100% (3 per image, each counted).") and "of images" not in k3[0]
+    assert "3 counterfactual pairs (image, k)" in k3[1]

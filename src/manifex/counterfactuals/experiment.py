@@ -129,11 +129,19 @@ class CounterfactualConfig:
 
     def results_settings(self) -> dict:
         """The settings a resume must match: every field that changes a record (``result=True``), with the latent
-        lr resolved (``lr_latent_effective``)."""
+        lr resolved (``lr_latent_effective``), the mask as its content (:func:`mask_identity`), and without the
+        diversity options for one counterfactual per image or the mask weight without a mask (they change nothing)."""
         d = result_settings(self)
         d["spaces"] = list(self.spaces)
         d["lr_latent_effective"] = self.effective_lr_latent()
-        if self.mask is not None:  # the region, not the file's name: a moved file is the same run, an edited one is not
+        # options that change nothing are left out, so the folders of the plain search (made before they existed) resume
+        if self.per_input == 1:
+            for key in ("per_input", "diversity", "spread"):
+                d.pop(key)
+        if self.mask is None:
+            d.pop("mask")
+            d.pop("mask_weight")
+        else:  # the region, not the file's name: a moved file is the same run, an edited one is not
             d["mask"] = mask_identity(self.mask)
         return d
 
@@ -697,7 +705,7 @@ class CounterfactualExperiment(Experiment):
     def findings(self, run: Run, summary: dict[str, Any]) -> list[str]:
         from .report import findings
 
-        return findings(summary, list(run.config.spaces))
+        return findings(summary, list(run.config.spaces), run.config.per_input)
 
 
 class HelixExperiment(Experiment):

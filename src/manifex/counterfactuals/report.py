@@ -293,7 +293,7 @@ def write_report(result: Any, *, command: str | None = None, metrics_file: bool 
         if d is not None:
             cards.append({"label": f"{s}: {per_input} per image", "value": f"{d['mean']:.2f}",
                           "sub": "mean pairwise ‖x′ᵢ − x′ⱼ‖₂ among them", "accent": s == "latent"})
-    lines = findings(summary, spaces)
+    lines = findings(summary, spaces, per_input)
     if metrics_file:
         write_metrics(out / "metrics.json", campaign_metrics(result))
     headline = lines[0] if lines else "Counterfactuals"
@@ -360,13 +360,16 @@ def metrics_rows(summary: dict, spaces: list[str], cfg: Any = None) -> list[dict
     return rows
 
 
-def findings(summary: dict, spaces: list[str]) -> list[str]:
+def findings(summary: dict, spaces: list[str], per_input: int = 1) -> list[str]:
+    """The report's findings; ``per_input`` K > 1: success and the paired numbers count the N·K counterfactuals
+    (the k-th of an image in one space paired with its k-th in the other)."""
     out = []
+    of, each = ("% of images", "") if per_input == 1 else ("%", f" ({per_input} per image, each counted)")
     if "latent" in summary and "pixel" in summary:
         lat, pix = summary["latent"], summary["pixel"]
         if lat.get("success_rate") is not None and pix.get("success_rate") is not None:
-            out.append(f"Latent counterfactuals succeed for {lat['success_rate'] * 100:.0f}% of images, pixel ones for "
-                       f"{pix['success_rate'] * 100:.0f}%.")
+            out.append(f"Latent counterfactuals succeed for {lat['success_rate'] * 100:.0f}{of}, pixel ones for "
+                       f"{pix['success_rate'] * 100:.0f}%{each}.")
         for key, name in (("svm", "the RBF-SVM"), ("knn_vote", "the 10 nearest training images")):
             a, b = _stat(summary, "latent", key), _stat(summary, "pixel", key)
             if a is not None and b is not None:
@@ -374,7 +377,8 @@ def findings(summary: dict, spaces: list[str]) -> list[str]:
                            f"{a * 100:.0f}% of latent and {b * 100:.0f}% of pixel counterfactuals.")
         pair = summary.get("paired", {})
         if pair.get("n") and "svm" in pair and "knn_vote" in pair:
-            out.append(f"On the {pair['n']} images where both searches succeeded: the RBF-SVM agrees for "
+            out.append(f"On the {pair['n']} {'images' if per_input == 1 else 'counterfactual pairs (image, k)'} where both "
+                       "searches succeeded: the RBF-SVM agrees for "
                        f"{pair['svm']['latent'] * 100:.0f}% (latent) vs {pair['svm']['pixel'] * 100:.0f}% (pixel), the "
                        f"10-NN vote for {pair['knn_vote']['latent'] * 100:.0f}% vs {pair['knn_vote']['pixel'] * 100:.0f}%.")
         lvp = summary.get("latent_vs_pixel", {})
