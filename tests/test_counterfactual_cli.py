@@ -16,7 +16,8 @@ def _run(args, tmp_path):
 def test_help_teaches_with_examples():
     r = CliRunner().invoke(main, ["counterfactual", "--help"])
     assert r.exit_code == 0
-    for text in ("Examples:", "--dataset known:mnist5k", "--dataset helix", "--space", "--generator", "resume"):
+    for text in ("Examples:", "--dataset known:mnist5k", "--dataset helix", "--space", "--generator", "resume",
+                 "--per-input 3 --mask"):
         assert text in r.output
 
 
