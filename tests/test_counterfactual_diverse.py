@@ -282,3 +282,25 @@ def test_findings_count_counterfactuals_not_images_with_k_per_image():
     assert plain[0].endswith("25% of images, pixel ones for 100%.") and "On the 3 images where" in plain[1]
     assert k3[0].endswith("25%, pixel ones for 100% (3 per image, each counted).") and "of images" not in k3[0]
     assert "3 counterfactual pairs (image, k)" in k3[1]
+
+
+@pytest.mark.slow
+def test_campaign_latent_space_k_per_image_with_a_mask(tmp_path):
+    """Latent space (a VAE, 1 epoch) with K = 2 and a mask: each of an image's counterfactuals gets every latent
+    metric (tangent fraction at its image's tangent space, the share outside the mask), the image its latent and
+    pixel diversity; the generator's spectrum stays one per image."""
+    from manifex.counterfactuals.experiment import run_campaign
+    from manifex.models import ModelCache
+
+    res = run_campaign(_campaign_config(spaces=("latent",), generator="vae", generator_epochs=1, per_input=2, max_steps=5,
+                                        n=2, mask="0:8,0:4"), tmp_path / "out", cache=ModelCache(tmp_path / "c"),
+                       progress=False)
+    for rec in res.records:
+        assert len(rec["latent"]) == 2 and len(rec["singular_values"]) > 0
+        for m in rec["latent"]:
+            assert {"tangent_fraction", "outside_mask", "recon_error", "svm"} <= set(m)
+            assert 0 <= m["outside_mask"] <= 1
+        d = rec["diversity"]["latent"]
+        assert d["latent"] > 0 and d["pixel"] > 0
+    s = res.summary["latent"]
+    assert s["n"] == 4 and s["diversity"]["latent"]["n"] == 2 and "outside_mask" in s["all"]
