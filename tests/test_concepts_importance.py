@@ -406,3 +406,116 @@ def test_nmf_takes_one_seed_per_matrix():
         torch.testing.assert_close(together[b], nmf(X[0], 6, seed=s)[1], rtol=1e-9, atol=1e-10)
     with pytest.raises(InputError, match="2 seeds for 3 matrices"):
         nmf(X.expand(3, -1, -1), 6, seed=[0, 1])
+
+
+# ------------------------------------------------------------------ the k most important concepts in the strips
+def test_top_concepts_are_the_k_largest_per_class_in_index_order():
+    from manifex.concepts import top_concepts
+
+    imp = torch.tensor([[0.1, 0.7, 0.3, 0.9], [0.5, 0.5, 0.2, 0.0]], dtype=torch.float64)
+    assert top_concepts(imp, 2).tolist() == [[1, 3], [0, 1]]
+    assert top_concepts(imp, 1).tolist() == [[3], [0]]  # a tie goes to the lower index
+    assert top_concepts(imp, 4).tolist() == [[0, 1, 2, 3]] * 2
+    for n, msg in ((0, "1..4"), (5, "1..4"), (2.0, "1..4")):
+        with pytest.raises(InputError, match=msg):
+            top_concepts(imp, n)
+    with pytest.raises(InputError, match="NaN"):
+        top_concepts(torch.tensor([[float("nan"), 1.0]]), 1)
+
+
+@pytest.fixture(scope="module")
+def digits_basis():
+    from manifex.data import load_digits8
+
+    model = tiny_resnet()
+    x = load_digits8().x[:200]
+    basis = class_concepts(model, x, "blocks.1", classes=[0, 1, 2], n_components=3, images_per_class=12,
+                           relevance="gradient_x_activation")
+    return model, x, basis
+
+
+def test_components_test_assembles_only_the_chosen_concepts(digits_basis):
+    """concepts= per class: the strip is the chosen concepts' top crops (in the given order), the control as many
+    random crops; all concepts in order give the default test exactly; fewer give another result."""
+    from manifex.concepts import assemble, concept_prototypes, prediction_from_components
+
+    model, x, basis = digits_basis
+    protos = concept_prototypes(model, x, basis, top_k=2, pool=2)
+    kw = dict(pool=2, n_control=4, strips_per_class=2, prototypes=protos, seed=3)
+    full = prediction_from_components(model, x, basis, **kw)
+    same = prediction_from_components(model, x, basis, concepts=[[0, 1, 2]] * 3, **kw)
+    assert torch.equal(same.inputs, full.inputs) and torch.equal(same.p, full.p)
+    assert torch.equal(same.control_p, full.control_p)
+    chosen = torch.tensor([[2], [0], [1]])
+    one = prediction_from_components(model, x, basis, concepts=chosen, **kw)
+    for i in range(3):  # strip r of class i: the rank-r crop of its chosen concept
+        want = assemble(protos.crops[i, chosen[i]][:, :2].transpose(0, 1))
+        assert torch.equal(one.inputs[i], want)
+    assert one.inputs.shape[-2] == full.inputs.shape[-2] // 3  # one crop high, not three
+    assert not torch.equal(one.p, full.p) and one.control_p.shape == full.control_p.shape
+    assert torch.equal(one.concepts, chosen)
+    for bad, msg in (([[0, 1]] * 2, r"shape \(3, k\)"), ([[0, 3]] * 3, "outside 0..2"), ([[1, 1]] * 3, "more than once"),
+                     ([[0.0]] * 3, "integer"), ("ab", "concept indices")):
+        with pytest.raises(InputError, match=msg):
+            prediction_from_components(model, x, basis, concepts=bad, **kw)
+
+
+def test_campaign_uses_the_k_most_important_concepts_and_reports_both(tmp_path):
+    """component_concepts=2 of 3: each class's strip holds the top 2 of its row of the importance matrix (the
+    record's importance), the result differs from the all-concepts strips (kept beside it), and the summary and the
+    report say so."""
+    from manifex.concepts.report import run_concept_campaign, summarize, write_concepts_report
+    from manifex.data import load_digits8
+
+    model = tiny_resnet()
+    x = load_digits8().x[:200]
+    opts = {"layer": "blocks.1", "components": 3, "images_per_class": 12, "relevance": "gradient_x_activation",
+            "samples": 0, "solver": "auto", "seed": 0, "batch_size": 64, "pool": 2, "top_k": 3, "strips": 2,
+            "layout": "strip", "controls": 2, "geometry": "grid", "importance": "gradient", "component_concepts": 2}
+    records = run_concept_campaign(model, x, [0, 1, 2], tmp_path, options=opts, progress=False)
+    for r in records:
+        imp = torch.tensor(r["importance"])
+        assert r["component_concepts"] == sorted(imp.argsort(descending=True)[:2].tolist())
+        assert len(r["include"]["p"]) == len(r["include"]["all_concepts"]["p"]) == 2
+    assert any(r[pool]["p"] != r[pool]["all_concepts"]["p"] for r in records for pool in ("include", "exclude"))
+    summary = summarize(records)
+    assert summary["component_concepts"]["k"] == 2 and summary["component_concepts"]["method"] == "gradient"
+    assert summary["include"]["concepts_all"]["n"] == summary["include"]["concepts"]["n"] == 6
+    html = write_concepts_report(records, tmp_path, options=opts).read_text()
+    assert "strips of the 2 most important concepts" in html and "strips of all 3 concepts" in html
+    assert "concepts in the strip" in html
+    # without the option nothing changes: no comparison, no list
+    plain = run_concept_campaign(model, x, [0], tmp_path / "plain", options={**opts, "component_concepts": None},
+                                 progress=False)
+    assert "component_concepts" not in plain[0] and "all_concepts" not in plain[0]["include"]
+    assert plain[0]["include"]["p"] == next(r for r in records if r["class"] == 0)["include"]["all_concepts"]["p"]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"importance": "none", "component_concepts": 2}, "--importance none ranks none"),
+    ({"component_concepts": 4}, "--component-concepts 4 exceeds --components 3"),
+])
+def test_component_concepts_mistakes_are_refused_before_training(tmp_path, monkeypatch, change, message):
+    from click.testing import CliRunner
+
+    import manifex.models.zoo as zoo
+    from manifex.cli import main
+
+    def trained(*args, **kwargs):
+        raise AssertionError("a model was trained before the error")
+
+    monkeypatch.setattr(zoo, "fit_classifier", trained)
+    args = ["concepts", "--dataset", "digits8", "--epochs", "1", "--layer", "blocks.1", "--components", "3", "--quiet",
+            "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o")]
+    for key, value in change.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
+    assert len([line for line in res.output.splitlines() if line.strip()]) == 1
+
+
+def test_component_concepts_is_guarded_only_when_given():
+    from manifex.concepts import ConceptsConfig, ConceptsExperiment
+
+    assert "component_concepts" not in ConceptsExperiment().settings(ConceptsConfig())
+    assert ConceptsExperiment().settings(ConceptsConfig(component_concepts=2))["component_concepts"] == 2

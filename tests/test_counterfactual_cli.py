@@ -16,7 +16,8 @@ def _run(args, tmp_path):
 def test_help_teaches_with_examples():
     r = CliRunner().invoke(main, ["counterfactual", "--help"])
     assert r.exit_code == 0
-    for text in ("Examples:", "--dataset known:mnist5k", "--dataset helix", "--space", "--generator", "resume"):
+    for text in ("Examples:", "--dataset known:mnist5k", "--dataset helix", "--space", "--generator", "resume",
+                 "--per-input 3 --mask"):
         assert text in r.output
 
 
@@ -26,6 +27,11 @@ def test_help_teaches_with_examples():
     (["--target", "12"], "not a class"),
     (["--lr-latent", "-1"], "lr"),
     (["--dataset", "no-such-data"], "unknown dataset"),
+    (["--per-input", "0"], "--per-input"),
+    (["--diversity", "-1"], "--diversity"),
+    (["--mask", "2:2,0:8"], "--mask 2:2,0:8 is an empty box"),
+    (["--mask", "0:9,0:8"], "--mask 0:9,0:8 reaches beyond the 8x8 images"),
+    (["--mask", "no/such/mask.npy"], "--mask no/such/mask.npy: no such file"),
 ])
 def test_bad_options_fail_before_training(tmp_path, args, message):
     r = _run(["--dataset", "digits8", "--out", str(tmp_path / "out"), *args], tmp_path)
@@ -61,6 +67,34 @@ def test_end_to_end_on_digits_resumes(tmp_path):
     # other settings on the same --out are refused
     r3 = _run([*args[:-2], "--max-steps", "7", "--out", str(out)], tmp_path)
     assert r3.exit_code == 2 and "other settings" in r3.output
+
+
+@pytest.mark.slow
+def test_per_input_and_mask_flags_end_to_end(tmp_path):
+    """--per-input 2 --diversity 2 --mask FILE.npy: K counterfactuals per record, none changing a pixel outside the
+    mask, the diversity in the summary and the K side by side in the report; the settings guard holds the mask's
+    content (an edited file on resume is refused)."""
+    import numpy as np
+
+    mask = np.zeros((8, 8), dtype=np.float32)
+    mask[2:6, 1:7] = 1
+    np.save(tmp_path / "m.npy", mask)
+    out = tmp_path / "out"
+    args = ["--dataset", "digits8", "--epochs", "3", "--space", "pixel", "--n", "2", "--max-steps", "40", "--lr-pixel",
+            "0.05", "--stop-prob", "0.9", "--im-epochs", "0", "--per-input", "2", "--diversity", "2", "--mask",
+            str(tmp_path / "m.npy"), "--out", str(out)]
+    r = _run(args, tmp_path)
+    assert r.exit_code == 0, r.output
+    recs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all(len(rec["pixel"]) == 2 for rec in recs)
+    assert all(m["outside_mask"] == 0.0 for rec in recs for m in rec["pixel"] if m.get("outside_mask") is not None)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pixel"]["diversity"]["pixel"]["n"] == 2 and summary["pixel"]["n"] == 4
+    assert (out / "diverse.png").is_file() and "Several counterfactuals per image" in (out / "report.html").read_text()
+    mask[0, 0] = 1
+    np.save(tmp_path / "m.npy", mask)
+    r2 = _run(args, tmp_path)
+    assert r2.exit_code == 2 and "other settings" in r2.output, r2.output
 
 
 @pytest.mark.parametrize("args,named", [

@@ -31,6 +31,7 @@ def concepts(**params) -> None:
       manifex concepts                                   # SmallResNet on MNIST-5k, blocks.2, 6 concepts
       manifex concepts --classes 3,5,8 --components 4 --noise-samples 5
       manifex concepts --layer blocks.1 --pool 2 --exclude-target
+      manifex concepts --component-concepts 2              # strips of the 2 most important concepts
       manifex concepts --model mynet.py:build --weights w.pt --layer layer4 --layout canvas
     """
     from ..concepts.experiment import ConceptsExperiment

@@ -58,6 +58,7 @@ def counterfactual(**params) -> None:
         manifex counterfactual --generator vae --source 3 --target 8 --n 16
         manifex counterfactual --dataset helix --out runs/helix  # the toy experiment
         manifex counterfactual --dataset digits8 --n 8 --max-steps 500 --space latent
+        manifex counterfactual --per-input 3 --mask 8:24,4:28  # 3 diverse x' per image, in a box
     Interrupted runs resume (trained models are cached, finished images skipped).
     """
     if params["dataset"] == "helix":

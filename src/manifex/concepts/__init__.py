@@ -18,7 +18,8 @@ from .components import (RESEARCH_NUMBERS, ComponentTest, assemble, component_st
 from .contrast import (ClassActivations, ContrastiveConcepts, Hyperplanes, OODFilter, class_activation_data,
                        contrastive_concepts, fit_ood_filter, hyperplane_loop, train_hyperplanes)
 from .experiment import ConceptsConfig, ConceptsExperiment
-from .importance import IMPORTANCE_METHODS, concept_coefficients, concept_importance, jansen_total_indices, sobol_masks
+from .importance import (IMPORTANCE_METHODS, concept_coefficients, concept_importance, jansen_total_indices, sobol_masks,
+                         top_concepts)
 from .maps import MAP_METHODS, concept_maps
 from .stability import ConceptStability, concept_stability, matrix_stability
 from .contrast.shift import T_GRID, PatchResult, ShiftResult, patch_test, shift_probabilities, shifted_layer, shifting_test
@@ -27,7 +28,7 @@ from .contrast.experiment import ContrastConfig, ContrastExperiment, ContrastRun
 __all__ = [
     "ConceptsConfig", "ConceptsExperiment",
     "nmf", "nmf_error", "matched_cosine", "NMF_SOLVERS", "nmf_transform",
-    "concept_importance", "concept_coefficients", "sobol_masks", "jansen_total_indices", "IMPORTANCE_METHODS",
+    "concept_importance", "concept_coefficients", "sobol_masks", "jansen_total_indices", "IMPORTANCE_METHODS", "top_concepts",
     "concept_maps", "MAP_METHODS", "ConceptStability", "concept_stability", "matrix_stability",
     "ConceptBasis", "class_concepts", "predict_classes", "RELEVANCES", "relevance_explainer", "select_class_images",
     "Prototypes", "concept_prototypes", "pooled_activations", "cell_boxes", "crop_boxes", "resolve_pool",

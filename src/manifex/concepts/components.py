@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
@@ -89,6 +89,7 @@ class ComponentTest:
     crop_size: tuple[int, int]
     prototypes: Prototypes | None = field(default=None, repr=False)
     whole_image_crops: bool = False
+    concepts: torch.Tensor | None = None  # (C, k′): the concepts assembled per class; None: all
 
     @property
     def margin(self) -> float:
@@ -157,6 +158,7 @@ def prediction_from_components(
     fill: float = 0.0,
     batch_size: int = 256,
     output: OutputSelector = None,
+    concepts: torch.Tensor | Sequence[Sequence[int]] | None = None,
 ) -> ComponentTest:
     """Run the prediction-from-components test for every class of ``basis`` (see the module docstring).
 
@@ -166,7 +168,10 @@ def prediction_from_components(
     assembles the top-1 crop of each concept (1); n > 1 also assembles the rank-2 … rank-n crops into n
     inputs per class (statistics over all of them: steadier with few classes). ``prototypes``: reuse
     computed ones (with ``top_k`` ≥ ``strips_per_class``). ``output``: for a model returning a tuple/dict, which
-    part holds the logits (as for ``explain``).
+    part holds the logits (as for ``explain``). ``concepts``: per class of the basis (rows in its order), the indices
+    of the concepts whose crops are assembled, the same number for every class (e.g. the k most important:
+    :func:`~manifex.concepts.importance.top_concepts`); the control then assembles as many random crops. Default:
+    all of them.
 
     A pooled grid of 1×1 (a layer after global pooling, or a pool as large as the layer's grid) makes every
     crop the whole image: the test then classifies k whole images, not concepts; a RuntimeWarning says so and
@@ -180,6 +185,7 @@ def prediction_from_components(
     if isinstance(strips_per_class, bool) or not isinstance(strips_per_class, int) or strips_per_class < 1:
         raise InputError(f"strips_per_class must be a positive int, got {strips_per_class!r}.")
     n_s = strips_per_class
+    chosen = _check_concepts(concepts, basis)
     if predictions is None:
         predictions = predict_classes(model, x, batch_size, output=output)
     if prototypes is None:
@@ -194,6 +200,8 @@ def prediction_from_components(
                       "test classifies strips of whole images and says nothing about concepts; use an earlier layer "
                       "or a smaller pool.", RuntimeWarning, stacklevel=2)
     crops = prototypes.crops[:, :, :n_s].transpose(1, 2)  # (C, n_s, k, ch, sh, sw): rank-r crop of each concept
+    if chosen is not None:  # only the chosen concepts' crops, in the given order
+        crops = torch.stack([crops[i][:, chosen[i]] for i in range(len(chosen))])
     canvas = tuple(x.shape[2:])
     inputs = assemble(crops, layout, canvas, fill)  # (C, n_s, ch, H', W')
     cls = torch.tensor(prototypes.classes)
@@ -230,4 +238,27 @@ def prediction_from_components(
         control_p=control_p, control_hit=control_hit, stats=component_statistics(p, predicted == _col(cls, p)),
         control_stats=component_statistics(control_p, control_hit), exclude_target=bool(exclude_target),
         layout=layout, crop_size=prototypes.crop_size, prototypes=prototypes, whole_image_crops=whole,
+        concepts=chosen,
     )
+
+
+def _check_concepts(concepts, basis: ConceptBasis) -> torch.Tensor | None:
+    """``concepts`` as a (classes, k′) long tensor of distinct concept indices per class, or None (all)."""
+    if concepts is None:
+        return None
+    try:
+        chosen = torch.as_tensor(concepts)
+    except (TypeError, ValueError):
+        raise InputError("concepts must be a (classes, k) table of concept indices, one row per class of the basis, "
+                         "the same number in every row.") from None
+    k = basis.n_components
+    if chosen.dim() != 2 or chosen.shape[0] != len(basis.classes) or chosen.shape[1] < 1 or chosen.dtype.is_floating_point \
+            or chosen.dtype == torch.bool:
+        raise InputError(f"concepts must hold integer concept indices of shape ({len(basis.classes)}, k) (one row per "
+                         f"class of the basis, 1 <= k <= {k}), got {tuple(chosen.shape)} of {chosen.dtype}.")
+    chosen = chosen.long()
+    if bool(((chosen < 0) | (chosen >= k)).any()):
+        raise InputError(f"concepts holds indices outside 0..{k - 1} (the basis has {k} concepts per class).")
+    if any(len(set(row.tolist())) < len(row) for row in chosen):
+        raise InputError("concepts names a concept more than once for a class; list each concept once.")
+    return chosen

@@ -63,6 +63,10 @@ class ConceptsConfig:
     importance: str = setting("sobol", "Rank each class's concepts by importance: sobol (CRAFT's Sobol total indices of the "
                               "concept coefficients, masked and run from the layer on), gradient (gradient x coefficient) "
                               "or none.", choices=("sobol", "gradient", "none"))
+    component_concepts: int | None = setting(
+        None, "Assemble only each class's k most important concepts (by --importance) in the prediction-from-components "
+        "test and its control [default: all --components]; the report gives the all-concepts result beside it.", low=1,
+        metavar="K")  # None: every concept
     sobol_designs: int = setting(32, "Sobol design size (CRAFT: 32); (components + 2) x designs runs of the layers above "
                                  "the layer per image.", low=2)
     stability_seeds: int = setting(1, "Refit each class's NMF with this many other seeds and report every concept's matched "
@@ -86,7 +90,7 @@ class ConceptsConfig:
                 "top_k": self.top_k, "strips": self.strips, "controls": self.controls, "seed": self.seed,
                 "batch_size": self.batch_size, "importance": self.importance, "sobol_designs": self.sobol_designs,
                 "stability_seeds": self.stability_seeds, "stability_halves": self.stability_halves,
-                "map_method": self.map_method, "relmax": self.relmax}
+                "map_method": self.map_method, "relmax": self.relmax, "component_concepts": self.component_concepts}
 
 
 class ConceptsExperiment(Experiment):
@@ -96,10 +100,27 @@ class ConceptsExperiment(Experiment):
     what = "a concepts run"
 
     def check_options(self, cfg: ConceptsConfig) -> None:
+        if cfg.component_concepts is not None:
+            k = cfg.component_concepts
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise InputError(f"{param('component_concepts')} must be an integer >= 1, got {k!r}.")
+            if cfg.importance == "none":
+                raise InputError(f"{param('component_concepts')} picks the most important concepts, but "
+                                 f"{param('importance', 'none')} ranks none; pass --importance sobol or gradient.")
+            if k > cfg.components:
+                raise InputError(f"{param('component_concepts', k)} exceeds {param('components', cfg.components)}: a class has "
+                                 f"only {cfg.components} concepts.")
         if cfg.classes is not None:
             dup = sorted({c for c in cfg.classes if list(cfg.classes).count(c) > 1})
             if dup:
                 raise InputError(f"{param('classes')} lists {', '.join(map(str, dup))} more than once; name each class once.")
+
+    def settings(self, cfg: ConceptsConfig) -> dict[str, Any]:
+        """The result settings; ``component_concepts`` only when given (folders made before it existed resume)."""
+        d = super().settings(cfg)
+        if cfg.component_concepts is None:
+            d.pop("component_concepts")
+        return d
 
     def check_data(self, run: Run) -> None:
         from ..models.resolve import builtin_layer_shape
@@ -170,7 +191,8 @@ class ConceptsExperiment(Experiment):
         done = [r for r in records if not r.get("skipped")]
         run.checks.append(f"NMF relative error below 1 for every class (max {max(r['relative_error'] for r in done):.3f})"
                           if done and max(r["relative_error"] for r in done) < 1 else "FAILED: an NMF did not reduce the error")
-        run.checks.append(f"the model accepted every assembled {cfg.layout} (strips of {cfg.components} crops)")
+        run.checks.append(f"the model accepted every assembled {cfg.layout} (strips of {cfg.component_concepts or cfg.components} "
+                          "crops)")
         excluded = {r["class"]: r["n_excluded"] for r in done if r.get("n_excluded")}
         n_used = sum(r["n_images"] for r in done)
         run.checks.append(f"relevance > 0 somewhere on every image used ({n_used} images)" if not excluded else

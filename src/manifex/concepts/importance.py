@@ -35,11 +35,28 @@ from ..errors import InputError
 from .basis import ConceptBasis, as_images, check_logits
 from .nmf import nmf_transform
 
-__all__ = ["concept_importance", "concept_coefficients", "sobol_masks", "jansen_total_indices", "IMPORTANCE_METHODS"]
+__all__ = ["concept_importance", "concept_coefficients", "sobol_masks", "jansen_total_indices", "top_concepts",
+           "IMPORTANCE_METHODS"]
 
 #: How :func:`concept_importance` scores a concept: "sobol" (total Sobol indices of masked concept coefficients)
 #: or "gradient" (coefficient times the gradient of the class logit).
 IMPORTANCE_METHODS = ("sobol", "gradient")
+
+
+def top_concepts(importance: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` most important concepts of each class, (classes, n) long, from an importance matrix (classes,
+    concepts) of :func:`concept_importance`; each row in increasing concept index (so ``n`` = all concepts gives
+    the concepts in their own order); ties go to the lower index."""
+    if not isinstance(importance, torch.Tensor) or importance.dim() != 2:
+        raise InputError(f"importance must be a (classes, concepts) tensor, got {getattr(importance, 'shape', type(importance).__name__)}.")
+    k = importance.shape[1]
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= k:
+        raise InputError(f"n must be an integer in 1..{k} (the concepts per class), got {n!r}.")
+    if not bool(torch.isfinite(importance).all()):
+        raise InputError("importance holds NaN/inf; the top concepts are not defined.")
+    # a stable sort on −importance: equal importances keep index order, so ties go to the lower index
+    order = torch.sort(-importance.double(), dim=1, stable=True).indices[:, :n]
+    return order.sort(dim=1).values
 
 
 def sobol_masks(k: int, n_design: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +24,7 @@ from ..models.cache import state_fingerprint
 from ..runs import Unit, atomic_write_bytes, check_settings, run_units, tensor_fingerprint, unit_dir
 from .basis import class_concepts
 from .components import RESEARCH_NUMBERS, component_statistics, prediction_from_components
-from .importance import concept_importance
+from .importance import concept_importance, top_concepts
 from .maps import concept_maps
 from .prototypes import concept_prototypes, pooled_activations
 from .stability import matrix_stability
@@ -48,11 +49,12 @@ def _mosaic(crops: np.ndarray, gap: int = 1, value: float = 1.0) -> np.ndarray:
 
 
 def class_figure(crops: dict[str, torch.Tensor], strips: dict[str, torch.Tensor], path: Path, scale: int = 3, *,
-                 label: str | None = None, p: dict[str, float] | None = None) -> Path:
+                 label: str | None = None, p: dict[str, float] | None = None,
+                 strip_concepts: Sequence[int] | None = None) -> Path:
     """One labelled PNG per class (see :func:`concept_figure`), written atomically; returns ``path``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    fig = concept_figure(crops, strips, scale=scale, label=label, p=p)
+    fig = concept_figure(crops, strips, scale=scale, label=label, p=p, strip_concepts=strip_concepts)
     buf = io.BytesIO()
     FigureCanvasAgg(fig).print_png(buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -60,11 +62,13 @@ def class_figure(crops: dict[str, torch.Tensor], strips: dict[str, torch.Tensor]
 
 
 def concept_figure(crops: dict[str, torch.Tensor], strips: dict[str, torch.Tensor], *, scale: int = 3,
-                   label: str | None = None, p: dict[str, float] | None = None):
+                   label: str | None = None, p: dict[str, float] | None = None,
+                   strip_concepts: Sequence[int] | None = None):
     """The class's matplotlib Figure (no pyplot state): the top crops of each concept (one labelled row per
     concept) from any image and from images not predicted as the class, then the two strips with their p(A).
     ``label``: the class's name; ``p``: p(A) of each strip by pool; ``scale``: resolution (40·scale dpi on an
-    11-inch-wide figure: 1,320 px at the default 3, with 10–13 pt labels)."""
+    11-inch-wide figure: 1,320 px at the default 3, with 10–13 pt labels); ``strip_concepts``: the concepts (0-based)
+    whose crops the strips hold, when not all of them (``component_concepts``)."""
     from matplotlib.figure import Figure
 
     name = "A" if label is None else str(label)
@@ -82,12 +86,14 @@ def concept_figure(crops: dict[str, torch.Tensor], strips: dict[str, torch.Tenso
         ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(title, fontsize=11)
         ax.set_xticks([])
-        rows = np.arange(k) * (img.shape[0] / k) + img.shape[0] / (2 * k)
-        ax.set_yticks(rows, [f"concept {m + 1}" if j == 0 else str(m + 1) for m in range(k)], fontsize=10)
+        shown = list(range(k)) if j < 2 or strip_concepts is None else [int(m) for m in strip_concepts]
+        rows = np.arange(len(shown)) * (img.shape[0] / len(shown)) + img.shape[0] / (2 * len(shown))
+        ax.set_yticks(rows, [f"concept {m + 1}" if j == 0 else str(m + 1) for m in shown], fontsize=10)
         ax.tick_params(length=0)
         for side in ax.spines.values():
             side.set_visible(False)
-    fig.suptitle(f"class {name}: {k} concepts", fontsize=13, fontweight="bold")
+    fig.suptitle(f"class {name}: {k} concepts" + (f" (strips: the {len(strip_concepts)} most important)"
+                                                   if strip_concepts is not None else ""), fontsize=13, fontweight="bold")
     return fig
 
 
@@ -172,17 +178,24 @@ def process_classes(units: list[Unit], context: dict[str, Any], out_dir: Path) -
         pooled = context.get("pooled")
         if pooled is None:
             pooled = pooled_activations(model, x, opts["layer"], pool=opts["pool"])
+        importance = _importance(model, x, basis, opts, context.get("output"))
+        n_top = opts.get("component_concepts")
+        if n_top and importance is None:
+            raise InputError("component_concepts picks the most important concepts: it needs importance 'sobol' or 'gradient'.")
+        chosen = top_concepts(importance, int(n_top)) if n_top else None
         results: dict[str, Any] = {}
+        every: dict[str, Any] = {}  # with component_concepts: the test on all concepts, for comparison
         for pool in POOLS:
             protos = concept_prototypes(model, x, basis, top_k=max(opts["top_k"], opts["strips"]), exclude_target=pool == "exclude",
                                         pool=opts["pool"], geometry=opts["geometry"], predictions=preds, pooled=pooled,
                                         output=context.get("output"))
-            test = prediction_from_components(model, x, basis, exclude_target=pool == "exclude", layout=opts["layout"],
-                                              n_control=opts["controls"], strips_per_class=opts["strips"], prototypes=protos,
-                                              predictions=preds, pool=opts["pool"], seed=opts["seed"],
-                                              output=context.get("output"))
-            results[pool] = (protos, test)
-        extras = _concept_extras(model, x, basis, preds, opts, context.get("output"), pooled)
+            test = partial(prediction_from_components, model, x, basis, exclude_target=pool == "exclude", layout=opts["layout"],
+                           n_control=opts["controls"], strips_per_class=opts["strips"], prototypes=protos,
+                           predictions=preds, pool=opts["pool"], seed=opts["seed"], output=context.get("output"))
+            results[pool] = (protos, test(concepts=chosen))
+            if chosen is not None:
+                every[pool] = test()
+        extras = _concept_extras(model, x, basis, preds, opts, context.get("output"), pooled, importance)
     records = []
     for u, c in zip(units, classes):
         if c not in basis.classes:
@@ -202,12 +215,18 @@ def process_classes(units: list[Unit], context: dict[str, Any], out_dir: Path) -
             rec[pool] = {"p": p.tolist(), "hit": hit.tolist(), "predicted": test.predicted[i].reshape(-1).tolist(),
                          "control_p": test.control_p[i].tolist(), "control_hit": test.control_hit[i].tolist(),
                          "top_image_index": protos.image_index[i].tolist(), "top_scores": protos.scores[i].tolist()}
+            if chosen is not None:
+                rec[pool]["all_concepts"] = {"p": every[pool].p[i].reshape(-1).tolist(), "hit": every[pool].hit[i].reshape(-1).tolist(),
+                                             "predicted": every[pool].predicted[i].reshape(-1).tolist()}
             crops[pool] = protos.crops[i, :, : opts["top_k"]]
             strips[pool] = test.inputs[i] if test.inputs.dim() == 4 else test.inputs[i, 0]
         fig = unit_dir(out_dir, u.id) / "figure.png"
         name = class_names[c] if c < len(class_names) else str(c)
-        class_figure(crops, strips, fig, label=name, p={pool: float(results[pool][1].p[i].reshape(-1)[0]) for pool in POOLS})
+        class_figure(crops, strips, fig, label=name, p={pool: float(results[pool][1].p[i].reshape(-1)[0]) for pool in POOLS},
+                     strip_concepts=chosen[i].tolist() if chosen is not None else None)
         rec["figure"] = str(fig.relative_to(out_dir))
+        if chosen is not None:
+            rec["component_concepts"] = chosen[i].tolist()
         rec.update(_extra_record(extras, i, x, basis, opts, fig.parent, out_dir, name))
         records.append(rec)
     warned = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)))
@@ -216,15 +235,22 @@ def process_classes(units: list[Unit], context: dict[str, Any], out_dir: Path) -
     return records
 
 
-def _concept_extras(model, x, basis, preds, opts, output, pooled) -> dict[str, Any]:
-    """Importance, stability, concept maps of each class's example image and RelMax references, as the options
-    ask (each off when its option is absent: ``importance`` "none", 0 seeds and halves, ``map_method`` "none",
-    ``relmax`` False)."""
-    out: dict[str, Any] = {}
+def _importance(model, x, basis, opts, output) -> torch.Tensor | None:
+    """The importance matrix (classes, concepts) the options ask for (None for ``importance`` "none")."""
     method = opts.get("importance", "none")
-    if method != "none":
-        out["importance"] = concept_importance(model, x, basis, method=method, indices=basis.image_indices,
-                                               n_design=int(opts.get("sobol_designs", 32)), output=output)
+    if method == "none":
+        return None
+    return concept_importance(model, x, basis, method=method, indices=basis.image_indices,
+                              n_design=int(opts.get("sobol_designs", 32)), output=output)
+
+
+def _concept_extras(model, x, basis, preds, opts, output, pooled, importance: torch.Tensor | None) -> dict[str, Any]:
+    """Importance (given: :func:`_importance`), stability, concept maps of each class's example image and RelMax
+    references, as the options ask (each off when its option is absent: ``importance`` "none", 0 seeds and halves,
+    ``map_method`` "none", ``relmax`` False)."""
+    out: dict[str, Any] = {}
+    if importance is not None:
+        out["importance"] = importance
     seeds, halves = int(opts.get("stability_seeds") or 0), int(opts.get("stability_halves") or 0)
     if seeds or halves:
         s0 = int(opts.get("seed", 0))
@@ -327,12 +353,21 @@ def summarize(records: list[dict]) -> dict[str, Any]:
         out[pool] = {"concepts": component_statistics(p, hit) if p.numel() else {},
                      "concepts_top1": component_statistics(p1, hit1) if p1.numel() else {},
                      "control": component_statistics(cp, ch) if cp.numel() else {}}
+        every = [r[pool]["all_concepts"] for r in done if "all_concepts" in r[pool]]
+        if every:  # with component_concepts: the same strips assembled from all concepts
+            out[pool]["concepts_all"] = component_statistics(torch.tensor([v for e in every for v in e["p"]]),
+                                                             torch.tensor([v for e in every for v in e["hit"]]))
         if p.numel():
             out[pool]["margin_points"] = 100 * (out[pool]["concepts"]["argmax_rate"] - out[pool]["control"]["argmax_rate"])
     stab = [v for r in done for v in r.get("stability", [])]
     if stab:
         out["stability"] = {"mean_cosine": float(np.mean(stab)), "min_cosine": float(np.min(stab)), "threshold": UNSTABLE_BELOW,
                             "unstable": sum(len(r.get("unstable", [])) for r in done), "concepts": len(stab)}
+    if any("component_concepts" in r for r in done):
+        out["component_concepts"] = {"k": len(next(r["component_concepts"] for r in done if "component_concepts" in r)),
+                                     "method": next(r.get("importance_method") for r in done if "component_concepts" in r),
+                                     "per_class": {str(r["class"]): r["component_concepts"] for r in done
+                                                   if "component_concepts" in r}}
     if any("importance" in r for r in done):
         out["importance"] = {"method": next(r["importance_method"] for r in done if "importance" in r),
                              "most_important": {str(r["class"]): r["importance_rank"][0] for r in done if "importance" in r}}
@@ -401,8 +436,12 @@ def write_concepts_report(records: list[dict], out_dir: str | Path, *, options: 
                                     warnings=warnings, seconds=seconds), out / "metrics.json")
     rows = []
     whats = ("concepts", "concepts_top1", "control") if int(options.get("strips") or 1) > 1 else ("concepts", "control")
-    labels = {"concepts": "concept strips", "concepts_top1": "top-1 strips only (the research's test)",
-              "control": "random crops (control)"}
+    top = summary.get("component_concepts")
+    if top:
+        whats += ("concepts_all",)
+    labels = {"concepts": "concept strips" if not top else f"strips of the {top['k']} most important concepts",
+              "concepts_top1": "top-1 strips only (the research's test)", "control": "random crops (control)",
+              "concepts_all": f"strips of all {options.get('components')} concepts (for comparison)"}
     for pool in POOLS:
         for what in whats:
             s = summary.get(pool, {}).get(what) or {}
@@ -421,7 +460,8 @@ def write_concepts_report(records: list[dict], out_dir: str | Path, *, options: 
                   "ranking": " > ".join(str(j + 1) for j in r["importance_rank"]) if "importance" in r else "—",
                   "stability": f"{min(r['stability']):.2f}" if r.get("stability") else "—",
                   "unstable": ", ".join(str(j + 1) for j in r.get("unstable", [])) or ("none" if r.get("stability") else "—"),
-                  "maps_figure": r.get("maps_figure"), "map_image": r.get("map_image_index")}
+                  "maps_figure": r.get("maps_figure"), "map_image": r.get("map_image_index"),
+                  "strip_concepts": ", ".join(str(j + 1) for j in r["component_concepts"]) if "component_concepts" in r else "all"}
                  for r in done]
     main = summary.get(headline_pool, {})
     cards = []
@@ -444,11 +484,13 @@ def write_concepts_report(records: list[dict], out_dir: str | Path, *, options: 
                              f"{st['unstable']} of {st['concepts']} concepts below {st['threshold']}"})
     n_ex = sum(summary["excluded_images"].values())
     cards.append({"label": "classes", "value": str(len(done)), "sub": f"{options.get('components')} concepts each"
+                  + (f", strips of the {top['k']} most important" if top else "")
                   + (f"; {len(summary['skipped'])} skipped" if summary["skipped"] else "")
                   + (f"; {n_ex} images excluded (relevance ≤ 0 everywhere)" if n_ex else "")})
     headline = "Concepts per class"
     if main.get("concepts"):
-        headline = (f"Strips of each class's {options.get('components')} concept crops are classified as the class "
+        headline = (f"Strips of each class's {top['k'] if top else options.get('components')}"
+                    f"{' most important' if top else ''} concept crops are classified as the class "
                     f"{rate_text(main['concepts'])} of the time ({headline_pool} target), random crops "
                     f"{rate_text(main['control'])}")
         if summary["whole_image_crops"]:
@@ -460,6 +502,10 @@ def write_concepts_report(records: list[dict], out_dir: str | Path, *, options: 
         if s.get("concepts"):
             findings.append(f"{pool} target: mean p(A) {s['concepts']['mean_p']:.2f} vs {s['control']['mean_p']:.2f} for random "
                             f"crops; argmax = A {s['margin_points']:+.0f} points over the control.")
+        if s.get("concepts") and s.get("concepts_all"):
+            findings.append(f"{pool} target: the {top['k']} most important concepts ({top['method']}) give argmax = A "
+                            f"{rate_text(s['concepts'])}, all {options.get('components')} concepts "
+                            f"{rate_text(s['concepts_all'])}.")
     return render("concepts.html.j2", out / "report.html", title="manifex · concepts", headline=headline,
                   subtitle=(f"layer {options.get('layer')} · {options.get('relevance')} relevance in a noise tunnel "
                             f"({options.get('samples')} samples) · NMF with {options.get('components')} components · up to "

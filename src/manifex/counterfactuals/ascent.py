@@ -464,7 +464,7 @@ def counterfactual(
     n_per_input: int = 1,
     diversity: float = 1.0,
     spread: float = 0.1,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     mask: torch.Tensor | None = None,
     mask_weight: float = 10.0,
 ) -> CounterfactualResult:
@@ -491,9 +491,11 @@ def counterfactual(
     Several counterfactuals per input: ``n_per_input=K`` searches K per input in one batch (result rows i·K …
     i·K + K − 1 belong to input i; ``result.group``). The first of the K starts at encode(x) (pixel space: x), the
     others at that start plus Gaussian noise of standard deviation ``spread`` × the start's RMS (pixel space: inside
-    the mask only, then clipped to the box), drawn from ``seed``; ``diversity`` (≥ 0) weighs a term −diversity × the
-    mean pairwise L2 distance between the K search variables (z, or the pixels) added to the summed losses, so the K
-    push apart while each keeps its own stop test (``diversity=0``: K independent searches). K = 1 is the plain search.
+    the mask only, then clipped to the box), drawn from ``seed`` (an int for the call, or N ints, one per input: input
+    i's starts then depend on its seed alone, not on the other inputs of the batch); ``diversity`` (≥ 0) weighs a term
+    −diversity × the mean pairwise L2 distance between the K search variables (z, or the pixels) added to the summed
+    losses, so the K push apart while each keeps its own stop test (``diversity=0``: K independent searches). K = 1 is
+    the plain search.
 
     A region: ``mask`` (broadcastable to x, values in [0, 1], 1 = may change). Pixel space: the gradient is
     multiplied by the mask, so entries with mask 0 keep their value exactly (Adam's update of a zero gradient is
@@ -519,6 +521,8 @@ def counterfactual(
     check_finite(x, "x")
     if x.shape[0] == 0:
         raise InputError("x is empty; pass at least one example.")
+    if not isinstance(seed, numbers.Integral) and len(seed) != x.shape[0]:
+        raise InputError(f"seed holds {len(seed)} values for {x.shape[0]} inputs; pass one int, or one per input.")
     if objective is None and classifier is None:
         raise InputError("pass a classifier (and a target), or an objective for regression.")
     if output is not None and classifier is None:
@@ -663,7 +667,8 @@ def counterfactual(
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(todo), desc=f"counterfactuals ({space})", unit="example", leave=False)
-        begin = _spread_starts(z0 if z0 is not None else [x], todo, per_input, float(spread), int(seed),
+        begin = _spread_starts(z0 if z0 is not None else [x], todo, per_input, float(spread),
+                               int(seed) if isinstance(seed, numbers.Integral) else [int(v) for v in seed],
                                mask_t if z0 is None else None, box if z0 is None else None)
         x_start = None
         if mask_t is not None and gen is not None:
@@ -729,8 +734,9 @@ def _check_diverse(n_per_input: Any, diversity: Any, spread: Any, seed: Any, mas
     for name, v in (("diversity", diversity), ("spread", spread), ("mask_weight", mask_weight)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
             raise InputError(f"{name} must be a finite number >= 0, got {v!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise InputError(f"seed must be an integer, got {seed!r}.")
+    seeds = [seed] if isinstance(seed, numbers.Integral) or not isinstance(seed, (Sequence, torch.Tensor)) else list(seed)
+    if not seeds or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in seeds):
+        raise InputError(f"seed must be an integer or a sequence of integers (one per input), got {seed!r}.")
     return int(n_per_input)
 
 
@@ -752,21 +758,28 @@ def _check_mask(mask: Any, x: torch.Tensor) -> torch.Tensor:
     return m.contiguous()
 
 
-def _spread_starts(parts: list[torch.Tensor], todo: torch.Tensor, k: int, spread: float, seed: int,
+def _spread_starts(parts: list[torch.Tensor], todo: torch.Tensor, k: int, spread: float, seed: int | list[int],
                    mask: torch.Tensor | None, box) -> list[torch.Tensor]:
     """The search's starts: ``parts`` (z, or [x]) with rows 2..K of each searched group moved by Gaussian noise of
-    std ``spread`` × the row's RMS (pixel space: times the mask, then clipped to the box)."""
+    std ``spread`` × the row's RMS (pixel space: times the mask, then clipped to the box). ``seed``: one for the call,
+    or one per input (group i's noise drawn from its own generator, so it does not depend on the other groups)."""
     if k == 1 or spread == 0 or len(todo) == 0:
         return parts
     rows = todo[(todo % k) != 0]
     if len(rows) == 0:
         return parts
-    g = torch.Generator().manual_seed(seed)
     out = [p.clone() for p in parts]
     rms = torch.cat([p[rows].reshape(len(rows), -1) for p in parts], 1).pow(2).mean(1).sqrt()
-    for p in out:
-        noise = torch.randn(p[rows].shape, generator=g, dtype=p.dtype).to(p.device)
-        noise = noise * (spread * rms).reshape(-1, *([1] * (p.dim() - 1)))
+    if isinstance(seed, int):
+        g = torch.Generator().manual_seed(seed)
+        draws = [torch.randn(p[rows].shape, generator=g, dtype=p.dtype) for p in out]
+    else:  # per input: the K − 1 perturbed rows of group i from generator seed[i], latent parts in order
+        groups = (rows // k).tolist()
+        per_group = {i: torch.Generator().manual_seed(seed[i]) for i in dict.fromkeys(groups)}
+        draws = [torch.stack([torch.randn(p.shape[1:], generator=per_group[i], dtype=p.dtype) for i in groups])
+                 for p in out]
+    for p, noise in zip(out, draws):
+        noise = noise.to(p.device) * (spread * rms).reshape(-1, *([1] * (p.dim() - 1)))
         if mask is not None:
             noise = noise * mask[rows]
         p[rows] = p[rows] + noise

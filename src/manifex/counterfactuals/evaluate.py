@@ -17,7 +17,10 @@ Per example (:func:`example_metrics`) and summarised per space (:func:`summarize
   decode(encode(x)) in latent space, x in pixel space) in the generator's tangent space at encode(x), and,
   where the data manifold is known (datasets sampled from a decoder), the distance of x′ to it
   (:func:`manifold_distance`) and the off-manifold fraction distance / ‖x′ − x‖;
-* likelihood under a flow: bits per dimension of x and of x′.
+* likelihood under a flow: bits per dimension of x and of x′;
+* a region (``mask``): the fraction of the change outside it, Σ|δ|·(1 − mask) / Σ|δ|;
+* several counterfactuals per input (``n_per_input=K``, :func:`diversity`): per input, the mean pairwise L2
+  distance among its K counterfactuals, of the images (pixel) and of the latent codes (latent space only).
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from ..geometry import TangentSpace, alignment, manifold_distance
 from .ascent import CounterfactualResult
 
 __all__ = ["Judges", "ClassAutoencoders", "manifold_distance", "frechet_distance", "example_metrics", "summarize",
-           "evaluate", "JUDGE_KEYS", "METRIC_DIRECTIONS", "DEFAULT_L0_TOL"]
+           "evaluate", "diversity", "JUDGE_KEYS", "METRIC_DIRECTIONS", "DEFAULT_L0_TOL"]
 
 #: Per-example judge fields (1 = agrees with the target class).
 JUDGE_KEYS = ("svm", "knn_vote", "knn_fraction", "second")
@@ -46,7 +49,7 @@ DEFAULT_L0_TOL = 0.5 / 255
 #: Which way is better for each counterfactual metric ("higher" / "lower").
 METRIC_DIRECTIONS = {"validity": "higher", "l0": "lower", "l1": "lower", "l2": "lower", "linf": "lower",
                      "sparsity": "higher", "ynn": "higher", "im1": "lower", "im2": "lower", "seconds": "lower",
-                     "fid": "lower"}
+                     "fid": "lower", "outside_mask": "lower", "diversity": "higher"}
 
 
 def _last_linear(model: nn.Module) -> nn.Linear:
@@ -263,6 +266,36 @@ def _l0(delta: torch.Tensor, tol: float) -> dict[str, np.ndarray]:
     return {"l0": changed.cpu().numpy(), "sparsity": (1 - changed / size).cpu().numpy()}
 
 
+def _pairwise(v: torch.Tensor, k: int) -> np.ndarray:
+    """(G·K, ...) rows in consecutive groups of K → (G,) mean L2 distance over each group's K(K − 1)/2 pairs."""
+    g = v.detach().double().reshape(-1, k, v[0].numel())
+    i, j = torch.triu_indices(k, k, 1)
+    return (g[:, i] - g[:, j]).norm(dim=-1).mean(1).cpu().numpy()
+
+
+def diversity(result: CounterfactualResult) -> dict[str, np.ndarray | None]:
+    """Per input of a search with ``n_per_input=K`` > 1 (``result.group``): the mean pairwise L2 distance among its K
+    counterfactuals, ``"pixel"`` between the images x′ and ``"latent"`` between the latent codes z′ (``None`` in
+    pixel space), each (N_inputs,). Every one of the K counts, successful or not."""
+    if result.group is None:
+        raise InputError("diversity needs several counterfactuals per input: search with n_per_input=K > 1.")
+    k = len(result) // (int(result.group.max()) + 1)
+    latent = None
+    if result.z_cf is not None:
+        parts = result.z_cf if isinstance(result.z_cf, (list, tuple)) else [result.z_cf]
+        latent = _pairwise(torch.cat([p.reshape(p.shape[0], -1) for p in parts], 1), k)
+    return {"pixel": _pairwise(result.x_cf, k), "latent": latent}
+
+
+def _outside(delta: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """Σ|δ|·(1 − mask) / Σ|δ| per row (NaN where δ = 0)."""
+    d = delta.detach().abs().double()
+    m = torch.broadcast_to(mask.to(device=d.device, dtype=d.dtype), d.shape)
+    total = d.reshape(d.shape[0], -1).sum(1)
+    out = (d * (1 - m)).reshape(d.shape[0], -1).sum(1)
+    return torch.where(total > 0, out / total.clamp_min(1e-300), torch.full_like(total, float("nan"))).cpu().numpy()
+
+
 def example_metrics(
     result: CounterfactualResult,
     *,
@@ -272,6 +305,7 @@ def example_metrics(
     bits_per_dim: Callable[[torch.Tensor], torch.Tensor] | None = None,
     autoencoders: ClassAutoencoders | None = None,
     l0_tol: float = DEFAULT_L0_TOL,
+    mask: torch.Tensor | None = None,
 ) -> list[dict]:
     """One dict of numbers per example of ``result`` (see the module docstring).
 
@@ -279,7 +313,8 @@ def example_metrics(
     ``result.original``: classification). ``l0_tol``: the change that counts a pixel as changed (L0, sparsity).
     ``tangent``: tangent spaces at the originals (a :class:`TangentSpace` or an orthonormal basis (N, r, *x_shape)).
     ``manifold``: x (N, ...) → (N,) distances to the known data manifold. ``bits_per_dim``: x → (N,) bits per
-    dimension under a flow (e.g. ``Generator.bits_per_dim``).
+    dimension under a flow (e.g. ``Generator.bits_per_dim``). ``mask`` (broadcastable to x, 1 = may change, as given to
+    :func:`counterfactual`): ``outside_mask``, the fraction Σ|δ|·(1 − mask) / Σ|δ| of the change outside the region.
     """
     n = len(result)
     cols: dict[str, Any] = {
@@ -298,6 +333,8 @@ def example_metrics(
         cols.update(autoencoders(result.x_cf, result.target, result.original))
     if result.recon_error is not None:
         cols["recon_error"] = result.recon_error.cpu().numpy()
+    if mask is not None:
+        cols["outside_mask"] = _outside(result.delta, mask)
     if judges is not None and result.target is not None:
         cols.update(judges(result.x_cf, result.target))
     if tangent is not None:
@@ -348,15 +385,17 @@ def _stats(values: list[float]) -> dict | None:
 
 #: Fields summarised over the successful, non-trivial counterfactuals of a space.
 SUMMARY_FIELDS = ("steps", "p_target", "l0", "sparsity", "l1", "l2", "linf", "ynn", "im1", "im2", "seconds", "svm", "knn_vote", "knn_fraction", "second", "tangent_fraction",
-                  "manifold_distance", "off_manifold_fraction", "bpd_before", "bpd_after", "recon_error")
+                  "manifold_distance", "off_manifold_fraction", "bpd_before", "bpd_after", "recon_error", "outside_mask")
 
 
-def summarize(per_space: Mapping[str, Sequence[dict]], fid: Mapping[str, dict | None] | None = None) -> dict:
+def summarize(per_space: Mapping[str, Sequence[dict]], fid: Mapping[str, dict | None] | None = None,
+              diversity: Mapping[str, Mapping[str, Sequence[float] | None]] | None = None) -> dict:
     """Per space: ``n``, ``success_rate`` (over examples that did not already have the target), mean/median of
     every per-example field over the successful ones, and under ``"all"`` over every searched example; ``validity``
     over every searched example (over the successful ones it is 1 whenever stop_prob ≥ 0.5); ``fid`` from
-    ``fid[space]`` (:meth:`Judges.fid`); plus latent/pixel ratios of medians (``*_all``: over every searched
-    example) when both spaces are present."""
+    ``fid[space]`` (:meth:`Judges.fid`); ``diversity`` from ``diversity[space]`` (per input, ``"pixel"`` and
+    ``"latent"`` mean pairwise distances, see :func:`diversity`: their mean/median over the inputs); plus latent/pixel
+    ratios of medians (``*_all``: over every searched example) when both spaces are present."""
     out: dict[str, Any] = {}
     for space, rows in per_space.items():
         live = [r for r in rows if not r.get("already")]
@@ -373,6 +412,8 @@ def summarize(per_space: Mapping[str, Sequence[dict]], fid: Mapping[str, dict | 
             s["validity"] = s["all"]["validity"] = st
         if fid is not None and fid.get(space) is not None:
             s["fid"] = fid[space]
+        if diversity is not None and diversity.get(space) is not None:
+            s["diversity"] = {kind: _stats(list(v)) if v is not None else None for kind, v in diversity[space].items()}
         for f in ("bpd_before", "bpd_after"):  # log-densities that overflowed: +inf bits/dim, not in the means
             for where, group in ((s, ok), (s["all"], live)):
                 k = sum(1 for r in group if r.get(f"{f}_overflow"))
@@ -409,9 +450,10 @@ def summarize(per_space: Mapping[str, Sequence[dict]], fid: Mapping[str, dict | 
 def evaluate(results: Mapping[str, CounterfactualResult], **kwargs: Any) -> dict:
     """``{"per_example": {space: [dict per example]}, "summary": summarize(...)}`` for results keyed by space
     (e.g. ``{"latent": counterfactual(..., space="latent"), "pixel": counterfactual(..., space="pixel")}``);
-    ``kwargs`` go to :func:`example_metrics` (judges, tangent, manifold, bits_per_dim, autoencoders, l0_tol). With
-    judges that hold a second classifier, the summary's ``fid`` is the Fréchet distance of each space's successful
-    counterfactuals (not already of the target) to the training images of their target class (:meth:`Judges.fid`)."""
+    ``kwargs`` go to :func:`example_metrics` (judges, tangent, manifold, bits_per_dim, autoencoders, l0_tol, mask).
+    With judges that hold a second classifier, the summary's ``fid`` is the Fréchet distance of each space's successful
+    counterfactuals (not already of the target) to the training images of their target class (:meth:`Judges.fid`).
+    Results with K counterfactuals per input (``n_per_input``) also get the summary's ``diversity`` (:func:`diversity`)."""
     if not results:
         raise InputError("evaluate needs at least one CounterfactualResult, keyed by space name.")
     per = {space: example_metrics(r, **kwargs) for space, r in results.items()}
@@ -422,4 +464,6 @@ def evaluate(results: Mapping[str, CounterfactualResult], **kwargs: Any) -> dict
         for space, r in results.items():
             ok = (r.success & ~r.already).nonzero().flatten()
             fid[space] = judges.fid(r.x_cf[ok], r.target[ok]) if r.target is not None else None
-    return {"per_example": per, "summary": summarize(per, fid)}
+    spread = {space: {k: None if v is None else v.tolist() for k, v in diversity(r).items()}
+              for space, r in results.items() if r.group is not None}
+    return {"per_example": per, "summary": summarize(per, fid, spread or None)}

@@ -45,12 +45,14 @@ from ..models import ModelCache, TrainConfig, accuracy, get_classifier
 from ..models.resolve import ModelInfo, data_identity, resolve_classifier, resolve_data
 from ..runs import LocalExecutor, Unit, atomic_torch_save, safe_torch_load, unit_dir
 from .ascent import DEFAULT_RECON_TOL, counterfactual
-from .evaluate import DEFAULT_L0_TOL, ClassAutoencoders, Judges, example_metrics, manifold_distance, summarize
+from .evaluate import DEFAULT_L0_TOL, ClassAutoencoders, Judges, diversity, example_metrics, manifold_distance, summarize
 from .helix import HelixConfig, check_helix_config, helix_points
+from .mask import load_mask, mask_identity
 
 __all__ = ["CounterfactualConfig", "CounterfactualExperiment", "HelixConfig", "HelixExperiment", "CampaignResult",
            "run_campaign", "prepare", "build_context", "check_classes", "process_units", "spectrum_summary",
-           "generator_warnings", "SECOND_CLASSIFIER", "class_autoencoders", "campaign_fid"]
+           "generator_warnings", "SECOND_CLASSIFIER", "class_autoencoders", "campaign_fid", "load_mask", "mask_identity",
+           "unit_seed", "counterfactuals_of"]
 
 #: The generators and built-in classifiers a campaign takes.
 GENERATORS = ("flow", "vae", "gan")
@@ -106,6 +108,19 @@ class CounterfactualConfig:
                              "0: no IM1/IM2.", low=0)
     l0_tol: float = setting(DEFAULT_L0_TOL, "A pixel counts as changed (L0, sparsity) when it moved by more than this "
                             "(default: half an 8-bit grey level).", cli=False)
+    per_input: int = setting(1, "Counterfactuals per image (K), searched together and pushed apart by --diversity; the "
+                             "report shows the K side by side and their mean pairwise distance. 1: the plain search.", low=1)
+    diversity: float = setting(1.0, "Weight of the diversity term with --per-input > 1 (minus weight x the mean pairwise "
+                               "distance among an image's K search variables); 0: K independent searches from the same "
+                               "perturbed starts.", low=0.0)
+    spread: float = setting(0.1, "Start noise of counterfactuals 2..K (std as a fraction of the start's RMS).", cli=False)
+    mask: str | None = setting(
+        None, "Region that may change: a box 'r0:r1,c0:c1' (rows r0..r1-1, columns c0..c1-1, as Python slices) or a .npy "
+        "file of the image's height x width (or channels x height x width), values in [0, 1], 1 = may change. Pixel space "
+        "keeps every pixel outside exactly; latent space penalises the change outside (--mask-weight). The report gives "
+        "the fraction of the change outside.", metavar="BOX|FILE.npy")
+    mask_weight: float = setting(10.0, "Latent space with --mask: weight of the penalty on the squared change outside the "
+                                 "mask.", low=0.0)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -114,10 +129,20 @@ class CounterfactualConfig:
 
     def results_settings(self) -> dict:
         """The settings a resume must match: every field that changes a record (``result=True``), with the latent
-        lr resolved (``lr_latent_effective``)."""
+        lr resolved (``lr_latent_effective``), the mask as its content (:func:`mask_identity`), and without the
+        diversity options for one counterfactual per image or the mask weight without a mask (they change nothing)."""
         d = result_settings(self)
         d["spaces"] = list(self.spaces)
         d["lr_latent_effective"] = self.effective_lr_latent()
+        # options that change nothing are left out, so the folders of the plain search (made before they existed) resume
+        if self.per_input == 1:
+            for key in ("per_input", "diversity", "spread"):
+                d.pop(key)
+        if self.mask is None:
+            d.pop("mask")
+            d.pop("mask_weight")
+        else:  # the region, not the file's name: a moved file is the same run, an edited one is not
+            d["mask"] = mask_identity(self.mask)
         return d
 
     def effective_lr_latent(self) -> float:
@@ -179,6 +204,18 @@ def check_pixels(cfg: CounterfactualConfig, train) -> str:
     if lo < 0 or hi > 1:
         raise DataError(f"{cfg.dataset}: pixels lie in [{lo:.3g}, {hi:.3g}]; counterfactuals need images in [0, 1].")
     return f"pixels of {cfg.dataset} in [0, 1] (found [{lo:.3g}, {hi:.3g}])"
+
+
+def unit_seed(seed: int, index: int) -> int:
+    """The seed of an image's K − 1 perturbed starts: from the run's seed and the image's index alone, so a record
+    does not depend on the batch it ran in (or on a resume)."""
+    return int(seed) * 1_000_003 + int(index)
+
+
+def counterfactuals_of(record: dict, space: str) -> list[dict]:
+    """The metrics of a record's counterfactuals in ``space``: one dict (``--per-input 1``) or a list of K."""
+    v = record.get(space)
+    return v if isinstance(v, list) else [v] if isinstance(v, dict) else []
 
 
 def prepare(cfg: CounterfactualConfig, *, cache: ModelCache | None = None, progress: bool = True,
@@ -335,7 +372,9 @@ def process_units(units: list[Unit], ctx: dict, out_dir: Path) -> list[dict]:
     """Counterfactuals of one batch of images in every space, evaluated; one record per image (run_units' process)."""
     cfg: CounterfactualConfig = ctx["config"]
     test, clf, gen, judges, known = ctx["test"], ctx["classifier"], ctx["generator"], ctx["judges"], ctx["known"]
+    k, mask = cfg.per_input, ctx.get("mask")
     index = torch.tensor([u.payload["index"] for u in units])
+    rows = torch.arange(len(units)).repeat_interleave(k)  # the input of each of the N·K result rows
     x = test.x[index].to(cfg.device)
     target = torch.tensor([u.payload["target"] for u in units], device=cfg.device)
     results, per_space = {}, {}
@@ -346,7 +385,7 @@ def process_units(units: list[Unit], ctx: dict, out_dir: Path) -> list[dict]:
         spec, tangent = _tangent(gen, z0, cfg.spectrum_top)
     manifold = None
     if known is not None:
-        z_true = test.z[index].to(cfg.device)
+        z_true = test.z[index[rows]].to(cfg.device)
         vae = known.generative
 
         def known_distance(xc: torch.Tensor) -> torch.Tensor:
@@ -361,23 +400,32 @@ def process_units(units: list[Unit], ctx: dict, out_dir: Path) -> list[dict]:
     for space in cfg.spaces:
         lr = cfg.lr_latent if space == "latent" else cfg.lr_pixel
         r = counterfactual(clf, x, target, generator=gen if space == "latent" else None, space=space, lr=lr,
-                           max_steps=cfg.max_steps, stop_prob=cfg.stop_prob, batch_size=len(units),
-                           record_path=cfg.path_frames, progress=bool(ctx.get("progress")))
+                           max_steps=cfg.max_steps, stop_prob=cfg.stop_prob, batch_size=len(units) * k,
+                           record_path=cfg.path_frames, progress=bool(ctx.get("progress")), n_per_input=k,
+                           diversity=cfg.diversity, spread=cfg.spread, seed=[unit_seed(cfg.seed, int(i)) for i in index],
+                           mask=mask, mask_weight=cfg.mask_weight)
         results[space] = r
         with torch.enable_grad():
-            per_space[space] = example_metrics(r, judges=judges, tangent=tangent, manifold=manifold, bits_per_dim=bpd,
-                                               autoencoders=ctx.get("autoencoders"), l0_tol=cfg.l0_tol)
+            per_space[space] = example_metrics(r, judges=judges, tangent=tangent[rows] if tangent is not None and k > 1
+                                               else tangent, manifold=manifold, bits_per_dim=bpd,
+                                               autoencoders=ctx.get("autoencoders"), l0_tol=cfg.l0_tol, mask=mask)
+        if k > 1:
+            per_space[f"diversity_{space}"] = diversity(r)
     records = []
     for i, u in enumerate(units):
         tensors = {"x": x[i].cpu()}
         rec: dict[str, Any] = {"id": u.id, "index": int(index[i]), "label": int(test.y[index[i]]), "target": int(target[i])}
+        own = slice(i * k, (i + 1) * k) if k > 1 else i  # K > 1: the image's K rows, stored with a leading K axis
         for space, r in results.items():
-            rec[space] = per_space[space][i]
-            tensors[f"x_cf_{space}"] = r.x_cf[i].cpu()
-            tensors[f"path_{space}"] = r.path[i].cpu()
-            tensors[f"path_steps_{space}"] = r.path_steps[i].cpu()
+            rec[space] = per_space[space][own]
+            tensors[f"x_cf_{space}"] = r.x_cf[own].cpu()
+            tensors[f"path_{space}"] = r.path[own].cpu()
+            tensors[f"path_steps_{space}"] = r.path_steps[own].cpu()
             if r.x_recon is not None:
-                tensors["x_recon"] = r.x_recon[i].cpu()
+                tensors["x_recon"] = r.x_recon[i * k].cpu()
+            if k > 1:
+                d = per_space[f"diversity_{space}"]
+                rec.setdefault("diversity", {})[space] = {kind: None if v is None else float(v[i]) for kind, v in d.items()}
         if spec is not None:
             # estimate_dimension gives the number of singular values when no ratio σᵢ/σᵢ₊₁ reaches 10: no gap,
             # so no dimension (null, as the report says), not that number
@@ -445,19 +493,22 @@ def campaign_fid(records: list[dict], out_dir: Path, judges: Judges | None, spac
     for space in spaces:
         x_cf, target = [], []
         for r in records:
-            rec = r.get(space)
+            cfs = counterfactuals_of(r, space)
+            ok = [j for j, m in enumerate(cfs) if m.get("success") and not m.get("already")]
             path = Path(out_dir) / r.get("files", {}).get("tensors", "")
-            if isinstance(rec, dict) and rec.get("success") and not rec.get("already") and path.is_file():
-                x_cf.append(safe_torch_load(path, what="counterfactual tensors")[f"x_cf_{space}"])
-                target.append(r["target"])
+            if ok and path.is_file():
+                t = safe_torch_load(path, what="counterfactual tensors")[f"x_cf_{space}"]
+                x_cf += [t[j] for j in ok] if isinstance(r.get(space), list) else [t]
+                target += [r["target"]] * len(ok)
         out[space] = judges.fid(torch.stack(x_cf), torch.tensor(target)) if len(x_cf) >= 2 else None
     return out
 
 
 def generator_warnings(records: list[dict], generator: dict | None) -> list[str]:
     """The approximate-generator warning of :func:`counterfactual`, from the records (so a resumed run has it too)."""
-    err = [r["latent"]["recon_error"] for r in records if isinstance(r.get("latent"), dict)
-           and r["latent"].get("recon_error") is not None]
+    # one per image: its K counterfactuals all start from the same decode(encode(x))
+    firsts = [counterfactuals_of(r, "latent")[:1] for r in records]
+    err = [f[0]["recon_error"] for f in firsts if f and f[0].get("recon_error") is not None]
     if not err or max(err) <= DEFAULT_RECON_TOL:
         return []
     bad = sum(e > DEFAULT_RECON_TOL for e in err)
@@ -527,6 +578,13 @@ class CounterfactualExperiment(Experiment):
                 raise InputError(f"{flag} must be a finite number > 0 (or default), got {lr!r}.")
         if cfg.source is not None and cfg.source == cfg.target:
             raise InputError(f"{param('source')} and {param('target')} are the same class; pick two different classes.")
+        if isinstance(cfg.per_input, bool) or not isinstance(cfg.per_input, int) or cfg.per_input < 1:
+            raise InputError(f"{param('per_input')} must be an integer >= 1 (counterfactuals per image), got {cfg.per_input!r}.")
+        for name, value in (("diversity", cfg.diversity), ("spread", cfg.spread), ("mask_weight", cfg.mask_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise InputError(f"{param(name)} must be a finite number >= 0, got {value!r}.")
+        if cfg.mask is not None:
+            load_mask(cfg.mask)  # its format and values; its shape against the images once they are loaded
 
     def settings(self, cfg: CounterfactualConfig) -> dict[str, Any]:
         """Every field that changes a record, with the latent lr resolved (a resume never mixes two defaults)."""
@@ -547,6 +605,8 @@ class CounterfactualExperiment(Experiment):
     def check_data(self, run: Run) -> None:
         cfg = run.config
         check_classes(cfg.source, cfg.target, run.data.num_classes, cfg.dataset)
+        if cfg.mask is not None:
+            load_mask(cfg.mask, tuple(run.data.image_shape))
 
     def data_identity(self, run: Run) -> dict[str, Any]:
         return data_identity(run.config.dataset, run.data.x, run.data.y)
@@ -591,8 +651,19 @@ class CounterfactualExperiment(Experiment):
                                  device=run.device, progress=run.progress)
         run.checks.extend(prep["checks"])
         self.info = prep["info"]
+        mask = None
+        if cfg.mask is not None:
+            mask = load_mask(cfg.mask, tuple(prep["test"].image_shape))
+            free = float(mask.mean())
+            run.checks.append(f"mask {cfg.mask}: {free:.0%} of the image may change (pixel space: exactly nothing outside; "
+                              f"latent space: a penalty of weight {cfg.mask_weight:g} on the change outside)")
+            self.info["mask"] = {"spec": cfg.mask, "free_fraction": free}
+        if cfg.per_input > 1:
+            run.checks.append(f"{cfg.per_input} counterfactuals per image (diversity weight {cfg.diversity:g}, start noise "
+                              f"{cfg.spread:g} x RMS; each image's starts seeded by its index)")
         # the per-example bar of the search shows progress inside a batch (locally; Ray workers have no terminal)
         return {"config": dataclasses.replace(cfg, device=run.device), "chosen": prep["chosen"], "progress": _local(run),
+                "mask": mask,
                 **{k: prep.get(k) for k in ("test", "classifier", "generator", "judges", "known", "autoencoders")}}
 
     def plan(self, run: Run, context: dict[str, Any]) -> Iterator[Stage]:
@@ -602,8 +673,13 @@ class CounterfactualExperiment(Experiment):
 
     def summarize(self, run: Run, context: dict[str, Any]) -> dict[str, Any]:
         cfg, records = run.config, run.records.get("images", [])
-        summary = summarize({space: [r[space] for r in records if space in r] for space in cfg.spaces},
-                            fid=campaign_fid(records, run.out, context.get("judges"), cfg.spaces))
+        spread = None
+        if cfg.per_input > 1:
+            spread = {space: {kind: [r["diversity"][space][kind] for r in records
+                                     if r.get("diversity", {}).get(space, {}).get(kind) is not None] or None
+                              for kind in ("pixel", "latent")} for space in cfg.spaces}
+        summary = summarize({space: [m for r in records for m in counterfactuals_of(r, space)] for space in cfg.spaces},
+                            fid=campaign_fid(records, run.out, context.get("judges"), cfg.spaces), diversity=spread)
         if records and "singular_values" in records[0]:
             summary["spectrum"] = spectrum_summary(records)
         warnings = generator_warnings(records, self.info.get("generator"))
@@ -629,7 +705,7 @@ class CounterfactualExperiment(Experiment):
     def findings(self, run: Run, summary: dict[str, Any]) -> list[str]:
         from .report import findings
 
-        return findings(summary, list(run.config.spaces))
+        return findings(summary, list(run.config.spaces), run.config.per_input)
 
 
 class HelixExperiment(Experiment):

@@ -17,9 +17,10 @@ from ..experiment.folder import write_metrics
 from ..runs import atomic_savefig, atomic_write_text, safe_torch_load
 from .ascent import DEFAULT_LR
 from .evaluate import METRIC_DIRECTIONS
+from .mask import load_mask
 
-__all__ = ["grid_figure", "path_figure", "spectrum_figure", "helix_figure", "write_report", "write_helix_report", "findings",
-           "campaign_metrics", "metrics_rows"]
+__all__ = ["grid_figure", "path_figure", "spectrum_figure", "helix_figure", "diverse_figure", "write_report",
+           "write_helix_report", "findings", "campaign_metrics", "metrics_rows"]
 
 #: Images shown in the research grid and the path strips.
 MAX_GRID, MAX_PATHS = 8, 4
@@ -47,10 +48,23 @@ def p_label(p: float | None, stop_prob: float = 0.99) -> str:
     return f"{math.floor(p * 10**digits) / 10**digits:.{digits}f}"
 
 
-def grid_figure(items: list[dict], spaces: list[str], stop_prob: float = 0.99) -> Figure:
+def _outline(ax, mask: torch.Tensor | None) -> None:
+    """The region that may change (``--mask``), outlined in red on an image axis."""
+    if mask is not None:
+        m = mask.detach().cpu().float()
+        m = (m.amax(0) if m.dim() == 3 else m).numpy() >= 0.5
+        # along the pixel edges: the mask upsampled 8× (nearest), so the outline has square corners
+        up = np.kron(m, np.ones((8, 8))).astype(float)
+        h, w = m.shape
+        ax.contour((np.arange(8 * w) + 0.5) / 8 - 0.5, (np.arange(8 * h) + 0.5) / 8 - 0.5, up, levels=[0.5],
+                   colors="#e03131", linewidths=1.2)
+
+
+def grid_figure(items: list[dict], spaces: list[str], stop_prob: float = 0.99, mask: torch.Tensor | None = None) -> Figure:
     """The research grid, one row per image: x | decode(encode(x)) | latent x′ | |δ| | pixel x′ | |δ|.
 
-    ``items``: dicts with the tensors of ``units/<id>/cf.pt`` and the record (p, steps per space)."""
+    ``items``: dicts with the tensors of ``units/<id>/cf.pt`` and the record (p, steps per space); with K
+    counterfactuals per image, the first of them (:func:`_first`). ``mask``: outlined on x."""
     cols = [("x", None)] + ([("decode(encode(x))", None)] if "latent" in spaces else [])
     for s in spaces:
         cols += [(f"{s} x′", s), (f"|δ| {s}", s)]
@@ -60,7 +74,7 @@ def grid_figure(items: list[dict], spaces: list[str], stop_prob: float = 0.99) -
         t = it["tensors"]
         scale = max(float(_absdiff(t[f"x_cf_{s}"], t["x"]).max()) for s in spaces) or 1.0
         c = 0
-        _img(axes[r, c], t["x"]); c += 1
+        _img(axes[r, c], t["x"]); _outline(axes[r, c], mask); c += 1
         if "latent" in spaces:
             _img(axes[r, c], t.get("x_recon", t["x"]).clamp(0, 1)); c += 1
         for s in spaces:
@@ -74,6 +88,50 @@ def grid_figure(items: list[dict], spaces: list[str], stop_prob: float = 0.99) -
     for c, (title, _) in enumerate(cols):
         axes[0, c].set_title(title, fontsize=8)
     fig.subplots_adjust(wspace=0.05, hspace=0.35, left=0.04, right=0.99, top=0.93, bottom=0.03)
+    return fig
+
+
+def _first(item: dict, spaces: list[str]) -> dict:
+    """An item of a record with K counterfactuals per image reduced to its first (tensors with a leading K axis and
+    a list of K metric dicts per space); an item with one counterfactual is returned as it is."""
+    if not any(isinstance(item["record"].get(s), list) for s in spaces):
+        return item
+    t = dict(item["tensors"])
+    for s in spaces:
+        for key in (f"x_cf_{s}", f"path_{s}", f"path_steps_{s}"):
+            t[key] = t[key][0]
+    return {"record": {**item["record"], **{s: item["record"][s][0] for s in spaces}}, "tensors": t}
+
+
+def diverse_figure(items: list[dict], spaces: list[str], stop_prob: float = 0.99, mask: torch.Tensor | None = None) -> Figure:
+    """K counterfactuals per image, one row per image: x | latent x′₁ … x′_K | pixel x′₁ … x′_K; under each x′ its
+    p(target) and steps (✗: not reached), beside x the image's mean pairwise distances among its K (d_x: images;
+    d_z: latent codes). ``mask``: outlined on x."""
+    k = items[0]["tensors"][f"x_cf_{spaces[0]}"].shape[0]
+    cols = ["x"] + [f"{s} x′{j + 1}" for s in spaces for j in range(k)]
+    fig = Figure(figsize=(1.25 * len(cols) + 1.2, 1.45 * len(items) + 0.5))
+    axes = fig.subplots(len(items), len(cols), squeeze=False)
+    for r, it in enumerate(items):
+        t, rec = it["tensors"], it["record"]
+        _img(axes[r, 0], t["x"])
+        _outline(axes[r, 0], mask)
+        spread = rec.get("diversity", {})
+        lines = [f"#{rec['index']}"]
+        for s in spaces:
+            d = spread.get(s, {})
+            lines.append(f"{s[:3]} d_x={_fmt(d.get('pixel'), 2)}" + (f"\nd_z={_fmt(d.get('latent'), 2)}" if d.get("latent") is not None else ""))
+        axes[r, 0].set_ylabel("\n".join(lines), fontsize=7, rotation=0, ha="right", va="center", labelpad=4)
+        c = 1
+        for s in spaces:
+            for j in range(k):
+                m = rec[s][j]
+                _img(axes[r, c], t[f"x_cf_{s}"][j])
+                axes[r, c].set_xlabel(f"p={p_label(m.get('p_target'), stop_prob)}, {m['steps']} st" + ("" if m["success"] else " ✗"),
+                                      fontsize=7)
+                c += 1
+    for c, title in enumerate(cols):
+        axes[0, c].set_title(title, fontsize=8)
+    fig.subplots_adjust(wspace=0.08, hspace=0.45, left=0.11, right=0.99, top=0.93, bottom=0.04)
     return fig
 
 
@@ -176,11 +234,19 @@ def write_report(result: Any, *, command: str | None = None, metrics_file: bool 
         p = out / rec["files"]["tensors"]
         if p.is_file():
             items.append({"record": rec, "tensors": safe_torch_load(p, what="counterfactual tensors")})
+    mask = None
+    if getattr(cfg, "mask", None) is not None and items:
+        mask = load_mask(cfg.mask, tuple(items[0]["tensors"]["x"].shape))
+    per_input = getattr(cfg, "per_input", 1)
     if items:
-        atomic_savefig(grid_figure(items[:MAX_GRID], spaces, cfg.stop_prob), out / "grid.png", dpi=110)
+        firsts = [_first(it, spaces) for it in items]
+        atomic_savefig(grid_figure(firsts[:MAX_GRID], spaces, cfg.stop_prob, mask), out / "grid.png", dpi=110)
         figures["grid"] = "grid.png"
-        atomic_savefig(path_figure(items[:MAX_PATHS], spaces), out / "paths.png", dpi=110)
+        atomic_savefig(path_figure(firsts[:MAX_PATHS], spaces), out / "paths.png", dpi=110)
         figures["paths"] = "paths.png"
+        if per_input > 1:
+            atomic_savefig(diverse_figure(items[:MAX_GRID], spaces, cfg.stop_prob, mask), out / "diverse.png", dpi=110)
+            figures["diverse"] = "diverse.png"
     if records and "singular_values" in records[0]:
         s = np.array([r["singular_values"] for r in records])
         atomic_savefig(spectrum_figure(s, [r.get("dimension") for r in records],
@@ -222,15 +288,22 @@ def write_report(result: Any, *, command: str | None = None, metrics_file: bool 
     ratio = lvp.get("off_manifold_fraction_median", lvp.get("off_manifold_fraction_median_all"))
     if ratio is not None:
         cards.append({"label": "off-manifold, latent ÷ pixel", "value": f"{ratio:.2f}×", "sub": "median fraction dist/‖δ‖", "accent": True})
-    lines = findings(summary, spaces)
+    for s in spaces:
+        d = (summary[s].get("diversity") or {}).get("pixel")
+        if d is not None:
+            cards.append({"label": f"{s}: {per_input} per image", "value": f"{d['mean']:.2f}",
+                          "sub": "mean pairwise ‖x′ᵢ − x′ⱼ‖₂ among them", "accent": s == "latent"})
+    lines = findings(summary, spaces, per_input)
     if metrics_file:
         write_metrics(out / "metrics.json", campaign_metrics(result))
     headline = lines[0] if lines else "Counterfactuals"
     return _render("counterfactual.html.j2", out / "report.html", title="Counterfactual report", headline=headline,
-                   subtitle=f"{len(records)} images of class {cfg.source} → {cfg.target} on {cfg.dataset}; "
+                   subtitle=f"{len(records)} images of class {cfg.source} → {cfg.target} on {cfg.dataset}"
+                            f"{f' × {per_input} counterfactuals' if per_input > 1 else ''}"
+                            f"{f', changes confined to the mask {cfg.mask}' if mask is not None else ''}; "
                             f"generator {cfg.generator}, classifier {result.info.get('classifier', {}).get('name') or cfg.classifier}",
                    findings=lines[1:], cards=cards, spaces=spaces, judge_rows=judge_rows, metric_rows=metric_rows,
-                   cf_rows=cf_rows, figures=figures, checks=result.checks,
+                   cf_rows=cf_rows, figures=figures, checks=result.checks, mask_spec=getattr(cfg, "mask", None),
                    settings={**cfg.to_dict(), "lr_latent_effective": cfg.effective_lr_latent(),
                              "lr_pixel_effective": cfg.lr_pixel if cfg.lr_pixel is not None else DEFAULT_LR[None]},
                    info=result.info, command=command,
@@ -250,6 +323,10 @@ CF_METRICS = (
     ("im2", "IM2", "median", 4, "‖AE_target(x′) − AE_all(x′)‖² ÷ ‖x′‖₁"),
     ("seconds", "seconds per counterfactual", "mean", 3, "wall time of the batched search ÷ counterfactuals"),
     ("fid", "Fréchet distance to real target images", "value", 2, "in the second judge's penultimate features"),
+    ("outside_mask", "change outside the mask", "mean", 4, "Σ|δ| outside the --mask region ÷ Σ|δ| (pixel space: 0 exactly; "
+     "latent space: held down by a penalty)"),
+    ("diversity.pixel", "diversity: images", "mean", 3, "per image, mean pairwise ‖x′ᵢ − x′ⱼ‖₂ among its K counterfactuals"),
+    ("diversity.latent", "diversity: latent codes", "mean", 3, "per image, mean pairwise ‖z′ᵢ − z′ⱼ‖₂ among its K latent codes"),
 )
 
 
@@ -262,6 +339,8 @@ def metrics_rows(summary: dict, spaces: list[str], cfg: Any = None) -> list[dict
             sp = summary.get(s, {})
             if key == "fid":
                 v = (sp.get("fid") or {}).get("value")
+            elif key.startswith("diversity."):
+                v = ((sp.get("diversity") or {}).get(key.split(".")[1]) or {}).get(which)
             elif key == "validity":
                 v = (sp.get("validity") or {}).get("mean")
             else:
@@ -277,17 +356,20 @@ def metrics_rows(summary: dict, spaces: list[str], cfg: Any = None) -> list[dict
         else:
             cells = {s: "n/a" if v is None else f"{v:.{digits}f}" for s, v in vals.items()}
         rows.append({"name": f"{label} ({which})" if which != "value" else label,
-                     "direction": "↑" if METRIC_DIRECTIONS[key] == "higher" else "↓", "what": what, **cells})
+                     "direction": "↑" if METRIC_DIRECTIONS[key.split(".")[0]] == "higher" else "↓", "what": what, **cells})
     return rows
 
 
-def findings(summary: dict, spaces: list[str]) -> list[str]:
+def findings(summary: dict, spaces: list[str], per_input: int = 1) -> list[str]:
+    """The report's findings; ``per_input`` K > 1: success and the paired numbers count the N·K counterfactuals
+    (the k-th of an image in one space paired with its k-th in the other)."""
     out = []
+    of, each = ("% of images", "") if per_input == 1 else ("%", f" ({per_input} per image, each counted)")
     if "latent" in summary and "pixel" in summary:
         lat, pix = summary["latent"], summary["pixel"]
         if lat.get("success_rate") is not None and pix.get("success_rate") is not None:
-            out.append(f"Latent counterfactuals succeed for {lat['success_rate'] * 100:.0f}% of images, pixel ones for "
-                       f"{pix['success_rate'] * 100:.0f}%.")
+            out.append(f"Latent counterfactuals succeed for {lat['success_rate'] * 100:.0f}{of}, pixel ones for "
+                       f"{pix['success_rate'] * 100:.0f}%{each}.")
         for key, name in (("svm", "the RBF-SVM"), ("knn_vote", "the 10 nearest training images")):
             a, b = _stat(summary, "latent", key), _stat(summary, "pixel", key)
             if a is not None and b is not None:
@@ -295,7 +377,8 @@ def findings(summary: dict, spaces: list[str]) -> list[str]:
                            f"{a * 100:.0f}% of latent and {b * 100:.0f}% of pixel counterfactuals.")
         pair = summary.get("paired", {})
         if pair.get("n") and "svm" in pair and "knn_vote" in pair:
-            out.append(f"On the {pair['n']} images where both searches succeeded: the RBF-SVM agrees for "
+            out.append(f"On the {pair['n']} {'images' if per_input == 1 else 'counterfactual pairs (image, k)'} where both "
+                       "searches succeeded: the RBF-SVM agrees for "
                        f"{pair['svm']['latent'] * 100:.0f}% (latent) vs {pair['svm']['pixel'] * 100:.0f}% (pixel), the "
                        f"10-NN vote for {pair['knn_vote']['latent'] * 100:.0f}% vs {pair['knn_vote']['pixel'] * 100:.0f}%.")
         lvp = summary.get("latent_vs_pixel", {})
@@ -303,6 +386,15 @@ def findings(summary: dict, spaces: list[str]) -> list[str]:
         if ratio is not None:
             out.append(f"Off-manifold part of the change (distance to the known manifold ÷ ‖δ‖, median): latent is "
                        f"{ratio:.2f}× pixel's.")
+    for s in spaces:
+        d = summary.get(s, {}).get("diversity") or {}
+        if d.get("pixel"):
+            out.append(f"{s[0].upper() + s[1:]}: the counterfactuals of an image lie {d['pixel']['mean']:.2f} apart in pixels"
+                       + (f" and {d['latent']['mean']:.2f} in the latent space" if d.get("latent") else "")
+                       + f" (mean pairwise L2 over {d['pixel']['n']} images).")
+        o = _stat(summary, s, "outside_mask")
+        if o is not None:
+            out.append(f"{s[0].upper() + s[1:]}: {o:.2%} of the change lies outside the mask (mean Σ|δ| share).")
     sp = summary.get("spectrum")
     if sp and sp.get("gap_found_fraction") is not None:
         if sp["gap_found_fraction"] < 0.5:
