@@ -191,8 +191,13 @@ def test_checks_come_before_the_folder_and_the_model(tmp_path):
     exp = Tiny(fail_in_check=True)
     with pytest.raises(InputError, match="units=3 is too many"):
         run_experiment(exp, TinyConfig(), tmp_path / "o", cache_dir=tmp_path / "cache", progress=False)
-    assert exp.calls == ["check_data"] and not (tmp_path / "o" / "experiment.json").exists()
+    assert exp.calls == ["check_data"] and not (tmp_path / "o").exists()  # not even an empty --out folder
     assert not any((tmp_path / "cache").rglob("*.pt"))
+    # the same with a nested --out: every folder the write check made goes again; an existing one stays
+    with pytest.raises(InputError):
+        run_experiment(Tiny(fail_in_check=True), TinyConfig(), tmp_path / "a" / "b", cache_dir=tmp_path / "cache",
+                       progress=False)
+    assert not (tmp_path / "a").exists() and (tmp_path / "cache").is_dir()
 
 
 def test_generated_options_follow_the_config_fields(tmp_path):

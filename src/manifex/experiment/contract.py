@@ -233,7 +233,7 @@ def run_experiment(experiment: Experiment, config: Any, out_dir: str | os.PathLi
 
 def _run(experiment: Experiment, config: Any, out_dir, *, model, dev: str, resume: bool, overwrite: bool, executor,
          progress: bool, cache_dir, trust_pickle: bool, num_classes, command, write_files: bool) -> ExperimentResult:
-    check_writable_dir(out_dir, param("out_dir"))
+    check_writable_dir(out_dir, param("out_dir"), keep=False)  # ExperimentFolder creates it once the data passed
     check_writable_dir(cache_dir, param("cache_dir"))
     run = Run(config=config, folder=None, device=dev, cache_dir=cache_dir, executor=executor, progress=progress,
               trust_pickle=trust_pickle, num_classes=num_classes, user_model=model, command=command)

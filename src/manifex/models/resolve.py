@@ -78,11 +78,16 @@ def resolve_device(device: str | torch.device) -> str:
     return text
 
 
-def check_writable_dir(path: str | os.PathLike | None, option: str) -> Path:
-    """Create ``path`` (default: the model cache) if needed and check that a file can be written in it."""
+def check_writable_dir(path: str | os.PathLike | None, option: str, *, keep: bool = True) -> Path:
+    """Create ``path`` (default: the model cache) if needed and check that a file can be written in it.
+
+    ``keep=False``: the folders this check had to create are removed again, so a run refused later (by a data
+    check, before anything is written) leaves no empty ``--out`` folder behind; its writer creates it.
+    """
     from .cache import default_cache_dir
 
     p = Path(path).expanduser() if path is not None else default_cache_dir()
+    created = [] if keep else [d for d in (p, *p.parents) if not d.exists()]
     try:
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=p, prefix=".manifex-write-check-"):
@@ -90,6 +95,12 @@ def check_writable_dir(path: str | os.PathLike | None, option: str) -> Path:
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise InputError(f"{option} {p}: cannot write there ({reason}); pass a writable folder with {option} PATH.") from None
+    finally:
+        for d in created:  # deepest first; a folder someone else filled meanwhile stays
+            try:
+                d.rmdir()
+            except OSError:
+                break
     return p
 
 
