@@ -12,7 +12,8 @@ from torch import nn
 from manifex.audit import STAGES, AuditConfig, audit, find_concept_layer
 from manifex.audit.stages import (ECE_BINS, ManifoldConfig, ManifoldExperiment, ModelConfig, ModelExperiment,
                                   attackable_methods, calibration, model_checks)
-from manifex.audit.summary import MANIPULATION_GAIN, MPRT_LIMIT, recommendation, scorecard, stage_headline, stage_of
+from manifex.audit.summary import (MANIPULATION_GAIN, MPRT_LIMIT, recommendation, scorecard, stage_headline,
+                                   stage_of)
 from manifex.cli import main
 from manifex.errors import InputError
 
@@ -356,3 +357,23 @@ def test_scorecard_has_a_sanity_row_and_a_manipulable_row_per_method():
     del ev["methods"]["a"]["MPRT"], ev["methods"]["b"]["MPRT"]
     assert {r["sanity?"]["verdict"] for r in scorecard(stages)} == {"not run"}
     assert stage_of("attack-integrated_gradients") == "attack" and stage_of("model") == "model"
+
+
+def test_verdicts_resting_on_a_vae_that_learnt_nothing_are_withheld_and_the_model_is_described_first():
+    ev = {"methods": {"a": {"TangentAlignment": 1.5, "ManifoldDeletion": 0.2}}, "alignment_q1": {"a": 1.2}}
+    model = {"accuracy": 0.9, "chance": 0.1, "ece": 0.05, "mean_confidence": 0.95, "failed_checks": []}
+    good = {"evaluate": {"headline": ev}, "model": {"headline": model},
+            "manifold": {"headline": {"generators": {"vae": {"r2": 0.15}}}}}
+    row = scorecard(good)[0]
+    assert row["aligned?"]["verdict"] == "yes" and row["faithful?"]["verdict"] == "best"
+    text = recommendation([row], good)
+    assert text.startswith("The model's held-out accuracy is 0.900 (chance 0.100); its calibration error is 0.050 "
+                           "(overconfident: mean confidence 0.950).")
+    bad = {**good, "manifold": {"headline": {"generators": {"vae": {"r2": -0.16}}}}}
+    row = scorecard(bad)[0]
+    assert row["aligned?"]["verdict"] == row["faithful?"]["verdict"] == "withheld"
+    assert row["aligned?"]["value"] == 1.5 and "R² -0.16" in row["aligned?"]["text"]
+    text = recommendation([row], bad)
+    assert "Alignment and on-manifold faithfulness are withheld" in text and "most faithful" not in text
+    model["failed_checks"] = ["constant predictions: ..."]
+    assert "failed 1 check(s), so every finding below is about a flawed model: constant predictions" in recommendation([row], bad)

@@ -10,6 +10,8 @@ Scorecard rules (each verdict is shown with its number and its reference):
 - sanity?  Quantus' model-parameter randomisation (MPRT): rank correlation of each method's |maps| of the trained model
   and of the model with every layer randomised (reference 0: the maps depend on the weights); "passes" below
   :data:`MPRT_LIMIT`. Not run (said so) without Quantus.
+- aligned? and faithful? are "withheld" (numbers kept) when the manifold stage finds the VAE they rest on
+  reconstructs held-out images no better than their mean image (R² ≤ 0).
 - robust?  Quantus' max-sensitivity (where the evaluation ran it; lower = better), against the best method's.
 - manipulable?  the attack at L∞ 8/255: Pearson correlation of the manipulated map with the target map against the
   original map's correlation with it (the reference); "yes" when the attack raised it by at least
@@ -161,6 +163,12 @@ def scorecard(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                                 "reference": best_v,
                                 "text": f"on-manifold deletion AUC {auc:.3f} (best: {best_k} {best_v:.3f}; "
                                         f"no effect ≈ {_f(p0, 3)}; lower = more faithful)"}
+    why = generator_withheld(stages)
+    if why:  # the alignment and the in-filled deletion rest on the VAE: their verdicts are withheld, numbers kept
+        for row in rows.values():
+            for q in ("aligned?", "faithful?"):
+                if q in row:
+                    row[q] = {**row[q], "verdict": "withheld", "text": f"{row[q]['text']}; {why}"}
     sens = sorted((_num(v.get("MaxSensitivity")), k) for k, v in methods.items() if _num(v.get("MaxSensitivity")) is not None)
     for rank, (v, meth) in enumerate(sens, 1):
         rows[meth]["robust?"] = {"verdict": "most robust" if rank == 1 else f"rank {rank} of {len(sens)}", "value": v,
@@ -192,12 +200,38 @@ def scorecard(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+def generator_withheld(stages: dict[str, dict[str, Any]]) -> str | None:
+    """Why the verdicts that rest on the evaluate stage's VAE (alignment, in-filled deletion) are withheld: the
+    manifold stage found it reconstructs held-out images no better than their mean image (R² ≤ 0); else None."""
+    r2 = _num(_get(stages, "manifold", "headline", "generators", "vae", "r2"))
+    if r2 is None or r2 > 0:
+        return None
+    return f"withheld: the VAE it rests on reconstructs held-out images no better than their mean image (R² {r2:.2f})"
+
+
+def _model_sentence(stages: dict[str, dict[str, Any]]) -> str | None:
+    m = _get(stages, "model", "headline") or {}
+    acc, chance, ece, conf = (_num(m.get(k)) for k in ("accuracy", "chance", "ece", "mean_confidence"))
+    if acc is None or chance is None:
+        return None
+    text = f"The model's held-out accuracy is {acc:.3f} (chance {chance:.3f})"
+    if ece is not None and conf is not None:
+        side = "over" if conf > acc else "under"
+        text += f"; its calibration error is {ece:.3f} ({side}confident: mean confidence {conf:.3f})"
+    failed = m.get("failed_checks") or []
+    return text + (f"; it failed {len(failed)} check(s), so every finding below is about a flawed model: "
+                   f"{failed[0]}." if failed else ".")
+
+
 def recommendation(rows: list[dict[str, Any]], stages: dict[str, dict[str, Any]]) -> str:
     """One or two sentences that follow from the scorecard's numbers (and say what is withheld or missing)."""
-    parts: list[str] = []
+    parts: list[str] = [s for s in (_model_sentence(stages),) if s]
     ev_failed = (_get(stages, "evaluate", "headline") or {}).get("failed_checks")
+    why = generator_withheld(stages)
     if ev_failed:
         parts.append(f"The explanation scores are withheld: the evaluation failed {len(ev_failed)} check(s) (see its report).")
+    elif why:
+        parts.append(f"Alignment and on-manifold faithfulness are {why}.")
     else:
         faithful = [r for r in rows if _get(r, "faithful?", "verdict") == "best"]
         aligned = sorted((r for r in rows if "aligned?" in r), key=lambda r: -r["aligned?"]["value"])
@@ -271,11 +305,13 @@ def stage_numbers(stage: str, h: dict[str, Any]) -> list[tuple[str, str]]:
         return [(m, " · ".join(f"{short.get(c, c)} {_f(v, 3)}" for c, v in cols.items()))
                 for m, cols in h.get("methods", {}).items()]
     if stage == "attack":
-        return [("PCC manipulated map ↔ target map", f"{_f(h.get('pcc_manip_target'))} (before: {_f(h.get('pcc_orig_target'))})"),
-                ("PCC manipulated map ↔ original map", _f(h.get("pcc_manip_orig"))),
-                ("prediction kept", _f(h.get("top1_kept_rate"))), ("pairs", str(h.get("n_pairs")))]
+        per = h.get("methods") or ({h["method"]: h} if h.get("method") else {})
+        return [(f"{m}: PCC with the target map (before → after)",
+                 f"{_f(a.get('pcc_orig_target'))} → {_f(a.get('pcc_manip_target'))} (manipulated ↔ original map "
+                 f"{_f(a.get('pcc_manip_orig'))}; prediction kept {_f(a.get('top1_kept_rate'))}; {a.get('n_pairs')} pairs; "
+                 f"report: {'attack' if m == h.get('method') else f'attack-{m}'}/report.html)") for m, a in per.items()]
     if stage == "smooth":
-        return [(f"{s['beta']}: PCC gain of the attack", f"{_f(s.get('pcc_gain'), 3)} (accuracy {_f(s.get('accuracy'))}, "
+        return [(f"{s['beta']}: PCC gain of the attack on {h.get('method') or 'gradient'} maps", f"{_f(s.get('pcc_gain'), 3)} (accuracy {_f(s.get('accuracy'))}, "
                  f"curvature {_f(s.get('curvature'), 3)})") for s in h.get("sweep", [])]
     if stage == "counterfactual":
         out = []
