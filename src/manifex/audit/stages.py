@@ -72,13 +72,18 @@ def _reliability_figure(cal: dict[str, Any], path: Path) -> Path:
     fig = Figure(figsize=(4.6, 4.6))
     ax, hx = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     width = 1.0 / len(cal["bins"])
+    first = True
     for b in cal["bins"]:
-        if b["n"]:
-            ax.bar(b["lo"], b["accuracy"], width=width, align="edge", color="#1e4e9c", edgecolor="white")
-            ax.bar(b["lo"], b["confidence"] - b["accuracy"], bottom=b["accuracy"], width=width, align="edge",
-                   color="#d9480f", alpha=0.35, edgecolor="none")
+        if b["n"]:  # accuracy (filled) and the gap to the bin's mean confidence (hatched), either side of it
+            ax.bar(b["lo"], b["accuracy"], width=width, align="edge", color="#1e4e9c", edgecolor="white",
+                   label="accuracy" if first else None)
+            lo, hi = sorted((b["accuracy"], b["confidence"]))
+            ax.bar(b["lo"], hi - lo, bottom=lo, width=width, align="edge", fill=False, edgecolor="#d9480f", hatch="///",
+                   lw=0.8, label="gap to the mean confidence" if first else None)
+            first = False
         hx.bar(b["lo"], b["n"] / max(1, cal["n"]), width=width, align="edge", color="#5b6478", edgecolor="white")
-    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
     ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy in the bin",
            title=f"ECE {cal['ece']:.3f} over {len(cal['bins'])} bins (n = {cal['n']})")
     hx.set(xlabel="top-1 confidence", ylabel="share")
@@ -227,8 +232,9 @@ class ModelExperiment(Experiment):
         if cal:
             _reliability_figure(cal, run.out / "reliability.png")
             figures.append({"src": "reliability.png", "caption": "Reliability diagram: accuracy in each confidence bin "
-                            "(blue) against the diagonal of perfect calibration; orange: the gap to the bin's mean "
-                            "confidence. Below: the share of held-out images per bin."})
+                            "(blue) against the diagonal of perfect calibration; hatched: the gap to the bin's mean "
+                            "confidence (above the bar: overconfident, below: underconfident). Below: the share of "
+                            "held-out images per bin."})
         cards = [{"label": "held-out accuracy", "value": _pct(summary["accuracy"]),
                   "sub": f"chance {_pct(summary['chance'])} · balanced {_pct(summary['balanced_accuracy'])}"},
                  {"label": f"ECE ({run.config.bins} bins)", "value": _fmt(cal and cal["ece"], 3),
