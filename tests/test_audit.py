@@ -253,6 +253,8 @@ def test_model_checks_name_imbalance_constant_degenerate_and_nonfinite_outputs()
     assert any("classes [2] are never predicted" in c for c in failed(_record(predicted_counts=[15, 15, 0])))
     assert any("non-finite" in c and "3 of 30" in c for c in failed(_record(n_nonfinite=3)))
     assert any("held-out accuracy 40.0%" in c for c in failed(_record(accuracy=0.4)))  # chance 33% + a fifth of the way: 46.7%
+    nothing = failed(_record(n_nonfinite=30, predicted_counts=[0, 0, 0], accuracy=None, logit_sd=None))
+    assert len(nothing) == 1 and "30 of 30" in nothing[0]  # no finite output: said once, nothing else judged
 
 
 class _Constant(nn.Module):

@@ -154,7 +154,8 @@ def process_model(units: list[Unit], context: dict[str, Any], out_dir: Path) -> 
         records.append({
             "id": u.id, "n_test": len(test), "n_nonfinite": int((~finite).sum()), "num_classes": k,
             "accuracy": float((pred == y).double().mean()) if len(y) else None,
-            "balanced_accuracy": (sum(a for a in per_class if a is not None) / max(1, sum(a is not None for a in per_class))),
+            "balanced_accuracy": (sum(a for a in per_class if a is not None) / sum(a is not None for a in per_class)
+                                  if any(a is not None for a in per_class) else None),
             "per_class_accuracy": per_class, "chance": float(true_counts.max()) / max(1, len(test)),
             "test_counts": true_counts.tolist(), "train_counts": train_counts,
             "predicted_counts": torch.bincount(pred, minlength=k).tolist(),
@@ -187,7 +188,9 @@ def model_checks(r: dict[str, Any]) -> list[str]:
         checks.append(f"outputs finite on all {r['n_test']} held-out images")
     predicted = [c for c, n in enumerate(r["predicted_counts"]) if n]
     never = [c for c, n in enumerate(r["predicted_counts"]) if n == 0 and r["test_counts"][c] > 0]
-    if len(predicted) <= 1 or (r["logit_sd"] is not None and r["logit_sd"] == 0.0):
+    if r["n_nonfinite"] == r["n_test"]:
+        pass  # no finite output: nothing was predicted (said above)
+    elif len(predicted) <= 1 or (r["logit_sd"] is not None and r["logit_sd"] == 0.0):
         checks.append(f"FAILED: constant predictions: the model predicts class {predicted[0] if predicted else '-'} for "
                       "every held-out image")
     elif never:
