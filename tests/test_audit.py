@@ -319,6 +319,7 @@ def test_manifold_stage_measures_the_vae_and_refuses_unknown_generators(tmp_path
     # R² is 1 - MSE / the mean image's MSE, on the same held-out images
     assert vae["r2"] == pytest.approx(1 - vae["recon_mse"] / vae["mean_image_mse"])
     assert len(vae["singular_values_median"]) == 10 and vae["spectrum"]["method"] == "exact"
+    assert 1 <= vae["spectrum"]["dimension_energy_median"] <= 10
     assert r.model_info is None and "VAE: held-out reconstruction MSE" in (tmp_path / "m" / "report.html").read_text()
 
 

@@ -70,7 +70,7 @@ def headline(stage: str, m: dict[str, Any]) -> dict[str, Any]:
                                                             "train_bits_per_dim", "uniform_bits_per_dim", "recon_mse",
                                                             "mean_image_mse", "r2", "round_trip_max")},
                                   **{k: _get(g, "spectrum", k) for k in ("dimension_median", "gap_found_fraction", "top",
-                                                                         "dimension_note")}}
+                                                                         "dimension_note", "dimension_energy_median")}}
                            for kind, g in (m.get("generators") or {}).items()}
         h["pixels"] = m.get("pixels")
     elif stage == "evaluate":
@@ -296,7 +296,10 @@ def stage_numbers(stage: str, h: dict[str, Any]) -> list[tuple[str, str]]:
                        f"R² {_f(g.get('r2'))})")
             dim = (f"{_f(g.get('dimension_median'), 0)} of {g.get('latent_dim')} latent dimensions" if g.get("dimension_median")
                    is not None else f"no gap σᵢ/σᵢ₊₁ ≥ 10 in the top {g.get('top')} of {g.get('latent_dim')}")
-            out.append((f"{kind} ({g.get('name')}, {g.get('epochs') or 'default'} epochs)",
+            dim += f"; 99% of Σσ² in {_f(g.get('dimension_energy_median'), 0)} of the top {g.get('top')}"
+            ep = g.get("epochs")
+            epochs = "the zoo's default epochs" if not ep else f"{ep} epoch{'' if ep == 1 else 's'}"
+            out.append((f"{kind} ({g.get('name')}, {epochs})",
                         f"{quality}; spectrum dimension: {dim} ({h.get('pixels')} pixels)"))
         return out
     if stage == "evaluate":
