@@ -266,7 +266,7 @@ def recommendation(rows: list[dict[str, Any]], stages: dict[str, dict[str, Any]]
     insane = [r["method"] for r in rows if _get(r, "sanity?", "verdict") == "fails"]
     if insane and not ev_failed:
         parts.append(f"{', '.join(insane)} {'fails' if len(insane) == 1 else 'fail'} the randomisation sanity check: "
-                     "their maps barely change when the model's weights are randomised.")
+                     f"{'its' if len(insane) == 1 else 'their'} maps barely change when the model's weights are randomised.")
     sm = _get(stages, "smooth", "headline") or {}
     sweep = {s.get("beta"): s for s in sm.get("sweep", [])}
     relu = sweep.get("ReLU")
