@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -9,7 +10,10 @@ from click.testing import CliRunner
 from torch import nn
 
 from manifex.audit import STAGES, AuditConfig, audit, find_concept_layer
-from manifex.audit.summary import MANIPULATION_GAIN, recommendation, scorecard
+from manifex.audit.stages import (ECE_BINS, ManifoldConfig, ManifoldExperiment, ModelConfig, ModelExperiment,
+                                  attackable_methods, calibration, model_checks)
+from manifex.audit.summary import (MANIPULATION_GAIN, MPRT_LIMIT, recommendation, scorecard, stage_headline,
+                                   stage_of)
 from manifex.cli import main
 from manifex.errors import InputError
 
@@ -39,16 +43,40 @@ def test_quick_audit_runs_every_stage_and_a_rerun_adds_nothing(tmp_path):
     for q in ("aligned?", "faithful?", "manipulable?"):
         assert isinstance(row[q]["value"], float) and isinstance(row[q]["reference"], float) and row[q]["text"], q
     assert metrics["recommendation"] and metrics["recommendation"] in res.output
-    # one model audited by every stage
-    prints = {json.loads((out / s / "experiment.json").read_text())["model"]["fingerprint"] for s in STAGES}
+    # one model audited by every stage (the manifold stage has no classifier)
+    prints = {json.loads((out / s / "experiment.json").read_text())["model"]["fingerprint"] for s in STAGES
+              if s != "manifold"}
     assert len(prints) == 1
+    # the quick budget ends without a FAILED check that is an artefact of the budget (the counterfactuals' flow is
+    # exact; the VAE reconstructs better than the mean image)
+    assert not [c for c in metrics["checks"] if c.startswith("FAILED")], metrics["checks"]
+    # the model stage: accuracy against chance, ECE over 15 bins, the reliability diagram in its report
+    model = metrics["stages"]["model"]["headline"]
+    assert model["accuracy"] > model["chance"] and 0 <= model["ece"] <= 1 and model["ece_bins"] == 15
+    assert 'src="reliability.png"' in (out / "model" / "report.html").read_text() and (out / "model" / "reliability.png").is_file()
+    # the manifold stage measured the very generators the evaluate and counterfactual stages used (no second training)
+    gens = json.loads((out / "manifold" / "metrics.json").read_text())["generators"]
+    evaluate_claims = json.loads((out / "evaluate" / "experiment.json").read_text())
+    assert gens["vae"]["fingerprint"] == evaluate_claims["generator"]["fingerprint"]
+    cf_gen = json.loads((out / "counterfactual" / "metrics.json").read_text())["info"]["generator"]
+    assert cf_gen["kind"] == "flow" and cf_gen["cached"] and cf_gen["train_seconds"] == gens["flow"]["train_seconds"]
+    assert gens["flow"]["round_trip_max"] < 1e-3 and gens["flow"]["bits_per_dim"] < gens["flow"]["uniform_bits_per_dim"]
+    assert 0 < gens["vae"]["r2"] < 1 and gens["vae"]["recon_mse"] < gens["vae"]["mean_image_mse"]
+    # every method of the evaluate stage attacked, each in its own folder, each with its number and reference
+    attacked = metrics["stages"]["attack"]["headline"]["methods"]
+    assert set(attacked) == {"gradient", "smoothgrad", "integrated_gradients"}
+    assert all((out / f"attack-{m}" / "report.html").is_file() for m in ("smoothgrad", "integrated_gradients"))
+    for r in metrics["scorecard"]:
+        m = r["manipulable?"]
+        assert m["value"] == attacked[r["method"]]["pcc_manip_target"] and m["reference"] == attacked[r["method"]]["pcc_orig_target"]
+        assert r["sanity?"]["verdict"] in ("passes", "fails") and -1 <= r["sanity?"]["value"] <= 1
     before = _results(out)
     again = audit(AuditConfig(dataset="digits8", budget="quick", epochs=1), out, progress=False)
     assert all(sum(r.n_new.values()) == 0 for r in again.stages.values())
     assert _results(out) == before
     # other epochs change every stage's settings: refused in one line naming the stage and the ways out, untrained
     refused = CliRunner().invoke(main, [*QUICK[:6], "2", "--quiet", "--out", str(out)])
-    assert refused.exit_code == 2 and "audit stage evaluate" in refused.output and "--overwrite" in refused.output
+    assert refused.exit_code == 2 and "audit stage model" in refused.output and "--overwrite" in refused.output
     assert _results(out) == before
 
 
@@ -154,7 +182,14 @@ def test_budget_table_maps_every_stage_and_drops_quantus_metrics_when_it_is_miss
     import manifex.audit.plan as plan
 
     quick = plan.stage_configs(AuditConfig(budget="quick"), num_classes=10, layer="features", layout="canvas")
-    assert list(quick) == list(STAGES) and quick["counterfactual"].source == 4 and quick["contrast"].pairs == ((4, 9),)
+    assert list(dict.fromkeys(stage_of(k) for k in quick)) == list(STAGES)
+    assert quick["counterfactual"].source == 4 and quick["contrast"].pairs == ((4, 9),)
+    # one attack per evaluated method; the manifold stage measures the evaluate stage's VAE and the counterfactual's flow
+    assert [quick[k].method for k in quick if stage_of(k) == "attack"] == ["gradient", "smoothgrad", "integrated_gradients"]
+    assert quick["manifold"].vae_epochs == quick["evaluate"].generator_epochs
+    assert quick["counterfactual"].generator == "flow" and quick["manifold"].flow_epochs == quick["counterfactual"].generator_epochs
+    for budget in ("quick", "standard", "thorough"):  # every budget asks for the randomisation sanity check
+        assert "MPRT" in plan.stage_configs(AuditConfig(budget=budget), num_classes=10, layer=None, layout="canvas")["evaluate"].metrics
     assert quick["attack"].budget == quick["smooth"].budget == 8 / 255
     standard = plan.stage_configs(AuditConfig(budget="standard"), num_classes=2, layer=None, layout="canvas")
     assert "concepts" not in standard and standard["counterfactual"].target == 1
@@ -163,3 +198,185 @@ def test_budget_table_maps_every_stage_and_drops_quantus_metrics_when_it_is_miss
     notes: list[str] = []
     no_q = plan.stage_configs(AuditConfig(budget="standard"), num_classes=10, layer=None, layout="canvas", notes=notes)
     assert no_q["evaluate"].metrics == ("TangentAlignment", "ManifoldDeletion") and "Quantus" in notes[0]
+    # a method the attack cannot differentiate is left out of the attack stage, with its reason in the notes
+    notes = []
+    some = plan.stage_configs(AuditConfig(budget="quick", stages=("attack",)), num_classes=10, layer=None, layout="canvas",
+                              notes=notes, attackable=lambda ms: ([m for m in ms if m != "smoothgrad"], {"smoothgrad": "why"}))
+    assert list(some) == ["attack", "attack-integrated_gradients"] and notes == ["attack: smoothgrad left out: why"]
+
+
+# -- the model stage ---------------------------------------------------------------------------------------------------
+def _ece_direct(conf, correct, bins):
+    """ECE written out from its definition: bins (lo, hi], each weighted by its share of the examples."""
+    total = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        members = [i for i, c in enumerate(conf) if (lo < c <= hi) or (b == 0 and c == 0)]
+        if members:
+            acc = sum(correct[i] for i in members) / len(members)
+            mean_conf = sum(conf[i] for i in members) / len(members)
+            total += len(members) / len(conf) * abs(acc - mean_conf)
+    return total
+
+
+def test_ece_equals_its_direct_computation_over_15_equal_width_bins():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(500, 10, generator=g, dtype=torch.float64), 1)
+    y = torch.randint(0, 10, (500,), generator=g)
+    conf, pred = probs.max(1)
+    cal = calibration(probs, y)
+    # float64 throughout, and both sums run over the same 500 terms of size <= 1: agreement to 1e-12 is far above
+    # the rounding error (~500 · 2^-52)
+    assert cal["ece"] == pytest.approx(_ece_direct(conf.tolist(), (pred == y).tolist(), ECE_BINS), abs=1e-12)
+    assert len(cal["bins"]) == ECE_BINS and sum(b["n"] for b in cal["bins"]) == 500
+    # an exactly representable confidence on a bin edge belongs to the bin it closes: 0.5 with 4 bins → (0.25, 0.5]
+    edge = calibration(torch.tensor([[0.5, 0.5, 0.0], [0.75, 0.25, 0.0]], dtype=torch.float64), torch.tensor([0, 1]), 4)
+    assert [b["n"] for b in edge["bins"]] == [0, 1, 1, 0]
+    assert edge["ece"] == pytest.approx(0.5 * 0.5 + 0.5 * 0.75)
+    # a perfectly calibrated toy: confidence 0.8 and 80% correct
+    p = torch.tensor([[0.8, 0.2]] * 10, dtype=torch.float64)
+    assert calibration(p, torch.tensor([0] * 8 + [1] * 2))["ece"] == pytest.approx(0.0, abs=1e-15)
+
+
+def _record(**over):
+    r = {"num_classes": 3, "train_counts": [40, 40, 40], "test_counts": [10, 10, 10], "n_test": 30, "n_nonfinite": 0,
+         "predicted_counts": [10, 10, 10], "logit_sd": 1.0, "accuracy": 0.9, "chance": 1 / 3}
+    return {**r, **over}
+
+
+def test_model_checks_name_imbalance_constant_degenerate_and_nonfinite_outputs():
+    failed = lambda r: [c for c in model_checks(r) if c.startswith("FAILED")]  # noqa: E731
+    assert failed(_record()) == []
+    assert "class balance" in failed(_record(train_counts=[200, 40, 10]))[0] and "20.0×" in failed(_record(train_counts=[200, 40, 10]))[0]
+    assert not failed(_record(train_counts=[100, 40, 10]))  # 10× is the limit itself
+    assert "constant predictions" in failed(_record(predicted_counts=[30, 0, 0], accuracy=1 / 3))[0]
+    assert any("classes [2] are never predicted" in c for c in failed(_record(predicted_counts=[15, 15, 0])))
+    assert any("non-finite" in c and "3 of 30" in c for c in failed(_record(n_nonfinite=3)))
+    assert any("held-out accuracy 40.0%" in c for c in failed(_record(accuracy=0.4)))  # chance 33% + a fifth of the way: 46.7%
+    nothing = failed(_record(n_nonfinite=30, predicted_counts=[0, 0, 0], accuracy=None, logit_sd=None))
+    assert len(nothing) == 1 and "30 of 30" in nothing[0]  # no finite output: said once, nothing else judged
+
+
+class _Constant(nn.Module):
+    """A classifier whose logits ignore the image (with ``nan``: NaN on every 50th image of a batch larger than the
+    8 images of the pre-flight check, as a model that overflows on a few images only)."""
+
+    def __init__(self, nan: bool):
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor([2.0] + [0.0] * 9))
+        self.nan = nan
+
+    def forward(self, x):
+        out = self.bias.expand(len(x), 10).clone()
+        if self.nan and len(x) > 8:
+            out[::50] = float("nan")
+        return out
+
+
+def test_model_stage_flags_a_constant_model_and_leaves_it_as_found(tmp_path):
+    from manifex.experiment import run_experiment
+
+    net = _Constant(nan=False).train()
+    net.bias.requires_grad_(False)
+    r = run_experiment(ModelExperiment(), ModelConfig(dataset="digits8"), tmp_path / "m", model=net, progress=False)
+    assert any(c.startswith("FAILED: constant predictions") for c in r.checks)
+    # one bin holds every image: ECE = |accuracy − confidence| with confidence softmax([2, 0, …, 0])₀ = e²/(e² + 9)
+    n, share = r.summary["n_test"], r.summary["test_counts"][0] / r.summary["n_test"]
+    assert r.summary["predicted_counts"][0] == n
+    assert r.summary["calibration"]["ece"] == pytest.approx(math.exp(2) / (math.exp(2) + 9) - share, abs=1e-6)
+    assert net.training and not net.bias.requires_grad and not net._forward_hooks
+    html = (tmp_path / "m" / "report.html").read_text()
+    assert "Read with care" in html and "reliability.png" in html
+    again = run_experiment(ModelExperiment(), ModelConfig(dataset="digits8"), tmp_path / "m", model=net, progress=False)
+    assert again.n_new == {"model": 0} and again.summary == r.summary  # resumed: the record is re-read
+    nan = run_experiment(ModelExperiment(), ModelConfig(dataset="digits8"), tmp_path / "n", model=_Constant(nan=True),
+                         progress=False)
+    n_bad = nan.summary["n_nonfinite"]
+    assert n_bad > 0 and any(c.startswith("FAILED: non-finite outputs") and f"{n_bad} of" in c for c in nan.checks)
+    assert sum(b["n"] for b in nan.summary["calibration"]["bins"]) == nan.summary["n_test"] - n_bad
+
+
+def test_model_stage_refuses_too_few_bins_before_any_data(tmp_path, monkeypatch):
+    import manifex.experiment.contract as contract
+
+    monkeypatch.setattr(contract, "resolve_data", lambda *a, **k: (_ for _ in ()).throw(AssertionError("data loaded")))
+    from manifex.experiment import run_experiment
+
+    with pytest.raises(InputError, match="bins"):
+        run_experiment(ModelExperiment(), ModelConfig(bins=1), tmp_path / "b", progress=False)
+
+
+# -- the manifold stage ------------------------------------------------------------------------------------------------
+def test_manifold_stage_measures_the_vae_and_refuses_unknown_generators(tmp_path):
+    from manifex.experiment import run_experiment
+
+    with pytest.raises(InputError, match="generators"):
+        run_experiment(ManifoldExperiment(), ManifoldConfig(generators=("gan",)), tmp_path / "g", progress=False)
+    cfg = ManifoldConfig(dataset="digits8", generators=("vae",), vae_epochs=10, n=64, spectrum_n=3)
+    r = run_experiment(ManifoldExperiment(), cfg, tmp_path / "m", progress=False)
+    vae = r.summary["generators"]["vae"]
+    assert vae["latent_dim"] == 10 and vae["n"] == 64 and not vae["exact"]
+    # R² is 1 - MSE / the mean image's MSE, on the same held-out images
+    assert vae["r2"] == pytest.approx(1 - vae["recon_mse"] / vae["mean_image_mse"])
+    assert len(vae["singular_values_median"]) == 10 and vae["spectrum"]["method"] == "exact"
+    assert 1 <= vae["spectrum"]["dimension_energy_median"] <= 10
+    assert r.model_info is None and "VAE: held-out reconstruction MSE" in (tmp_path / "m" / "report.html").read_text()
+
+
+# -- attackable methods, the scorecard's new rows -------------------------------------------------------------------------
+def test_attackable_methods_leave_out_gradcam_without_a_conv_layer_and_keep_the_model_as_found():
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)).train()
+    ok, why = attackable_methods(mlp, torch.rand(2, 1, 8, 8), ("gradient", "smoothgrad", "gradcam"))
+    assert ok == ["gradient", "smoothgrad"] and set(why) == {"gradcam"}
+    assert all(m.training for m in mlp.modules()) and not any(m._forward_hooks for m in mlp.modules())
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10)).double()
+    assert attackable_methods(conv, torch.rand(2, 1, 8, 8), ("gradient", "gradcam"))[0] == ["gradient", "gradcam"]
+
+
+def test_scorecard_has_a_sanity_row_and_a_manipulable_row_per_method():
+    ev = {"methods": {"a": {"TangentAlignment": 1.5, "ManifoldDeletion": 0.2, "MPRT": MPRT_LIMIT - 0.01},
+                      "b": {"TangentAlignment": 0.9, "ManifoldDeletion": 0.1, "MPRT": MPRT_LIMIT + 0.01}},
+          "alignment_q1": {"a": 1.1, "b": 0.7}, "start_probability": {"a": 0.9, "b": 0.9}}
+    per = {"attack": {"method": "a", "pcc_orig_target": 0.2, "pcc_manip_target": 0.2 + MANIPULATION_GAIN,
+                      "top1_kept_rate": 1.0, "budget_linf": 8 / 255, "n_pairs": 2},
+           "attack-b": {"method": "b", "pcc_orig_target": 0.3, "pcc_manip_target": 0.3, "top1_kept_rate": 1.0,
+                        "budget_linf": 8 / 255, "n_pairs": 2}}
+    metrics = {k: {"method": v["method"], "n_pairs": 2, "means": {"pcc_orig_target": v["pcc_orig_target"],
+                                                                   "pcc_manip_target": v["pcc_manip_target"]},
+                   "top1_kept_rate": 1.0, "config": {"budget": 8 / 255}} for k, v in per.items()}
+    metrics["attack-b"]["checks"] = ["FAILED: something"]
+    at = stage_headline("attack", metrics)
+    assert set(at["methods"]) == {"a", "b"} and at["failed_checks"] == ["b: something"]
+    at["failed_checks"] = []
+    stages = {"evaluate": {"headline": ev}, "attack": {"headline": at}}
+    rows = {r["method"]: r for r in scorecard(stages)}
+    assert rows["a"]["sanity?"]["verdict"] == "passes" and rows["b"]["sanity?"]["verdict"] == "fails"
+    assert rows["a"]["sanity?"]["reference"] == 0.0 and f"{MPRT_LIMIT}" in rows["a"]["sanity?"]["text"]
+    assert rows["a"]["manipulable?"]["verdict"] == "yes" and rows["b"]["manipulable?"]["verdict"] == "not at this budget"
+    assert rows["b"]["manipulable?"]["reference"] == 0.3
+    text = recommendation(list(rows.values()), stages)
+    assert "can be manipulated at L∞ 8/255" in text and "a (0.20 → 0.30)" in text and "could not" in text and "b (0.30" in text
+    assert "b fails the randomisation sanity check: its maps" in text
+    del ev["methods"]["a"]["MPRT"], ev["methods"]["b"]["MPRT"]
+    assert {r["sanity?"]["verdict"] for r in scorecard(stages)} == {"not run"}
+    assert stage_of("attack-integrated_gradients") == "attack" and stage_of("model") == "model"
+
+
+def test_verdicts_resting_on_a_vae_that_learnt_nothing_are_withheld_and_the_model_is_described_first():
+    ev = {"methods": {"a": {"TangentAlignment": 1.5, "ManifoldDeletion": 0.2}}, "alignment_q1": {"a": 1.2}}
+    model = {"accuracy": 0.9, "chance": 0.1, "ece": 0.05, "mean_confidence": 0.95, "failed_checks": []}
+    good = {"evaluate": {"headline": ev}, "model": {"headline": model},
+            "manifold": {"headline": {"generators": {"vae": {"r2": 0.15}}}}}
+    row = scorecard(good)[0]
+    assert row["aligned?"]["verdict"] == "yes" and row["faithful?"]["verdict"] == "best"
+    text = recommendation([row], good)
+    assert text.startswith("The model's held-out accuracy is 0.900 (chance 0.100); its calibration error is 0.050 "
+                           "(overconfident: mean confidence 0.950).")
+    bad = {**good, "manifold": {"headline": {"generators": {"vae": {"r2": -0.16}}}}}
+    row = scorecard(bad)[0]
+    assert row["aligned?"]["verdict"] == row["faithful?"]["verdict"] == "withheld"
+    assert row["aligned?"]["value"] == 1.5 and "R² -0.16" in row["aligned?"]["text"]
+    text = recommendation([row], bad)
+    assert "Alignment and on-manifold faithfulness are withheld" in text and "most faithful" not in text
+    model["failed_checks"] = ["constant predictions: ..."]
+    assert "failed 1 check(s), so every finding below is about a flawed model: constant predictions" in recommendation([row], bad)

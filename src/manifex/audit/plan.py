@@ -20,7 +20,7 @@ __all__ = ["AuditConfig", "BUDGETS", "STAGES", "stage_configs", "find_concept_la
 #: of each stage per budget are in :func:`stage_configs`.
 BUDGETS = ("quick", "standard", "thorough")
 #: The stages in the order they run (each in ``out_dir/<stage>/``).
-STAGES = ("evaluate", "attack", "smooth", "counterfactual", "concepts", "contrast")
+STAGES = ("model", "manifold", "evaluate", "attack", "smooth", "counterfactual", "concepts", "contrast")
 
 
 @dataclass(frozen=True)
@@ -56,24 +56,37 @@ class AuditConfig:
 #: ``thorough`` leaves every system at its own research defaults except the ones named).
 _TABLE: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
+        "model": dict(),
+        # the evaluate stage's VAE and the counterfactual stage's flow, measured from the same cache entries
+        "manifold": dict(n=128, spectrum_n=4, spectrum_top=16),
+        # VAE: 10 epochs, not 3: on digits8 the 3-epoch VAE reconstructs held-out images worse than their mean image
+        # (R² -0.16; 8 epochs -0.003, 10 epochs 0.15, 20 epochs 0.36), so alignment and in-fills rested on noise
         "evaluate": dict(n=8, methods=("gradient", "smoothgrad", "integrated_gradients"),
-                         metrics=("TangentAlignment", "ManifoldDeletion"), generator_epochs=3, curve_steps=5,
+                         metrics=("TangentAlignment", "ManifoldDeletion", "MPRT"), generator_epochs=10, curve_steps=5,
                          infill_steps=20, distance_steps=20),
         "attack": dict(n_pairs=2, iterations=30),
         "smooth": dict(n_pairs=2, iterations=30, betas=(10.0,)),
-        "counterfactual": dict(n=2, max_steps=60, generator="vae", generator_epochs=3, im_epochs=0, svm_max=300,
+        # a one-epoch flow, not the 3-epoch VAE: the latent search is about x itself only through a bijection (the
+        # VAE's decode(encode(x)) ≠ x is a FAILED check of the counterfactual stage); on digits8 one epoch gives an
+        # exact inverse (max error ~4e-7) at held-out 7.1 bits/dim (uniform: 8) for ~14 s of training on 2 cores
+        "counterfactual": dict(n=2, max_steps=60, generator="flow", generator_epochs=1, im_epochs=0, svm_max=300,
                                spectrum_top=8, manifold_steps=20, path_frames=4),
         "concepts": dict(n_classes=2, components=2, images_per_class=8, samples=1, controls=2, top_k=2, strips=2,
                          importance="none", stability_seeds=0, stability_halves=0, map_method="upsampled"),
         "contrast": dict(images_per_class=8, n_random=1, n_components=2, n_samples=1, epochs=20),
     },
     "standard": {
+        "model": dict(),
+        "manifold": dict(n=512, spectrum_n=16, spectrum_top=32),
         "evaluate": dict(n=32, methods=("gradient", "smoothgrad", "integrated_gradients", "input_x_gradient", "lrp",
                                         "deeplift"),
                          metrics=("PixelFlipping", "FaithfulnessCorrelation", "MaxSensitivity", "RandomLogit",
-                                  "TangentAlignment", "ManifoldDeletion"), generator_epochs=10, curve_steps=8,
+                                  "MPRT", "TangentAlignment", "ManifoldDeletion"), generator_epochs=10, curve_steps=8,
                          infill_steps=60, distance_steps=60),
-        "attack": dict(n_pairs=8, iterations=200),
+        # one attack per method: 100 Adam steps (lr 1e-3 reaches the 8/255 box's edge in ~30); measured on digits8
+        # (CPU seconds per 20 steps of 8 pairs, loaded machine): gradient 6.7, smoothgrad 11, IG 11, Input×Gradient
+        # 0.3, LRP 3.9, DeepLift 6.2, so 200 steps each would add ~5 CPU-minutes to the standard budget
+        "attack": dict(n_pairs=8, iterations=100),
         "smooth": dict(n_pairs=8, iterations=100, betas=(10.0, 3.0)),
         "counterfactual": dict(n=8, max_steps=500, generator="flow", im_epochs=5, svm_max=1000, spectrum_top=16,
                                manifold_steps=100),
@@ -82,6 +95,7 @@ _TABLE: dict[str, dict[str, dict[str, Any]]] = {
         "contrast": dict(images_per_class=30, n_random=5, n_components=4, n_samples=5, epochs=50),
     },
     "thorough": {
+        "model": dict(), "manifold": dict(n=1000, spectrum_n=32, spectrum_top=32),
         "evaluate": dict(), "attack": dict(), "smooth": dict(), "counterfactual": dict(),
         "concepts": dict(n_classes=None), "contrast": dict(),
     },
@@ -103,21 +117,33 @@ def _has_quantus() -> bool:
 
 
 def stage_configs(config: AuditConfig, *, num_classes: int, layer: str | None, layout: str,
-                  notes: list[str] | None = None) -> dict[str, Any]:
-    """Each selected stage's Config (of its own system) for ``config``'s budget; ``layer``: the concepts/contrast
-    layer (None: those stages are left out). Without Quantus the evaluate stage keeps manifex's own metrics and
-    says so in ``notes``."""
+                  notes: list[str] | None = None,
+                  attackable: Callable[[tuple[str, ...]], tuple[list[str], dict[str, str]]] | None = None) -> dict[str, Any]:
+    """Each selected stage's Config (of its own system) for ``config``'s budget, keyed by the folder it runs in;
+    ``layer``: the concepts/contrast layer (None: those stages are left out). Without Quantus the evaluate stage keeps
+    manifex's own metrics and says so in ``notes``.
+
+    The attack stage runs once per method of the evaluate stage: gradient in ``attack`` (the smooth stage's method
+    too), every other method in ``attack-<method>`` (:func:`~manifex.audit.summary.stage_of` maps a key to its
+    stage). ``attackable(methods) -> (kept, {method: why not})`` filters them (the audit probes the model); the
+    methods left out are named in ``notes``."""
     from ..concepts import ConceptsConfig, ContrastConfig
     from ..counterfactuals.experiment import CounterfactualConfig
     from ..evaluation.experiment import EvaluateConfig
     from ..manipulation import AttackConfig, SmoothConfig
+    from .stages import ModelConfig
+
+    from ..evaluation.experiment import DEFAULT_METRICS
 
     t = _TABLE[config.budget]
+    metrics = tuple(t["evaluate"].get("metrics", DEFAULT_METRICS))
+    if "MPRT" not in metrics:  # every budget's scorecard has the randomisation sanity row
+        t = {**t, "evaluate": {**t["evaluate"], "metrics": (*metrics, "MPRT")}}
     if "evaluate" in t and t["evaluate"].get("metrics") and not _has_quantus():
         from ..evaluation import MANIFEX_METRICS
 
         kept = tuple(m for m in t["evaluate"]["metrics"] if m in MANIFEX_METRICS)
-        if notes is not None and len(kept) < len(t["evaluate"]["metrics"]):
+        if notes is not None and len(kept) < len(t["evaluate"]["metrics"]) and "evaluate" in config.selected():
             notes.append(f"Quantus is not installed: evaluate scores {', '.join(kept)} only "
                          '(pip install "manifex[eval]" for the Quantus metrics)')
         t = {**t, "evaluate": {**t["evaluate"], "metrics": kept}}
@@ -125,8 +151,6 @@ def stage_configs(config: AuditConfig, *, num_classes: int, layer: str | None, l
     source, target = _classes_pair(num_classes)
     build: dict[str, Callable[[], Any]] = {
         "evaluate": lambda: EvaluateConfig(**common, epochs=config.epochs, **t["evaluate"]),
-        "attack": lambda: AttackConfig(**common, epochs=config.epochs, method="gradient", budget=ATTACK_BUDGET,
-                                       norm="linf", **t["attack"]),
         "smooth": lambda: SmoothConfig(**common, epochs=config.epochs, method="gradient", budget=ATTACK_BUDGET,
                                        **t["smooth"]),
         "counterfactual": lambda: CounterfactualConfig(**common, classifier_epochs=config.epochs, source=source,
@@ -138,7 +162,47 @@ def stage_configs(config: AuditConfig, *, num_classes: int, layer: str | None, l
         "contrast": lambda: ContrastConfig(**common, classifier_epochs=config.epochs, layer=layer,
                                            pairs=((source, target),), **t["contrast"]),
     }
-    return {name: build[name]() for name in config.selected() if layer is not None or name not in ("concepts", "contrast")}
+    build["model"] = lambda: ModelConfig(**common, epochs=config.epochs, **t["model"])
+    build["manifold"] = lambda: _manifold_config(config, build["evaluate"](), build["counterfactual"](), t["manifold"])
+    out: dict[str, Any] = {}
+    for name in config.selected():
+        if name in ("concepts", "contrast") and layer is None:
+            continue
+        if name != "attack":
+            out[name] = build[name]()
+            continue
+        methods = _attack_methods(build["evaluate"]().methods, attackable, notes)
+        for m in methods:
+            out["attack" if m == "gradient" else f"attack-{m}"] = AttackConfig(
+                **common, epochs=config.epochs, method=m, budget=ATTACK_BUDGET, norm="linf", **t["attack"])
+    return out
+
+
+def _attack_methods(methods: tuple[str, ...], attackable, notes: list[str] | None) -> list[str]:
+    """The evaluate stage's methods (canonical names, gradient first: it is also the smooth stage's) that the attack
+    can manipulate."""
+    from ..attribution import canonical_method
+
+    names = list(dict.fromkeys(["gradient", *(canonical_method(m) for m in methods)]))
+    if attackable is None:
+        return names
+    kept, why = attackable(tuple(names))
+    for m, reason in why.items():
+        if notes is not None:
+            notes.append(f"attack: {m} left out: {reason}")
+    return [m for m in names if m in kept]
+
+
+def _manifold_config(config: AuditConfig, evaluate, counterfactual, numbers: dict[str, Any]):
+    """The manifold stage measures the generators the other stages train, with their settings (so the same cache
+    entries: nothing is trained twice): the evaluate stage's VAE (latent 10) and the counterfactual stage's flow."""
+    from .stages import ManifoldConfig
+
+    if evaluate.latent_dim != 10:  # the manifold stage's VAE is the zoo's latent-10 one
+        raise InputError(f"the evaluate stage's VAE has latent {evaluate.latent_dim}; the manifold stage measures latent 10.")
+    gens = ("vae", "flow") if counterfactual.generator == "flow" else ("vae",)
+    return ManifoldConfig(dataset=config.dataset, seed=config.seed, device=config.device, generators=gens,
+                          vae_epochs=evaluate.generator_epochs, flow_epochs=counterfactual.generator_epochs, **numbers)
 
 
 def find_concept_layer(model: nn.Module, x: torch.Tensor) -> tuple[str | None, str]:

@@ -10,9 +10,15 @@ from .summary import STAGE_TITLES, stage_numbers
 
 __all__ = ["write_audit_report"]
 
-QUESTIONS = ("aligned?", "faithful?", "robust?", "manipulable?")
+QUESTIONS = ("aligned?", "faithful?", "sanity?", "robust?", "manipulable?")
 
 _WHAT = {
+    "model": "The classifier on the held-out 20% of the data: accuracy against chance, calibration (expected "
+             "calibration error over 15 confidence bins, with a reliability diagram) and the checks (class balance, "
+             "constant or degenerate predictions, non-finite outputs).",
+    "manifold": "The generators the other stages use (the evaluate stage's VAE, the counterfactual stage's flow), "
+                "reused from the same cache: held-out quality with its reference and the dimension estimated from the "
+                "decoder Jacobian's singular values.",
     "evaluate": "Each method's explanations of the same test images: alignment with the tangent space of a generator's "
                 "manifold (1 = a random direction) and deletion curves with the removed pixels set to black, ROAD-imputed "
                 "and in-filled from the generator (AUC of the target probability; lower = more faithful).",

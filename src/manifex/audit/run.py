@@ -18,7 +18,8 @@ from torch import nn
 from ..errors import InputError, ManifexError, param
 from ..experiment import UserModel, run_experiment, write_metrics
 from .plan import AuditConfig, find_concept_layer, stage_configs
-from .summary import headline, recommendation, scorecard
+from .stages import attackable_methods
+from .summary import recommendation, scorecard, stage_headline, stage_of
 
 __all__ = ["AuditResult", "audit"]
 
@@ -44,9 +45,10 @@ def _experiments() -> dict[str, Any]:
     from ..counterfactuals.experiment import CounterfactualExperiment
     from ..evaluation.experiment import EvaluateExperiment
     from ..manipulation import AttackExperiment, SmoothExperiment
+    from .stages import ManifoldExperiment, ModelExperiment
 
-    return {"evaluate": EvaluateExperiment, "attack": AttackExperiment, "smooth": SmoothExperiment,
-            "counterfactual": CounterfactualExperiment, "concepts": ConceptsExperiment, "contrast": ContrastExperiment}
+    return {"model": ModelExperiment, "manifold": ManifoldExperiment, "evaluate": EvaluateExperiment,
+            "attack": AttackExperiment, "smooth": SmoothExperiment, "counterfactual": CounterfactualExperiment, "concepts": ConceptsExperiment, "contrast": ContrastExperiment}
 
 
 def _probe_model(config: AuditConfig, data, model: UserModel | nn.Module | None) -> nn.Module:
@@ -91,9 +93,10 @@ def audit(config: AuditConfig, out_dir: str | os.PathLike, *, model: UserModel |
     data, _ = resolve_data(config.dataset, trust_pickle=trust_pickle, num_classes=num_classes)
     checks: list[str] = [f"budget {config.budget}: stages {', '.join(names)}"]
     skipped: dict[str, str] = {}
-    layer = None
+    layer = probe = None
     if {"concepts", "contrast"} & set(names):
-        layer, why = find_concept_layer(_probe_model(config, data, model), data.x[:4])
+        probe = _probe_model(config, data, model)
+        layer, why = find_concept_layer(probe, data.x[:4])
         if layer is None:
             for s in ("concepts", "contrast"):
                 if s in names:
@@ -101,8 +104,14 @@ def audit(config: AuditConfig, out_dir: str | os.PathLike, *, model: UserModel |
         else:
             checks.append(why)
     layout = "strip" if model is None and config.classifier == "resnet" else "canvas"  # the strip needs global pooling
-    configs = stage_configs(config, num_classes=num_classes or data.num_classes, layer=layer, layout=layout, notes=checks)
-    experiments = {name: cls() for name, cls in _experiments().items() if name in configs}
+
+    def attackable(methods: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:  # the attack runs per method it can take
+        return attackable_methods(probe if probe is not None else _probe_model(config, data, model), data.x[:2], methods)
+
+    configs = stage_configs(config, num_classes=num_classes or data.num_classes, layer=layer, layout=layout, notes=checks,
+                            attackable=attackable if "attack" in names else None)
+    kinds = _experiments()
+    experiments = {name: kinds[stage_of(name)]() for name in configs}
     for name, cfg in configs.items():  # every stage's own option checks before the first stage trains anything
         experiments[name].check_options(cfg)
     results: dict[str, Any] = {s: None for s in names}
@@ -128,8 +137,8 @@ def audit(config: AuditConfig, out_dir: str | os.PathLike, *, model: UserModel |
         checks.extend(f"FAILED: stage {name}: {c[len('FAILED: '):]}" for c in m.get("checks", [])
                       if isinstance(c, str) and c.startswith("FAILED: "))
     stages = {name: {"status": "skipped", "reason": skipped[name]} if name in skipped else
-              {"status": "done", "seconds": seconds.get(name), "report": f"{name}/report.html",
-               "headline": headline(name, stage_metrics[name])} for name in names}
+              {"status": "done", "seconds": round(sum(v for k, v in seconds.items() if stage_of(k) == name), 1),
+               "report": f"{name}/report.html", "headline": stage_headline(name, stage_metrics)} for name in names}
     rows = scorecard(stages)
     advice = recommendation(rows, stages)
     first = next((r for r in results.values() if r is not None and r.model_info is not None), None)

@@ -7,23 +7,35 @@ Scorecard rules (each verdict is shown with its number and its reference):
   the lower quartile over the images exceeds 1, "partly" when only the mean does, else "no".
 - faithful?  on-manifold deletion AUC of the target probability (lower = better; in-filled from the generator), against
   the best method's AUC; "best" for the lowest, else the rank.
+- sanity?  Quantus' model-parameter randomisation (MPRT): rank correlation of each method's |maps| of the trained model
+  and of the model with every layer randomised (reference 0: the maps depend on the weights); "passes" below
+  :data:`MPRT_LIMIT`. Not run (said so) without Quantus.
+- aligned? and faithful? are "withheld" (numbers kept) when the manifold stage finds the VAE they rest on
+  reconstructs held-out images no better than their mean image (R² ≤ 0).
 - robust?  Quantus' max-sensitivity (where the evaluation ran it; lower = better), against the best method's.
 - manipulable?  the attack at L∞ 8/255: Pearson correlation of the manipulated map with the target map against the
   original map's correlation with it (the reference); "yes" when the attack raised it by at least
-  :data:`MANIPULATION_GAIN` with the prediction kept on every pair.
+  :data:`MANIPULATION_GAIN` with the prediction kept on every pair. One attack per method of the evaluate stage
+  (those the attack can differentiate); β-smoothing is measured on gradient maps only.
 """
 from __future__ import annotations
 
 import math
 from typing import Any
 
-__all__ = ["headline", "scorecard", "recommendation", "MANIPULATION_GAIN", "STAGE_TITLES"]
+__all__ = ["headline", "stage_headline", "stage_of", "scorecard", "recommendation", "MANIPULATION_GAIN", "MPRT_LIMIT",
+           "STAGE_TITLES"]
 
 #: The least rise of the map's PCC with the target map that counts as a successful manipulation (the attack
 #: literature reports rises of 0.3-0.9 at 8/255 on ImageNet; 0.1 is a deliberately low bar for a smoke budget).
 MANIPULATION_GAIN = 0.1
+#: The randomisation sanity check (Adebayo et al. 2018, Quantus' MPRT: Spearman rank correlation of |maps| of the
+#: trained model and of the model with every layer randomised, top down) passes below this correlation: the maps
+#: then share less than a quarter of their rank variance (ρ² < 0.25) with maps that no longer depend on training.
+MPRT_LIMIT = 0.5
 
-STAGE_TITLES = {"evaluate": "Explanations: faithfulness and tangent alignment", "attack": "Manipulability at L∞ 8/255",
+STAGE_TITLES = {"model": "The model and its data: accuracy, calibration, the checks",
+                "manifold": "The data manifold: generators, their quality and dimension", "evaluate": "Explanations: faithfulness and tangent alignment", "attack": "Manipulability at L∞ 8/255",
                 "smooth": "β-smoothing against manipulation", "counterfactual": "Counterfactuals: latent vs pixel",
                 "concepts": "Concepts and the prediction-from-components test", "contrast": "Class contrast: one pair"}
 
@@ -47,7 +59,21 @@ def _failed(m: dict[str, Any]) -> list[str]:
 def headline(stage: str, m: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers of one stage from its ``metrics.json`` (one schema per stage; missing numbers are None)."""
     h: dict[str, Any] = {"failed_checks": _failed(m)}
-    if stage == "evaluate":
+    if stage == "model":
+        cal = m.get("calibration") or {}
+        h.update(accuracy=m.get("accuracy"), chance=m.get("chance"), balanced_accuracy=m.get("balanced_accuracy"),
+                 ece=cal.get("ece"), ece_bins=len(cal.get("bins") or []) or None, mean_confidence=cal.get("mean_confidence"),
+                 n_test=m.get("n_test"), n_nonfinite=m.get("n_nonfinite"),
+                 never_predicted=[c for c, n in enumerate(m.get("predicted_counts") or []) if n == 0])
+    elif stage == "manifold":
+        h["generators"] = {kind: {**{k: g.get(k) for k in ("name", "exact", "epochs", "latent_dim", "n", "bits_per_dim",
+                                                            "train_bits_per_dim", "uniform_bits_per_dim", "recon_mse",
+                                                            "mean_image_mse", "r2", "round_trip_max")},
+                                  **{k: _get(g, "spectrum", k) for k in ("dimension_median", "gap_found_fraction", "top",
+                                                                         "dimension_note", "dimension_energy_median")}}
+                           for kind, g in (m.get("generators") or {}).items()}
+        h["pixels"] = m.get("pixels")
+    elif stage == "evaluate":
         s = m.get("summary", {})
         table = s.get("table", {})
         h["methods"] = {meth: {col: _get(table, col, meth, "mean") for col in s.get("columns", [])}
@@ -90,6 +116,24 @@ def headline(stage: str, m: dict[str, Any]) -> dict[str, Any]:
     return h
 
 
+def stage_of(key: str) -> str:
+    """The stage a folder of the audit belongs to: ``attack-lrp`` (the attack on LRP maps) → ``attack``."""
+    return key.split("-", 1)[0]
+
+
+def stage_headline(stage: str, metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The headline of ``stage`` from every folder's ``metrics.json`` (``metrics``: folder → metrics). The attack
+    stage's adds ``methods``: one attack headline per method (gradient from ``attack``, the others from
+    ``attack-<method>``), and its failed checks are every method's."""
+    h = headline(stage, metrics.get(stage, {}))
+    if stage == "attack":
+        per = [headline("attack", m) for key, m in metrics.items() if stage_of(key) == "attack"]
+        h["methods"] = {p["method"]: p for p in per if p.get("method")}
+        h["failed_checks"] = [f"{p['method']}: {c}" if p.get("method") != h.get("method") else c
+                              for p in per for c in p["failed_checks"]]
+    return h
+
+
 def _f(v: Any, digits: int = 2) -> str:
     v = _num(v)
     return "n/a" if v is None else f"{v:.{digits}f}"
@@ -119,31 +163,75 @@ def scorecard(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                                 "reference": best_v,
                                 "text": f"on-manifold deletion AUC {auc:.3f} (best: {best_k} {best_v:.3f}; "
                                         f"no effect ≈ {_f(p0, 3)}; lower = more faithful)"}
+    why = generator_withheld(stages)
+    if why:  # the alignment and the in-filled deletion rest on the VAE: their verdicts are withheld, numbers kept
+        for row in rows.values():
+            for q in ("aligned?", "faithful?"):
+                if q in row:
+                    row[q] = {**row[q], "verdict": "withheld", "text": f"{row[q]['text']}; {why}"}
     sens = sorted((_num(v.get("MaxSensitivity")), k) for k, v in methods.items() if _num(v.get("MaxSensitivity")) is not None)
     for rank, (v, meth) in enumerate(sens, 1):
         rows[meth]["robust?"] = {"verdict": "most robust" if rank == 1 else f"rank {rank} of {len(sens)}", "value": v,
                                  "reference": sens[0][0], "text": f"max-sensitivity {v:.3f} (best: {sens[0][1]} "
                                                                   f"{sens[0][0]:.3f}; lower = more robust)"}
-    at = _get(stages, "attack", "headline")
-    if at and at.get("method"):
-        row = rows.setdefault(at["method"], {"method": at["method"]})
-        after, before, kept = _num(at.get("pcc_manip_target")), _num(at.get("pcc_orig_target")), _num(at.get("top1_kept_rate"))
+    for meth, v in methods.items():
+        rho = _num(v.get("MPRT"))
+        if rho is not None:
+            rows[meth]["sanity?"] = {
+                "verdict": "passes" if abs(rho) < MPRT_LIMIT else "fails", "value": rho, "reference": 0.0,
+                "text": f"rank correlation {rho:.2f} of the maps of the trained and the fully randomised model (0 = maps "
+                        f"depend on the weights; 1 = unchanged; passes below {MPRT_LIMIT})"}
+    if methods and not any(_num(v.get("MPRT")) is not None for v in methods.values()):
+        for row in rows.values():
+            row["sanity?"] = {"verdict": "not run", "value": None, "reference": None,
+                                            "text": "the evaluate stage did not score MPRT, the model-parameter randomisation check "
+                                      "(it needs Quantus: pip install \"manifex[eval]\")"}
+    at = _get(stages, "attack", "headline") or {}
+    for meth, a in (at.get("methods") or ({at["method"]: at} if at.get("method") else {})).items():
+        row = rows.setdefault(meth, {"method": meth})
+        after, before, kept = _num(a.get("pcc_manip_target")), _num(a.get("pcc_orig_target")), _num(a.get("top1_kept_rate"))
         if after is not None and before is not None:
             gain = after - before
             yes = gain >= MANIPULATION_GAIN and kept == 1.0
             row["manipulable?"] = {"verdict": "yes" if yes else "not at this budget", "value": after, "reference": before,
                                    "text": f"PCC with the target map {before:.2f} → {after:.2f} at L∞ "
-                                           f"{_f((at.get('budget_linf') or 0) * 255, 0)}/255 over {at.get('n_pairs')} pairs "
+                                           f"{_f((a.get('budget_linf') or 0) * 255, 0)}/255 over {a.get('n_pairs')} pairs "
                                            f"(prediction kept: {_f(kept)}; counts from a rise ≥ {MANIPULATION_GAIN})"}
     return list(rows.values())
 
 
+def generator_withheld(stages: dict[str, dict[str, Any]]) -> str | None:
+    """Why the verdicts that rest on the evaluate stage's VAE (alignment, in-filled deletion) are withheld: the
+    manifold stage found it reconstructs held-out images no better than their mean image (R² ≤ 0); else None."""
+    r2 = _num(_get(stages, "manifold", "headline", "generators", "vae", "r2"))
+    if r2 is None or r2 > 0:
+        return None
+    return f"withheld: the VAE it rests on reconstructs held-out images no better than their mean image (R² {r2:.2f})"
+
+
+def _model_sentence(stages: dict[str, dict[str, Any]]) -> str | None:
+    m = _get(stages, "model", "headline") or {}
+    acc, chance, ece, conf = (_num(m.get(k)) for k in ("accuracy", "chance", "ece", "mean_confidence"))
+    if acc is None or chance is None:
+        return None
+    text = f"The model's held-out accuracy is {acc:.3f} (chance {chance:.3f})"
+    if ece is not None and conf is not None:
+        side = "over" if conf > acc else "under"
+        text += f"; its calibration error is {ece:.3f} ({side}confident: mean confidence {conf:.3f})"
+    failed = m.get("failed_checks") or []
+    return text + (f"; it failed {len(failed)} check(s), so every finding below is about a flawed model: "
+                   f"{failed[0]}." if failed else ".")
+
+
 def recommendation(rows: list[dict[str, Any]], stages: dict[str, dict[str, Any]]) -> str:
     """One or two sentences that follow from the scorecard's numbers (and say what is withheld or missing)."""
-    parts: list[str] = []
+    parts: list[str] = [s for s in (_model_sentence(stages),) if s]
     ev_failed = (_get(stages, "evaluate", "headline") or {}).get("failed_checks")
+    why = generator_withheld(stages)
     if ev_failed:
         parts.append(f"The explanation scores are withheld: the evaluation failed {len(ev_failed)} check(s) (see its report).")
+    elif why:
+        parts.append(f"Alignment and on-manifold faithfulness are {why}.")
     else:
         faithful = [r for r in rows if _get(r, "faithful?", "verdict") == "best"]
         aligned = sorted((r for r in rows if "aligned?" in r), key=lambda r: -r["aligned?"]["value"])
@@ -165,11 +253,20 @@ def recommendation(rows: list[dict[str, Any]], stages: dict[str, dict[str, Any]]
     man = [r for r in rows if "manipulable?" in r]
     at_failed = (_get(stages, "attack", "headline") or {}).get("failed_checks")
     if man and not at_failed:
-        r = man[0]
-        can = r["manipulable?"]["verdict"] == "yes"
-        m = r["manipulable?"]
-        parts.append(f"{r['method']} maps {'can' if can else 'could not'} be manipulated at L∞ 8/255 (PCC with the target "
-                     f"map {m['reference']:.2f} → {m['value']:.2f}).")
+        def say(rs: list[dict[str, Any]]) -> str:
+            return ", ".join(f"{r['method']} ({r['manipulable?']['reference']:.2f} → {r['manipulable?']['value']:.2f})"
+                             for r in rs)
+
+        can = [r for r in man if r["manipulable?"]["verdict"] == "yes"]
+        cannot = [r for r in man if r["manipulable?"]["verdict"] != "yes"]
+        if can:
+            parts.append(f"Maps that can be manipulated at L∞ 8/255 (PCC with the target map before → after): {say(can)}.")
+        if cannot:
+            parts.append(f"Maps that could not be manipulated at L∞ 8/255: {say(cannot)}.")
+    insane = [r["method"] for r in rows if _get(r, "sanity?", "verdict") == "fails"]
+    if insane and not ev_failed:
+        parts.append(f"{', '.join(insane)} {'fails' if len(insane) == 1 else 'fail'} the randomisation sanity check: "
+                     f"{'its' if len(insane) == 1 else 'their'} maps barely change when the model's weights are randomised.")
     sm = _get(stages, "smooth", "headline") or {}
     sweep = {s.get("beta"): s for s in sm.get("sweep", [])}
     relu = sweep.get("ReLU")
@@ -178,24 +275,46 @@ def recommendation(rows: list[dict[str, Any]], stages: dict[str, dict[str, Any]]
         s = min(smoothed, key=lambda s: s["pcc_gain"])
         cost = _num(s.get("accuracy_cost"))
         acc = ("" if cost is None else f", accuracy {'down' if cost > 0 else 'up'} by {abs(cost):.3f}")
-        parts.append(f"β-smoothing ({s['beta']}) {'reduces' if s['pcc_gain'] < relu['pcc_gain'] else 'does not reduce'} the "
+        parts.append(f"β-smoothing ({s['beta']}, on gradient maps) {'reduces' if s['pcc_gain'] < relu['pcc_gain'] else 'does not reduce'} the "
                      f"attack's gain in PCC ({relu['pcc_gain']:.3f} → {s['pcc_gain']:.3f}{acc}).")
     return " ".join(parts)
 
 
 def stage_numbers(stage: str, h: dict[str, Any]) -> list[tuple[str, str]]:
     """The few numbers a stage's section of the audit report shows (label, value with its reference)."""
+    if stage == "model":
+        return [("held-out accuracy", f"{_f(h.get('accuracy'), 3)} (chance, the largest class's share: {_f(h.get('chance'), 3)}; "
+                 f"balanced {_f(h.get('balanced_accuracy'), 3)}; n = {h.get('n_test')})"),
+                (f"expected calibration error ({h.get('ece_bins')} bins)", f"{_f(h.get('ece'), 3)} (0 = calibrated; mean "
+                 f"confidence {_f(h.get('mean_confidence'), 3)} against accuracy {_f(h.get('accuracy'), 3)})")]
+    if stage == "manifold":
+        out = []
+        for kind, g in (h.get("generators") or {}).items():
+            quality = (f"held-out {_f(g.get('bits_per_dim'))} bits/dim (training {_f(g.get('train_bits_per_dim'))}; uniform "
+                       f"{_f(g.get('uniform_bits_per_dim'), 0)}; lower = better)" if kind == "flow" else
+                       f"held-out reconstruction MSE {_f(g.get('recon_mse'), 4)} (mean image: {_f(g.get('mean_image_mse'), 4)}; "
+                       f"R² {_f(g.get('r2'))})")
+            dim = (f"{_f(g.get('dimension_median'), 0)} of {g.get('latent_dim')} latent dimensions" if g.get("dimension_median")
+                   is not None else f"no gap σᵢ/σᵢ₊₁ ≥ 10 in the top {g.get('top')} of {g.get('latent_dim')}")
+            dim += f"; 99% of Σσ² in {_f(g.get('dimension_energy_median'), 0)} of the top {g.get('top')}"
+            ep = g.get("epochs")
+            epochs = "the zoo's default epochs" if not ep else f"{ep} epoch{'' if ep == 1 else 's'}"
+            out.append((f"{kind} ({g.get('name')}, {epochs})",
+                        f"{quality}; spectrum dimension: {dim} ({h.get('pixels')} pixels)"))
+        return out
     if stage == "evaluate":
         short = {"TangentAlignment": "tangent alignment", "BlackDeletion": "deletion AUC black",
                  "ROADDeletion": "ROAD", "ManifoldDeletion": "in-filled"}
         return [(m, " · ".join(f"{short.get(c, c)} {_f(v, 3)}" for c, v in cols.items()))
                 for m, cols in h.get("methods", {}).items()]
     if stage == "attack":
-        return [("PCC manipulated map ↔ target map", f"{_f(h.get('pcc_manip_target'))} (before: {_f(h.get('pcc_orig_target'))})"),
-                ("PCC manipulated map ↔ original map", _f(h.get("pcc_manip_orig"))),
-                ("prediction kept", _f(h.get("top1_kept_rate"))), ("pairs", str(h.get("n_pairs")))]
+        per = h.get("methods") or ({h["method"]: h} if h.get("method") else {})
+        return [(f"{m}: PCC with the target map (before → after)",
+                 f"{_f(a.get('pcc_orig_target'))} → {_f(a.get('pcc_manip_target'))} (manipulated ↔ original map "
+                 f"{_f(a.get('pcc_manip_orig'))}; prediction kept {_f(a.get('top1_kept_rate'))}; {a.get('n_pairs')} pairs; "
+                 f"report: {'attack' if m == h.get('method') else f'attack-{m}'}/report.html)") for m, a in per.items()]
     if stage == "smooth":
-        return [(f"{s['beta']}: PCC gain of the attack", f"{_f(s.get('pcc_gain'), 3)} (accuracy {_f(s.get('accuracy'))}, "
+        return [(f"{s['beta']}: PCC gain of the attack on {h.get('method') or 'gradient'} maps", f"{_f(s.get('pcc_gain'), 3)} (accuracy {_f(s.get('accuracy'))}, "
                  f"curvature {_f(s.get('curvature'), 3)})") for s in h.get("sweep", [])]
     if stage == "counterfactual":
         out = []

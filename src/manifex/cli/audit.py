@@ -21,9 +21,11 @@ def audit(**params) -> None:
 
     \b
     Runs every system on one classifier, each stage its own experiment in
-    --out/<stage> (resumed stage by stage, with its own report): evaluate
-    (faithfulness and tangent alignment of the explanations), attack and
-    smooth (manipulability at L-inf 8/255, and with beta-smoothing),
+    --out/<stage> (resumed stage by stage, with its own report): model
+    (held-out accuracy, calibration, the checks), manifold (the generators'
+    quality and dimension), evaluate (faithfulness, tangent alignment and the
+    randomisation check of the explanations), attack (manipulability of each
+    method at L-inf 8/255) and smooth (the gradient attack with beta-smoothing),
     counterfactual (latent vs pixel), concepts (at the last layer with a grid
     of at least 2x2, found on the model) and contrast (one class pair).
     Writes report.html (scorecard, recommendation, one section per stage)
