@@ -133,11 +133,10 @@ def _ahals_test_matrices(dtype):
     noise = torch.rand(3, 400, 30, generator=g, dtype=torch.float64)
     noise[1, 250:] = 0
     low = torch.zeros(3, 400, 30, dtype=torch.float64)
-    low[:, :300] = (torch.rand(3, 300, 8, generator=g, dtype=torch.float64) ** 3 @ torch.rand(3, 8, 30, generator=g, dtype=torch.float64) ** 3
-                    + 0.05 * torch.rand(3, 300, 30, generator=g, dtype=torch.float64))
+    rand = lambda *shape: torch.rand(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    low[:, :300] = rand(3, 300, 8) ** 3 @ rand(3, 8, 30) ** 3 + 0.05 * rand(3, 300, 30)
     g = torch.Generator().manual_seed(1)
-    flat = torch.stack([torch.rand(120, r, generator=g, dtype=torch.float64) @ torch.rand(r, 16, generator=g, dtype=torch.float64)
-                        for r in (2, 4)]) + 0.01 * torch.rand(2, 120, 16, generator=g, dtype=torch.float64)
+    flat = torch.stack([rand(120, r) @ rand(r, 16) for r in (2, 4)]) + 0.01 * rand(2, 120, 16)
     return [(noise.to(dtype), torch.tensor([400, 250, 400]), 6), (low.to(dtype), torch.tensor([300] * 3), 6),
             (flat.to(dtype), torch.tensor([120, 120]), 4)]
 

@@ -233,8 +233,8 @@ def _ahals(X, W, H, max_iter: int, tol: float) -> tuple[torch.Tensor, torch.Tens
     old β). Stops per matrix when two tests hold, or at ``max_iter``: scikit-learn's — the projected-gradient
     violation of the iterate (W, H) at most ``tol`` × the violation of the start — and the error ‖X − W H‖
     fell by at most ``tol`` (relative) over the last ``_WINDOW`` iterations (measured every ``_WINDOW``
-    iterations from the residual itself: the Gram form ‖X‖² − 2⟨W, XHᵀ⟩ + ⟨WᵀW, HHᵀ⟩ cancels to noise in float32
-    when X is fitted closely). The violation alone stopped too early on slowly converging matrices (rank 2 +
+    iterations from the residual itself: the Gram form ‖X‖² − 2⟨W, XHᵀ⟩ + ⟨WᵀW, HHᵀ⟩ cancels to noise in
+    float32 when X is fitted closely). The violation alone stopped too early on slowly converging matrices (rank 2 +
     noise, k = 4: 2.9% above scikit-learn's error, which is itself still falling there), because
     extrapolation shrinks the gradient faster than the error. The extrapolated points are never returned.
     The errors of the restart rule are summed in float64 (summed in float32 they changed enough decisions to
@@ -268,7 +268,8 @@ def _ahals(X, W, H, max_iter: int, tol: float) -> tuple[torch.Tensor, torch.Tens
         P2 = Wn @ Xa
         Hn = _cd_passes(Hx, G2, P2, _H_PASSES)
         if it % _WINDOW == 0:
-            now = torch.linalg.vector_norm(torch.baddbmm(Xa, Wn.transpose(1, 2), Hn, alpha=-1).flatten(1), dim=1).double()
+            residual = torch.baddbmm(Xa, Wn.transpose(1, 2), Hn, alpha=-1)  # X − W H
+            now = torch.linalg.vector_norm(residual.flatten(1), dim=1).double()
             settled, last = last - now <= tol * now, now  # inf − e > tol · e: not at the first check
         stop = first == 0
         if bool(settled.any()):  # the violation only matters once the error has settled
