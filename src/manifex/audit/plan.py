@@ -124,7 +124,7 @@ def stage_configs(config: AuditConfig, *, num_classes: int, layer: str | None, l
     manifex's own metrics and says so in ``notes``.
 
     The attack stage runs once per method of the evaluate stage: gradient in ``attack`` (the smooth stage's method
-    too), every other method in ``attack-<method>`` (:func:`~manifex.audit.summary.stage_of` maps a key to its
+    too), every other method in ``attack-<method>`` (``summary.stage_of`` maps a key to its
     stage). ``attackable(methods) -> (kept, {method: why not})`` filters them (the audit probes the model); the
     methods left out are named in ``notes``."""
     from ..concepts import ConceptsConfig, ContrastConfig

@@ -268,8 +268,9 @@ def class_concepts(
     (20; 0 = no noise tunnel), ``sigma`` ("auto" = 0.25 · data std), ``baseline`` ("auto" = mean + std, or a
     number/tensor), ``noise`` (fixed draws (n_samples, C, H, W), shared by all images), ``steps`` (IG, 50),
     ``relu`` (True: ReLU of the relevance before the channel mean). ``solver``: NMF solver ("auto", "hals",
-    "mu", "sklearn"). ``predictions``: the model's argmax on ``data``, if already known. ``output``: for a
-    model returning a tuple/dict, which part holds the logits (an index, key or callable, as for ``explain``).
+    "ahals", "mu", "sklearn"; see :func:`~manifex.concepts.nmf`). ``predictions``: the model's argmax on
+    ``data``, if already known. ``output``: for a model returning a tuple/dict, which part holds the logits
+    (an index, key or callable, as for ``explain``).
     ``keep_matrix``: keep the factorised matrices in the basis (``matrix``, ``n_rows``, ``rows_per_image``), so
     that :func:`~manifex.concepts.concept_stability` can refactorise them without recomputing the relevance.
 

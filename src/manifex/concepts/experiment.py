@@ -42,8 +42,9 @@ class ConceptsConfig:
     samples: int = setting(20, "Noise-tunnel samples of the relevance (research: 20; 0 = no noise). σ = 0.25·std of the data "
                            "and the baseline mean + std: the research's values (0.25, 1.0) in normalised units.", low=0,
                            flag="--noise-samples", old_flags=("--samples",))
-    solver: str = setting("auto", "NMF solver: auto = hals, scikit-learn's coordinate descent batched over the classes.",
-                          choices=("auto", "hals", "mu", "sklearn"))
+    solver: str = setting("auto", "NMF solver: auto = hals, scikit-learn's coordinate descent batched over the classes; "
+                          "ahals: accelerated HALS, scikit-learn's error (not its iterates) in fewer iterations.",
+                          choices=("auto", "hals", "ahals", "mu", "sklearn"))
     pool: int | str = setting("auto", "Average-pool size of the activations for the crop grid, or auto: the largest pool <= 4 "
                               "that leaves a grid of at least 2x2 cells (4 at MNIST-5k's blocks.2, 8x8; 1 at digits8's "
                               "blocks.2, 2x2). The research used 2 on 224-px ImageNet (cells of 1/7 and 1/3 of the image); "

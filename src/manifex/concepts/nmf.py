@@ -12,8 +12,12 @@ anything else float64), exactly as ``NMF(random_state=seed)`` starts. An exact S
 spectrum has gaps: on a matrix without one (uniform noise) the randomized vectors beyond the first are a
 different basis of nearly equal singular values, and the two starts end in different factorizations (matched
 cosine 0.71). So it reaches scikit-learn's error and components on every matrix, up to round-off (tested in
-float64 on uniform noise and on structured matrices, batched and single). ``"mu"`` is batched multiplicative
-updates (Lee & Seung), ``"sklearn"`` loops scikit-learn.
+float64 on uniform noise and on structured matrices, batched and single). ``"ahals"`` is accelerated HALS:
+the same start and coordinate steps, with both factors extrapolated between iterations by Ang & Gillis' rule
+(2019, "Accelerating nonnegative matrix factorization algorithms using extrapolation"); it leaves
+scikit-learn's iterates and reaches scikit-learn's error in about a third of the iterations (stopping rule:
+scikit-learn's and a settled error, see :func:`_ahals`). ``"mu"`` is
+batched multiplicative updates (Lee & Seung), ``"sklearn"`` loops scikit-learn.
 
 Why written by hand: scikit-learn factorises one matrix per call on the CPU; the batched torch solver
 factorises every class in one loop, on the model's device.
@@ -31,15 +35,19 @@ from ..errors import InputError
 
 __all__ = ["nmf", "nmf_error", "NMF_SOLVERS", "matched_cosine", "nmf_transform"]
 
-Solver = Literal["auto", "hals", "mu", "sklearn"]
+Solver = Literal["auto", "hals", "ahals", "mu", "sklearn"]
 #: The solvers :func:`nmf` takes: "hals" (batched coordinate descent on the model's device, as scikit-learn's NMF
-#: updates), "mu" (batched multiplicative updates), "sklearn" (scikit-learn, one matrix per call) or "auto" (= "hals").
-NMF_SOLVERS = ("auto", "hals", "mu", "sklearn")
+#: updates), "ahals" (the same steps extrapolated between iterations: scikit-learn's error, not its iterates, in
+#: about a third of the iterations), "mu" (batched multiplicative updates), "sklearn" (scikit-learn, one matrix per
+#: call) or "auto" (= "hals").
+NMF_SOLVERS = ("auto", "hals", "ahals", "mu", "sklearn")
 
 # "auto" = "hals" everywhere. Measured (benchmarks/bench_concepts.py, 10 classes × 3,840 rows × 64 channels,
 # k = 6, float32, 2 CPU cores shared with other jobs): hals reaches scikit-learn's error in the same number
 # of iterations, batched; mu needs ~10× more iterations for the same error; looping scikit-learn is slower
-# than one batched hals run. On CUDA the batched solver is the only one on the device.
+# than one batched hals run. On CUDA the batched solver is the only one on the device. "ahals" is faster at
+# equal error (README, Concepts → Speed) but not the default: "hals" gives scikit-learn's own W and H, which
+# class_concepts' documented equality with the research loop (and every test to 1e-9) rests on.
 _AUTO = "hals"
 
 
@@ -191,6 +199,107 @@ def _hals(X, W, H, max_iter: int, tol: float) -> tuple[torch.Tensor, torch.Tenso
     return Wt_out.transpose(1, 2), H_out, n_iter
 
 
+def _cd_passes(A: torch.Tensor, gram: torch.Tensor, proj: torch.Tensor, passes: int) -> torch.Tensor:
+    """``passes`` coordinate passes over the rows of ``A`` (B, k, n), in place: the steps of :func:`_cd_sweep`
+    (a_t ← max(0, a_t − (gram_t· A − proj_t) / gram_tt), no step where gram_tt = 0) without the violation.
+    The Gram form: only the k × k Gram and the k × n projection are read, so passes after the first cost no
+    product with X."""
+    hess = torch.diagonal(gram, dim1=1, dim2=2)
+    inv = torch.where(hess > 0, 1 / hess, torch.zeros_like(hess)).unsqueeze(-1)  # (B, k, 1); 0: no step
+    scaled, sproj = gram * inv, proj * inv  # the step of row t is sproj_t − scaled_t· A
+    for _ in range(passes):
+        for t in range(A.shape[1]):
+            A[:, t : t + 1].sub_(torch.baddbmm(sproj[:, t : t + 1], scaled[:, t : t + 1], A, beta=-1)).clamp_(min=0)
+    return A
+
+
+def _violation(A: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """scikit-learn's projected-gradient violation of a factor A ≥ 0 (B, k, n) with gradient ``grad``, per
+    matrix: Σ |g| where a > 0, Σ max(0, −g) where a = 0."""
+    return torch.maximum(grad * A.sign(), grad.neg()).sum((1, 2))
+
+
+# Extrapolation parameters of _ahals (Ang & Gillis' β₀, η, γ, γ̄), the coordinate passes over H per
+# iteration and the iterations between error checks. Chosen on the benchmark matrices (bench_concepts.py:
+# 10 classes × 3,840 × 64, k = 6) among β₀ ∈ {0.5, 0.8}, γ ∈ {1.05, 1.1}, 1–10 passes over H (the Gram form
+# makes them cheap: Gillis & Glineur), 1–2 over W. More passes saved ~10% of the iterations there but stalled
+# a near-degenerate float32 matrix (rank 2 + noise, k = 4: 3 passes stayed 2.5% above scikit-learn's error
+# after 200 iterations, 1 pass ends below it); two passes over W stopped one class 1e-4 above it.
+_BETA0, _ETA, _GAMMA, _GAMMA_BAR, _H_PASSES, _WINDOW = 0.5, 1.5, 1.05, 1.01, 1, 10
+
+
+def _ahals(X, W, H, max_iter: int, tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Accelerated HALS, batched: per iteration the products H̃Xᵀ and WᵀX (the only reads of X), one
+    coordinate pass over W and ``_H_PASSES`` over H in the Gram form (:func:`_cd_passes`), then both factors
+    extrapolated, W̃ = max(0, W + β (W − W_prev)) and likewise H̃, for the next iteration. Per matrix, β follows
+    Ang & Gillis' rule on the error ‖X − W H̃‖ (known from the Grams without forming W H̃): grows by γ up to
+    β̄ while the error falls; when it rises, that iteration is not extrapolated and β shrinks by η (β̄ := the
+    old β). Stops per matrix when two tests hold, or at ``max_iter``: scikit-learn's — the projected-gradient
+    violation of the iterate (W, H) at most ``tol`` × the violation of the start — and the error ‖X − W H‖
+    fell by at most ``tol`` (relative) over the last ``_WINDOW`` iterations (measured every ``_WINDOW``
+    iterations from the residual itself: the Gram form ‖X‖² − 2⟨W, XHᵀ⟩ + ⟨WᵀW, HHᵀ⟩ cancels to noise in
+    float32 when X is fitted closely). The violation alone stopped too early on slowly converging matrices (rank 2 +
+    noise, k = 4: 2.9% above scikit-learn's error, which is itself still falling there), because
+    extrapolation shrinks the gradient faster than the error. The extrapolated points are never returned.
+    The errors of the restart rule are summed in float64 (summed in float32 they changed enough decisions to
+    cost 12% more iterations); the residual's norm every ``_WINDOW`` iterations is summed in X's dtype
+    (pairwise: ~1e-7 relative in float32, far below ``tol``)."""
+    B = X.shape[0]
+    dt, dev = X.dtype, X.device
+    Xa, Xta = X.contiguous(), X.transpose(1, 2).contiguous()
+    Wt, Hc = W.transpose(1, 2).contiguous(), H.contiguous()
+    Wt_out, H_out = Wt.clone(), Hc.clone()
+    n_iter = torch.zeros(B, dtype=torch.long, device=dev)
+    idx = torch.arange(B, device=dev)
+    xx = torch.linalg.vector_norm(Xa.flatten(1), dim=1, dtype=torch.float64) ** 2
+    beta = torch.full((B, 1, 1), _BETA0, dtype=dt, device=dev)
+    beta_max = torch.ones(B, 1, 1, dtype=dt, device=dev)
+    prev = torch.full((B,), math.inf, dtype=torch.float64, device=dev)
+    last = torch.full((B,), math.inf, dtype=torch.float64, device=dev)  # the error at the last check
+    settled = torch.zeros(B, dtype=torch.bool, device=dev)
+    # the start's violation, scikit-learn's reference (its first sweep measures it at about the start)
+    G, P = Hc @ Hc.transpose(1, 2), Hc @ Xta
+    G2 = Wt @ Wt.transpose(1, 2)
+    first = _violation(Wt, torch.baddbmm(P, G, Wt, beta=-1)) + _violation(Hc, torch.baddbmm(Wt @ Xa, G2, Hc, beta=-1))
+    Wx, Hx = Wt.clone(), Hc.clone()  # the extrapolated points the next iteration starts from
+    for it in range(1, max_iter + 1):
+        if it > 1:
+            G, P = Hx @ Hx.transpose(1, 2), Hx @ Xta
+        Wn = _cd_passes(Wx, G, P, 1)
+        G2 = Wn @ Wn.transpose(1, 2)
+        # ‖X − W H̃‖² = ‖X‖² − 2⟨W, X H̃ᵀ⟩ + ⟨WᵀW, H̃H̃ᵀ⟩
+        err = xx - 2 * (Wn * P).sum((1, 2), dtype=torch.float64) + (G2 * G).sum((1, 2), dtype=torch.float64)
+        P2 = Wn @ Xa
+        Hn = _cd_passes(Hx, G2, P2, _H_PASSES)
+        if it % _WINDOW == 0:
+            residual = torch.baddbmm(Xa, Wn.transpose(1, 2), Hn, alpha=-1)  # X − W H
+            now = torch.linalg.vector_norm(residual.flatten(1), dim=1).double()
+            settled, last = last - now <= tol * now, now  # inf − e > tol · e: not at the first check
+        stop = first == 0
+        if bool(settled.any()):  # the violation only matters once the error has settled
+            v = _violation(Wn, torch.baddbmm(P, G, Wn, beta=-1)) + _violation(Hn, torch.baddbmm(P2, G2, Hn, beta=-1))
+            stop = stop | ((v <= tol * first) & settled)
+        fell = (err <= prev)[:, None, None]
+        step = beta * fell  # no extrapolation after a rise
+        Wx = torch.addcmul(Wn, step, Wn - Wt).clamp_(min=0)
+        Hx = torch.addcmul(Hn, step, Hn - Hc).clamp_(min=0)
+        beta_max = torch.where(fell, (beta_max * _GAMMA_BAR).clamp_(max=1), beta)
+        beta = torch.where(fell, torch.minimum(beta_max, beta * _GAMMA), beta / _ETA)
+        prev = torch.where(fell[:, 0, 0], err, prev)
+        Wt, Hc = Wn, Hn
+        if it == max_iter or bool(stop.any()):
+            done = stop if it < max_iter else torch.ones_like(stop)
+            d = idx[done]
+            Wt_out[d], H_out[d], n_iter[d] = Wt[done], Hc[done], it
+            keep = ~done
+            if not bool(keep.any()):
+                break
+            idx, Xa, Xta, xx, first, prev = idx[keep], Xa[keep], Xta[keep], xx[keep], first[keep], prev[keep]
+            last, settled = last[keep], settled[keep]
+            Wt, Hc, Wx, Hx, beta, beta_max = Wt[keep], Hc[keep], Wx[keep], Hx[keep], beta[keep], beta_max[keep]
+    return Wt_out.transpose(1, 2), H_out, n_iter
+
+
 def _mu(X, W, H, max_iter: int, tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lee–Seung multiplicative updates (Frobenius); stops per matrix as scikit-learn's ``mu`` solver (every
     10 iterations, relative decrease of the error since the start ≤ tol)."""
@@ -249,7 +358,8 @@ def nmf(
     Returns ``(W, H)``: W (R, k) or (B, R, k), H (k, c) or (B, k, c) (the rows of H are the components,
     scikit-learn's ``components_``); with ``return_n_iter`` also the iterations run (B,). Matrices of a batch
     with fewer real rows are zero-padded at the end and give their row counts in ``n_rows`` (B,); padded rows
-    of W are zero. ``solver``: "auto" (= "hals"), "hals", "mu" or "sklearn" (see the module docstring);
+    of W are zero. ``solver``: "auto" (= "hals"), "hals", "ahals" (accelerated: scikit-learn's error, not its
+    iterates, in fewer products), "mu" or "sklearn" (see the module docstring);
     ``init``, ``max_iter`` and ``tol`` as scikit-learn's (its defaults). ``seed`` is scikit-learn's
     ``random_state`` (of the randomized SVD behind the NNDSVD start): every solver starts as
     ``sklearn.decomposition.NMF(random_state=seed)`` does, so "hals" ends where it ends; any int is taken
@@ -282,7 +392,7 @@ def nmf(
         W, H, n_iter = _sklearn(Xb, rows, n_components, init, max_iter, tol, seeds)
     else:
         W, H = _nndsvd(Xb, rows, n_components, init, seeds)
-        W, H, n_iter = (_hals if solver == "hals" else _mu)(Xb, W, H, max_iter, tol)
+        W, H, n_iter = {"hals": _hals, "ahals": _ahals, "mu": _mu}[solver](Xb, W, H, max_iter, tol)
     if not batched:
         W, H = W[0], H[0]
     return (W, H, n_iter) if return_n_iter else (W, H)
