@@ -33,6 +33,9 @@ def audit(**params) -> None:
     of at least 2x2, found on the model) and contrast (one class pair).
     Writes report.html (scorecard, recommendation, one section per stage)
     and metrics.json (every stage's headline numbers under one schema).
+    --out/experiment.json guards the audit: a re-run with other settings or
+    another model is refused; --stages may change between calls (the
+    report keeps the stages of earlier calls with the same settings).
 
     \b
     Examples:
