@@ -65,7 +65,7 @@ def _f(v: Any, digits: int = 3) -> str:
 
 def _label(path: Path, m: dict[str, Any]) -> str:
     name = (m.get("model") or {}).get("name") or (m.get("config") or {}).get("classifier", "?")
-    return f"{path.name} ({name})"
+    return f"{path.name} · {name}"
 
 
 def _scorecard(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:

@@ -108,7 +108,7 @@ def _audited_model(config: AuditConfig, data, model: UserModel | nn.Module | Non
     robust, trained = robust_classifier(train, net, align, cache_dir=cache_dir, device=device, progress=progress)
     how = (f"PGD-l2 fine-tune of the standard {config.classifier} ({_epochs(config.epochs)}) for "
            f"{_epochs(align.robust_epochs)}, eps in {{{', '.join(f'{e:g}' for e in align.robust_epsilons)}}}, {align.robust_steps} steps")
-    info = ModelInfo(name=f"{config.classifier} (l2-robust, as manifex align)", source="built-in",
+    info = ModelInfo(name=f"{config.classifier} l2-robust", source="built-in",
                      architecture=config.classifier, spec=f"l2-robust: {how}", fingerprint=state_fingerprint(robust),
                      accuracy=float(accuracy(robust, test)), epochs=config.epochs, cached=trained.get("cached"),
                      checks=(f"model: the l2-robust {config.classifier} of manifex align ({how}); every stage audits "
