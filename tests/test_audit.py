@@ -209,6 +209,11 @@ def test_audit_folder_claims_its_settings_gathers_earlier_stages_and_overwrites_
                   cache_dir=tmp_path / "cache")
     assert list(third.metrics["stages"]) == ["smooth"]
     assert any("stage attack" in c and "other stage settings" in c for c in third.checks)
+    # --no-resume recomputes the selected stages in place (the audit's own claims are written afresh)
+    fresh = audit(AuditConfig(dataset="digits8", budget="quick", epochs=1, stages=("smooth",)), out, progress=False,
+                  cache_dir=tmp_path / "cache", resume=False)
+    assert fresh.stages["smooth"].n_new and sum(fresh.stages["smooth"].n_new.values()) > 0
+    assert json.loads((out / "experiment.json").read_text())["settings"] == record["settings"]
     again = CliRunner().invoke(main, [*QUICK, "--stages", "attack", "--overwrite", "--out", str(out), *cache])
     assert again.exit_code == 0, again.output
     moved = [p for p in tmp_path.iterdir() if p.name.startswith("audit.replaced-")]
