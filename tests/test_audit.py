@@ -277,8 +277,10 @@ def test_compare_puts_two_finished_audits_side_by_side_and_refuses_anything_else
     assert c["a"]["model"]["fingerprint"] == ma["model"]["fingerprint"] != c["b"]["model"]["fingerprint"]
     assert c["warnings"] == []  # same data, budget and seed
     row = next(r for r in c["scorecard"] if r["method"] == "gradient" and r["question"] == "manipulable?")
-    va, vb = ma["scorecard"][0]["manipulable?"]["value"], mb["scorecard"][0]["manipulable?"]["value"]
-    assert (row["a"]["value"], row["b"]["value"]) == (va, vb) and row["difference"] == pytest.approx(vb - va, abs=0)
+    ca, cb = ma["scorecard"][0]["manipulable?"], mb["scorecard"][0]["manipulable?"]
+    assert (row["a"], row["b"]) == (ca, cb)  # each audit's cell as it wrote it; the difference is of the attack's rise
+    rise_a, rise_b = ca["value"] - ca["reference"], cb["value"] - cb["reference"]
+    assert row["relative"] == {"a": rise_a, "b": rise_b} and row["difference"] == rise_b - rise_a
     assert set(c["stages"]) == {"attack", "smooth"} and c["stages"]["smooth"]["b"] == mb["stages"]["smooth"]["headline"]
     assert any(f.startswith("β-smoothing in a ") for f in c["findings"]) and any(" in b " in f for f in c["findings"])
     html = (tmp_path / "cmp" / "report.html").read_text()
@@ -302,3 +304,24 @@ def test_compare_puts_two_finished_audits_side_by_side_and_refuses_anything_else
     assert res.exit_code == 2 and "is audit A itself" in res.output, res.output
     res = CliRunner().invoke(main, ["audit", "--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--budget", "standard"])
     assert res.exit_code == 2 and "--budget" in res.output and "--compare" in res.output, res.output
+
+
+def test_compare_scorecard_difference_of_faithfulness_is_relative_to_the_no_effect_auc():
+    """Two models of different confidence: the raw deletion AUCs are not comparable, their ratios to the no-effect AUC
+    (the target probability before deletion) are; the other questions compare the cell's number."""
+    from manifex.audit.compare import _scorecard
+
+    def audit_metrics(auc, p0, ratio):
+        cells = {"faithful?": {"verdict": "best", "value": auc, "reference": auc, "text": ""},
+                 "aligned?": {"verdict": "yes", "value": ratio, "reference": 1.0, "text": ""}}
+        return {"scorecard": [{"method": "gradient", **cells}],
+                "stages": {"evaluate": {"status": "done", "headline": {"start_probability": {"gradient": p0}}}}}
+
+    rows = {r["question"]: r for r in _scorecard(audit_metrics(0.4, 0.8, 1.5), audit_metrics(0.15, 0.2, 2.0))}
+    assert rows["faithful?"]["compared"] == "AUC ÷ no-effect AUC"
+    assert rows["faithful?"]["relative"] == {"a": 0.4 / 0.8, "b": 0.15 / 0.2}
+    assert rows["faithful?"]["difference"] == 0.15 / 0.2 - 0.4 / 0.8 > 0  # B is less faithful, though its raw AUC is lower
+    assert rows["aligned?"]["difference"] == 2.0 - 1.5 and rows["aligned?"]["compared"] == "value"
+    no_p0 = audit_metrics(0.15, 0.2, 2.0)
+    del no_p0["stages"]["evaluate"]
+    assert {r["question"]: r for r in _scorecard(audit_metrics(0.4, 0.8, 1.5), no_p0)}["faithful?"]["difference"] is None

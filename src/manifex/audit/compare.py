@@ -68,8 +68,16 @@ def _label(path: Path, m: dict[str, Any]) -> str:
     return f"{path.name} · {name}"
 
 
+def _start_probability(m: dict[str, Any], method: str) -> float | None:
+    p = _num((((m["stages"].get("evaluate") or {}).get("headline") or {}).get("start_probability") or {}).get(method))
+    return p if p is not None and p > 0 else None
+
+
 def _scorecard(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per method and question measured in either audit: each side's cell and the difference B − A."""
+    """One row per method and question measured in either audit: each side's cell and the difference B − A of
+    ``compared`` (the cell's number; for faithful? the deletion AUC divided by the no-effect AUC, the target
+    probability before any deletion: the raw AUC scales with the model's confidence, so a less confident model
+    would look more faithful; for manipulable? the attack's rise of the PCC, after − before)."""
     rows_a = {r["method"]: r for r in a["scorecard"] if isinstance(r, dict) and "method" in r}
     rows_b = {r["method"]: r for r in b["scorecard"] if isinstance(r, dict) and "method" in r}
     out = []
@@ -79,8 +87,19 @@ def _scorecard(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
             if ca is None and cb is None:
                 continue
             va, vb = _num((ca or {}).get("value")), _num((cb or {}).get("value"))
-            out.append({"method": method, "question": q, "a": ca, "b": cb,
-                        "difference": None if va is None or vb is None else vb - va})
+            row = {"method": method, "question": q, "a": ca, "b": cb, "compared": "value"}
+            if q == "faithful?":
+                pa, pb = _start_probability(a, method), _start_probability(b, method)
+                va = None if va is None or pa is None else va / pa
+                vb = None if vb is None or pb is None else vb / pb
+                row.update(compared="AUC ÷ no-effect AUC", relative={"a": va, "b": vb})
+            elif q == "manipulable?":  # what the attack achieved: the rise of the PCC from its reference (before)
+                ra, rb = (_num((c or {}).get("reference")) for c in (ca, cb))
+                va = None if va is None or ra is None else va - ra
+                vb = None if vb is None or rb is None else vb - rb
+                row.update(compared="rise of the PCC with the target map", relative={"a": va, "b": vb})
+            row["difference"] = None if va is None or vb is None else vb - va
+            out.append(row)
     return out
 
 
