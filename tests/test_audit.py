@@ -74,9 +74,9 @@ def test_quick_audit_runs_every_stage_and_a_rerun_adds_nothing(tmp_path):
     again = audit(AuditConfig(dataset="digits8", budget="quick", epochs=1), out, progress=False)
     assert all(sum(r.n_new.values()) == 0 for r in again.stages.values())
     assert _results(out) == before
-    # other epochs change every stage's settings: refused in one line naming the stage and the ways out, untrained
+    # other epochs: refused by the audit's own experiment.json in one line naming the key and the ways out, untrained
     refused = CliRunner().invoke(main, [*QUICK[:6], "2", "--quiet", "--out", str(out)])
-    assert refused.exit_code == 2 and "audit stage model" in refused.output and "--overwrite" in refused.output
+    assert refused.exit_code == 2 and "settings.epochs" in refused.output and "--overwrite" in refused.output
     assert _results(out) == before
 
 
@@ -380,3 +380,165 @@ def test_verdicts_resting_on_a_vae_that_learnt_nothing_are_withheld_and_the_mode
     assert "Alignment and on-manifold faithfulness are withheld" in text and "most faithful" not in text
     model["failed_checks"] = ["constant predictions: ..."]
     assert "failed 1 check(s), so every finding below is about a flawed model: constant predictions" in recommendation([row], bad)
+
+
+def _trained(*args, **kwargs):
+    raise AssertionError("a model was trained")
+
+
+@pytest.mark.slow
+def test_audit_folder_claims_its_settings_gathers_earlier_stages_and_overwrites_once(tmp_path, monkeypatch):
+    """out/experiment.json is the audit's identity (settings, data, model) claimed before any stage trains; --stages is
+    not a setting: a later call with other stages adds them and the report keeps the earlier ones; a changed setting
+    is refused in one line before anything is trained; --overwrite moves the whole audit folder aside once."""
+    import manifex.models.zoo as zoo
+
+    out, cache = tmp_path / "audit", ["--cache-dir", str(tmp_path / "cache")]
+    first = CliRunner().invoke(main, [*QUICK, "--stages", "attack", "--out", str(out), *cache])
+    assert first.exit_code == 0, first.output
+    record = json.loads((out / "experiment.json").read_text())
+    assert record["command"] == "audit" and set(record) >= {"settings", "data", "model"}
+    assert record["settings"]["budget"] == "quick" and "stages" not in record["settings"]
+    assert record["model"]["fingerprint"] == json.loads((out / "attack" / "experiment.json").read_text())["model"]["fingerprint"]
+    before = _results(out)
+    monkeypatch.setattr(zoo, "fit_classifier", _trained)
+    monkeypatch.setattr(zoo, "fit_generative", _trained)
+    for changed, key in ((["--budget", "standard"], "settings.budget"), (["--training", "l2"], "settings.training")):
+        res = CliRunner().invoke(main, [*QUICK, "--stages", "attack", *changed, "--out", str(out), *cache])
+        assert res.exit_code == 2 and key in res.output and "--overwrite" in res.output and "--out" in res.output, res.output
+        assert len([line for line in res.output.splitlines() if line.strip()]) == 1
+    assert _results(out) == before
+    monkeypatch.undo()
+    second = CliRunner().invoke(main, [*QUICK, "--stages", "smooth", "--out", str(out), *cache])
+    assert second.exit_code == 0, second.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["stages"]) == ["attack", "smooth"] and metrics["config"]["stages"] == ["attack", "smooth"]
+    assert metrics["stages"]["attack"]["earlier"] is True and metrics["stages"]["smooth"]["earlier"] is False
+    assert metrics["stages"]["attack"]["headline"]["pcc_manip_target"] is not None
+    assert any("earlier call" in c and "attack" in c for c in metrics["checks"])
+    assert "from an earlier call" in (out / "report.html").read_text()
+    assert {k: v for k, v in _results(out).items() if k.startswith("attack")} == before  # attack was not touched
+    # a stage folder made with other stage settings is left out of the report, with the reason
+    rec = json.loads((out / "attack" / "experiment.json").read_text())
+    rec["settings"]["iterations"] += 1
+    (out / "attack" / "experiment.json").write_text(json.dumps(rec))
+    third = audit(AuditConfig(dataset="digits8", budget="quick", epochs=1, stages=("smooth",)), out, progress=False,
+                  cache_dir=tmp_path / "cache")
+    assert list(third.metrics["stages"]) == ["smooth"]
+    assert any("stage attack" in c and "other stage settings" in c for c in third.checks)
+    # --no-resume recomputes the selected stages in place (the audit's own claims are written afresh)
+    fresh = audit(AuditConfig(dataset="digits8", budget="quick", epochs=1, stages=("smooth",)), out, progress=False,
+                  cache_dir=tmp_path / "cache", resume=False)
+    assert fresh.stages["smooth"].n_new and sum(fresh.stages["smooth"].n_new.values()) > 0
+    assert json.loads((out / "experiment.json").read_text())["settings"] == record["settings"]
+    again = CliRunner().invoke(main, [*QUICK, "--stages", "attack", "--overwrite", "--out", str(out), *cache])
+    assert again.exit_code == 0, again.output
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("audit.replaced-")]
+    assert len(moved) == 1 and not any(p.name.count(".replaced-") for p in moved[0].rglob("*") if p.is_dir())
+    assert (moved[0] / "smooth" / "results.jsonl").is_file() and not (out / "smooth").exists()
+    assert list(json.loads((out / "metrics.json").read_text())["stages"]) == ["attack"]
+
+
+@pytest.mark.slow
+def test_training_l2_audits_exactly_the_robust_model_that_align_records(tmp_path):
+    """--training l2 resolves to the l2-robust fine-tune `manifex align` trains and caches for the same data, classifier
+    and epochs: the audited weights fingerprint is the one align records for its robust model, in every stage."""
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    aligned = CliRunner().invoke(main, ["align", "--dataset", "digits8", "--epochs", "1", "--samples", "4", "--vae-epochs", "1",
+                                        "--methods", "gradient", "--quiet", "--out", str(tmp_path / "align"), *cache])
+    assert aligned.exit_code == 0, aligned.output
+    models = json.loads((tmp_path / "align" / "metrics.json").read_text())["models"]
+    out = tmp_path / "audit"
+    res = CliRunner().invoke(main, [*QUICK, "--training", "l2", "--stages", "attack,smooth", "--out", str(out), *cache])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"]["fingerprint"] == models["robust"]["fingerprint"] != models["standard"]["fingerprint"]
+    assert "l2-robust" in metrics["model"]["name"] and metrics["config"]["training"] == "l2"
+    for stage in ("attack", "smooth"):
+        record = json.loads((out / stage / "experiment.json").read_text())
+        assert record["model"]["fingerprint"] == models["robust"]["fingerprint"], stage
+    assert json.loads((out / "experiment.json").read_text())["model"]["fingerprint"] == models["robust"]["fingerprint"]
+    assert "l2-robust" in (out / "report.html").read_text()
+
+
+def test_training_l2_with_your_own_model_is_refused_before_any_data(tmp_path, monkeypatch):
+    import manifex.models.resolve as resolve
+
+    def boom(*a, **k):
+        raise AssertionError("loaded data before checking the options")
+
+    monkeypatch.setattr(resolve, "resolve_data", boom)
+    res = CliRunner().invoke(main, [*QUICK, "--training", "l2", "--model", "nets.py:build", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--training l2" in res.output and "--model" in res.output, res.output
+    with pytest.raises(InputError, match="training"):
+        audit(AuditConfig(training="l3"), tmp_path / "p")
+
+
+@pytest.mark.slow
+def test_compare_puts_two_finished_audits_side_by_side_and_refuses_anything_else(tmp_path):
+    import shutil
+
+    from manifex.audit import compare
+
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    for name, epochs in (("a", "1"), ("b", "2")):
+        res = CliRunner().invoke(main, [*QUICK[:6], epochs, "--quiet", "--stages", "attack,smooth",
+                                        "--out", str(tmp_path / name), *cache])
+        assert res.exit_code == 0, res.output
+    ma, mb = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in "ab")
+    res = CliRunner().invoke(main, ["audit", "--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out",
+                                    str(tmp_path / "cmp")])
+    assert res.exit_code == 0, res.output
+    assert f"report: {tmp_path / 'cmp' / 'report.html'}" in res.output
+    c = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert c["a"]["model"]["fingerprint"] == ma["model"]["fingerprint"] != c["b"]["model"]["fingerprint"]
+    assert c["warnings"] == []  # same data, budget and seed
+    row = next(r for r in c["scorecard"] if r["method"] == "gradient" and r["question"] == "manipulable?")
+    ca, cb = ma["scorecard"][0]["manipulable?"], mb["scorecard"][0]["manipulable?"]
+    assert (row["a"], row["b"]) == (ca, cb)  # each audit's cell as it wrote it; the difference is of the attack's rise
+    rise_a, rise_b = ca["value"] - ca["reference"], cb["value"] - cb["reference"]
+    assert row["relative"] == {"a": rise_a, "b": rise_b} and row["difference"] == rise_b - rise_a
+    assert set(c["stages"]) == {"attack", "smooth"} and c["stages"]["smooth"]["b"] == mb["stages"]["smooth"]["headline"]
+    assert any(f.startswith("β-smoothing in a ") for f in c["findings"]) and any(" in b " in f for f in c["findings"])
+    html = (tmp_path / "cmp" / "report.html").read_text()
+    assert 'href="../a/report.html"' in html and 'href="../b/report.html"' in html
+    assert ma["model"]["fingerprint"] in html and mb["model"]["fingerprint"] in html
+    # other data or budget: said at the top
+    shutil.copytree(tmp_path / "b", tmp_path / "b2")
+    mb["config"]["budget"], mb["data"]["fingerprint"] = "standard", "0" * 16
+    (tmp_path / "b2" / "metrics.json").write_text(json.dumps(mb))
+    warned = compare(tmp_path / "a", tmp_path / "b2", tmp_path / "cmp2").warnings
+    assert any("budget" in w for w in warned) and any("different data" in w for w in warned)
+    # anything but a finished audit is refused in one line, before anything is written
+    (tmp_path / "unfinished").mkdir()
+    for bad, needle in ((tmp_path / "a" / "attack", "from manifex attack"), (tmp_path / "nope", "not a folder"),
+                        (tmp_path / "unfinished", "no readable metrics.json")):
+        res = CliRunner().invoke(main, ["audit", "--compare", str(tmp_path / "a"), str(bad), "--out", str(tmp_path / "c3")])
+        assert res.exit_code == 2 and needle in res.output and "audit B" in res.output, res.output
+        assert len([line for line in res.output.splitlines() if line.strip()]) == 1
+    assert not (tmp_path / "c3").exists()
+    res = CliRunner().invoke(main, ["audit", "--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "a")])
+    assert res.exit_code == 2 and "is audit A itself" in res.output, res.output
+    res = CliRunner().invoke(main, ["audit", "--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--budget", "standard"])
+    assert res.exit_code == 2 and "--budget" in res.output and "--compare" in res.output, res.output
+
+
+def test_compare_scorecard_difference_of_faithfulness_is_relative_to_the_no_effect_auc():
+    """Two models of different confidence: the raw deletion AUCs are not comparable, their ratios to the no-effect AUC
+    (the target probability before deletion) are; the other questions compare the cell's number."""
+    from manifex.audit.compare import _scorecard
+
+    def audit_metrics(auc, p0, ratio):
+        cells = {"faithful?": {"verdict": "best", "value": auc, "reference": auc, "text": ""},
+                 "aligned?": {"verdict": "yes", "value": ratio, "reference": 1.0, "text": ""}}
+        return {"scorecard": [{"method": "gradient", **cells}],
+                "stages": {"evaluate": {"status": "done", "headline": {"start_probability": {"gradient": p0}}}}}
+
+    rows = {r["question"]: r for r in _scorecard(audit_metrics(0.4, 0.8, 1.5), audit_metrics(0.15, 0.2, 2.0))}
+    assert rows["faithful?"]["compared"] == "AUC ÷ no-effect AUC"
+    assert rows["faithful?"]["relative"] == {"a": 0.4 / 0.8, "b": 0.15 / 0.2}
+    assert rows["faithful?"]["difference"] == 0.15 / 0.2 - 0.4 / 0.8 > 0  # B is less faithful, though its raw AUC is lower
+    assert rows["aligned?"]["difference"] == 2.0 - 1.5 and rows["aligned?"]["compared"] == "value"
+    no_p0 = audit_metrics(0.15, 0.2, 2.0)
+    del no_p0["stages"]["evaluate"]
+    assert {r["question"]: r for r in _scorecard(audit_metrics(0.4, 0.8, 1.5), no_p0)}["faithful?"]["difference"] is None

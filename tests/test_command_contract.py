@@ -31,6 +31,8 @@ COMMANDS = {
     "evaluate": (["--dataset", "digits8", "--epochs", "1", "--n", "4", "--methods", "gradient", "--metrics",
                   "TangentAlignment,ManifoldDeletion", "--vae-epochs", "1", "--curve-steps", "3", "--infill-steps", "5"],
                  ["--curve-steps", "4"]),
+    # the audit's fast stages only (every stage runs end to end in tests/test_audit.py); a budget change is refused
+    "audit": (["--dataset", "digits8", "--epochs", "1", "--budget", "quick", "--stages", "attack"], ["--budget", "standard"]),
 }
 #: a mistake only the command can find, refused before anything is trained (exit 2, one line naming it)
 MISTAKES = {
@@ -41,6 +43,7 @@ MISTAKES = {
     "concepts": (["--layer", "nope"], "nope"),
     "contrast": (["--layer", "nope"], "nope"),
     "evaluate": (["--methods", "nope"], "nope"),
+    "audit": (["--stages", "attack,nope"], "nope"),
 }
 #: the layer of the user's network below, for the commands that read one
 USER_LAYER = {"concepts": ["--layer", "features.1", "--pool", "4"], "contrast": ["--layer", "features.1"]}
@@ -228,7 +231,8 @@ def _kill_after_first_unit(args, out, env):
 
 #: commands whose tiny run has several units (a kill can fall between two)
 KILLABLE = {"concepts": [], "counterfactual": ["--batch-size", "1"], "attack": ["--batch-size", "1"],
-            "contrast": ["--class-pairs", "0:1,2:3"], "evaluate": ["--methods", "gradient,input_x_gradient"]}
+            "contrast": ["--class-pairs", "0:1,2:3"], "evaluate": ["--methods", "gradient,input_x_gradient"],
+            "audit": ["--stages", "attack,smooth"]}
 
 
 @pytest.mark.slow
@@ -252,7 +256,10 @@ def test_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path, comma
     _kill_after_first_unit([*full, "--out", str(out)], out, env)
     again = CliRunner().invoke(main, [*full, "--out", str(out)])
     assert again.exit_code == 0, again.output
-    for f in sorted((tmp_path / "clean").glob("results*.jsonl")):
-        ids = [r["id"] for r in read_jsonl(out / f.name)]
+    clean_files = sorted((tmp_path / "clean").rglob("results*.jsonl"))  # the audit keeps them in its stage folders
+    assert clean_files
+    for f in clean_files:
+        name = f.relative_to(tmp_path / "clean")
+        ids = [r["id"] for r in read_jsonl(out / name)]
         assert len(ids) == len(set(ids)), f"duplicated units in {f.name}: {ids}"
         assert sorted(ids) == sorted(r["id"] for r in read_jsonl(f))

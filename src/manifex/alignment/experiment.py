@@ -145,8 +145,8 @@ class AlignExperiment(Experiment):
         from ..attribution import canonical_method, make_explainer
         from ..errors import check_pixel_range
         from ..geometry import TangentSpace, random_baseline, tangent_space
-        from ..models import AdversarialConfig, ModelCache, TrainConfig, accuracy, get_classifier, state_fingerprint
-        from .pipeline import _one_per_class_first
+        from ..models import accuracy, state_fingerprint
+        from .pipeline import _one_per_class_first, robust_classifier
 
         cfg, train, test, d = run.config, run.train, run.test, self._derived
         models, model_info = d["models"], d["model_info"]
@@ -154,10 +154,8 @@ class AlignExperiment(Experiment):
         # an explainer's options (steps, sigma, ...) change its records: a changed default is refused on resume
         run.folder.claim("explainers", {m: repr(make_explainer(run.model, m)) for m in methods})
         if cfg.robust:  # the l2-robust model: a PGD-l2 fine-tune of the standard one (cached)
-            adv = AdversarialConfig(epsilons=tuple(cfg.robust_epsilons), steps=cfg.robust_steps)
-            rob_train = TrainConfig(epochs=cfg.robust_epochs, seed=cfg.seed, adversarial=adv)
-            models["robust"], info = get_classifier(train, cfg.classifier, rob_train, cache=ModelCache(run.cache_dir),
-                                                    init=models["standard"], device=run.device, progress=run.progress)
+            models["robust"], info = robust_classifier(train, models["standard"], cfg, cache_dir=run.cache_dir,
+                                                       device=run.device, progress=run.progress)
             model_info["robust"] = {"classifier": f"{run.model_info.name} (l2-robust fine-tune)",
                                     "accuracy": accuracy(models["robust"], test), **info}
 
@@ -207,6 +205,7 @@ class AlignExperiment(Experiment):
 
     def summarize(self, run: Run, context: dict[str, Any]) -> dict[str, Any]:
         from ..geometry import alignment, decompose, random_baseline, tangent_mass
+        from ..models import state_fingerprint
         from .pipeline import _findings, _seed_applies, _seed_comparison, _summary, load_chunks
         from .result import SEED_REFERENCE
 
@@ -251,8 +250,10 @@ class AlignExperiment(Experiment):
                         "image_shape": list(x.shape[1:])},
             "generative": {"arch": "vae" if _known(cfg) else cfg.generative, "latent_dim": cfg.latent_dim,
                            "train_seconds": ginfo.get("train_seconds"), "cached": ginfo.get("cached")},
+            # each model's weights fingerprint: what a run on another command (manifex audit --training l2) matches
             "models": {m: {"classifier": i["classifier"], "accuracy": i["accuracy"], "train_seconds": i.get("train_seconds"),
-                           "cached": i.get("cached"), "epochs": len(i.get("history", []))}
+                           "cached": i.get("cached"), "epochs": len(i.get("history", [])),
+                           "fingerprint": state_fingerprint(context["models"][m])}
                        for m, i in context["model_info"].items()},
             "model": run.model_info.to_dict() if run.model_info is not None else None,
             "scores": score_summary,

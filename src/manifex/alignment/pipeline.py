@@ -25,7 +25,7 @@ from ..models.known_manifold import KnownManifoldConfig, make_known_manifold
 from ..runs import Unit, atomic_torch_save, safe_torch_load, unit_dir
 from .result import SEED_REFERENCE
 
-__all__ = ["AlignConfig", "DEFAULT_METHODS", "prepare_data", "attribute_chunks", "load_chunks"]
+__all__ = ["AlignConfig", "DEFAULT_METHODS", "prepare_data", "robust_classifier", "attribute_chunks", "load_chunks"]
 
 #: The attribution methods ``manifex align`` scores when ``--methods`` is not given (the five of the research;
 #: random vectors are scored beside them as the baseline).
@@ -97,6 +97,20 @@ def prepare_data(cfg: AlignConfig, real, cache: ModelCache, progress: bool, devi
         test.z = torch.cat([generative.encode(test.x[i : i + 256].to(device)).cpu() for i in range(0, len(test), 256)])
     info = {"name": cfg.dataset, "manifold": f"estimated by a {arch} (tangent space = decoder Jacobian at the encoding)"}
     return train, test, generative, info, ginfo
+
+
+def robust_classifier(train, standard: torch.nn.Module, cfg: AlignConfig, *, cache_dir=None, device: str = "cpu",
+                      progress: bool = True):
+    """The l2-robust classifier of an align run: ``standard`` (the built-in ``cfg.classifier`` trained on ``train``)
+    fine-tuned with PGD-l2 for ``cfg.robust_epochs`` epochs (ε drawn per example from ``cfg.robust_epsilons``,
+    ``cfg.robust_steps`` steps), cached like every trained model. Returns ``(model, info)`` as
+    :func:`manifex.models.get_classifier`. The one definition of "align's robust model" (``manifex audit --training
+    l2`` audits exactly this model)."""
+    from ..models import AdversarialConfig, TrainConfig, get_classifier
+
+    adv = AdversarialConfig(epsilons=tuple(cfg.robust_epsilons), steps=cfg.robust_steps)
+    return get_classifier(train, cfg.classifier, TrainConfig(epochs=cfg.robust_epochs, seed=cfg.seed, adversarial=adv),
+                          cache=ModelCache(cache_dir), init=standard, device=device, progress=progress)
 
 
 def _summary(s: torch.Tensor) -> dict:

@@ -35,8 +35,15 @@ class AuditConfig:
     budget: str = setting("quick", "Sample counts and steps of every stage: quick (a smoke run, minutes on 2 CPU cores "
                           "on digits8), standard (numbers worth reading), thorough (each system's research settings).",
                           choices=BUDGETS)
+    training: str = setting("standard", "The audited classifier (built-in only): standard, or l2 = the l2-robust model "
+                            "of `manifex align` (the standard one fine-tuned with PGD-l2 at align's default radii and "
+                            "steps; the same cached model align scores with the same --dataset, --classifier and --epochs).",
+                            choices=("standard", "l2"))
+    # not a result setting: a stage's records do not depend on which other stages run, so a later call with other
+    # --stages resumes the same audit folder and adds (or re-reads) stages instead of being refused
     stages: tuple[str, ...] | None = setting(None, f"Only these stages, e.g. evaluate,concepts (default: all of "
-                                             f"{','.join(STAGES)}).", parse="csv")
+                                             f"{','.join(STAGES)}); stages of an earlier call with the same settings "
+                                             "stay in the report.", parse="csv", result=False)
     seed: int = setting(0, "Seed of the data split, training and sampling.", cli=False)
     device: str = setting("cpu", "torch device.", result=False, cli=False)
 

@@ -39,15 +39,26 @@ def write_audit_report(out: Path, metrics: dict[str, Any], *, command: str | Non
     stages = []
     for name, s in metrics["stages"].items():
         stages.append({"name": name, "title": STAGE_TITLES[name], "status": s["status"], "reason": s.get("reason"),
-                       "report": s.get("report"), "seconds": s.get("seconds"), "what": _WHAT[name],
+                       "report": s.get("report"), "seconds": s.get("seconds"), "earlier": s.get("earlier", False),
+                       "what": _WHAT[name],
                        "numbers": stage_numbers(name, s.get("headline", {})) if s["status"] == "done" else []})
-    model = {k: v for k, v in (metrics.get("model") or {}).items() if k != "checks" and v is not None}
+    model = {k: _shown(v) for k, v in (metrics.get("model") or {}).items() if k != "checks" and v is not None}
     cfg = metrics["config"]
     failed = [c[len("FAILED: "):] for c in metrics["checks"] if c.startswith("FAILED: ") and "skipped" not in c]
     return render("audit.html.j2", Path(out) / "report.html", title="manifex · audit",
                   headline="Can I trust this model's explanations, and which ones?",
                   subtitle=f"{model.get('name', cfg['classifier'])} on {cfg['dataset']} · budget {cfg['budget']} · "
-                           f"{sum(s['status'] == 'done' for s in stages)} of {len(stages)} stages run",
+                           f"{sum(s['status'] == 'done' for s in stages)} of {len(stages)} stages run"
+                           + (f" ({sum(s['earlier'] for s in stages)} from an earlier call)" if any(s["earlier"] for s in stages)
+                              else ""),
                   findings=[metrics["recommendation"]] if metrics["recommendation"] else [], questions=QUESTIONS,
                   scorecard=metrics["scorecard"], recommendation=metrics["recommendation"] or "none (no stage measured it)",
-                  stages=stages, checks=metrics["checks"], warnings=failed, options=cfg, model=model, command=command)
+                  stages=stages, checks=metrics["checks"], warnings=failed, options={k: _shown(v) for k, v in cfg.items()},
+                  model=model, command=command)
+
+
+def _shown(v: Any) -> Any:
+    """A settings value as a reader wants it: lists joined, floats to 4 significant digits."""
+    if isinstance(v, (list, tuple)):
+        return ", ".join(map(str, v))
+    return f"{v:.4g}" if isinstance(v, float) else v

@@ -1,6 +1,8 @@
 """`manifex audit`: one model through every system (explanations, manipulation, counterfactuals, concepts), one report."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ..audit.plan import AuditConfig
@@ -10,6 +12,9 @@ from .generate import config_from_params, config_options, run_params
 
 
 @main.command()
+@click.option("--compare", "compare", nargs=2, type=click.Path(file_okay=False, path_type=Path), default=None,
+              metavar="RUN_A RUN_B", help="Compare two finished audits (their --out folders) side by side instead of "
+              "running one: writes report.html and compare.json to --out (default runs/audit-compare); trains nothing.")
 @config_options(AuditConfig)
 @classifier_options
 @run_options("runs/audit", resume_help="Keep every stage's finished units in --out/<stage> (a changed setting or model "
@@ -30,16 +35,26 @@ def audit(**params) -> None:
     of at least 2x2, found on the model) and contrast (one class pair).
     Writes report.html (scorecard, recommendation, one section per stage)
     and metrics.json (every stage's headline numbers under one schema).
+    --out/experiment.json guards the audit: a re-run with other settings or
+    another model is refused; --stages may change between calls (the
+    report keeps the stages of earlier calls with the same settings).
 
     \b
     Examples:
       manifex audit --dataset digits8 --budget quick       # a smoke run in minutes
       manifex audit --dataset mnist5k --budget standard
       manifex audit --model mynet.py:build --weights w.pt --stages evaluate,attack
+      manifex audit --training l2 --out runs/audit-l2     # align's l2-robust model
+      manifex audit --compare runs/audit runs/audit-l2    # side by side
     """
     from ..audit import audit as run_audit
     from ..errors import speaking_flags
     from ..experiment.config import config_flags
+
+    pair = params.pop("compare")
+    if pair is not None:
+        _compare(pair, params)
+        return
 
     config = config_from_params(AuditConfig, params)
     run = run_params(params)
@@ -47,7 +62,30 @@ def audit(**params) -> None:
     quiet = run.pop("quiet", False)
     with speaking_flags(config_flags(AuditConfig)):
         result = run_audit(config, run.pop("out_dir"), executor=executor, progress=not quiet, command=command_line(), **run)
+    if result.moved_to is not None:
+        click.echo(f"  the earlier audit was moved aside to {result.moved_to}")
     for name, why in result.skipped.items():
         click.secho(f"  skipped {name}: {why}", fg="yellow", err=True)
     click.echo(f"  {result.recommendation}")
+    click.echo(f"report: {result.report}")
+
+
+def _compare(pair: tuple[Path, Path], params: dict) -> None:
+    """``--compare A B``: only --out (and --quiet) go with it; an option of a new audit given beside it is refused."""
+    from ..audit import compare
+
+    ctx = click.get_current_context()
+    given = [p for p in ctx.command.params if p.name not in ("compare", "out_dir", "quiet")
+             and ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE]
+    if given:
+        raise click.UsageError(f"--compare reads two finished audits; {given[0].opts[0]} is an option of a new audit: "
+                               "drop it (only --out goes with --compare).")
+    out = params["out_dir"]
+    if ctx.get_parameter_source("out_dir") is not click.core.ParameterSource.COMMANDLINE:
+        out = Path("runs/audit-compare")
+    result = compare(pair[0], pair[1], out, command=command_line())
+    for w in result.warnings:
+        click.secho(f"  warning: {w}", fg="yellow", err=True)
+    for line in result.findings:
+        click.echo(f"  {line}")
     click.echo(f"report: {result.report}")
