@@ -18,7 +18,7 @@ the command writes.
 # ---------------------------------
 # The defaults of ``manifex align`` (6,000 generated training images, 10 classifier epochs, 300 test images)
 # take about five minutes on 2 CPU cores; here the data are scikit-learn's 8×8 digits and every size is small.
-# The VAE is the one of :ref:`sphx_glr_auto_examples_plot_tangent_space_alignment.py` (same data and settings, so it comes from
+# The VAE is the one of :ref:`sphx_glr_auto_examples_plot_02_tangent_space_alignment.py` (same data and settings, so it comes from
 # the cache).
 import matplotlib.pyplot as plt
 import torch

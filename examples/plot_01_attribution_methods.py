@@ -90,4 +90,4 @@ plt.show()
 # ``manifex methods`` lists all seventeen methods. Each is checked against Captum 0.9 to 1e-5 and timed against
 # it by ``benchmarks/bench_attribution.py`` (parity: 0.88–1.21 × Captum's time on 2 CPU cores). How well each
 # map lies on the data manifold is the subject of
-# :ref:`sphx_glr_auto_examples_plot_tangent_space_alignment.py`.
+# :ref:`sphx_glr_auto_examples_plot_02_tangent_space_alignment.py`.

@@ -102,7 +102,7 @@ plt.show()
 # What a full-size run shows
 # --------------------------
 # ``manifex align`` (``make demo``) does this on a dataset sampled from the VAE
-# (:ref:`sphx_glr_auto_examples_plot_known_manifold.py`), with a LeNet trained for 10 epochs and an l2-robust
+# (:ref:`sphx_glr_auto_examples_plot_03_known_manifold.py`), with a LeNet trained for 10 epochs and an l2-robust
 # one, on 300 MNIST images (32×32, so d = 1,024 and the baseline is 0.0964 instead of the 8×8 digits' much
 # larger one): every method lies 6.5–8.3 × above the random baseline, and robust training raises the
 # gradient's alignment from about 0.68 to 0.80 (README, "Reproduction"). A model trained for seconds, as
