@@ -74,28 +74,29 @@ for name, s in scores.items():
 # manifold). Bottom row: the gradient, its tangent part :math:`P_T E` and its orthogonal part, from
 # :func:`manifex.decompose`, on one colour scale.
 tangent_part, orthogonal_part = manifex.decompose(E["gradient"], T)
-fig, axes = plt.subplots(2, 6, figsize=(12, 4.4), layout="constrained")
-axes[0, 0].imshow(x[0, 0], cmap="gray", vmin=0, vmax=1)
-axes[0, 0].set_title("decoded image", fontsize=9)
+fig = plt.figure(figsize=(12, 4.6), layout="constrained")
+grid = fig.add_gridspec(2, 6)
+top = [fig.add_subplot(grid[0, j]) for j in range(6)]
+top[0].imshow(x[0, 0], cmap="gray", vmin=0, vmax=1)
+top[0].set_title("decoded image", fontsize=9)
 for j in range(5):
-    axes[0, j + 1].imshow(signed_heatmap(T.basis[0, j]), cmap="bwr", vmin=-1, vmax=1)
-    axes[0, j + 1].set_title(f"tangent direction {j + 1}\nσ = {float(T.singular_values[0, j]):.2f}", fontsize=9)
+    top[j + 1].imshow(signed_heatmap(T.basis[0, j]), cmap="bwr", vmin=-1, vmax=1)
+    top[j + 1].set_title(f"tangent direction {j + 1}\nσ = {float(T.singular_values[0, j]):.2f}", fontsize=9)
 scale = float(E["gradient"][0].abs().quantile(0.995))
 row = [("gradient E", E["gradient"][0]), ("tangent part", tangent_part[0]), ("orthogonal part", orthogonal_part[0])]
-for j, (title, m) in enumerate(row):
-    axes[1, j].imshow(signed_heatmap(m, scale=scale), cmap="bwr", vmin=-1, vmax=1)
-    axes[1, j].set_title(title, fontsize=9)
-ax = fig.add_subplot(2, 2, 4)
+bottom = [fig.add_subplot(grid[1, j]) for j in range(3)]
+for ax, (title, m) in zip(bottom, row):
+    ax.imshow(signed_heatmap(m, scale=scale), cmap="bwr", vmin=-1, vmax=1)
+    ax.set_title(title, fontsize=9)
+for ax in top + bottom:
+    ax.set_xticks([])
+    ax.set_yticks([])
+ax = fig.add_subplot(grid[1, 3:])
 ax.boxplot([s.numpy() for s in scores.values()], showfliers=False)
-ax.set_xticks(range(1, len(scores) + 1), [n.replace("_", "\n") for n in scores], fontsize=7)
+ax.set_xticks(range(1, len(scores) + 1), [n.replace("_", " ") for n in scores], fontsize=7)
 ax.axhline(baseline, color="k", ls="--", lw=1, label=f"random baseline {baseline:.3f}")
 ax.set_ylabel("‖P_T E‖ / ‖E‖", fontsize=8)
 ax.legend(fontsize=7)
-for a in axes.ravel():
-    a.set_xticks([])
-    a.set_yticks([])
-for a in axes[1, 3:]:
-    a.set_visible(False)
 plt.show()
 
 # %%

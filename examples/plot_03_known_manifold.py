@@ -16,10 +16,10 @@ the command writes.
 # %%
 # The experiment, shrunk to seconds
 # ---------------------------------
-# The defaults of ``manifex align`` (6,000 generated training images, 10 classifier epochs, 300 test images)
-# take about five minutes on 2 CPU cores; here the data are scikit-learn's 8×8 digits and every size is small.
-# The VAE is the one of :ref:`sphx_glr_auto_examples_plot_02_tangent_space_alignment.py` (same data and settings, so it comes from
-# the cache).
+# The defaults of ``manifex align`` (6,000 generated training images, 10 classifier epochs, 300 test images) take
+# about five minutes on 2 CPU cores; here the data are scikit-learn's 8×8 digits and every size is small. The VAE is
+# the one of :ref:`sphx_glr_auto_examples_plot_02_tangent_space_alignment.py` (same data and settings, so it comes
+# from the cache).
 import matplotlib.pyplot as plt
 import torch
 
@@ -79,7 +79,7 @@ plt.show()
 # What a full-size run shows
 # --------------------------
 # With the defaults (``make demo``: 6,000 generated images, a LeNet trained for 10 epochs, a 2-epoch PGD-l2
-# fine-tune, 300 test images, ``known:mnist5k``) the README reports a gradient alignment of 0.680 for the standard and 0.799 for
-# the robust LeNet (1.17 ×), every method 6.5–8.3 × above the baseline 0.0964 and random vectors at 0.095.
-# With a few seconds of training the gap between the two models is smaller or even reversed: robust training
+# fine-tune, 300 test images, ``known:mnist5k``) the README reports a gradient alignment of 0.680 for the standard
+# and 0.799 for the robust LeNet (1.17 ×), every method 6.5–8.3 × above the baseline 0.0964 and random vectors at
+# 0.095. With a few seconds of training the gap between the two models is smaller or even reversed: robust training
 # needs its epochs to change the geometry of the gradients.
