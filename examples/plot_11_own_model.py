@@ -69,8 +69,8 @@ except manifex.InputError as error:
 # 1. Attribution and manipulation (``manifex.manipulate``)
 # --------------------------------------------------------
 E = manifex.explain(net, x, y, method="integrated_gradients", output="logits")
-other = test.x[test.y != y[0]][:4]
-target_map = manifex.explain(net, other, method="gradient", output="logits")
+others = (test.y != y[0]).nonzero().flatten()[:4]
+target_map = manifex.explain(net, test.x[others], test.y[others], method="gradient", output="logits")
 attack = manifex.manipulate(net, "gradient", x, target_map, beta_growth=(10.0, 100.0), iterations=100, lr=1e-3,
                             output="logits")
 print(f"manipulate: PCC with the target map {float(pearson(attack.original_map, attack.target_map).mean()):.2f} -> "
@@ -102,7 +102,10 @@ fig, axes = plt.subplots(2, 4, figsize=(9, 4.6), layout="constrained")
 titles = ["image", "IG (output='logits')", "manipulated map", "target map"]
 panels = [x[0, 0], signed_heatmap(E[0]), attack.manipulated_map[0], attack.target_map[0]]
 for ax, title, panel in zip(axes[0], titles, panels):
-    ax.imshow(panel, cmap="gray" if title == "image" else ("bwr" if "IG" in title else "magma"))
+    if "IG" in title:  # a signed map in [-1, 1], white at 0
+        ax.imshow(panel, cmap="bwr", vmin=-1, vmax=1)
+    else:
+        ax.imshow(panel, cmap="gray" if title == "image" else "magma")
     ax.set_title(title, fontsize=9)
 for k, ax in enumerate(axes[1]):
     ax.imshow(cf.x_cf[k, 0], cmap="gray", vmin=0, vmax=1)

@@ -18,7 +18,7 @@ manifold metrics and says so. See :doc:`/guide/evaluation`.
 # %%
 # Model, generator and images
 # ---------------------------
-# The LeNet (3 epochs) and the VAE (30 epochs) on scikit-learn's 8×8 digits, both cached; 16 test images.
+# The LeNet (3 epochs) and the VAE (30 epochs) on scikit-learn's 8×8 digits, both cached; 8 test images.
 import importlib.util
 
 import matplotlib.pyplot as plt
@@ -36,7 +36,7 @@ data = load_digits8()
 train, test = data.split(0.2, seed=0)
 model, _ = get_classifier(train, "lenet", TrainConfig(epochs=3), cache=cache, progress=False)
 vae, _ = get_generative(data, "vae", 10, GenerativeTrainConfig(epochs=30), cache=cache, progress=False)
-x, y = test.x[:16], test.y[:16]
+x, y = test.x[:8], test.y[:8]
 
 metrics = ["TangentAlignment", "ManifoldDeletion"]
 if importlib.util.find_spec("quantus") is not None:
@@ -73,13 +73,14 @@ ranks = np.empty_like(values)
 for j, n in enumerate(names):
     order = np.argsort(-values[:, j] if better[n] else values[:, j])
     ranks[order, j] = np.arange(1, len(methods) + 1)
-fig, ax = plt.subplots(figsize=(1.3 * len(names) + 3, 3.6), layout="constrained")
-ax.imshow(ranks, cmap="viridis_r")
+fig, ax = plt.subplots(figsize=(1.5 * len(names) + 2.5, 3.8), layout="constrained")
+ax.imshow(ranks, cmap="viridis", aspect="auto")  # rank 1 (best) darkest
 for i in range(len(methods)):
     for j in range(len(names)):
         ax.text(j, i, f"{values[i, j]:.3g}", ha="center", va="center", fontsize=8,
-                color="white" if ranks[i, j] > len(methods) / 2 else "black")
-ax.set_xticks(range(len(names)), [f"{n}\n({'↑' if better[n] else '↓'})" for n in names], fontsize=8)
+                color="white" if ranks[i, j] <= len(methods) / 2 else "black")
+ax.set_xticks(range(len(names)), [f"{n} {'↑' if better[n] else '↓'}" for n in names], fontsize=8, rotation=20,
+              ha="right")
 ax.set_yticks(range(len(methods)), methods, fontsize=8)
 ax.set_title("score per method and metric (colour: rank, dark = best)", fontsize=9)
 plt.show()
