@@ -92,7 +92,8 @@ print(f"counterfactual: p(9) reached {[round(float(p), 3) for p in cf.p_target]}
 # The layer is named as in your model: ``features.3`` is the second ReLU, 32 channels on the 8×8 grid.
 basis = manifex.class_concepts(net, test, "features.3", classes=[0, 1], n_components=3, images_per_class=20,
                                relevance_options={"n_samples": 2}, output="logits")
-print(f"class_concepts: {tuple(basis.vectors.shape)}, NMF relative errors {basis.relative_error.tolist()}")
+print(f"class_concepts: {tuple(basis.vectors.shape)}, NMF relative errors "
+      f"{[round(e, 3) for e in basis.relative_error.tolist()]}")
 print(f"weights unchanged after all calls: {state_fingerprint(net) == fingerprint}; eval mode kept: {not net.training}")
 
 # %%
