@@ -356,7 +356,7 @@ def test_scorecard_has_a_sanity_row_and_a_manipulable_row_per_method():
     assert rows["b"]["manipulable?"]["reference"] == 0.3
     text = recommendation(list(rows.values()), stages)
     assert "can be manipulated at L∞ 8/255" in text and "a (0.20 → 0.30)" in text and "could not" in text and "b (0.30" in text
-    assert "b fails the randomisation sanity check: its maps" in text
+    assert "The randomisation sanity check fails for b: its maps" in text
     del ev["methods"]["a"]["MPRT"], ev["methods"]["b"]["MPRT"]
     assert {r["sanity?"]["verdict"] for r in scorecard(stages)} == {"not run"}
     assert stage_of("attack-integrated_gradients") == "attack" and stage_of("model") == "model"

@@ -248,4 +248,4 @@ def find_concept_layer(model: nn.Module, x: torch.Tensor) -> tuple[str | None, s
     same = [(n, m) for n, m, o in fired if o is last]
     containers = [n for n, m in same if any(True for _ in m.children())]
     name = max(containers, key=lambda n: n.count(".")) if containers else same[-1][0]
-    return name, f"layer {name}: the last non-negative map with a grid of at least 2x2 ({tuple(last.shape[1:])} per image)"
+    return name, f"layer {name}: the last non-negative map with a grid of at least 2x2, {tuple(last.shape[1:])} per image"

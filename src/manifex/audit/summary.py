@@ -265,7 +265,7 @@ def recommendation(rows: list[dict[str, Any]], stages: dict[str, dict[str, Any]]
             parts.append(f"Maps that could not be manipulated at L∞ 8/255: {say(cannot)}.")
     insane = [r["method"] for r in rows if _get(r, "sanity?", "verdict") == "fails"]
     if insane and not ev_failed:
-        parts.append(f"{', '.join(insane)} {'fails' if len(insane) == 1 else 'fail'} the randomisation sanity check: "
+        parts.append(f"The randomisation sanity check fails for {', '.join(insane)}: "  # a sentence never opens with a method's name
                      f"{'its' if len(insane) == 1 else 'their'} maps barely change when the model's weights are randomised.")
     sm = _get(stages, "smooth", "headline") or {}
     sweep = {s.get("beta"): s for s in sm.get("sweep", [])}
