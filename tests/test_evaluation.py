@@ -199,6 +199,27 @@ def test_pixel_flipping_is_batched_only_where_the_benchmark_shows_a_gain(batch, 
     assert calls == [1]  # a baseline manifex does not reproduce: Quantus's own
 
 
+def test_quantus_auc_metrics_run_on_numpy_without_trapz(batch):
+    """Quantus 0.6's AUC helper calls np.trapz (gone in NumPy 2.4): through evaluate, Quantus's own PixelFlipping with
+    one AUC per example and IROF run, and the AUC is the trapezoidal area of the curve Quantus returns without it."""
+    quantus = pytest.importorskip("quantus")
+    x, y = batch
+    model = tiny_resnet()
+    a = np.random.default_rng(0).random(x.shape)
+    # a baseline manifex does not reproduce, so Quantus's own PixelFlipping runs, once per curve and once per AUC
+    out = evaluate(model, x, y, a, metrics=["PixelFlipping", "IROF"], perturb_baseline="mean")
+    curves = evaluate(model, x, y, a, metrics=["PixelFlipping"], perturb_baseline="mean")["PixelFlipping"].numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auc = np.asarray(quantus.PixelFlipping(disable_warnings=True, perturb_baseline="mean", return_auc_per_sample=True)(
+            model=model, x_batch=x, y_batch=y, a_batch=a, channel_first=True))
+    # the same float32 curve integrated two ways: Quantus sums its 64 steps in float32 (area ≤ 64), so the two agree
+    # to the summation bound 64 steps × 2^-24 × 64 ≈ 2.4e-4
+    ref = ((curves[:, 1:].astype(np.float64) + curves[:, :-1]) / 2).sum(1)
+    assert auc.shape == (16,) and np.abs(auc - ref).max() <= 64 * 2.0**-24 * 64
+    assert out["IROF"].shape == (16,) and torch.isfinite(out["IROF"]).all()
+
+
 def test_evaluate_names_options_and_errors_before_work(batch, monkeypatch):
     pytest.importorskip("quantus")
     x, y = batch

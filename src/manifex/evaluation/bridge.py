@@ -34,12 +34,33 @@ QUANTUS_HINT = 'pip install "manifex[eval]"'
 
 
 def import_quantus():
-    """The ``quantus`` module, or a one-line InputError with the install command (checked before any work)."""
+    """The ``quantus`` module, or a one-line InputError with the install command (checked before any work).
+
+    Quantus 0.6's area-under-curve helper calls ``np.trapz``, which NumPy 2.4 removed, so PixelFlipping with
+    ``return_auc_per_sample``, IROF, RegionPerturbation and Selectivity fail there with an AttributeError. Where NumPy
+    lacks ``trapz``, the helper is replaced once by the same composite trapezoidal rule under its new name
+    ``np.trapezoid`` (Quantus itself is left untouched on NumPy versions that still have ``trapz``).
+    """
     try:
         import quantus
     except ImportError as e:
         raise InputError(f"this needs Quantus 0.6 (not importable here: {e}); install it with {QUANTUS_HINT}.") from None
+    _mend_quantus_auc()
     return quantus
+
+
+def _mend_quantus_auc() -> None:
+    from quantus.helpers import utils
+
+    if hasattr(np, "trapz") or getattr(utils.calculate_auc, "_manifex", False):
+        return
+
+    def calculate_auc(values, dx: int = 1, batched: bool = False):
+        """Quantus's ``calculate_auc`` with NumPy 2's ``np.trapezoid`` (the removed ``np.trapz`` under its new name)."""
+        return np.trapezoid(np.array(values), dx=dx, axis=1 if batched else -1)
+
+    calculate_auc._manifex = True  # type: ignore[attr-defined]
+    utils.calculate_auc = calculate_auc
 
 
 def to_numpy(a: Any) -> np.ndarray:
