@@ -205,18 +205,22 @@ _MISSING = object()
 
 
 def _import_target(dotted: str):
-    """The object a dotted name designates (a module, or attributes below one), or ``_MISSING``."""
+    """The object a dotted name designates (a module, or attributes and submodules below one), or ``_MISSING``.
+    The one resolver of dotted names: ``tests/test_examples.py`` checks the gallery's names with it too."""
     parts = dotted.split(".")
     for i in range(len(parts), 0, -1):
         try:
             obj = importlib.import_module(".".join(parts[:i]))
         except ImportError:
             continue
-        try:
-            for attr in parts[i:]:
-                obj = getattr(obj, attr)
-        except AttributeError:
-            return _MISSING
+        for j, attr in enumerate(parts[i:], start=i):
+            if not hasattr(obj, attr):  # a submodule its package's __init__ does not import
+                try:
+                    obj = importlib.import_module(".".join(parts[: j + 1]))
+                    continue
+                except ImportError:
+                    return _MISSING
+            obj = getattr(obj, attr)
         return obj
     return _MISSING
 

@@ -59,3 +59,16 @@ def user_model(tmp_path_factory):
         opt.step()
     torch.save(net.state_dict(), root / "w.pt")
     return f"{root / 'user_nets.py'}:build", str(root / "w.pt")
+
+
+@pytest.fixture(scope="session")
+def docs_conf():
+    """``docs/conf.py`` loaded as a module (it needs no Sphinx to import): the API reference's name lists and the one
+    resolver of dotted names, for the docs tests."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("manifex_docs_conf", Path(__file__).resolve().parents[1] / "docs" / "conf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

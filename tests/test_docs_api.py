@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 import re
 import subprocess
@@ -23,11 +22,8 @@ DOCS = ROOT / "docs"
 
 
 @pytest.fixture(scope="module")
-def conf():
-    spec = importlib.util.spec_from_file_location("manifex_docs_conf", DOCS / "conf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def conf(docs_conf):
+    return docs_conf
 
 
 def _own_docstring(obj) -> str:

@@ -26,24 +26,15 @@ def test_gallery_has_at_least_twelve_examples():
     assert len(EXAMPLES) >= 12, [p.name for p in EXAMPLES]
 
 
-def _resolve(dotted: str):
-    """The object a dotted manifex name refers to: the longest importable module prefix, then attributes."""
-    parts = dotted.split(".")
-    for cut in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:cut]))
-        except ModuleNotFoundError:
-            continue
-        for i, name in enumerate(parts[cut:], start=cut):
-            if not hasattr(obj, name):  # a submodule not imported by its package's __init__
-                try:
-                    obj = importlib.import_module(".".join(parts[: i + 1]))
-                    continue
-                except ModuleNotFoundError:
-                    raise AttributeError(f"{'.'.join(parts[:i])} has no attribute {name!r}") from None
-            obj = getattr(obj, name)
+@pytest.fixture(scope="module")
+def resolve(docs_conf):
+    """The docs' own resolver of dotted names (``docs/conf.py``), raising where a name designates nothing."""
+    def _resolve(dotted: str):
+        obj = docs_conf._import_target(dotted)
+        if obj is docs_conf._MISSING:
+            raise LookupError(f"{dotted} designates no module or attribute")
         return obj
-    raise ModuleNotFoundError(dotted)
+    return _resolve
 
 
 class _ManifexNames(ast.NodeVisitor):
@@ -130,20 +121,20 @@ def test_example_references_are_documented(path: Path):
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_example_manifex_names_exist(path: Path):
+def test_example_manifex_names_exist(path: Path, resolve):
     visitor = _ManifexNames()
     visitor.visit(ast.parse(path.read_text(encoding="utf-8")))
     assert visitor.used, f"{path.name}: uses no manifex name"
     missing = []
     for dotted, line in sorted(visitor.used.items(), key=lambda kv: kv[1]):
         try:
-            _resolve(dotted)
-        except (AttributeError, ModuleNotFoundError) as e:
+            resolve(dotted)
+        except LookupError as e:
             missing.append(f"line {line}: {dotted} ({e})")
     assert not missing, f"{path.name}: " + "; ".join(missing)
     wrong = []
     for dotted, keywords, line in visitor.calls:
-        obj = _resolve(dotted)
+        obj = resolve(dotted)
         if not callable(obj) or not keywords:
             continue
         try:
@@ -158,7 +149,7 @@ def test_example_manifex_names_exist(path: Path):
     assert not wrong, f"{path.name}: " + "; ".join(wrong)
 
 
-def test_name_check_can_fail(tmp_path: Path):
+def test_name_check_can_fail(tmp_path: Path, resolve):
     """The name check is not vacuous: a missing function, module or keyword is found."""
     bad = ("import manifex\nfrom manifex.models import get_classifier\n"
            "manifex.no_such_function(1)\nget_classifier(None, no_such_option=1)\nimport manifex.no_such_module\n")
@@ -167,9 +158,9 @@ def test_name_check_can_fail(tmp_path: Path):
     failures = []
     for dotted in visitor.used:
         try:
-            _resolve(dotted)
-        except (AttributeError, ModuleNotFoundError):
+            resolve(dotted)
+        except LookupError:
             failures.append(dotted)
     assert sorted(failures) == ["manifex.no_such_function", "manifex.no_such_module"]
     (dotted, keywords, _), = [c for c in visitor.calls if c[0].endswith("get_classifier")]
-    assert "no_such_option" not in inspect.signature(_resolve(dotted)).parameters and keywords == ["no_such_option"]
+    assert "no_such_option" not in inspect.signature(resolve(dotted)).parameters and keywords == ["no_such_option"]
