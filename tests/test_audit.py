@@ -12,7 +12,7 @@ from torch import nn
 from manifex.audit import STAGES, AuditConfig, audit, find_concept_layer
 from manifex.audit.stages import (ECE_BINS, ManifoldConfig, ManifoldExperiment, ModelConfig, ModelExperiment,
                                   attackable_methods, calibration, model_checks)
-from manifex.audit.summary import (MANIPULATION_GAIN, MPRT_LIMIT, recommendation, scorecard, stage_headline,
+from manifex.audit.summary import (MANIPULATION_GAIN, MPRT_LIMIT, WEAK_R2, recommendation, scorecard, stage_headline,
                                    stage_of)
 from manifex.cli import main
 from manifex.errors import InputError
@@ -372,6 +372,12 @@ def test_verdicts_resting_on_a_vae_that_learnt_nothing_are_withheld_and_the_mode
     text = recommendation([row], good)
     assert text.startswith("The model's held-out accuracy is 0.900 (chance 0.100); its calibration error is 0.050 "
                            "(overconfident: mean confidence 0.950).")
+    # a VAE that learnt little (R² 0.15 < WEAK_R2): the verdicts stay, their texts and the recommendation say so
+    assert "explains only 15%" in row["aligned?"]["text"] and "explains only 15%" in row["faithful?"]["text"]
+    assert "read with care: the VAE it rests on explains only 15%" in text and "most faithful" in text
+    fine = {**good, "manifold": {"headline": {"generators": {"vae": {"r2": WEAK_R2 + 0.1}}}}}
+    fine_row = scorecard(fine)[0]
+    assert "read with care" not in fine_row["aligned?"]["text"] and "read with care" not in recommendation([fine_row], fine)
     bad = {**good, "manifold": {"headline": {"generators": {"vae": {"r2": -0.16}}}}}
     row = scorecard(bad)[0]
     assert row["aligned?"]["verdict"] == row["faithful?"]["verdict"] == "withheld"

@@ -11,7 +11,8 @@ Scorecard rules (each verdict is shown with its number and its reference):
   and of the model with every layer randomised (reference 0: the maps depend on the weights); "passes" below
   :data:`MPRT_LIMIT`. Not run (said so) without Quantus.
 - aligned? and faithful? are "withheld" (numbers kept) when the manifold stage finds the VAE they rest on
-  reconstructs held-out images no better than their mean image (R² ≤ 0).
+  reconstructs held-out images no better than their mean image (R² ≤ 0); kept but marked "read with care" in their
+  texts and the recommendation while R² < :data:`WEAK_R2`.
 - robust?  Quantus' max-sensitivity (where the evaluation ran it; lower = better), against the best method's.
 - manipulable?  the attack at L∞ 8/255: Pearson correlation of the manipulated map with the target map against the
   original map's correlation with it (the reference); "yes" when the attack raised it by at least
@@ -24,7 +25,7 @@ import math
 from typing import Any
 
 __all__ = ["headline", "stage_headline", "stage_of", "scorecard", "recommendation", "MANIPULATION_GAIN", "MPRT_LIMIT",
-           "STAGE_TITLES"]
+           "WEAK_R2", "STAGE_TITLES"]
 
 #: The least rise of the map's PCC with the target map that counts as a successful manipulation (the attack
 #: literature reports rises of 0.3-0.9 at 8/255 on ImageNet; 0.1 is a deliberately low bar for a smoke budget).
@@ -163,12 +164,17 @@ def scorecard(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                                 "reference": best_v,
                                 "text": f"on-manifold deletion AUC {auc:.3f} (best: {best_k} {best_v:.3f}; "
                                         f"no effect ≈ {_f(p0, 3)}; lower = more faithful)"}
-    why = generator_withheld(stages)
+    why, weak = generator_withheld(stages), generator_weak(stages)
     if why:  # the alignment and the in-filled deletion rest on the VAE: their verdicts are withheld, numbers kept
         for row in rows.values():
             for q in ("aligned?", "faithful?"):
                 if q in row:
                     row[q] = {**row[q], "verdict": "withheld", "text": f"{row[q]['text']}; {why}"}
+    elif weak:  # kept, but the text says what they rest on
+        for row in rows.values():
+            for q in ("aligned?", "faithful?"):
+                if q in row:
+                    row[q] = {**row[q], "text": f"{row[q]['text']}; {weak}"}
     sens = sorted((_num(v.get("MaxSensitivity")), k) for k, v in methods.items() if _num(v.get("MaxSensitivity")) is not None)
     for rank, (v, meth) in enumerate(sens, 1):
         rows[meth]["robust?"] = {"verdict": "most robust" if rank == 1 else f"rank {rank} of {len(sens)}", "value": v,
@@ -209,6 +215,19 @@ def generator_withheld(stages: dict[str, dict[str, Any]]) -> str | None:
     return f"withheld: the VAE it rests on reconstructs held-out images no better than their mean image (R² {r2:.2f})"
 
 
+#: Below this R² (of the VAE's held-out reconstructions against their mean image) the alignment and in-filled deletion
+#: verdicts are kept but flagged: the manifold estimate they rest on explains less than half of the images' variance.
+WEAK_R2 = 0.5
+
+
+def generator_weak(stages: dict[str, dict[str, Any]]) -> str | None:
+    """A caution for verdicts that rest on a VAE that learnt something but little (0 < R² < ``WEAK_R2``); else None."""
+    r2 = _num(_get(stages, "manifold", "headline", "generators", "vae", "r2"))
+    if r2 is None or r2 <= 0 or r2 >= WEAK_R2:
+        return None
+    return f"read with care: the VAE it rests on explains only {r2:.0%} of the held-out images' variance around their mean"
+
+
 def _model_sentence(stages: dict[str, dict[str, Any]]) -> str | None:
     m = _get(stages, "model", "headline") or {}
     acc, chance, ece, conf = (_num(m.get(k)) for k in ("accuracy", "chance", "ece", "mean_confidence"))
@@ -233,6 +252,9 @@ def recommendation(rows: list[dict[str, Any]], stages: dict[str, dict[str, Any]]
     elif why:
         parts.append(f"Alignment and on-manifold faithfulness are {why}.")
     else:
+        if (weak := generator_weak(stages)):
+            parts.append(f"Alignment and on-manifold faithfulness: {weak} (R², manifold stage), so the verdicts below are "
+                         "only as good as that estimate of the data manifold.")
         faithful = [r for r in rows if _get(r, "faithful?", "verdict") == "best"]
         aligned = sorted((r for r in rows if "aligned?" in r), key=lambda r: -r["aligned?"]["value"])
         if faithful and aligned:
