@@ -374,10 +374,11 @@ def test_verdicts_resting_on_a_vae_that_learnt_nothing_are_withheld_and_the_mode
                            "(overconfident: mean confidence 0.950).")
     # a VAE that learnt little (R² 0.15 < WEAK_R2): the verdicts stay, their texts and the recommendation say so
     assert "explains only 15%" in row["aligned?"]["text"] and "explains only 15%" in row["faithful?"]["text"]
-    assert "read with care: the VAE it rests on explains only 15%" in text and "most faithful" in text
+    assert "Read alignment and on-manifold faithfulness with care: the VAE they rest on explains only 15%" in text
+    assert "most faithful" in text
     fine = {**good, "manifold": {"headline": {"generators": {"vae": {"r2": WEAK_R2 + 0.1}}}}}
     fine_row = scorecard(fine)[0]
-    assert "read with care" not in fine_row["aligned?"]["text"] and "read with care" not in recommendation([fine_row], fine)
+    assert "read with care" not in fine_row["aligned?"]["text"] and "with care" not in recommendation([fine_row], fine)
     bad = {**good, "manifold": {"headline": {"generators": {"vae": {"r2": -0.16}}}}}
     row = scorecard(bad)[0]
     assert row["aligned?"]["verdict"] == row["faithful?"]["verdict"] == "withheld"

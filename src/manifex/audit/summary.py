@@ -252,9 +252,10 @@ def recommendation(rows: list[dict[str, Any]], stages: dict[str, dict[str, Any]]
     elif why:
         parts.append(f"Alignment and on-manifold faithfulness are {why}.")
     else:
-        if (weak := generator_weak(stages)):
-            parts.append(f"Alignment and on-manifold faithfulness: {weak} (R², manifold stage), so the verdicts below are "
-                         "only as good as that estimate of the data manifold.")
+        if generator_weak(stages):
+            r2 = _num(_get(stages, "manifold", "headline", "generators", "vae", "r2"))
+            parts.append(f"Read alignment and on-manifold faithfulness with care: the VAE they rest on explains only "
+                         f"{r2:.0%} of the held-out images' variance around their mean (R² {r2:.2f}, manifold stage).")
         faithful = [r for r in rows if _get(r, "faithful?", "verdict") == "best"]
         aligned = sorted((r for r in rows if "aligned?" in r), key=lambda r: -r["aligned?"]["value"])
         if faithful and aligned:
