@@ -464,6 +464,9 @@ def test_training_l2_audits_exactly_the_robust_model_that_align_records(tmp_path
     for stage in ("attack", "smooth"):
         record = json.loads((out / stage / "experiment.json").read_text())
         assert record["model"]["fingerprint"] == models["robust"]["fingerprint"], stage
+        # each stage's own report and metrics name the audited model as the audit does, not "your LeNet"
+        page = (out / stage / "report.html").read_text()
+        assert "your LeNet" not in page and metrics["model"]["name"] in page, stage
     assert json.loads((out / "experiment.json").read_text())["model"]["fingerprint"] == models["robust"]["fingerprint"]
     assert "l2-robust" in (out / "report.html").read_text()
 

@@ -100,7 +100,7 @@ class AlignExperiment(Experiment):
         spec = u.spec if isinstance(user, UserModel) else user
         run.model, run.model_info = resolve_classifier(
             train, test, model=spec, weights=u.weights, normalize=u.normalize, output=u.output, device=run.device,
-            cache_dir=run.cache_dir, progress=run.progress, measure_accuracy=False)
+            cache_dir=run.cache_dir, progress=run.progress, measure_accuracy=False, name=run.model_name)
         run.checks.extend(run.model_info.checks)
 
     # -- data and models ---------------------------------------------------------------------------------------

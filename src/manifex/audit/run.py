@@ -239,7 +239,8 @@ def _audit(config: AuditConfig, names: tuple[str, ...], out: Path, *, model, dev
         try:
             results[name] = run_experiment(experiments[name], cfg, out / name, model=stage_model, resume=resume,
                                            executor=executor, progress=progress, cache_dir=cache_dir,
-                                           trust_pickle=trust_pickle, num_classes=num_classes, command=command)
+                                           trust_pickle=trust_pickle, num_classes=num_classes, command=command,
+                                           model_name=info.name)
         except ManifexError as e:  # say which stage refused (its own settings are named in the message)
             raise type(e)(f"audit stage {name}: {e}") from e
         seconds[name] = round(time.perf_counter() - start, 1)

@@ -630,7 +630,7 @@ class CounterfactualExperiment(Experiment):
         model, info = resolve_classifier(
             run.train, run.test, model=user.spec if isinstance(user, UserModel) else user, weights=u.weights,
             normalize=u.normalize, output=u.output, classifier=cfg.classifier, epochs=cfg.classifier_epochs, seed=cfg.seed,
-            device=run.device, cache_dir=run.cache_dir, progress=run.progress)
+            device=run.device, cache_dir=run.cache_dir, progress=run.progress, name=run.model_name)
         if self.classifier_name and info.source != "built-in":
             info = dataclasses.replace(info, name=self.classifier_name)
         run.model, run.model_info = model, info

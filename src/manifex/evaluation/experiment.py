@@ -244,7 +244,8 @@ class EvaluateExperiment(Experiment):
         u = user if isinstance(user, UserModel) else UserModel("")
         run.model, run.model_info = resolve_classifier(
             train, test, model=u.spec if isinstance(user, UserModel) else user, weights=u.weights, normalize=u.normalize,
-            output=u.output, device=run.device, cache_dir=run.cache_dir, progress=run.progress, measure_accuracy=False)
+            output=u.output, device=run.device, cache_dir=run.cache_dir, progress=run.progress, measure_accuracy=False,
+            name=run.model_name)
         run.checks.extend(run.model_info.checks)
 
     def derive_data(self, run: Run) -> None:

@@ -81,6 +81,8 @@ class Run:
     num_classes: int | None = None
     user_model: UserModel | nn.Module | None = None
     command: str | None = None
+    #: how reports name a model given as an nn.Module (None: "your <class name>"); pass it to resolve_classifier(name=)
+    model_name: str | None = None
     data: Any = None
     train: Any = None
     test: Any = None
@@ -171,7 +173,7 @@ class Experiment:
         run.model, run.model_info = resolve_classifier(
             run.train, run.test, model=spec, weights=u.weights, normalize=u.normalize, output=u.output,
             classifier=getattr(cfg, "classifier", "lenet"), epochs=getattr(cfg, "epochs", 3), seed=getattr(cfg, "seed", 0),
-            device=run.device, cache_dir=run.cache_dir, progress=run.progress)
+            device=run.device, cache_dir=run.cache_dir, progress=run.progress, name=run.model_name)
         run.checks.extend(run.model_info.checks)
 
     # -- the work --------------------------------------------------------------------------------------------
@@ -204,13 +206,15 @@ def run_experiment(experiment: Experiment, config: Any, out_dir: str | os.PathLi
                    model: UserModel | nn.Module | str | None = None, resume: bool = True, overwrite: bool = False,
                    executor: Executor | None = None, progress: bool = True, cache_dir: str | os.PathLike | None = None,
                    trust_pickle: bool = False, num_classes: int | None = None, device: str | None = None,
-                   command: str | None = None, write_files: bool = True) -> ExperimentResult:
+                   command: str | None = None, write_files: bool = True, model_name: str | None = None) -> ExperimentResult:
     """Run (or resume) ``experiment`` with ``config`` in ``out_dir`` (see the module docstring for the order).
 
     ``model``: None for the built-in classifier of the config, a :class:`UserModel` (or its spec string), or an
     ``nn.Module``. ``resume=False`` recomputes every unit in ``out_dir``; ``overwrite=True`` moves an existing
     folder aside first. ``executor``: where the units run (:class:`manifex.runs.RayExecutor` or local).
     ``device``: default ``config.device`` (or cpu). ``command``: the command line shown in the report.
+    ``model_name``: how the report and metrics name a model given as an ``nn.Module`` (default "your <class name>";
+    e.g. the audit's "lenet l2-robust"); a built-in or ``--model`` classifier keeps its own name.
     """
     if not isinstance(experiment, Experiment):
         raise InputError(f"experiment must be a manifex.experiment.Experiment, got {type(experiment).__name__}.")
@@ -228,15 +232,17 @@ def run_experiment(experiment: Experiment, config: Any, out_dir: str | os.PathLi
     with guard:
         return _run(experiment, config, out_dir, model=model, dev=dev, resume=resume, overwrite=overwrite, executor=executor,
                     progress=progress, cache_dir=cache_dir, trust_pickle=trust_pickle, num_classes=num_classes,
-                    command=command, write_files=write_files)
+                    command=command, write_files=write_files, model_name=model_name)
 
 
 def _run(experiment: Experiment, config: Any, out_dir, *, model, dev: str, resume: bool, overwrite: bool, executor,
-         progress: bool, cache_dir, trust_pickle: bool, num_classes, command, write_files: bool) -> ExperimentResult:
+         progress: bool, cache_dir, trust_pickle: bool, num_classes, command, write_files: bool,
+         model_name: str | None = None) -> ExperimentResult:
     check_writable_dir(out_dir, param("out_dir"), keep=False)  # ExperimentFolder creates it once the data passed
     check_writable_dir(cache_dir, param("cache_dir"))
     run = Run(config=config, folder=None, device=dev, cache_dir=cache_dir, executor=executor, progress=progress,
-              trust_pickle=trust_pickle, num_classes=num_classes, user_model=model, command=command)
+              trust_pickle=trust_pickle, num_classes=num_classes, user_model=model, command=command,
+              model_name=model_name)
     experiment.load_data(run)
     experiment.check_data(run)
     run.folder = folder = ExperimentFolder(out_dir, command=experiment.command, resume=resume, overwrite=overwrite,

@@ -157,14 +157,15 @@ def _in_model_dtype(data, net: nn.Module):
 def resolve_classifier(train, test, *, model: str | nn.Module | None = None, weights: str | os.PathLike | None = None,
                        normalize: tuple | None = None, output: str | None = None, classifier: str = "lenet",
                        epochs: int = 3, seed: int = 0, device: str = "cpu", cache_dir: str | os.PathLike | None = None,
-                       progress: bool = True, measure_accuracy: bool = True) -> tuple[nn.Module, ModelInfo]:
+                       progress: bool = True, measure_accuracy: bool = True,
+                       name: str | None = None) -> tuple[nn.Module, ModelInfo]:
     """The classifier under test, checked once on one test batch; returns ``(model, ModelInfo)``.
 
     ``model``: None for the built-in ``classifier`` (trained on ``train`` for ``epochs``, or reused from the cache),
     a spec string for the user's own model (:func:`manifex.models.user.load_model`; ``weights`` a state dict,
     ``output`` which part of a tuple/dict output holds the logits, ``normalize`` = (mean, std) applied inside a
-    wrapper so pixels stay in [0, 1]), or an ``nn.Module``. A user model is checked BEFORE any work; the built-in
-    one after its training. ``ModelInfo.checks`` lists what was verified, for the report's checks box.
+    wrapper so pixels stay in [0, 1]), or an ``nn.Module`` (named ``name`` in reports, default "your <class name>").
+    A user model is checked BEFORE any work; the built-in one after its training. ``ModelInfo.checks`` lists what was verified, for the report's checks box.
     """
     from .cache import ModelCache, state_fingerprint
     from .training import TrainConfig, accuracy
@@ -191,8 +192,8 @@ def resolve_classifier(train, test, *, model: str | nn.Module | None = None, wei
         elif isinstance(model, nn.Module):
             if weights is not None:
                 raise InputError("weights go with a model spec (MODULE:FACTORY); load them into your nn.Module yourself.")
-            net, name, source = model, f"your {type(model).__name__}", "python"
-            shown = name
+            net, source = model, "python"
+            name = shown = str(name) if name is not None else f"your {type(model).__name__}"
         else:
             raise InputError(f"model must be None (the built-in classifier), a spec such as nets.py:build, or an nn.Module; "
                              f"got {type(model).__name__}.")

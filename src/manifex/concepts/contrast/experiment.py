@@ -387,7 +387,7 @@ class ContrastExperiment(Experiment):
         run.model, run.model_info = resolve_classifier(
             run.train, run.test, model=spec, weights=u.weights, normalize=u.normalize, output=u.output,
             classifier=cfg.classifier, epochs=cfg.classifier_epochs, seed=cfg.seed, device=run.device,
-            cache_dir=run.cache_dir, progress=run.progress)
+            cache_dir=run.cache_dir, progress=run.progress, name=run.model_name)
         run.checks.extend(run.model_info.checks)
 
     # -- the work --------------------------------------------------------------------------------------------
