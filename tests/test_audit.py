@@ -60,6 +60,9 @@ def test_quick_audit_runs_every_stage_and_a_rerun_adds_nothing(tmp_path):
     assert gens["vae"]["fingerprint"] == evaluate_claims["generator"]["fingerprint"]
     cf_gen = json.loads((out / "counterfactual" / "metrics.json").read_text())["info"]["generator"]
     assert cf_gen["kind"] == "flow" and cf_gen["cached"] and cf_gen["train_seconds"] == gens["flow"]["train_seconds"]
+    # the counterfactual section says what success (p(target) above the stop probability) and validity (argmax) mean
+    assert metrics["stages"]["counterfactual"]["headline"]["stop_prob"] == 0.99
+    assert "p(target) &gt; 0.99" in html and "validity (argmax = target)" in html
     assert gens["flow"]["round_trip_max"] < 1e-3 and gens["flow"]["bits_per_dim"] < gens["flow"]["uniform_bits_per_dim"]
     assert 0 < gens["vae"]["r2"] < 1 and gens["vae"]["recon_mse"] < gens["vae"]["mean_image_mse"]
     # every method of the evaluate stage attacked, each in its own folder, each with its number and reference

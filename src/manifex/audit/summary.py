@@ -103,6 +103,7 @@ def headline(stage: str, m: dict[str, Any]) -> dict[str, Any]:
                             **{k: _get(a, k, "mean") for k in ("validity", "svm", "knn_vote", "second", "tangent_fraction",
                                                                "l2", "linf")}}
         h["source"], h["target"] = _get(m, "config", "source"), _get(m, "config", "target")
+        h["stop_prob"] = _get(m, "config", "stop_prob")
     elif stage == "concepts":
         s = m.get("summary", {})
         h.update(classes=s.get("classes"), layer=_get(m, "options", "layer"),
@@ -344,7 +345,8 @@ def stage_numbers(stage: str, h: dict[str, Any]) -> list[tuple[str, str]]:
         for space in ("latent", "pixel"):
             if space in h:
                 d = h[space]
-                out.append((f"{space}: success / validity / SVM judge / tangent part",
+                out.append((f"{space}: success (p(target) > {_f(h.get('stop_prob'), 2)} within the steps) / validity "
+                            f"(argmax = target) / SVM judge says target / tangent part of the change",
                             f"{_f(d.get('success_rate'))} / {_f(d.get('validity'))} / {_f(d.get('svm'))} / "
                             f"{_f(d.get('tangent_fraction'))} (n = {d.get('n')})"))
         return out
