@@ -351,6 +351,8 @@ class ContrastExperiment(Experiment):
                 raise InputError(f"{param('n_components')} {cfg.n_components} exceeds the {channels} channels of layer {cfg.layer!r}.")
 
     def derive_data(self, run: Run) -> None:
+        if self.images is None:
+            super().derive_data(run)  # the known manifold of known:<data>
         n = self._n_classes(run)
         if n is not None:  # the class set is claimed before any training (see _claim_classes)
             pairs = self.resolve_pairs(run.config, n)
