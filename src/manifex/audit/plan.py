@@ -141,6 +141,7 @@ def stage_configs(config: AuditConfig, *, num_classes: int, layer: str | None, l
     from .stages import ModelConfig
 
     from ..evaluation.experiment import DEFAULT_METRICS
+    from ..models.known_manifold import KnownData, known_base
 
     t = _TABLE[config.budget]
     metrics = tuple(t["evaluate"].get("metrics", DEFAULT_METRICS))
@@ -154,6 +155,12 @@ def stage_configs(config: AuditConfig, *, num_classes: int, layer: str | None, l
             notes.append(f"Quantus is not installed: evaluate scores {', '.join(kept)} only "
                          '(pip install "manifex[eval]" for the Quantus metrics)')
         t = {**t, "evaluate": {**t["evaluate"], "metrics": kept}}
+    if known_base(config.dataset) is not None:
+        # known:<data>: the evaluate stage's VAE is the one the images are sampled from (align's, whatever the budget),
+        # so its tangent spaces are exact; its known manifold is the audit's (the same images, the same classifier)
+        known = KnownData(seed=config.seed)
+        t = {**t, "evaluate": {**t["evaluate"], "generator_epochs": known.vae_epochs, "known_n_train": known.n_train,
+                               "known_n_test": known.n_test}}
     common = dict(dataset=config.dataset, classifier=config.classifier, seed=config.seed, device=config.device)
     source, target = _classes_pair(num_classes)
     build: dict[str, Callable[[], Any]] = {
