@@ -28,7 +28,9 @@ class AuditConfig:
     """The settings of an audit (each a CLI option of ``manifex audit``); every stage's settings follow from them."""
 
     dataset: str = setting("digits8", "Data the classifier is trained on and the stages draw their images from: mnist5k, "
-                           "digits8, a .npz with x and y, or an image folder with one subfolder per class.")
+                           "digits8, a .npz with x and y, an image folder with one subfolder per class, or 'known:<data>' "
+                           "(the known manifold of `manifex align`: images sampled from a VAE trained on <data>, so every "
+                           "stage's tangent spaces are exact).")
     classifier: str = setting("lenet", "Built-in classifier trained (and cached) on the data, the same in every stage; "
                               "see --model for your own.", choices=("lenet", "resnet", "vgg", "mlp"))
     epochs: int = setting(3, "Classifier epochs (cached).", low=1)

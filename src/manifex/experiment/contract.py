@@ -174,7 +174,7 @@ class Experiment:
         """Expensive data the classifier needs, after the settings are claimed. Default: for ``known:<data>`` the
         known manifold (:func:`manifex.models.known_manifold.known_data`, cached), its settings claimed;
         ``run.train, run.test`` are its images and ``run.extra["known"]`` the :class:`KnownManifold`."""
-        if known_base(run.config.dataset) is None:
+        if known_base(getattr(run.config, "dataset", None)) is None:  # a config without a dataset (the helix): nothing
             return
         from ..models import ModelCache
         from ..models.known_manifold import known_check, known_data

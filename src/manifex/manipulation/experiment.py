@@ -43,8 +43,8 @@ _CLASSIFIERS = ("lenet", "mlp", "vgg", "resnet")
 class AttackConfig:
     """The settings of an attack campaign (each a CLI option of ``manifex attack``)."""
 
-    dataset: str = setting("mnist5k", "Data the classifier is trained on and pairs are drawn from (same forms as "
-                           "`align --dataset`, without 'known:').")
+    dataset: str = setting("mnist5k", "Data the classifier is trained on and pairs are drawn from (the forms of "
+                           "`align --dataset`, 'known:<data>' included).")
     classifier: str = setting("lenet", "Built-in classifier, trained by manifex on --dataset (cached); see --model for "
                               "your own.", choices=_CLASSIFIERS)
     epochs: int = setting(3, "Classifier epochs (cached).", low=1)

@@ -47,7 +47,8 @@ CURVATURE = {"iterations": 20, "tol": 1e-4, "seed": 0}
 class SmoothConfig:
     """The settings of a β-smoothing sweep (each a CLI option of ``manifex smooth``)."""
 
-    dataset: str = setting("mnist5k", "Data the classifier is trained on and pairs come from.")
+    dataset: str = setting("mnist5k", "Data the classifier is trained on and pairs come from (the forms of "
+                           "`align --dataset`, 'known:<data>' included).")
     classifier: str = setting("lenet", "Built-in classifier, trained by manifex on --dataset (cached); see --model for "
                               "your own.", choices=_CLASSIFIERS)
     epochs: int = setting(3, "Classifier epochs (cached).", low=1)

@@ -248,7 +248,7 @@ def _raise_if(problems: list[str], real: ImageDataset, config: KnownManifoldConf
 # ----------------------------------------------------------------------------------------------------------------
 # "the known manifold of known:<data>": one definition for every command
 # ----------------------------------------------------------------------------------------------------------------
-def known_base(dataset: str) -> str | None:
+def known_base(dataset: str | None) -> str | None:
     """``<data>`` of a ``known:<data>`` spec; None for any other dataset. ``known:`` alone (or ``known:known:…``) is
     refused in one line, before anything is loaded."""
     if not isinstance(dataset, str) or not dataset.startswith(KNOWN_PREFIX):
