@@ -504,7 +504,9 @@ class ManifoldExperiment(Experiment):
             title="manifex · audit · manifold", kicker="audit · manifold", headline="The data manifold",
             subtitle=f"{run.config.dataset} ({'×'.join(map(str, summary['image_shape']))}): the generators the audit's "
                      "stages use, their held-out quality and the dimension of their decoder's Jacobian spectrum "
-                     "(the number of singular values before the largest gap σᵢ/σᵢ₊₁ ≥ 10)",
+                     "(the number of singular values before the largest gap σᵢ/σᵢ₊₁ ≥ 10)"
+                     + ("; the data's own generator, the VAE its images are sampled from, is known: its dimension is "
+                        "stated, not estimated" if run.extra.get("known") is not None else ""),
             cards=cards, figures=[], tables=[table],
             options={k: getattr(run.config, k) for k in ("dataset", "generators", "vae_epochs", "flow_epochs", "n",
                                                           "spectrum_n", "seed")}))
