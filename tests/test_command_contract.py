@@ -311,3 +311,21 @@ def test_known_data_runs_through_the_contracts_default_data_hooks(tmp_path, comm
     assert any(c.startswith("known manifold: 6,000 + 1,000 images sampled from a VAE decoder") for c in checks), checks
     if command == "attack":  # the pairs come from the sampled test images, not from digits8's split
         assert any("from known-digits8-test" in c for c in checks), checks
+
+
+@pytest.mark.parametrize("command", ["attack", "smooth"])
+def test_pairs_beyond_the_known_test_images_are_refused_before_the_known_manifold_is_built(tmp_path, command, monkeypatch):
+    """known:<data>'s test images are sampled after the claims; --pairs is still checked before anything is trained,
+    against the number that will be sampled (align's 1,000)."""
+    def trained(*args, **kwargs):
+        raise AssertionError("a model was trained before the error")
+
+    monkeypatch.setattr(zoo, "fit_classifier", trained)
+    monkeypatch.setattr(zoo, "fit_generative", trained)
+    args = _with_dataset(command, "known:digits8")
+    args[args.index("--pairs") + 1] = "1001"
+    res = CliRunner().invoke(main, [command, *args, "--quiet", "--out", str(tmp_path / "out"),
+                                    "--cache-dir", str(tmp_path / "cache")])
+    assert res.exit_code == 2 and "--pairs 1001" in res.output and "1000" in res.output, res.output
+    assert len([line for line in res.output.splitlines() if line.strip()]) == 1, res.output
+    assert not any((tmp_path / "cache").rglob("*.pt"))
