@@ -84,6 +84,47 @@ def test_quick_audit_runs_every_stage_and_a_rerun_adds_nothing(tmp_path):
 
 
 @pytest.mark.slow
+def test_quick_audit_of_known_data_reports_the_known_manifold_and_audits_one_model(tmp_path):
+    """known:digits8: every stage runs on the known manifold (built once, the shared cache's align default), audits
+    the built-in classifier trained on its images (one fingerprint everywhere), the evaluate stage's VAE is the
+    generating VAE (20 epochs whatever the budget), the manifold stage states the known dimension instead of estimating
+    it, and no R² withholding or caution applies (the tangent spaces are exact)."""
+    from manifex.data import load_dataset
+    from manifex.models import ModelCache, state_fingerprint
+    from manifex.models.known_manifold import KnownData, known_data
+    from manifex.models.resolve import resolve_classifier
+
+    out = tmp_path / "audit"
+    res = CliRunner().invoke(main, [*QUICK[:2], "known:digits8", *QUICK[3:], "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["stages"]) == set(STAGES)
+    assert all(s["status"] == "done" and s["headline"] for s in metrics["stages"].values())
+    km, _ = known_data(load_dataset("digits8"), KnownData(), cache=ModelCache(), progress=False)  # a cache hit
+    _, info = resolve_classifier(km.train, km.test, classifier="lenet", epochs=1, seed=0, progress=False)
+    prints = {json.loads((out / s / "experiment.json").read_text())["model"]["fingerprint"] for s in STAGES
+              if s != "manifold"}
+    assert prints == {info.fingerprint} == {metrics["model"]["fingerprint"]}
+    assert f"every stage audited the same model (weights fingerprint {info.fingerprint})" in metrics["checks"]
+    assert any(c.startswith("known manifold: 6,000 + 1,000 images") for c in metrics["checks"]), metrics["checks"]
+    vae = metrics["stages"]["manifold"]["headline"]["generators"]["vae"]
+    assert vae["known"] is True and vae["dimension"] == 10 == vae["tangent_rank_min"] == vae["tangent_rank_max"]
+    assert vae["r2"] is None and vae["epochs"] == 20
+    gens = json.loads((out / "manifold" / "metrics.json").read_text())["generators"]
+    generating = state_fingerprint(km.generative)
+    assert gens["vae"]["fingerprint"] == generating
+    assert json.loads((out / "evaluate" / "experiment.json").read_text())["generator"]["fingerprint"] == generating
+    manifold_checks = json.loads((out / "manifold" / "metrics.json").read_text())["checks"]
+    assert any(c.startswith("known manifold: dimension k = 10 exactly") for c in manifold_checks), manifold_checks
+    assert "known manifold" in (out / "report.html").read_text()
+    texts = [metrics["recommendation"], *(r["aligned?"]["text"] for r in metrics["scorecard"] if "aligned?" in r)]
+    assert not any("read with care" in t or "withheld" in t for t in texts), texts
+    assert all(r["aligned?"]["verdict"] != "withheld" for r in metrics["scorecard"] if "aligned?" in r)
+    # the counterfactual stage measures distances to the known manifold
+    assert any("distances to it are measured" in c for c in json.loads((out / "counterfactual" / "metrics.json").read_text())["checks"])
+
+
+@pytest.mark.slow
 def test_users_model_runs_through_the_audit(tmp_path, user_model):
     spec, weights = user_model
     out = tmp_path / "audit"
@@ -450,16 +491,23 @@ def test_audit_folder_claims_its_settings_gathers_earlier_stages_and_overwrites_
 
 
 @pytest.mark.slow
-def test_training_l2_audits_exactly_the_robust_model_that_align_records(tmp_path):
+@pytest.mark.parametrize("dataset", ["digits8", "known:digits8"])
+def test_training_l2_audits_exactly_the_robust_model_that_align_records(tmp_path, dataset):
     """--training l2 resolves to the l2-robust fine-tune `manifex align` trains and caches for the same data, classifier
-    and epochs: the audited weights fingerprint is the one align records for its robust model, in every stage."""
-    cache = ["--cache-dir", str(tmp_path / "cache")]
-    aligned = CliRunner().invoke(main, ["align", "--dataset", "digits8", "--epochs", "1", "--samples", "4", "--vae-epochs", "1",
-                                        "--methods", "gradient", "--quiet", "--out", str(tmp_path / "align"), *cache])
+    and epochs: the audited weights fingerprint is the one align records for its robust model, in every stage. On
+    known:<data> the audit trains on the known manifold align samples with its defaults (the shared cache holds it)."""
+    known = dataset.startswith("known:")
+    # digits8: a fresh cache and a one-epoch VAE (align's manifold does not matter to its classifiers); known:digits8:
+    # align's default known manifold (VAE 20 epochs, 6,000 + 1,000 images), as the audit builds it
+    cache = [] if known else ["--cache-dir", str(tmp_path / "cache")]
+    aligned = CliRunner().invoke(main, ["align", "--dataset", dataset, "--epochs", "1", "--samples", "4",
+                                        *([] if known else ["--vae-epochs", "1"]), "--methods", "gradient", "--quiet",
+                                        "--out", str(tmp_path / "align"), *cache])
     assert aligned.exit_code == 0, aligned.output
     models = json.loads((tmp_path / "align" / "metrics.json").read_text())["models"]
     out = tmp_path / "audit"
-    res = CliRunner().invoke(main, [*QUICK, "--training", "l2", "--stages", "attack,smooth", "--out", str(out), *cache])
+    res = CliRunner().invoke(main, [*QUICK[:2], dataset, *QUICK[3:], "--training", "l2", "--stages", "attack,smooth",
+                                    "--out", str(out), *cache])
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model"]["fingerprint"] == models["robust"]["fingerprint"] != models["standard"]["fingerprint"]
@@ -472,6 +520,9 @@ def test_training_l2_audits_exactly_the_robust_model_that_align_records(tmp_path
         assert "your LeNet" not in page and metrics["model"]["name"] in page, stage
     assert json.loads((out / "experiment.json").read_text())["model"]["fingerprint"] == models["robust"]["fingerprint"]
     assert "l2-robust" in (out / "report.html").read_text()
+    if known:  # the data claimed is the base data with the spec, as align claims it
+        assert (json.loads((out / "experiment.json").read_text())["data"]
+                == json.loads((tmp_path / "align" / "experiment.json").read_text())["data"])
 
 
 def test_training_l2_with_your_own_model_is_refused_before_any_data(tmp_path, monkeypatch):

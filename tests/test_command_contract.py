@@ -263,3 +263,69 @@ def test_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path, comma
         ids = [r["id"] for r in read_jsonl(out / name)]
         assert len(ids) == len(set(ids)), f"duplicated units in {f.name}: {ids}"
         assert sorted(ids) == sorted(r["id"] for r in read_jsonl(f))
+
+
+def _with_dataset(command, dataset):
+    """The row's tiny arguments with --dataset replaced by ``dataset``."""
+    args = list(COMMANDS[command][0])
+    i = args.index("--dataset")
+    args[i + 1] = dataset
+    return args
+
+
+@pytest.mark.parametrize("spec, needle", [("known:", "known:mnist5k"), ("known:nosuch", "nosuch")])
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_bad_known_spec_is_refused_in_one_line_before_training(tmp_path, command, spec, needle, monkeypatch):
+    """'known:' without its data, or with data that does not exist, is refused by every command in one line (exit 2)
+    before anything is trained or cached."""
+    def trained(*args, **kwargs):
+        raise AssertionError("a model was trained before the error")
+
+    monkeypatch.setattr(zoo, "fit_classifier", trained)
+    monkeypatch.setattr(zoo, "fit_generative", trained)
+    res = CliRunner().invoke(main, [command, *_with_dataset(command, spec), "--quiet", "--out", str(tmp_path / "out"),
+                                    "--cache-dir", str(tmp_path / "cache")])
+    assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output, res.output
+    assert len([line for line in res.output.splitlines() if line.strip()]) == 1, res.output
+    assert not any((tmp_path / "cache").rglob("*.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["attack", "smooth", "concepts", "contrast"])
+def test_known_data_runs_through_the_contracts_default_data_hooks(tmp_path, command):
+    """attack, smooth, concepts and contrast take known:digits8 through the contract's default load_data/derive_data:
+    the base data is claimed (digits8's fingerprint + the spec, as align claims it), the known manifold's settings
+    are align's defaults (the same cached images as align's default run) and the checks say the manifold is known."""
+    from manifex.data import load_dataset
+    from manifex.models.known_manifold import KnownData
+    from manifex.models.resolve import data_identity
+
+    res = CliRunner().invoke(main, [command, *_with_dataset(command, "known:digits8"), "--quiet",
+                                    "--out", str(tmp_path / "out")])  # the shared cache: align's known manifold
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "out" / "experiment.json").read_text())
+    base = load_dataset("digits8")
+    assert record["data"] == json.loads(json.dumps(data_identity("known:digits8", base.x, base.y)))
+    assert record["known_manifold"] == KnownData().to_dict()
+    checks = json.loads((tmp_path / "out" / "metrics.json").read_text())["checks"]
+    assert any(c.startswith("known manifold: 6,000 + 1,000 images sampled from a VAE decoder") for c in checks), checks
+    if command == "attack":  # the pairs come from the sampled test images, not from digits8's split
+        assert any("from known-digits8-test" in c for c in checks), checks
+
+
+@pytest.mark.parametrize("command", ["attack", "smooth"])
+def test_pairs_beyond_the_known_test_images_are_refused_before_the_known_manifold_is_built(tmp_path, command, monkeypatch):
+    """known:<data>'s test images are sampled after the claims; --pairs is still checked before anything is trained,
+    against the number that will be sampled (align's 1,000)."""
+    def trained(*args, **kwargs):
+        raise AssertionError("a model was trained before the error")
+
+    monkeypatch.setattr(zoo, "fit_classifier", trained)
+    monkeypatch.setattr(zoo, "fit_generative", trained)
+    args = _with_dataset(command, "known:digits8")
+    args[args.index("--pairs") + 1] = "1001"
+    res = CliRunner().invoke(main, [command, *args, "--quiet", "--out", str(tmp_path / "out"),
+                                    "--cache-dir", str(tmp_path / "cache")])
+    assert res.exit_code == 2 and "--pairs 1001" in res.output and "1000" in res.output, res.output
+    assert len([line for line in res.output.splitlines() if line.strip()]) == 1, res.output
+    assert not any((tmp_path / "cache").rglob("*.pt"))

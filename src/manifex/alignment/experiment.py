@@ -23,6 +23,7 @@ import torch
 from ..errors import InputError, param
 from ..experiment import Experiment, Run, Stage, run_experiment
 from ..models import ModelCache
+from ..models.known_manifold import known_base
 from ..runs import Executor, Unit
 from .pipeline import AlignConfig
 from .result import AlignmentResult
@@ -31,7 +32,7 @@ __all__ = ["AlignExperiment", "run_alignment"]
 
 
 def _known(cfg: AlignConfig) -> bool:
-    return cfg.dataset.startswith("known:")
+    return known_base(cfg.dataset) is not None
 
 
 class AlignExperiment(Experiment):
@@ -65,8 +66,7 @@ class AlignExperiment(Experiment):
             raise InputError(f"{param('n_samples')} must be >= 2, got {cfg.n_samples}.")
         if cfg.batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {cfg.batch_size}.")
-        if _known(cfg) and not cfg.dataset.split(":", 1)[1]:
-            raise InputError(f"{param('dataset', 'known:')} needs the data the VAE is trained on, e.g. known:mnist5k or known:digits8.")
+        known_base(cfg.dataset)  # 'known:' without its data is refused here, before anything is loaded
 
     def load_data(self, run: Run) -> None:
         """The base data (for ``known:<data>`` the data the VAE learns), loaded and checked once; the split and the
@@ -74,7 +74,7 @@ class AlignExperiment(Experiment):
         from ..models.resolve import resolve_data
 
         cfg = run.config
-        spec = cfg.dataset.split(":", 1)[1] if _known(cfg) else cfg.dataset
+        spec = known_base(cfg.dataset) or cfg.dataset
         run.data, checks = resolve_data(spec, trust_pickle=run.trust_pickle or cfg.trust_pickle, num_classes=run.num_classes)
         run.checks.extend(checks)
 

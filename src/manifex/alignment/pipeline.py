@@ -21,11 +21,11 @@ from ..attribution import make_explainer
 from ..attribution.methods import model_device
 from ..experiment import setting
 from ..models import GenerativeTrainConfig, ModelCache, get_generative
-from ..models.known_manifold import KnownManifoldConfig, make_known_manifold
+from ..models.known_manifold import KnownData, known_base, known_data
 from ..runs import Unit, atomic_torch_save, safe_torch_load, unit_dir
 from .result import SEED_REFERENCE
 
-__all__ = ["AlignConfig", "DEFAULT_METHODS", "prepare_data", "robust_classifier", "attribute_chunks", "load_chunks"]
+__all__ = ["AlignConfig", "DEFAULT_METHODS", "prepare_data", "known_settings", "robust_classifier", "attribute_chunks", "load_chunks"]
 
 #: The attribution methods ``manifex align`` scores when ``--methods`` is not given (the five of the research;
 #: random vectors are scored beside them as the baseline).
@@ -78,18 +78,18 @@ def prepare_data(cfg: AlignConfig, real, cache: ModelCache, progress: bool, devi
     """(train, test, generator, info, generator info) from the loaded base data ``real``: a known-manifold dataset
     sampled from a VAE trained on it ("known:<data>"), or ``real`` split 80/20 with the manifold estimated by
     ``cfg.generative`` (``test.z`` = the encodings of the test images)."""
-    known = cfg.dataset.startswith("known:")
-    gen_train = GenerativeTrainConfig(epochs=cfg.generative_epochs, seed=cfg.seed)
-    arch = "vae" if known else cfg.generative
-    generative, ginfo = get_generative(real, arch, cfg.latent_dim, gen_train, cache=cache, device=device, progress=progress)
+    known = known_base(cfg.dataset) is not None
     if known:
-        km = make_known_manifold(real, generative, KnownManifoldConfig(n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed),
-                                 cache=cache, progress=progress, allow_degenerate=cfg.allow_degenerate)
+        km, ginfo = known_data(real, known_settings(cfg), cache=cache, device=device, progress=progress)
+        generative = km.generative
         info = {"name": cfg.dataset, "manifold": "known (sampled from the VAE decoder; tangent spaces exact)",
                 "labeler_accuracy": km.labeler_accuracy, "acceptance_rate": km.acceptance_rate,
                 "class_fractions": (km.train.y.bincount(minlength=len(real.classes)).float() / len(km.train)).tolist(),
                 "checks": km.checks, "warnings": km.warnings}
         return km.train, km.test, generative, info, ginfo
+    arch = cfg.generative
+    generative, ginfo = get_generative(real, arch, cfg.latent_dim, GenerativeTrainConfig(epochs=cfg.generative_epochs, seed=cfg.seed),
+                                       cache=cache, device=device, progress=progress)
     if real.z is not None:
         real.z = None  # stored codes belong to another generator; encode with ours instead
     train, test = real.split(0.2, seed=cfg.seed)
@@ -97,6 +97,13 @@ def prepare_data(cfg: AlignConfig, real, cache: ModelCache, progress: bool, devi
         test.z = torch.cat([generative.encode(test.x[i : i + 256].to(device)).cpu() for i in range(0, len(test), 256)])
     info = {"name": cfg.dataset, "manifold": f"estimated by a {arch} (tangent space = decoder Jacobian at the encoding)"}
     return train, test, generative, info, ginfo
+
+
+def known_settings(cfg: AlignConfig) -> KnownData:
+    """The known manifold of an align run's ``known:<data>`` (:func:`manifex.models.known_manifold.known_data`) from its
+    options (--vae-epochs, --n-train, --n-test, the latent dimension and the seed)."""
+    return KnownData(vae_epochs=cfg.generative_epochs, latent_dim=cfg.latent_dim, n_train=cfg.n_train, n_test=cfg.n_test,
+                     seed=cfg.seed, allow_degenerate=cfg.allow_degenerate)
 
 
 def robust_classifier(train, standard: torch.nn.Module, cfg: AlignConfig, *, cache_dir=None, device: str = "cpu",

@@ -28,7 +28,9 @@ class AuditConfig:
     """The settings of an audit (each a CLI option of ``manifex audit``); every stage's settings follow from them."""
 
     dataset: str = setting("digits8", "Data the classifier is trained on and the stages draw their images from: mnist5k, "
-                           "digits8, a .npz with x and y, or an image folder with one subfolder per class.")
+                           "digits8, a .npz with x and y, an image folder with one subfolder per class, or 'known:<data>' "
+                           "(the known manifold of `manifex align`: images sampled from a VAE trained on <data>, so every "
+                           "stage's tangent spaces are exact).")
     classifier: str = setting("lenet", "Built-in classifier trained (and cached) on the data, the same in every stage; "
                               "see --model for your own.", choices=("lenet", "resnet", "vgg", "mlp"))
     epochs: int = setting(3, "Classifier epochs (cached).", low=1)
@@ -144,6 +146,7 @@ def stage_configs(config: AuditConfig, *, num_classes: int, layer: str | None, l
     from .stages import ModelConfig
 
     from ..evaluation.experiment import DEFAULT_METRICS
+    from ..models.known_manifold import KnownData, known_base
 
     t = _TABLE[config.budget]
     metrics = tuple(t["evaluate"].get("metrics", DEFAULT_METRICS))
@@ -157,6 +160,12 @@ def stage_configs(config: AuditConfig, *, num_classes: int, layer: str | None, l
             notes.append(f"Quantus is not installed: evaluate scores {', '.join(kept)} only "
                          '(pip install "manifex[eval]" for the Quantus metrics)')
         t = {**t, "evaluate": {**t["evaluate"], "metrics": kept}}
+    if known_base(config.dataset) is not None:
+        # known:<data>: the evaluate stage's VAE is the one the images are sampled from (align's, whatever the budget),
+        # so its tangent spaces are exact; its known manifold is the audit's (the same images, the same classifier)
+        known = KnownData(seed=config.seed)
+        t = {**t, "evaluate": {**t["evaluate"], "generator_epochs": known.vae_epochs, "known_n_train": known.n_train,
+                               "known_n_test": known.n_test}}
     common = dict(dataset=config.dataset, classifier=config.classifier, seed=config.seed, device=config.device)
     source, target = _classes_pair(num_classes)
     build: dict[str, Callable[[], Any]] = {

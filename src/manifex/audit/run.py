@@ -86,16 +86,17 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(to_jsonable(value), sort_keys=True))
 
 
-def _audited_model(config: AuditConfig, data, model: UserModel | nn.Module | None, *, device: str, cache_dir,
+def _audited_model(config: AuditConfig, train, test, model: UserModel | nn.Module | None, *, device: str, cache_dir,
                    progress: bool) -> tuple[UserModel | nn.Module | None, ModelInfo]:
-    """The audited classifier, resolved once before any stage: ``(what every stage gets as model=, its ModelInfo)``.
+    """The audited classifier, resolved once before any stage on the stages' split ``train``/``test`` (the data split
+    80/20 as :meth:`Experiment.load_data` does, or the known manifold's images of ``known:<data>``): ``(what every
+    stage gets as model=, its ModelInfo)``.
     The built-in standard model is trained (cached) here and each stage re-reads it from the cache (model=None, so
     its records name the built-in classifier); ``training="l2"`` is the l2-robust fine-tune of ``manifex align``
     (:func:`manifex.alignment.pipeline.robust_classifier`, the same cache entry), handed to every stage as the module."""
     from ..models import accuracy, state_fingerprint
     from ..models.resolve import resolve_classifier
 
-    train, test = data.split(0.2, seed=config.seed)  # the stages' split (Experiment.load_data)
     u = model if isinstance(model, UserModel) else UserModel("")
     spec = u.spec if isinstance(model, UserModel) else model
     net, info = resolve_classifier(train, test, model=spec, weights=u.weights, normalize=u.normalize, output=u.output,
@@ -187,9 +188,12 @@ def audit(config: AuditConfig, out_dir: str | os.PathLike, *, model: UserModel |
 
 def _audit(config: AuditConfig, names: tuple[str, ...], out: Path, *, model, device: str, resume: bool, overwrite: bool,
            executor, progress: bool, cache_dir, trust_pickle: bool, num_classes, command) -> AuditResult:
+    from ..models.known_manifold import KnownData, known_base
     from ..models.resolve import data_identity, resolve_data
 
-    data, _ = resolve_data(config.dataset, trust_pickle=trust_pickle, num_classes=num_classes)
+    # known:<data>: the base data here (cheap: its classes, shapes and the probes), its known manifold after the claims
+    base = known_base(config.dataset)
+    data, _ = resolve_data(base or config.dataset, trust_pickle=trust_pickle, num_classes=num_classes)
     checks: list[str] = [f"budget {config.budget}: stages {', '.join(names)}"]
     skipped: dict[str, str] = {}
     layer = probe = None
@@ -229,7 +233,19 @@ def _audit(config: AuditConfig, names: tuple[str, ...], out: Path, *, model, dev
     folder.claim("settings", result_settings(config))
     identity = data_identity(config.dataset, data.x, data.y)
     folder.claim("data", identity)
-    stage_model, info = _audited_model(config, data, model, device=device, cache_dir=cache_dir, progress=progress)
+    if base is None:
+        train, test = data.split(0.2, seed=config.seed)  # the stages' split (Experiment.load_data)
+    else:  # the stages' known manifold (Experiment.derive_data): built once here, every stage reads it from the cache
+        from ..models import ModelCache
+        from ..models.known_manifold import known_check, known_data
+
+        known = KnownData(seed=config.seed)
+        folder.claim("known_manifold", known.to_dict())
+        km, _ = known_data(data, known, cache=ModelCache(cache_dir), device=device, progress=progress)
+        train, test = km.train, km.test
+        checks.append(known_check(km, known))
+        checks.extend(f"FAILED: {p}" for p in km.warnings)
+    stage_model, info = _audited_model(config, train, test, model, device=device, cache_dir=cache_dir, progress=progress)
     folder.claim("model", info.identity())
     checks.extend(info.checks)
     results: dict[str, Any] = {s: None for s in names}

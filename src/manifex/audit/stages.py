@@ -324,6 +324,9 @@ def process_generators(units: list[Unit], context: dict[str, Any], out_dir: Path
     for u in units:
         kind = u.payload["kind"]
         t0 = time.perf_counter()
+        if kind == "vae" and context.get("known") is not None:
+            records.append(_known_record(u, context["known"], test, cfg, t0))
+            continue
         gen, info = _generator(kind, cfg, train, ModelCache(context["cache_dir"]), context["device"], context["progress"])
         dev = gen.device
         x = test.x[_sample(len(test), min(cfg.n, len(test)), cfg.seed)].to(dev)
@@ -366,9 +369,34 @@ def process_generators(units: list[Unit], context: dict[str, Any], out_dir: Path
     return records
 
 
+def _known_record(u: Unit, km, test, cfg: ManifoldConfig, t0: float) -> dict[str, Any]:
+    """The record of a known manifold (``known:<data>``): nothing is estimated. Its dimension is the VAE's latent
+    dimension k by construction (every image is decode(z) of a stored z); the rank of ∂decode/∂z at ``spectrum_n``
+    test images confirms that the decoder is an immersion there (rank k: the tangent spaces are k-dimensional)."""
+    from ..geometry import tangent_space
+    from ..models.cache import state_fingerprint
+
+    z = test.z[_sample(len(test), min(cfg.spectrum_n, len(test)), cfg.seed)]
+    dev = next(km.generative.parameters()).device
+    t = tangent_space(km.decode, z.to(dev), progress=False)
+    return {"id": u.id, "kind": "vae", "known": True, "name": "the VAE decoder the images are sampled from",
+            "exact": False, "n": len(test), "fingerprint": state_fingerprint(km.generative), "epochs": cfg.vae_epochs,
+            "latent_dim": km.latent_dim, "dimension": km.latent_dim, "labeler_accuracy": km.labeler_accuracy,
+            "acceptance_rate": km.acceptance_rate, "tangent_rank_min": int(t.rank.min()),
+            "tangent_rank_max": int(t.rank.max()), "tangent_rank_n": int(len(z)),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
 def manifold_checks(r: dict[str, Any]) -> list[str]:
     """The checks of one generator's record (``FAILED: `` where findings that rest on it should be withheld)."""
     name, out = f"{r['kind']} ({r['name']})", []
+    if r.get("known"):
+        k, lo, hi = r["dimension"], r["tangent_rank_min"], r["tangent_rank_max"]
+        ranks = f"{lo}" if lo == hi else f"{lo}–{hi}"
+        return [f"{'' if lo == k else 'FAILED: '}known manifold: dimension k = {k} exactly, the images sampled from a "
+                f"VAE decoder (labeler accuracy {r['labeler_accuracy']:.1%}, acceptance {r['acceptance_rate']:.1%}); "
+                f"tangent spaces exact, no reconstruction or R² applies; ∂decode/∂z has rank {ranks} at "
+                f"{r['tangent_rank_n']} test images" + ("" if lo == k else f" (< {k}: some tangent spaces are degenerate)")]
     if r["kind"] == "flow":
         if r["round_trip_max"] > 1e-3:
             out.append(f"FAILED: {name}: decode(encode(x)) differs from x by up to {r['round_trip_max']:.3g} although a "
@@ -413,14 +441,21 @@ class ManifoldExperiment(Experiment):
 
     def load_data(self, run: Run) -> None:
         super().load_data(run)
-        run.train.z = run.test.z = None  # as the evaluate stage's split (the same data fingerprint, so the same cache)
+        if run.train is not None:  # as the evaluate stage's split (the same data fingerprint, so the same cache)
+            run.train.z = run.test.z = None
+
+    def known_settings(self, run: Run):
+        """known:<data>: the known manifold with the VAE epochs of the evaluate stage (the generating VAE's)."""
+        from ..models.known_manifold import KnownData
+
+        return KnownData(vae_epochs=run.config.vae_epochs, seed=run.config.seed)
 
     def resolve_model(self, run: Run) -> None:
         """No classifier: the generators alone."""
 
     def prepare(self, run: Run) -> dict[str, Any]:
         return {"config": run.config, "train": run.train, "test": run.test, "cache_dir": run.cache_dir,
-                "device": run.device, "progress": run.progress}
+                "device": run.device, "progress": run.progress, "known": run.extra.get("known")}
 
     def plan(self, run: Run, context: dict[str, Any]) -> Iterator[Stage]:
         units = [Unit(f"generator-{g}", {"kind": g}) for g in run.config.generators]
@@ -436,6 +471,14 @@ class ManifoldExperiment(Experiment):
     def report(self, run: Run, summary: dict[str, Any], context: dict[str, Any]) -> Path:
         cards, rows = [], []
         for kind, r in summary["generators"].items():
+            if r.get("known"):
+                cards.append({"label": "known manifold: dimension", "value": str(r["dimension"]),
+                              "sub": f"exactly (latent of the VAE the images are sampled from) · labeler accuracy "
+                                     f"{_pct(r['labeler_accuracy'])} · acceptance {_pct(r['acceptance_rate'])}"})
+                rows.append([kind, r["name"], r.get("epochs"), r["latent_dim"], r["n"], "— (the data's generator)",
+                             f"{r['dimension']} exactly (∂decode/∂z rank {r['tangent_rank_min']}–{r['tangent_rank_max']})",
+                             "—", "n/a"])
+                continue
             s = r["spectrum"]
             if kind == "flow":
                 cards.append({"label": "flow: held-out bits/dim", "value": _fmt(r.get("bits_per_dim"), 2),
@@ -461,7 +504,9 @@ class ManifoldExperiment(Experiment):
             title="manifex · audit · manifold", kicker="audit · manifold", headline="The data manifold",
             subtitle=f"{run.config.dataset} ({'×'.join(map(str, summary['image_shape']))}): the generators the audit's "
                      "stages use, their held-out quality and the dimension of their decoder's Jacobian spectrum "
-                     "(the number of singular values before the largest gap σᵢ/σᵢ₊₁ ≥ 10)",
+                     "(the number of singular values before the largest gap σᵢ/σᵢ₊₁ ≥ 10)"
+                     + ("; the data's own generator, the VAE its images are sampled from, is known: its dimension is "
+                        "stated, not estimated" if run.extra.get("known") is not None else ""),
             cards=cards, figures=[], tables=[table],
             options={k: getattr(run.config, k) for k in ("dataset", "generators", "vae_epochs", "flow_epochs", "n",
                                                           "spectrum_n", "seed")}))

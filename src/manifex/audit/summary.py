@@ -12,7 +12,8 @@ Scorecard rules (each verdict is shown with its number and its reference):
   :data:`MPRT_LIMIT`. Not run (said so) without Quantus.
 - aligned? and faithful? are "withheld" (numbers kept) when the manifold stage finds the VAE they rest on
   reconstructs held-out images no better than their mean image (R² ≤ 0); kept but marked "read with care" in their
-  texts and the recommendation while R² < :data:`WEAK_R2`.
+  texts and the recommendation while R² < :data:`WEAK_R2`. Neither applies to a known manifold (``known:<data>``):
+  the VAE is then the images' own generator and its tangent spaces are exact.
 - robust?  Quantus' max-sensitivity (where the evaluation ran it; lower = better), against the best method's.
 - manipulable?  the attack at L∞ 8/255: Pearson correlation of the manipulated map with the target map against the
   original map's correlation with it (the reference); "yes" when the attack raised it by at least
@@ -69,7 +70,9 @@ def headline(stage: str, m: dict[str, Any]) -> dict[str, Any]:
     elif stage == "manifold":
         h["generators"] = {kind: {**{k: g.get(k) for k in ("name", "exact", "epochs", "latent_dim", "n", "bits_per_dim",
                                                             "train_bits_per_dim", "uniform_bits_per_dim", "recon_mse",
-                                                            "mean_image_mse", "r2", "round_trip_max")},
+                                                            "mean_image_mse", "r2", "round_trip_max", "known",
+                                                            "dimension", "labeler_accuracy", "acceptance_rate",
+                                                            "tangent_rank_min", "tangent_rank_max")},
                                   **{k: _get(g, "spectrum", k) for k in ("dimension_median", "gap_found_fraction", "top",
                                                                          "dimension_note", "dimension_energy_median")}}
                            for kind, g in (m.get("generators") or {}).items()}
@@ -207,11 +210,17 @@ def scorecard(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+def _known_manifold(stages: dict[str, dict[str, Any]]) -> bool:
+    """The data's manifold is known (``known:<data>``): the VAE is the images' generator, its tangent spaces exact, so
+    no reconstruction quality applies to the verdicts that rest on it."""
+    return bool(_get(stages, "manifold", "headline", "generators", "vae", "known"))
+
+
 def generator_withheld(stages: dict[str, dict[str, Any]]) -> str | None:
     """Why the verdicts that rest on the evaluate stage's VAE (alignment, in-filled deletion) are withheld: the
     manifold stage found it reconstructs held-out images no better than their mean image (R² ≤ 0); else None."""
     r2 = _num(_get(stages, "manifold", "headline", "generators", "vae", "r2"))
-    if r2 is None or r2 > 0:
+    if r2 is None or r2 > 0 or _known_manifold(stages):
         return None
     return f"withheld: the VAE it rests on reconstructs held-out images no better than their mean image (R² {r2:.2f})"
 
@@ -224,7 +233,7 @@ WEAK_R2 = 0.5
 def generator_weak(stages: dict[str, dict[str, Any]]) -> str | None:
     """A caution for verdicts that rest on a VAE that learnt something but little (0 < R² < ``WEAK_R2``); else None."""
     r2 = _num(_get(stages, "manifold", "headline", "generators", "vae", "r2"))
-    if r2 is None or r2 <= 0 or r2 >= WEAK_R2:
+    if r2 is None or r2 <= 0 or r2 >= WEAK_R2 or _known_manifold(stages):
         return None
     return f"read with care: the VAE it rests on explains only {r2:.0%} of the held-out images' variance around their mean"
 
@@ -314,6 +323,13 @@ def stage_numbers(stage: str, h: dict[str, Any]) -> list[tuple[str, str]]:
     if stage == "manifold":
         out = []
         for kind, g in (h.get("generators") or {}).items():
+            if g.get("known"):
+                out.append((f"known manifold ({g.get('name')}, {g.get('epochs')} epochs)",
+                            f"dimension k = {g.get('dimension')} exactly, images sampled from a VAE decoder (labeler "
+                            f"accuracy {_f(g.get('labeler_accuracy'), 3)}, acceptance {_f(g.get('acceptance_rate'), 3)}); "
+                            f"tangent spaces exact (∂decode/∂z rank {g.get('tangent_rank_min')}–{g.get('tangent_rank_max')}; "
+                            f"{h.get('pixels')} pixels)"))
+                continue
             quality = (f"held-out {_f(g.get('bits_per_dim'))} bits/dim (training {_f(g.get('train_bits_per_dim'))}; uniform "
                        f"{_f(g.get('uniform_bits_per_dim'), 0)}; lower = better)" if kind == "flow" else
                        f"held-out reconstruction MSE {_f(g.get('recon_mse'), 4)} (mean image: {_f(g.get('mean_image_mse'), 4)}; "

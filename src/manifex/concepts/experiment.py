@@ -26,7 +26,8 @@ class ConceptsConfig:
     """The settings of a concepts run (each a CLI option of ``manifex concepts``)."""
 
     dataset: str = setting("mnist5k", "Images to explain (the held-out split is used; the classifier trains on the rest): "
-                           "mnist5k, digits8, a .npz with x and y, or an image folder with one subfolder per class.")
+                           "mnist5k, digits8, a .npz with x and y, an image folder with one subfolder per class, or 'known:<data>' (images "
+                           "sampled from a VAE trained on <data>, as `manifex align` makes them).")
     classifier: str = setting("resnet", "Built-in classifier trained (and cached) on the data. The strip test needs global "
                               "pooling (resnet); for the others use --layout canvas.",
                               choices=("resnet", "vgg", "lenet", "mlp"))

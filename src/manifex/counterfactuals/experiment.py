@@ -43,6 +43,7 @@ from ..experiment import Experiment, Run, Stage, UserModel, run_experiment
 from ..experiment.config import result_settings, setting
 from ..models import ModelCache, TrainConfig, accuracy, get_classifier
 from ..models.resolve import ModelInfo, data_identity, resolve_classifier, resolve_data
+from ..models.known_manifold import known_base
 from ..runs import LocalExecutor, Unit, atomic_torch_save, safe_torch_load, unit_dir
 from .ascent import DEFAULT_RECON_TOL, counterfactual
 from .evaluate import DEFAULT_L0_TOL, ClassAutoencoders, Judges, diversity, example_metrics, manifold_distance, summarize
@@ -174,13 +175,10 @@ def known_manifold(cfg: CounterfactualConfig, real, *, cache: ModelCache | None 
                    progress: bool = True):
     """The known manifold of ``known:<data>`` built from ``real`` (the loaded ``<data>``): a VAE trained on it (cached),
     a labeler and images sampled from the decoder; returns the :class:`~manifex.models.known_manifold.KnownManifold`."""
-    from ..models import GenerativeTrainConfig, get_generative
-    from ..models.known_manifold import KnownManifoldConfig, make_known_manifold
+    from ..models.known_manifold import KnownData, known_data
 
-    device = device or cfg.device
-    vae, _ = get_generative(real, "vae", 10, GenerativeTrainConfig(seed=cfg.seed), cache=cache, device=device, progress=progress)
-    return make_known_manifold(real, vae, KnownManifoldConfig(n_train=cfg.known_n_train, n_test=cfg.known_n_test, seed=cfg.seed),
-                               cache=cache, progress=progress)
+    settings = KnownData(n_train=cfg.known_n_train, n_test=cfg.known_n_test, seed=cfg.seed)
+    return known_data(real, settings, cache=cache, device=device or cfg.device, progress=progress)[0]
 
 
 def known_check(known) -> str:
@@ -231,8 +229,8 @@ def prepare(cfg: CounterfactualConfig, *, cache: ModelCache | None = None, progr
     cache = cache or ModelCache()
     checks: list[str] = []
     known = None
-    if cfg.dataset.startswith("known:"):
-        known = known_manifold(cfg, load_dataset(cfg.dataset.split(":", 1)[1], trust_pickle=cfg.trust_pickle), cache=cache,
+    if known_base(cfg.dataset) is not None:
+        known = known_manifold(cfg, load_dataset(known_base(cfg.dataset), trust_pickle=cfg.trust_pickle), cache=cache,
                                progress=progress)
         train, test = known.train, known.test
         checks.append(known_check(known))
@@ -594,7 +592,7 @@ class CounterfactualExperiment(Experiment):
         """``<data>`` loaded and checked once (for ``known:<data>`` the base data: its classes are checked before
         the known manifold is built, in :meth:`derive_data`)."""
         cfg = run.config
-        base = cfg.dataset[len("known:"):] if cfg.dataset.startswith("known:") else cfg.dataset
+        base = known_base(cfg.dataset) or cfg.dataset
         data, checks = resolve_data(base, trust_pickle=run.trust_pickle or cfg.trust_pickle, num_classes=run.num_classes)
         run.data = data
         run.checks.extend(checks)

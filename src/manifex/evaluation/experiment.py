@@ -27,6 +27,7 @@ from ..attribution import canonical_method, last_conv_layer
 from ..attribution.core import model_device, preserve_model_state, warn_if_training
 from ..errors import DataError, InputError, param
 from ..models.cache import state_fingerprint
+from ..models.known_manifold import known_base
 from ..experiment import Experiment, Run, Stage, run_experiment, setting
 from ..runs import Unit, unit_seed
 from .bridge import MANIFEX_METRICS, evaluate, explain_func, import_quantus, metric_info, metric_name
@@ -123,14 +124,14 @@ def _check_config(cfg: EvaluateConfig) -> tuple[list[str], list[str]]:
 def _derive_data(cfg: EvaluateConfig, real, cache, progress: bool, device: str):
     """(train, test, generative, z_of_test or None, real_reference_images, checks, info) from the loaded base data."""
     from ..models import GenerativeTrainConfig, get_generative
-    from ..models.known_manifold import KnownManifoldConfig, make_known_manifold
+    from ..models.known_manifold import KnownData, known_base, known_data
 
-    known = cfg.dataset.startswith("known:")
     gtrain = GenerativeTrainConfig(epochs=cfg.generator_epochs, seed=cfg.seed)
-    if known:
-        vae, _ = get_generative(real, "vae", cfg.latent_dim, gtrain, cache=cache, device=device, progress=progress)
-        km = make_known_manifold(real, vae, KnownManifoldConfig(n_train=cfg.known_n_train, n_test=cfg.known_n_test,
-                                                                seed=cfg.seed), cache=cache, progress=progress)
+    if known_base(cfg.dataset) is not None:
+        settings = KnownData(vae_epochs=cfg.generator_epochs, latent_dim=cfg.latent_dim, n_train=cfg.known_n_train,
+                             n_test=cfg.known_n_test, seed=cfg.seed)
+        km, _ = known_data(real, settings, cache=cache, device=device, progress=progress)
+        vae = km.generative
         _, real_test = real.split(0.2, seed=cfg.seed)
         info = {"manifold": "known (images sampled from a VAE decoder; tangent spaces exact, latent codes stored)",
                 "labeler_accuracy": km.labeler_accuracy, "acceptance_rate": km.acceptance_rate}
@@ -227,7 +228,7 @@ class EvaluateExperiment(Experiment):
         from ..models.resolve import resolve_data
 
         cfg = run.config
-        spec = cfg.dataset.split(":", 1)[1] if cfg.dataset.startswith("known:") else cfg.dataset
+        spec = known_base(cfg.dataset) or cfg.dataset
         real, checks = resolve_data(spec, trust_pickle=run.trust_pickle or cfg.trust_pickle, num_classes=run.num_classes)
         run.data = real
         run.checks.extend(checks)

@@ -11,7 +11,8 @@ in this order, for every system::
     check_data        what the system can check before training (classes against the data, a built-in
                       network's layer and its grid on the untrained network, ...)
     folder + claims   experiment.json: settings and data claimed; on resume any difference is refused
-    derive_data       expensive data the classifier needs (the known manifold of known:<data>)
+    derive_data       expensive data the classifier needs (the known manifold of known:<data>, whose base data
+                      load_data loaded and checked)
     resolve_model     the built-in classifier trained (cached) or the user's model loaded; checked on a batch;
                       its identity (weights fingerprint) claimed
     prepare           the units' context (one-batch checks of the system, predictions, generators, ...)
@@ -33,6 +34,7 @@ from typing import Any, Iterator, Sequence
 from torch import nn
 
 from ..errors import InputError, param
+from ..models.known_manifold import KnownData, known_base
 from ..models.resolve import ModelInfo, check_writable_dir, data_identity, resolve_classifier, resolve_data, resolve_device
 from ..runs import JsonlLog, Unit, run_units
 from ..runs.units import Executor, Process
@@ -147,11 +149,15 @@ class Experiment:
 
     # -- data ------------------------------------------------------------------------------------------------
     def load_data(self, run: Run) -> None:
-        """Default: ``config.dataset`` loaded and checked, split 80/20 with ``config.seed`` into train and test."""
+        """Default: ``config.dataset`` loaded and checked, split 80/20 with ``config.seed`` into train and test.
+        For ``known:<data>`` the base data ``<data>`` is loaded and checked here (cheap); ``run.train`` and
+        ``run.test`` stay None until :meth:`derive_data` has sampled the known manifold."""
         cfg = run.config
-        data, checks = resolve_data(cfg.dataset, trust_pickle=run.trust_pickle, num_classes=run.num_classes)
+        base = known_base(cfg.dataset)
+        data, checks = resolve_data(base or cfg.dataset, trust_pickle=run.trust_pickle, num_classes=run.num_classes)
         run.data = data
-        run.train, run.test = data.split(0.2, seed=getattr(cfg, "seed", 0))
+        if base is None:
+            run.train, run.test = data.split(0.2, seed=getattr(cfg, "seed", 0))
         run.checks.extend(checks)
 
     def check_data(self, run: Run) -> None:
@@ -161,8 +167,29 @@ class Experiment:
     def data_identity(self, run: Run) -> dict[str, Any]:
         return data_identity(run.config.dataset, run.data.x, run.data.y) if run.data is not None else {}
 
+    def known_settings(self, run: Run) -> KnownData:
+        """How the known manifold of ``known:<data>`` is built: ``manifex align``'s defaults with the config's seed
+        (so the same cached VAE, dataset and classifier as align's)."""
+        return KnownData(seed=getattr(run.config, "seed", 0))
+
     def derive_data(self, run: Run) -> None:
-        """Expensive data the classifier needs (e.g. a known-manifold dataset), after the settings are claimed."""
+        """Expensive data the classifier needs, after the settings are claimed. Default: for ``known:<data>`` the
+        known manifold (:func:`manifex.models.known_manifold.known_data`, cached), its settings claimed;
+        ``run.train, run.test`` are its images and ``run.extra["known"]`` the :class:`KnownManifold`."""
+        if known_base(getattr(run.config, "dataset", None)) is None:  # a config without a dataset (the helix): nothing
+            return
+        from ..models import ModelCache
+        from ..models.known_manifold import known_check, known_data
+
+        settings = self.known_settings(run)
+        if run.folder is not None:
+            run.folder.claim("known_manifold", settings.to_dict())
+        km, _ = known_data(run.data, settings, cache=ModelCache(run.cache_dir), device=run.device, progress=run.progress)
+        run.train, run.test = km.train, km.test
+        run.extra["known"] = km
+        run.checks.append(known_check(km, settings))
+        run.checks.extend(km.checks)
+        run.warnings.extend(km.warnings)
 
     # -- model -----------------------------------------------------------------------------------------------
     def resolve_model(self, run: Run) -> None:

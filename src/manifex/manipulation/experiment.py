@@ -43,8 +43,8 @@ _CLASSIFIERS = ("lenet", "mlp", "vgg", "resnet")
 class AttackConfig:
     """The settings of an attack campaign (each a CLI option of ``manifex attack``)."""
 
-    dataset: str = setting("mnist5k", "Data the classifier is trained on and pairs are drawn from (same forms as "
-                           "`align --dataset`, without 'known:').")
+    dataset: str = setting("mnist5k", "Data the classifier is trained on and pairs are drawn from (the forms of "
+                           "`align --dataset`, 'known:<data>' included).")
     classifier: str = setting("lenet", "Built-in classifier, trained by manifex on --dataset (cached); see --model for "
                               "your own.", choices=_CLASSIFIERS)
     epochs: int = setting(3, "Classifier epochs (cached).", low=1)
@@ -111,6 +111,16 @@ def check_pairs(n_pairs: int, test) -> None:
                          f"{param('n_pairs')} {len(test)} or fewer (or {param('pairs_csv')}).")
     if int(torch.unique(test.y).numel()) < 2:
         raise InputError(f"{param('n_pairs')} needs originals and targets of different classes, but the test split has one class.")
+
+
+def check_known_pairs(n_pairs: int, n_test: int, base) -> None:
+    """:func:`check_pairs` for ``known:<data>`` before its images are sampled: ``n_test`` test images will be sampled
+    from a VAE trained on ``base`` (labelled with ``base``'s classes)."""
+    if n_pairs > n_test:
+        raise InputError(f"{param('n_pairs')} {n_pairs}: the test split of known:<data> has {n_test} sampled images to draw "
+                         f"originals from; use {param('n_pairs')} {n_test} or fewer.")
+    if int(torch.unique(base.y).numel()) < 2:
+        raise InputError(f"{param('n_pairs')} needs originals and targets of different classes, but the data has one class.")
 
 
 def check_smoothable(model, x: torch.Tensor, unsupported: str) -> None:
@@ -192,17 +202,26 @@ class AttackExperiment(Experiment):
             raise InputError(f"{param('beta_growth')} must be 'B0,B1' with finite β > 0, 'auto' or 'none'; got {bg!r}.")
 
     def pairs(self, run: Run):
-        """The campaign's pairs: from --pairs-csv (sizes checked against the data's images) or sampled from the test split."""
+        """The campaign's pairs: from --pairs-csv (sizes checked against the data's images) or sampled from the test
+        split (None while the test split of known:<data> is not sampled yet)."""
         from .campaign import pairs_from_csv, pairs_from_dataset
 
         cfg = run.config
         if cfg.pairs_csv is not None:
             return pairs_from_csv(cfg.pairs_csv, cfg.data_dir, image_shape=tuple(run.data.image_shape))
+        if run.test is None:  # known:<data>: what can be checked before the images are sampled
+            check_known_pairs(cfg.n_pairs, self.known_settings(run).n_test, run.data)
+            return None
         check_pairs(cfg.n_pairs, run.test)
         return pairs_from_dataset(run.test, cfg.n_pairs, seed=cfg.seed)
 
     def check_data(self, run: Run) -> None:
         run.pairs = self.pairs(run)  # every CSV mistake (columns, missing files, sizes) before any training
+
+    def derive_data(self, run: Run) -> None:
+        super().derive_data(run)
+        if run.pairs is None:  # known:<data>: the pairs are drawn from its sampled test split
+            run.pairs = self.pairs(run)
 
     def data_identity(self, run: Run) -> dict[str, Any]:
         ident = data_identity(run.config.dataset, run.data.x, run.data.y)

@@ -30,7 +30,7 @@ import torch
 from ..errors import InputError, param
 from ..experiment import Experiment, Run, Stage, setting
 from ..runs import Unit, atomic_torch_save, safe_torch_load, unit_dir
-from .experiment import _CLASSIFIERS, _UNSUPPORTED_HELP, accuracy_check, check_options_common, check_pairs, check_smoothable, model_footer
+from .experiment import _CLASSIFIERS, _UNSUPPORTED_HELP, accuracy_check, check_known_pairs, check_options_common, check_pairs, check_smoothable, model_footer
 
 __all__ = ["SmoothConfig", "SmoothExperiment", "model_batch"]
 
@@ -47,7 +47,8 @@ CURVATURE = {"iterations": 20, "tol": 1e-4, "seed": 0}
 class SmoothConfig:
     """The settings of a β-smoothing sweep (each a CLI option of ``manifex smooth``)."""
 
-    dataset: str = setting("mnist5k", "Data the classifier is trained on and pairs come from.")
+    dataset: str = setting("mnist5k", "Data the classifier is trained on and pairs come from (the forms of "
+                           "`align --dataset`, 'known:<data>' included).")
     classifier: str = setting("lenet", "Built-in classifier, trained by manifex on --dataset (cached); see --model for "
                               "your own.", choices=_CLASSIFIERS)
     epochs: int = setting(3, "Classifier epochs (cached).", low=1)
@@ -115,7 +116,9 @@ class SmoothExperiment(Experiment):
             raise InputError(f"{param('betas')} lists a β more than once ({','.join(f'{b:g}' for b in betas)}); name each β once.")
 
     def check_data(self, run: Run) -> None:
-        if run.config.n_pairs:
+        if run.config.n_pairs and run.test is None:  # known:<data>: its test images are sampled in derive_data
+            check_known_pairs(run.config.n_pairs, self.known_settings(run).n_test, run.data)
+        elif run.config.n_pairs:
             check_pairs(run.config.n_pairs, run.test)
 
     def models(self, cfg: SmoothConfig) -> list[float]:

@@ -21,15 +21,20 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.base import ImageDataset
-from ..errors import DataError, InputError
+from ..errors import DataError, InputError, param
 from ..geometry import TangentSpace, tangent_space
 from .cache import ModelCache, cache_key, state_fingerprint
 from .generative import GenerativeModel
 from .training import TrainConfig, accuracy
-from .zoo import get_classifier
+from .training import GenerativeTrainConfig
+from .zoo import get_classifier, get_generative
 from ..runs import atomic_write_bytes
 
-__all__ = ["KnownManifoldConfig", "KnownManifold", "make_known_manifold", "upsampled_decoder", "check_known_manifold"]
+__all__ = ["KnownManifoldConfig", "KnownManifold", "make_known_manifold", "upsampled_decoder", "check_known_manifold",
+           "KNOWN_PREFIX", "KnownData", "known_base", "known_data", "known_check"]
+
+#: How a dataset spec asks for the known manifold of its data: ``known:<data>``.
+KNOWN_PREFIX = "known:"
 
 
 @dataclass(frozen=True)
@@ -238,3 +243,60 @@ def _raise_if(problems: list[str], real: ImageDataset, config: KnownManifoldConf
             "longer (--vae-epochs), use more data, or pass --allow-degenerate (allow_degenerate=True) to write a "
             "report flagged as unreliable."
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# "the known manifold of known:<data>": one definition for every command
+# ----------------------------------------------------------------------------------------------------------------
+def known_base(dataset: str | None) -> str | None:
+    """``<data>`` of a ``known:<data>`` spec; None for any other dataset. ``known:`` alone (or ``known:known:…``) is
+    refused in one line, before anything is loaded."""
+    if not isinstance(dataset, str) or not dataset.startswith(KNOWN_PREFIX):
+        return None
+    base = dataset[len(KNOWN_PREFIX):].strip()
+    if not base or base.startswith(KNOWN_PREFIX):
+        raise InputError(f"{param('dataset', dataset)}: 'known:' takes the data the VAE is trained on, e.g. known:mnist5k "
+                         "or known:digits8.")
+    return base
+
+
+@dataclass(frozen=True)
+class KnownData:
+    """How the known manifold of ``known:<data>`` is built: a VAE (latent ``latent_dim``, ``vae_epochs`` epochs,
+    ``seed``) trained on the whole of ``<data>``, then ``n_train`` + ``n_test`` images sampled from its decoder and
+    labelled (:func:`make_known_manifold`). The defaults are ``manifex align``'s, so every command that takes
+    ``known:<data>`` with them shares align's cached VAE, dataset and classifiers. ``allow_degenerate`` keeps a
+    dataset that fails its checks (with the problems in ``warnings``); it does not change the data."""
+
+    vae_epochs: int = 20
+    latent_dim: int = 10
+    n_train: int = 6000
+    n_test: int = 1000
+    seed: int = 0
+    allow_degenerate: bool = False
+
+    def to_dict(self) -> dict:
+        """The settings that decide the data (what a run claims)."""
+        return {k: v for k, v in asdict(self).items() if k != "allow_degenerate"}
+
+
+def known_data(real: ImageDataset, settings: KnownData = KnownData(), *, cache: ModelCache | None = None,
+               device: str | torch.device = "cpu", progress: bool = True) -> tuple[KnownManifold, dict]:
+    """The known manifold of ``known:<data>`` from the loaded base data ``real``: ``(KnownManifold, the VAE's training
+    record)``. The VAE and the dataset come from ``cache`` when they are there (keyed by the data, the VAE's and the
+    sampling's settings: the same entries ``manifex align`` has always used)."""
+    vae, info = get_generative(real, "vae", settings.latent_dim,
+                               GenerativeTrainConfig(epochs=settings.vae_epochs, seed=settings.seed),
+                               cache=cache, device=device, progress=progress)
+    km = make_known_manifold(real, vae, KnownManifoldConfig(n_train=settings.n_train, n_test=settings.n_test,
+                                                            seed=settings.seed),
+                             cache=cache, progress=progress, allow_degenerate=settings.allow_degenerate)
+    return km, info
+
+
+def known_check(km: KnownManifold, settings: KnownData | None = None) -> str:
+    """The checks line that says the data's manifold is known (and how well its labels hold)."""
+    how = f"latent {km.latent_dim}" + (f", VAE {settings.vae_epochs} epochs" if settings is not None else "")
+    return (f"known manifold: {len(km.train):,} + {len(km.test):,} images sampled from a VAE decoder ({how}; dimension "
+            f"k = {km.latent_dim} exactly, tangent spaces exact); labeler accuracy {km.labeler_accuracy:.1%}, acceptance "
+            f"{km.acceptance_rate:.1%}")

@@ -104,8 +104,9 @@ class ContrastConfig:
     unless marked otherwise. ``epochs``/``lr``: the hyperplanes' training (the classifier's epochs are
     ``classifier_epochs``, the ``--epochs`` option, as in every command)."""
 
-    dataset: str = setting("mnist5k", "mnist5k, digits8, a .npz (x, y) or an image folder. The held-out split (20%) "
-                           "supplies the images.")
+    dataset: str = setting("mnist5k", "mnist5k, digits8, a .npz (x, y), an image folder or 'known:<data>' (images "
+                           "sampled from a VAE trained on <data>, as `manifex align` makes them). The held-out split "
+                           "(20%; of known:<data> its sampled test images) supplies the images.")
     classifier: str = setting("resnet", "Built-in classifier under test (or your own with --model).",
                               choices=("lenet", "mlp", "vgg", "resnet"))
     classifier_epochs: int = setting(3, "Classifier epochs.", flag="--epochs", low=1)
@@ -351,6 +352,8 @@ class ContrastExperiment(Experiment):
                 raise InputError(f"{param('n_components')} {cfg.n_components} exceeds the {channels} channels of layer {cfg.layer!r}.")
 
     def derive_data(self, run: Run) -> None:
+        if self.images is None:
+            super().derive_data(run)  # the known manifold of known:<data>
         n = self._n_classes(run)
         if n is not None:  # the class set is claimed before any training (see _claim_classes)
             pairs = self.resolve_pairs(run.config, n)
