@@ -136,7 +136,8 @@ def _svd_top_batched(X: torch.Tensor, rows: torch.Tensor, k: int, seed: list[int
     dt = torch.float32 if X.dtype == torch.float32 else torch.float64  # scikit-learn's dtype, as _svd_top
     Xc = X.detach().to(dt)
     npdt = np.float32 if dt == torch.float32 else np.float64  # Ω in scikit-learn's dtype
-    omega = np.stack([np.random.RandomState(s).normal(size=(c, p)).astype(npdt) for s in seed])
+    draws = {s: np.random.RandomState(s).normal(size=(c, p)).astype(npdt) for s in set(seed)}  # one per distinct seed
+    omega = np.stack([draws[s] for s in seed])
     Z = torch.from_numpy(omega).to(X.device, torch.float64)
     if c <= 2 * (q + 1) * p:
         gram = (Xc.transpose(1, 2) @ Xc).double()
@@ -330,9 +331,9 @@ def _ahals(X, W, H, max_iter: int, tol: float) -> tuple[torch.Tensor, torch.Tens
             v = _violation(Wn, torch.baddbmm(P, G, Wn, beta=-1)) + _violation(Hn, torch.baddbmm(P2, G2, Hn, beta=-1))
             stop = stop | ((v <= tol * first) & settled)
         fell = (err <= prev)[:, None, None]
-        step = beta * fell  # no extrapolation after a rise
-        Wx = torch.lerp(Wt, Wn, 1 + step).clamp_(min=0)  # W + β (W − W_prev)
-        Hx = torch.lerp(Hc, Hn, 1 + step).clamp_(min=0)
+        step = 1 + beta * fell  # no extrapolation after a rise
+        Wx = torch.lerp(Wt, Wn, step).clamp_(min=0)  # W + β (W − W_prev)
+        Hx = torch.lerp(Hc, Hn, step).clamp_(min=0)
         beta_max = torch.where(fell, (beta_max * _GAMMA_BAR).clamp_(max=1), beta)
         beta = torch.where(fell, torch.minimum(beta_max, beta * _GAMMA), beta / _ETA)
         prev = torch.where(fell[:, 0, 0], err, prev)
