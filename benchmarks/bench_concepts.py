@@ -144,8 +144,8 @@ def run(args) -> None:
     # solver="ahals" (extrapolated HALS): scikit-learn's error, not its iterates; the error per class is
     # computed in float64 from the factors, as scikit-learn's reconstruction_err_ is from its own
     rel = nmf_error(X.double(), Wa.double(), Ha.double()) / e_sk.double() - 1
-    print(f"  solver='ahals': {best_ax:.3f} s (CPU {cpu_ax:.3f} s) → ratio {best_sk / best_ax:.1f}× (CPU "
-          f"{cpu_sk / cpu_ax:.1f}×); {sum(n_iter_a.tolist())} iterations in all; error against scikit-learn's per "
+    print(f"  solver='ahals': {best_ax:.3f} s (CPU {cpu_ax:.3f} s) → ratio {best_sk / best_ax:.2f}× (CPU "
+          f"{cpu_sk / cpu_ax:.2f}×); {sum(n_iter_a.tolist())} iterations in all; error against scikit-learn's per "
           f"class from {float(rel.min()):+.1e} to {float(rel.max()):+.1e} (relative)")
 
 

@@ -192,6 +192,86 @@ def test_ahals_batched_equals_single_and_follows_the_device():
         torch.testing.assert_close(Hc.cpu(), H, rtol=1e-6, atol=1e-6 * float(H.abs().max()))
 
 
+def test_ahals_start_is_sklearns_randomized_svd_batched(monkeypatch):
+    """"ahals" starts from scikit-learn's randomized SVD computed for the whole batch in torch
+    (``_svd_top_batched``: the same Gaussian Ω from ``RandomState(seed)``, q power iterations, 10 oversamples,
+    hence the same subspace and Ritz triplets), not from the exact SVD, and calls scikit-learn only where
+    scikit-learn would transpose (fewer rows than channels). Cases: uniform noise with padding (no spectral
+    gap: the randomized subspace depends on Ω, so the exact SVD differs at O(1) there — checked, the test
+    discriminates), a rank-2 matrix with fewer channels than k + 10 columns, and 300 channels (the power
+    iterations on X instead of on the Gram). float64; tolerance 1e-10: the Gram form squares the conditioning,
+    so round-off (u = 1.1e-16) reaches the vectors amplified by σ₁² / (σ_i² − σ_i+1²) ≤ 2e3 here
+    (measured ≤ 2e-13); a different start differs by O(1). Vectors are compared where σ > 1e-8 σ₁ (below,
+    both are round-off directions that NNDSVD zeroes; the starts W, H are compared everywhere)."""
+    import importlib
+
+    import sklearn.utils.extmath as extmath
+
+    mod = importlib.import_module("manifex.concepts.nmf")
+    g = torch.Generator().manual_seed(0)
+    noise = torch.rand(3, 400, 30, generator=g, dtype=torch.float64)
+    noise[1, 250:] = 0
+    rank2 = torch.rand(2, 120, 2, generator=g, dtype=torch.float64) @ torch.rand(2, 2, 8, generator=g, dtype=torch.float64)
+    wide = torch.rand(2, 350, 300, generator=g, dtype=torch.float64)
+    wide[1, 320:] = 0
+    cases = [(noise, torch.tensor([400, 250, 400]), 6, [3, 4, 5]), (rank2, torch.tensor([120, 120]), 3, [0, 1]),
+             (wide, torch.tensor([350, 320]), 6, [7, 8])]
+    for X, rows, k, seeds in cases:
+        U, S, Vh = mod._svd_top_batched(X, rows, k, seeds)
+        U0, S0, Vh0 = mod._svd_top(X, rows, k, seeds)  # scikit-learn's randomized_svd, one matrix at a time
+        torch.testing.assert_close(S, S0, rtol=0, atol=1e-10 * float(S0[:, 0].min()))
+        real = S0 > 1e-8 * S0[:, :1]  # (B, k)
+        sign = torch.sign((Vh * Vh0).sum(-1, keepdim=True))
+        assert float(((Vh - sign * Vh0).norm(dim=-1) * real).max()) <= 1e-10
+        assert float(((U - sign.transpose(1, 2) * U0).norm(dim=1) * real).max()) <= 1e-10
+        W1, H1 = mod._nndsvd(X, rows, k, "nndsvda", seeds, batched_svd=True)
+        W0, H0 = mod._nndsvd(X, rows, k, "nndsvda", seeds)
+        torch.testing.assert_close(W1, W0, rtol=0, atol=1e-10 * float(W0.abs().max()))
+        torch.testing.assert_close(H1, H0, rtol=0, atol=1e-10 * float(H0.abs().max()))
+    Ve = torch.linalg.svd(noise, full_matrices=False)[2][:, :6]  # the exact SVD: another basis of the noise's spectrum
+    U0, S0, Vh0 = mod._svd_top(noise, torch.tensor([400, 250, 400]), 6, [3, 4, 5])
+    assert float((Ve - torch.sign((Ve * Vh0).sum(-1, keepdim=True)) * Vh0).norm(dim=-1).max()) > 0.1
+
+    calls = []
+    real_svd = extmath.randomized_svd
+    monkeypatch.setattr(extmath, "randomized_svd", lambda *a, **kw: calls.append(1) or real_svd(*a, **kw))
+    nmf(noise, 6, solver="ahals", n_rows=torch.tensor([400, 250, 400]))
+    assert calls == []  # one batched torch computation, no per-matrix scikit-learn call
+    nmf(noise, 6, solver="hals", n_rows=torch.tensor([400, 250, 400]))
+    assert len(calls) == 3  # "hals" keeps scikit-learn's own start (its iterates rest on it)
+    nmf(noise[:, :20], 6, solver="ahals", n_rows=torch.tensor([20, 20, 20]))  # 20 rows < 30 channels: transposed
+    assert len(calls) == 6
+
+
+def test_cd_passes_equal_the_coordinate_steps():
+    """The Gram-form passes of "ahals" (one product and one clamp per row) against the coordinate steps written
+    entry by entry, a_t ← max(0, a_t − (gram_t· A − proj_t) / gram_tt), two passes, with a zero Hessian (no
+    step) and entries at zero. float64, the same sums in another order: 1e-12."""
+    import importlib
+
+    passes = importlib.import_module("manifex.concepts.nmf")._cd_passes
+    g = torch.Generator().manual_seed(3)
+    B, k, n = 2, 4, 7
+    F_ = torch.rand(B, k, 9, generator=g, dtype=torch.float64)
+    F_[1, 1] = 0  # gram_11 = 0 in matrix 1
+    gram = F_ @ F_.transpose(1, 2)
+    A = torch.rand(B, k, n, generator=g, dtype=torch.float64)
+    A[A < 0.3] = 0
+    proj = torch.rand(B, k, n, generator=g, dtype=torch.float64) * 2
+    ref = A.clone()
+    for _ in range(2):
+        for b in range(B):
+            for t in range(k):
+                hess = float(gram[b, t, t])
+                for i in range(n):
+                    grad = sum(float(gram[b, t, r]) * float(ref[b, r, i]) for r in range(k)) - float(proj[b, t, i])
+                    if hess != 0:
+                        ref[b, t, i] = max(float(ref[b, t, i]) - grad / hess, 0.0)
+    out = passes(A.clone(), gram, proj, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(out[1, 1], A[1, 1]) and bool(((ref != A) & (A == 0)).any())
+
+
 def test_cd_sweep_equals_sklearns_coordinate_loop():
     """One coordinate pass against a transcription of scikit-learn's ``_update_cdnmf_fast`` (row by row,
     component by component), including a zero Hessian (no step) and entries that start at zero (their
@@ -238,6 +318,32 @@ def test_nmf_errors():
         nmf(X[:4], 5)
     with pytest.raises(InputError, match="solver"):
         nmf(X, 3, solver="als")
+    # padding rows: NaN/inf anywhere is refused, negative entries only in the real rows (one min/max pass
+    # decides the common case; the masks locate what it found)
+    Xb = synthetic(B=2)
+    for value, match in ((float("nan"), "NaN"), (float("inf"), "NaN/inf"), (-float("inf"), "NaN/inf")):
+        bad = Xb.clone()
+        bad[1, 250, 3] = value
+        with pytest.raises(InputError, match=match):
+            nmf(bad, 3, n_rows=torch.tensor([300, 200]))
+    bad = Xb.clone()
+    bad[1, 250, 3] = -1.0  # a padding row: ignored
+    W, H = nmf(bad, 3, n_rows=torch.tensor([300, 200]))
+    torch.testing.assert_close(H, nmf(Xb, 3, n_rows=torch.tensor([300, 200]))[1], rtol=0, atol=0)
+    bad[1, 150, 3] = -1.0  # a real row
+    with pytest.raises(InputError, match="1 negative entries"):
+        nmf(bad, 3, n_rows=torch.tensor([300, 200]))
+
+
+@pytest.mark.parametrize("solver", ["hals", "ahals", "mu"])
+def test_nmf_returns_ordinary_tensors(solver):
+    """The solvers run under torch.inference_mode; what nmf returns is cloned outside it, so callers may
+    update it in place (an inference tensor refuses that outside inference mode)."""
+    W, H, n_iter = nmf(synthetic(B=2, R=60), 3, solver=solver, return_n_iter=True)
+    assert not (W.is_inference() or H.is_inference() or n_iter.is_inference())
+    W[0, 0, 0] = 1.0
+    H.mul_(2)
+    n_iter += 1
 
 
 # ------------------------------------------------------------------------------------------------ class_concepts
