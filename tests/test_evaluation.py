@@ -459,3 +459,32 @@ def test_a_methods_record_does_not_depend_on_numpys_global_state(batch):
         records.append(process_methods([Unit("method-gradient", {"method": "gradient"})], context, None)[0])
         assert np.array_equal(np.random.get_state()[1], before)  # the caller's generator is left as it was
     assert records[0]["scores"] == records[1]["scores"]
+
+
+def test_flip_steps_sets_pixel_flippings_step_and_its_record_says_where_time_went(batch):
+    """flip_steps=S removes the fewest pixels per step that divide the image and give at most S steps; the record's
+    PixelFlipping score then equals Quantus's own curve at that features_in_step (the batched path is tested equal to
+    Quantus above), and metric_seconds names every metric it ran."""
+    pytest.importorskip("quantus")
+    from manifex.evaluation.experiment import EvaluateConfig, flip_features_in_step, process_methods
+    from manifex.runs import Unit
+
+    assert [flip_features_in_step(n, s) for n, s in ((1024, 64), (784, 64), (64, 64), (64, 16), (64, 1000))] == [16, 14, 1, 4, 1]
+    x, y = batch
+    model = tiny_resnet()
+    xs, ys = torch.from_numpy(x[:4]), torch.from_numpy(y[:4])
+    context = {"model": model, "x": xs, "y": ys, "z": None, "generator": None, "metrics": ["PixelFlipping"], "num_classes": 4}
+    per_step = {}
+    for steps in (None, 8):
+        rec = process_methods([Unit("method-gradient", {"method": "gradient"})], {**context, "config": EvaluateConfig(flip_steps=steps)}, None)[0]
+        assert set(rec["metric_seconds"]) == {"explain", "PixelFlipping"}
+        per_step[steps] = rec["scores"]["PixelFlipping"]
+    fis = flip_features_in_step(int(np.prod(x.shape[2:])), 8)
+    a = explain_func(model, xs, ys, method="gradient", reduce_axes=()).sum(axis=1, keepdims=True)
+    ref = evaluate(model, x[:4], y[:4], a, metrics=["PixelFlipping"], features_in_step=fis, return_auc_per_sample=True)
+    np.testing.assert_allclose(per_step[8], np.asarray(ref["PixelFlipping"]), rtol=1e-6)
+    assert per_step[8] != per_step[None]
+    with pytest.raises(InputError, match="flip_steps"):
+        from manifex.evaluation.experiment import EvaluateExperiment
+
+        EvaluateExperiment().check_options(EvaluateConfig(flip_steps=0))

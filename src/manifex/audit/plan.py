@@ -90,16 +90,19 @@ _TABLE: dict[str, dict[str, dict[str, Any]]] = {
         # VAE: 60 epochs (~1.4 s each on MNIST-5k's 4,000 training images, 2 cores): held-out R² against the mean
         # image 0.06 at 10 epochs, 0.29 at 20, 0.49 at 40, 0.56 at 80 (seed 0); the tangent spaces of the alignment
         # and the in-fills of the on-manifold deletion rest on it (summary.WEAK_R2 cautions below 0.5)
+        # per method on MNIST-5k (2 quiet cores; evaluate's metric_seconds): pixel flipping took 11-13 s with one pixel
+        # per step (1,024 steps; 64 steps keep the curve's shape at a sixteenth of the passes), the deletion curves
+        # 12-16 s, mostly their distance searches (30 Adam steps from the encoder's code, not 60)
         "evaluate": dict(n=32, methods=("gradient", "smoothgrad", "integrated_gradients", "input_x_gradient", "lrp",
                                         "deeplift"),
                          metrics=("PixelFlipping", "FaithfulnessCorrelation", "MaxSensitivity", "RandomLogit",
                                   "MPRT", "TangentAlignment", "ManifoldDeletion"), generator_epochs=60, curve_steps=8,
-                         infill_steps=60, distance_steps=60),
-        # one attack per method: 100 Adam steps (lr 1e-3 reaches the 8/255 box's edge in ~30); measured on digits8
-        # (CPU seconds per 20 steps of 8 pairs, loaded machine): gradient 6.7, smoothgrad 11, IG 11, Input×Gradient
-        # 0.3, LRP 3.9, DeepLift 6.2, so 200 steps each would add ~5 CPU-minutes to the standard budget
-        "attack": dict(n_pairs=8, iterations=100),
-        "smooth": dict(n_pairs=8, iterations=100, betas=(10.0, 3.0)),
+                         infill_steps=60, distance_steps=30, flip_steps=64),
+        # one attack per method, 60 Adam steps (lr 1e-3 reaches the 8/255 box's edge in ~30): at 100 steps the attacks
+        # took 204 s of a cold MNIST-5k audit on 2 quiet cores, integrated gradients 122 s and SmoothGrad 63 s of it
+        # (each step differentiates their 50 and 25 passes), gradient 5 s, Input×Gradient 3, LRP 5, DeepLift 6
+        "attack": dict(n_pairs=8, iterations=60),
+        "smooth": dict(n_pairs=8, iterations=60, betas=(10.0, 3.0)),
         "counterfactual": dict(n=8, max_steps=500, generator="flow", im_epochs=5, svm_max=1000, spectrum_top=16,
                                manifold_steps=100),
         "concepts": dict(n_classes=4, components=4, images_per_class=30, samples=5, controls=10, top_k=4, strips=3,

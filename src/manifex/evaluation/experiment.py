@@ -71,6 +71,9 @@ class EvaluateConfig:
     curve_steps: int = setting(10, "Points of the deletion curves.", low=1)
     infill_steps: int = setting(100, "Adam steps of the on-manifold in-fill.", low=1)
     distance_steps: int = setting(100, "Adam steps of the distance to the manifold.", low=1, cli=False)
+    flip_steps: int | None = setting(None, "PixelFlipping's curve points: pixels are removed in this many equal groups "
+                                     "at most (the fewest pixels per step that divide the image; default: one pixel per "
+                                     "step, Quantus's default).", low=1)
     nr_samples: int = setting(10, "MaxSensitivity's noisy copies.", low=1)
     nr_runs: int = setting(50, "FaithfulnessCorrelation's random subsets.", low=1, cli=False)
     batch_size: int = setting(64, "Images per explanation batch.", low=1, result=False)
@@ -86,12 +89,20 @@ class EvaluateConfig:
         return {k: v for k, v in self.to_dict().items() if k not in ("device", "trust_pickle")}
 
 
+def flip_features_in_step(n_features: int, steps: int) -> int:
+    """Pixels per PixelFlipping step for at most ``steps`` steps: the smallest divisor of ``n_features`` (Quantus asks
+    that it divide the features) with ``n_features / divisor <= steps`` (1024 pixels, 64 steps: 16 per step)."""
+    return next(d for d in range(1, n_features + 1) if n_features % d == 0 and n_features // d <= steps)
+
+
 def metric_options(name: str, *, n_features: int, num_classes: int, config: EvaluateConfig) -> dict[str, Any]:
     """The Quantus options the run uses for a metric (sizes fitted to the images: Quantus's defaults assume
     224-px ImageNet images and 1000 classes)."""
     opts: dict[str, Any] = {}
     if name == "PixelFlipping":
         opts = {"return_auc_per_sample": True}
+        if config.flip_steps is not None:
+            opts["features_in_step"] = flip_features_in_step(n_features, config.flip_steps)
     elif name == "FaithfulnessCorrelation":
         opts = {"nr_runs": config.nr_runs, "subset_size": max(1, n_features // 8)}
     elif name in ("MaxSensitivity", "AvgSensitivity"):
@@ -112,8 +123,10 @@ def _check_config(cfg: EvaluateConfig) -> tuple[list[str], list[str]]:
     if any(m not in MANIFEX_METRICS for m in metrics):
         import_quantus()
     for key in ("n", "curve_steps", "infill_steps", "distance_steps", "nr_samples", "nr_runs", "batch_size", "epochs",
-                "generator_epochs", "latent_dim"):
+                "generator_epochs", "latent_dim", "flip_steps"):
         v = getattr(cfg, key)
+        if key == "flip_steps" and v is None:
+            continue
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise InputError(f"{key} must be an integer >= 1, got {v!r}.")
     if cfg.n < 2:
