@@ -606,3 +606,22 @@ def test_compare_scorecard_difference_of_faithfulness_is_relative_to_the_no_effe
     no_p0 = audit_metrics(0.15, 0.2, 2.0)
     del no_p0["stages"]["evaluate"]
     assert {r["question"]: r for r in _scorecard(audit_metrics(0.4, 0.8, 1.5), no_p0)}["faithful?"]["difference"] is None
+
+
+def test_beta_smoothing_is_judged_at_an_accuracy_preserving_beta():
+    """The recommendation and --compare judge β-smoothing at the β of the sweep with the smallest attack gain among
+    those within SMOOTH_ACCURACY_COST of the ReLU model's accuracy (known:mnist5k's standard audit: β = 3 had the
+    smaller gain but cost 0.31 accuracy); with none within it, β-smoothing is not judged."""
+    from manifex.audit.summary import SMOOTH_ACCURACY_COST, recommendation, smoothing_choice
+
+    relu = {"beta": "ReLU", "pcc_gain": 0.059, "accuracy_cost": 0.0}
+    b10 = {"beta": "β=10", "pcc_gain": 0.064, "accuracy_cost": 0.008}
+    b3 = {"beta": "β=3", "pcc_gain": 0.056, "accuracy_cost": 0.31}
+    assert smoothing_choice([b10, b3, relu]) == (relu, b10, [b3])
+    assert smoothing_choice([b3, relu]) == (relu, None, [b3])
+    assert smoothing_choice([relu]) is None and smoothing_choice([b10]) is None
+    say = lambda sweep: recommendation([], {"smooth": {"status": "done", "headline": {"sweep": sweep, "failed_checks": []}}})
+    assert "β=10" in say([b10, b3, relu]) and "does not reduce" in say([b10, b3, relu]) and "0.059 → 0.064" in say([b10, b3, relu])
+    assert "reduces" in say([{**b10, "pcc_gain": 0.03}, b3, relu])
+    text = say([b3, relu])
+    assert "not judged" in text and "β=3 costs 0.310" in text and f"{SMOOTH_ACCURACY_COST:.2f}" in text

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import InputError, param
 from .plan import STAGES
-from .summary import STAGE_TITLES, stage_numbers
+from .summary import SMOOTH_ACCURACY_COST, STAGE_TITLES, smoothing_choice, stage_numbers
 
 __all__ = ["CompareResult", "compare"]
 
@@ -103,16 +103,6 @@ def _scorecard(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _smoothing(h: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """(the unsmoothed row, the smoothed row with the smallest attack gain) of a smooth stage's headline."""
-    sweep = (h or {}).get("sweep") or []
-    relu = next((s for s in sweep if s.get("beta") == "ReLU" and _num(s.get("pcc_gain")) is not None), None)
-    smoothed = [s for s in sweep if s.get("beta") != "ReLU" and _num(s.get("pcc_gain")) is not None]
-    if relu is None or not smoothed:
-        return None
-    return relu, min(smoothed, key=lambda s: s["pcc_gain"])
-
-
 def _findings(a: dict[str, Any], b: dict[str, Any], la: str, lb: str, rows: list[dict[str, Any]]) -> list[str]:
     out = []
     aligned = [r for r in rows if r["question"] == "aligned?" and r["difference"] is not None]
@@ -122,10 +112,13 @@ def _findings(a: dict[str, Any], b: dict[str, Any], la: str, lb: str, rows: list
                    f"({'higher' if vb > va else 'not higher'} in {lb}, {vb / va:.2f}×)." if va > 0 else
                    f"Tangent alignment of {r['method']}: {va:.2f}× chance in {la}, {vb:.2f}× in {lb}.")
     for label, m in ((la, a), (lb, b)):
-        s = _smoothing(((m["stages"].get("smooth") or {}).get("headline")))
+        s = smoothing_choice((((m["stages"].get("smooth") or {}).get("headline")) or {}).get("sweep") or [])
         if s is None:
             continue
-        relu, best = s
+        relu, best, costly = s
+        if best is None:
+            out.append(f"β-smoothing in {label}: no β of the sweep keeps the accuracy within {SMOOTH_ACCURACY_COST:.2f}.")
+            continue
         cost = _num(best.get("accuracy_cost"))
         out.append(f"β-smoothing in {label}: the attack's gain in PCC {relu['pcc_gain']:.3f} → {best['pcc_gain']:.3f} "
                    f"at {best['beta']}" + ("" if cost is None else f" (accuracy {'down' if cost > 0 else 'up'} by {abs(cost):.3f})")
