@@ -27,9 +27,11 @@ from .training import (
     predict,
 )
 from .resolve import ModelInfo
+from .known_manifold import KnownData, KnownManifold, known_data, make_known_manifold
 from .zoo import get_classifier, get_generative, state_fingerprint
 
 __all__ = [
+    "KnownData", "KnownManifold", "known_data", "make_known_manifold",
     "ModelCache", "cache_key", "default_cache_dir",
     "CLASSIFIERS", "MLP", "ClassifierConfig", "LeNet", "SmallResNet", "SmallVGG", "build_classifier",
     "VAE", "ConvAutoencoder", "GenerativeConfig", "GenerativeModel", "build_generative",
