@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import InputError, param
 from .plan import STAGES
-from .summary import SMOOTH_ACCURACY_COST, STAGE_TITLES, smoothing_choice, stage_numbers
+from .summary import MANIPULATION_GAIN, SMOOTH_ACCURACY_COST, STAGE_TITLES, smoothing_choice, stage_numbers
 
 __all__ = ["CompareResult", "compare"]
 
@@ -122,6 +122,8 @@ def _findings(a: dict[str, Any], b: dict[str, Any], la: str, lb: str, rows: list
         cost = _num(best.get("accuracy_cost"))
         out.append(f"β-smoothing in {label}: the attack's gain in PCC {relu['pcc_gain']:.3f} → {best['pcc_gain']:.3f} "
                    f"at {best['beta']}" + ("" if cost is None else f" (accuracy {'down' if cost > 0 else 'up'} by {abs(cost):.3f})")
+                   + ("" if relu["pcc_gain"] >= MANIPULATION_GAIN else
+                      f"; not judged: the unsmoothed attack gained less than {MANIPULATION_GAIN:g}, no manipulation at this budget")
                    + ".")
     for r in rows:
         if r["question"] == "manipulable?" and r["a"] and r["b"]:
