@@ -25,8 +25,7 @@ from ..errors import DataError, InputError, param
 from ..geometry import TangentSpace, tangent_space
 from .cache import ModelCache, cache_key, state_fingerprint
 from .generative import GenerativeModel
-from .training import TrainConfig, accuracy
-from .training import GenerativeTrainConfig
+from .training import GenerativeTrainConfig, TrainConfig, accuracy
 from .zoo import get_classifier, get_generative
 from ..runs import atomic_write_bytes
 
