@@ -311,12 +311,12 @@ def recommendation(rows: list[dict[str, Any]], stages: dict[str, dict[str, Any]]
         else:
             cost = _num(s.get("accuracy_cost"))
             acc = ("" if cost is None else f", accuracy {'down' if cost > 0 else 'up'} by {abs(cost):.3f}")
-            which = (f"{s['beta']}, on gradient maps, the β of the sweep with the smallest gain among those that keep the "
-                     f"accuracy within {SMOOTH_ACCURACY_COST:.2f}")
+            which = (f"{s['beta']}, on gradient maps: of the βs that keep the accuracy within {SMOOTH_ACCURACY_COST:.2f}, "
+                     "the one with the smallest gain")
             if relu["pcc_gain"] < MANIPULATION_GAIN:  # nothing to defend: the change is within the attack's noise
                 parts.append(f"β-smoothing is not judged at this budget: the attack on the ReLU model's gradient maps gained "
-                             f"only {relu['pcc_gain']:.3f} in PCC (a manipulation counts from {MANIPULATION_GAIN:g}); with "
-                             f"{which} it gained {s['pcc_gain']:.3f}{acc}.")
+                             f"only {relu['pcc_gain']:.3f} in PCC (a manipulation counts from {MANIPULATION_GAIN:g}), and "
+                             f"{s['pcc_gain']:.3f} with {s['beta']}{acc}.")
             else:
                 parts.append(f"β-smoothing ({which}) {'reduces' if s['pcc_gain'] < relu['pcc_gain'] else 'does not reduce'} "
                              f"the attack's gain in PCC ({relu['pcc_gain']:.3f} → {s['pcc_gain']:.3f}{acc}).")
