@@ -98,6 +98,8 @@ def _check_input(X: torch.Tensor, n_components: int, n_rows: torch.Tensor | None
             "For layer activations choose a layer after a ReLU (a block output such as 'blocks.2', not a convolution "
             "or BatchNorm output), or keep only positive relevance (ReLU of the attribution) before weighting."
         )
+    if n_rows is None or bool((rows == R).all()):
+        return Xb, rows, batched  # no padding: nothing to zero (and no copy of X)
     return Xb * valid[:, :, None], rows, batched
 
 
@@ -190,7 +192,8 @@ def _nndsvd(X: torch.Tensor, rows: torch.Tensor, k: int, variant: str, seed: lis
     W = torch.where(W < eps, torch.zeros_like(W), W)
     H = torch.where(H < eps, torch.zeros_like(H), H)
     if variant == "nndsvda":
-        avg = (X.double().sum((1, 2)) / (rows.double() * X.shape[2]).clamp_min(1))  # mean over the real rows
+        # mean over the real rows, summed in X's dtype as numpy's X.mean() (a float64 sum would copy X to float64)
+        avg = X.sum((1, 2)).double() / (rows.double() * X.shape[2]).clamp_min(1)
         W = torch.where(W == 0, avg[:, None, None].expand_as(W), W)
         H = torch.where(H == 0, avg[:, None, None].expand_as(H), H)
     valid = torch.arange(X.shape[1], device=X.device)[None, :] < rows[:, None]
@@ -302,15 +305,16 @@ def _ahals(X, W, H, max_iter: int, tol: float) -> tuple[torch.Tensor, torch.Tens
     The errors of the restart rule are summed in float64 (summed in float32 they changed enough decisions to
     cost 12% more iterations); the residual's norm every ``_WINDOW`` iterations is summed in X's dtype
     (pairwise: ~1e-7 relative in float32, far below ``tol``). X is kept once, transposed (B, c, R): H̃Xᵀ reads
-    it as stored and WᵀX transposed, which was faster than keeping both layouts (one copy to compact when a
-    matrix leaves the batch, half the memory)."""
+    it as stored and WᵀX transposed, which measured faster than keeping both layouts (half the memory). A
+    matrix that stops leaves the batch: the last live matrix moves into its slot (one matrix copied; compacting
+    the whole batch with a mask copied every live matrix, 5% of the time) and the batch is cut to its live prefix."""
     B = X.shape[0]
     dt, dev = X.dtype, X.device
     Xta = X.transpose(1, 2).contiguous()  # (B, c, R): H Xᵀ reads it as it is, Wᵀ X transposed
     Wt, Hc = W.transpose(1, 2).contiguous(), H.contiguous()
     Wt_out, H_out = Wt.clone(), Hc.clone()
     n_iter = torch.zeros(B, dtype=torch.long, device=dev)
-    idx = torch.arange(B, device=dev)
+    slot, n = list(range(B)), B  # slot j of the live batch holds matrix slot[j]; the first n slots are live
     beta = torch.full((B, 1, 1), _BETA0, dtype=dt, device=dev)
     beta_max = torch.ones(B, 1, 1, dtype=dt, device=dev)
     prev = torch.full((B,), math.inf, dtype=torch.float64, device=dev)
@@ -346,15 +350,23 @@ def _ahals(X, W, H, max_iter: int, tol: float) -> tuple[torch.Tensor, torch.Tens
         prev = torch.where(fell[:, 0, 0], err, prev)
         Wt, Hc = Wn, Hn
         if it == max_iter or bool(stop.any()):
-            done = stop if it < max_iter else torch.ones_like(stop)
-            d = idx[done]
-            Wt_out[d], H_out[d], n_iter[d] = Wt[done], Hc[done], it
-            keep = ~done
-            if not bool(keep.any()):
+            # a finished matrix leaves the batch: the last live one moves into its slot (one matrix copied, not the
+            # whole batch compacted) and every state is cut to the live prefix, a view
+            done = stop.tolist() if it < max_iter else [True] * n
+            for j in reversed(range(n)):  # from the end: a slot moved into j was decided already
+                if not done[j]:
+                    continue
+                o = slot[j]
+                Wt_out[o], H_out[o], n_iter[o] = Wt[j], Hc[j], it
+                n -= 1
+                if j != n:
+                    for state in (Xta, Wt, Hc, Wx, Hx, beta, beta_max, first, prev, last, settled):
+                        state[j] = state[n]
+                    slot[j] = slot[n]
+            if n == 0:
                 break
-            idx, Xta, first, prev = idx[keep], Xta[keep], first[keep], prev[keep]
-            last, settled = last[keep], settled[keep]
-            Wt, Hc, Wx, Hx, beta, beta_max = Wt[keep], Hc[keep], Wx[keep], Hx[keep], beta[keep], beta_max[keep]
+            Xta, Wt, Hc, Wx, Hx, beta, beta_max = Xta[:n], Wt[:n], Hc[:n], Wx[:n], Hx[:n], beta[:n], beta_max[:n]
+            first, prev, last, settled = first[:n], prev[:n], last[:n], settled[:n]
     return Wt_out.transpose(1, 2), H_out, n_iter
 
 
