@@ -325,16 +325,19 @@ def _ahals(X, W, H, max_iter: int, tol: float) -> tuple[torch.Tensor, torch.Tens
     G2, P2 = Wt @ Wt.transpose(1, 2), Wt @ Xta.transpose(1, 2)
     first = _violation(Wt, torch.baddbmm(P, G, Wt, beta=-1)) + _violation(Hc, torch.baddbmm(P2, G2, Hc, beta=-1))
     Wx, Hx = Wt.clone(), Hc.clone()  # the extrapolated points the next iteration starts from
+    # the two X-sized results reuse one buffer each (cut to the live prefix): a fresh 10 MB residual and a fresh
+    # H̃Xᵀ every time cost 5-7% of the call (new pages on every allocation of that size)
+    res_buf, P_buf = torch.empty_like(Xta), torch.empty_like(P)
     for it in range(1, max_iter + 1):
         if it > 1:
-            G, P = Hx @ Hx.transpose(1, 2), Hx @ Xta
+            G, P = Hx @ Hx.transpose(1, 2), torch.bmm(Hx, Xta, out=P_buf[:n])
         Wn = _cd_passes(Wx, G, P, 1)
         G2, P2 = Wn @ Wn.transpose(1, 2), Wn @ Xta.transpose(1, 2)
         # ‖X − W H̃‖² − ‖X‖² = ⟨WᵀW, H̃H̃ᵀ⟩ − 2⟨WᵀX, H̃⟩, from k × k and k × c products (before H̃ is stepped)
         err = (G2 * G).sum((1, 2), dtype=torch.float64) - 2 * (P2 * Hx).sum((1, 2), dtype=torch.float64)
         Hn = _cd_passes(Hx, G2, P2, _H_PASSES)
         if it % _WINDOW == 0:
-            residual = torch.baddbmm(Xta, Hn.transpose(1, 2), Wn, alpha=-1)  # X − W H
+            residual = torch.baddbmm(Xta, Hn.transpose(1, 2), Wn, alpha=-1, out=res_buf[:n])  # X − W H
             now = torch.linalg.vector_norm(residual.flatten(1), dim=1).double()
             settled, last = last - now <= tol * now, now  # inf − e > tol · e: not at the first check
         stop = first == 0
