@@ -171,6 +171,22 @@ def test_ahals_reaches_sklearns_error(dtype):
     assert its_mx < its_sk, (its_mx, its_sk)
 
 
+@pytest.mark.parametrize("solver", ["hals", "ahals", "mu"])
+def test_nmf_leaves_the_callers_matrix_alone(solver):
+    """The solvers move matrices that stop out of the live batch by overwriting their slots, in their own copy of X:
+    the caller's tensor is unchanged, also when it is a transposed view (whose transpose is contiguous, so a
+    ``.contiguous()`` would have been the caller's memory itself) and when nothing is padded (no masked copy)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(4, 12, 200, generator=g) ** 3  # (B, c, R) storage
+    base[0] *= 1e-3  # a matrix that stops at another iteration than the rest
+    X = base.transpose(1, 2)  # (B, R, c), not contiguous; X.transpose(1, 2) is
+    before = X.clone()
+    W, H, n_iter = nmf(X, 3, solver=solver, seed=[0, 1, 2, 3], return_n_iter=True)
+    assert torch.equal(X, before)
+    W1, H1 = nmf(before[1], 3, solver=solver, seed=1)
+    torch.testing.assert_close(H[1], H1, rtol=1e-4, atol=1e-5 * float(H1.abs().max()))
+
+
 def test_ahals_batched_equals_single_and_follows_the_device():
     """Each matrix of an "ahals" batch (padded rows, one seed each) ends where it ends alone: extrapolation,
     restarts and the stop are per matrix, and a matrix leaving the batch does not change the others. float64,
