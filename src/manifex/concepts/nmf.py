@@ -48,8 +48,9 @@ NMF_SOLVERS = ("auto", "hals", "ahals", "mu", "sklearn")
 # k = 6, float32, 2 CPU cores shared with other jobs): hals reaches scikit-learn's error in the same number
 # of iterations, batched; mu needs ~10× more iterations for the same error; looping scikit-learn is slower
 # than one batched hals run. On CUDA the batched solver is the only one on the device. "ahals" is faster at
-# equal error — 3.11–3.58× scikit-learn on one thread (0.185–0.211 s against 0.643–0.684 s for the whole call,
-# start included) and 11.1–13.1× on two, quiet machine, best of 9 (the guide's Concepts → Speed) —
+# equal error — 2.67–3.58× scikit-learn on one thread over nine runs, 3.11× the middle one (0.185–0.272 s against
+# 0.643–0.725 s for the whole call, start included) and 11.1–13.1× on two, quiet machine, best of 9–15 repeats
+# (the guide's Concepts → Speed) —
 # but not the default, for nmf either: "hals" gives scikit-learn's own W and H (tested to 1e-9), which
 # class_concepts' documented equality with the research loop rests on and which every caller passing "auto"
 # (class_concepts, contrastive concepts, stability, the CLI) gets; "ahals" promises only scikit-learn's error,
