@@ -187,6 +187,19 @@ def test_nmf_leaves_the_callers_matrix_alone(solver):
     torch.testing.assert_close(H[1], H1, rtol=1e-4, atol=1e-5 * float(H1.abs().max()))
 
 
+@pytest.mark.parametrize("solver", ["hals", "ahals"])
+def test_nmf_of_half_precision_input_stays_finite(solver):
+    """The NNDSVDa start fills zeros with the matrix mean, summed at least in float32: a float16 sum of 96,000 entries
+    of mean 20 overflows (max 65,504) and would fill W and H with inf, then NaN."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.rand(2, 3000, 32, generator=g) * 40
+    W, H = nmf(X.half(), 3, solver=solver)
+    assert W.dtype == torch.float16 and bool(torch.isfinite(W).all()) and bool(torch.isfinite(H).all())
+    W32, H32 = nmf(X, 3, solver=solver)
+    e16, e32 = nmf_error(X, W.float(), H.float()), nmf_error(X, W32, H32)
+    assert bool((e16 <= e32 * 1.01).all()), (e16, e32)  # float16 factors: the same error within their precision
+
+
 def test_ahals_batched_equals_single_and_follows_the_device():
     """Each matrix of an "ahals" batch (padded rows, one seed each) ends where it ends alone: extrapolation,
     restarts and the stop are per matrix, and a matrix leaving the batch does not change the others. float64,

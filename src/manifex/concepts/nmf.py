@@ -193,8 +193,10 @@ def _nndsvd(X: torch.Tensor, rows: torch.Tensor, k: int, variant: str, seed: lis
     W = torch.where(W < eps, torch.zeros_like(W), W)
     H = torch.where(H < eps, torch.zeros_like(H), H)
     if variant == "nndsvda":
-        # mean over the real rows, summed in X's dtype as numpy's X.mean() (a float64 sum would copy X to float64)
-        avg = X.sum((1, 2)).double() / (rows.double() * X.shape[2]).clamp_min(1)
+        # mean over the real rows, summed in X's dtype as numpy's X.mean() (a float64 sum would copy X to float64),
+        # at least in float32: a float16 sum overflows (65,504) on any activation matrix of realistic size
+        acc = torch.promote_types(X.dtype, torch.float32)
+        avg = X.sum((1, 2), dtype=acc).double() / (rows.double() * X.shape[2]).clamp_min(1)
         W = torch.where(W == 0, avg[:, None, None].expand_as(W), W)
         H = torch.where(H == 0, avg[:, None, None].expand_as(H), H)
     valid = torch.arange(X.shape[1], device=X.device)[None, :] < rows[:, None]
@@ -329,8 +331,8 @@ def _ahals(X, W, H, max_iter: int, tol: float) -> tuple[torch.Tensor, torch.Tens
     G2, P2 = Wt @ Wt.transpose(1, 2), Wt @ Xta.transpose(1, 2)
     first = _violation(Wt, torch.baddbmm(P, G, Wt, beta=-1)) + _violation(Hc, torch.baddbmm(P2, G2, Hc, beta=-1))
     Wx, Hx = Wt.clone(), Hc.clone()  # the extrapolated points the next iteration starts from
-    # the two X-sized results reuse one buffer each (cut to the live prefix): a fresh 10 MB residual and a fresh
-    # H̃Xᵀ every time measured slower (new pages on every allocation of that size)
+    # the two X-sized results reuse one buffer each (cut to the live prefix) instead of a fresh 10 MB residual and a
+    # fresh H̃Xᵀ every time (measured faster, within this machine's noise; the cause was not isolated)
     res_buf, P_buf = torch.empty_like(Xta), torch.empty_like(P)
     for it in range(1, max_iter + 1):
         if it > 1:
